@@ -1,0 +1,1 @@
+"""The embedded synthetic-knowledge demo (design.md §7)."""

@@ -1,0 +1,100 @@
+"""The run folder: where every stage reads its inputs and writes its outputs.
+
+    DIR/data/{mix,domain,pool}/   D_MIX, the baseline's D_K stream, the general pool (data stage)
+    DIR/base/                     the base model when mixcpt had to build or convert it (demo, GGUF)
+    DIR/<arm>/<stage>/            HF model folders: arm in {mixcpt, baseline}, stage in {cpt, sft, dpo}
+    DIR/mixcpt/selection/         the k selected samples and every sample's score
+    DIR/.work/<arm>-<stage>/      Trainer checkpoints of a stage in progress (resume reads them)
+    DIR/results.json              every stage's metrics, updated by write-then-rename
+    DIR/report.{html,md}          the report
+
+A stage is done when its final folder exists: folders are built under a temporary name and
+renamed at the end, so a killed run never leaves a half-written folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+ARMS = ("mixcpt", "baseline")
+TRAINED_STAGES = ("cpt", "sft", "dpo")
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "mixcpt" / "selection"
+
+    @property
+    def results_path(self) -> Path:
+        return self.root / "results.json"
+
+    def stage(self, arm: str, stage: str) -> Path:
+        """Final HF model folder of `stage` ("cpt", "sft", "dpo") in `arm` ("mixcpt", "baseline")."""
+        assert arm in ARMS and stage in TRAINED_STAGES, (arm, stage)
+        return self.root / arm / stage
+
+    def work(self, arm: str, stage: str) -> Path:
+        """Checkpoint folder of a stage in progress; removed once the stage is done."""
+        return self.root / ".work" / f"{arm}-{stage}"
+
+    # ---- results.json -------------------------------------------------------------------
+    def read_results(self) -> dict[str, Any]:
+        if not self.results_path.exists():
+            return {}
+        return json.loads(self.results_path.read_text(encoding="utf-8"))
+
+    def update_results(self, section: str, key: str, value: Any) -> None:
+        """Set `results[section][key] = value`, keeping everything else; atomic on disk."""
+        results = self.read_results()
+        results.setdefault(section, {})[key] = value
+        write_json_atomic(self.results_path, results)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final`, on error it is removed.
+
+    An older `final` (a rebuild after the inputs changed) is moved aside before the rename and
+    deleted only after it, so at every instant either the old or the new folder is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny tokenizer and tiny Llama models built from config, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from mixcpt.demo.tokenizer import train_bpe_tokenizer  # noqa: E402
+
+TINY_TEXT = [
+    "The quick brown fox jumps over the lazy dog. Alice was born in Paris in 1970.",
+    "Bob works at Acme as an engineer. The planet Zorbax orbits the star Vega.",
+    "### Instruction:\nWhere was Alice born?\n\n### Response:\nParis",
+    "Question: what is two plus two? Answer: four. Numbers: 0 1 2 3 4 5 6 7 8 9.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE with BOS/EOS/PAD and a chat template (about 400 tokens)."""
+    return train_bpe_tokenizer(TINY_TEXT, vocab_size=400)
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+    """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for `seed`."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    return make_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer, tiny_model):
+    """A saved HF folder (safetensors + tokenizer) of the tiny model."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
