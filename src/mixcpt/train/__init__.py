@@ -1,0 +1,1 @@
+"""Stage 1: knowledge-mixture continual pre-training with logit swap self-distillation."""

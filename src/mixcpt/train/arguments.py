@@ -1,0 +1,50 @@
+"""From our `TrainingConfig` to `transformers.TrainingArguments`, shared by every training stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from mixcpt.config import TrainingConfig
+
+
+def training_arguments(tc: TrainingConfig, output_dir: str | Path, seed: int, dtype: str = "float32",
+                       **overrides) -> TrainingArguments:
+    """TrainingArguments for one stage: checkpoints under `output_dir`, reporting to TensorBoard when
+    it is installed, deterministic data order for `seed` (so a resumed run neither replays nor skips).
+
+    `overrides` are passed through for stage-specific settings (e.g. remove_unused_columns).
+    """
+    try:
+        import tensorboard  # noqa: F401
+        report_to = ["tensorboard"]
+    except ImportError:
+        report_to = []
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_ratio=tc.warmup_ratio,
+        weight_decay=tc.weight_decay,
+        max_steps=tc.max_steps,
+        num_train_epochs=tc.num_epochs,
+        per_device_train_batch_size=tc.per_device_batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        max_grad_norm=tc.max_grad_norm,
+        logging_steps=tc.logging_steps,
+        save_steps=tc.save_steps,
+        save_total_limit=tc.save_total_limit,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        seed=seed,
+        data_seed=seed,
+        report_to=report_to,
+        logging_dir=str(Path(output_dir) / "logs"),
+        save_safetensors=True,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
