@@ -91,7 +91,7 @@ class TrainingConfig(_Strict):
 
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0)
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 uses num_epochs.")
     num_epochs: float = Field(1.0, gt=0)
