@@ -184,6 +184,11 @@ class EvalConfig(_Strict):
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names.")
     lm_eval_include_path: str | None = Field(None, description="Folder of local lm-eval task YAMLs.")
+    lm_eval_domain_tasks: list[str] = Field(
+        default_factory=list, description="Names in lm_eval_tasks that measure the domain; the others are general."
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Evaluate only the first N items of each lm-eval task.")
+    lm_eval_num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None: each task's default.")
     probe: str | None = Field(None, description="General text for KL(base || stage) retention.")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=8)

@@ -1,0 +1,120 @@
+"""Stage 2a: score the general pool with the stage-1 model and keep k samples of each kind (design §1).
+
+Scores (lower = easier for the stage-1 model):
+- ppl: exp(mean NLL of the response tokens given the prompt), plain stage-1 rendering;
+- fas: mean response NLL with the chat template / the same with the plain rendering, low where
+  only the format, not the content, is new to the model.
+A preference pair is scored by its chosen response.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import torch
+
+from mixcpt.align.encoding import encode_chat, encode_plain, ensure_chat_template, features, fit_to_length, \
+    score_features
+from mixcpt.align.samples import read_samples, usable_indices, write_samples
+from mixcpt.align.stage import recorded_metrics, require_model
+from mixcpt.config import Config
+from mixcpt.models import load_model, load_tokenizer
+from mixcpt.rundir import RunDir, atomic_dir
+
+log = logging.getLogger(__name__)
+
+KINDS = {"instruction": "instructions.jsonl", "preference": "preferences.jsonl"}
+
+
+def plain_and_chat(row: dict, kind: str) -> tuple[tuple[str, str], tuple[list[dict], str]]:
+    """((plain prompt, plain response), (chat prompt messages, response)) of an instruction sample or
+    of a preference pair's chosen side."""
+    if kind == "instruction":
+        return (row["plain_prompt"], row["plain_response"]), (row["messages"][:-1], row["messages"][-1]["content"])
+    return (row["plain_prompt"], row["chosen"]), (row["messages"], row["chosen"])
+
+
+def mean_response_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: Config, desc: str
+                      ) -> tuple[list[float], list[int]]:
+    """Mean NLL of each response given its prompt (response tokens only) and the response token count."""
+    fitted = fit_to_length([(p, [r]) for p, r in pairs], cfg.select.max_length, desc)
+    rows = [features(p, rs[0]) for p, rs in fitted]
+    sums, counts = score_features(model, rows, cfg.select.batch_size, tokenizer.pad_token_id, desc)
+    return [-s / n for s, n in zip(sums, counts)], counts
+
+
+def choose(scores: dict[int, float], k: int, strategy: str, seed: int) -> set[int]:
+    """Indices of the k lowest (easiest), highest (hardest) or k random (seeded) scores; ties by index."""
+    if strategy == "random":
+        return set(random.Random(seed).sample(sorted(scores), min(k, len(scores))))
+    sign = 1 if strategy == "easiest" else -1
+    return set(sorted(scores, key=lambda i: (sign * scores[i], i))[:k])
+
+
+def select_kind(model, tokenizer, rows: list[dict], kind: str, cfg: Config) -> tuple[list[dict], list[dict], dict]:
+    """Score and select one pool. Returns (selected rows in pool order, one record per row, summary)."""
+    usable, skipped = usable_indices(rows, kind, f"{kind} pool")
+    plain = [encode_plain(tokenizer, *plain_and_chat(rows[i], kind)[0]) for i in usable]
+    nll, counts = mean_response_nll(model, tokenizer, plain, cfg, f"scoring {kind}s (plain)")
+    if cfg.select.score == "fas":
+        chat = [encode_chat(tokenizer, *plain_and_chat(rows[i], kind)[1]) for i in usable]
+        nll_chat, _ = mean_response_nll(model, tokenizer, chat, cfg, f"scoring {kind}s (chat)")
+        # A plain NLL of exactly 0 would mean a perfectly memorised response; keep the ratio finite.
+        scores = [c / max(p, 1e-12) for c, p in zip(nll_chat, nll)]
+    else:
+        scores = [math.exp(x) for x in nll]
+
+    k = cfg.select.k
+    if k > len(usable):
+        log.warning("select.k=%d is larger than the %d usable %s samples (pool of %d): keeping all of them",
+                    k, len(usable), kind, len(rows))
+    chosen = choose(dict(zip(usable, scores)), k, cfg.select.strategy, cfg.seed)
+
+    position = {i: j for j, i in enumerate(usable)}
+    records = []
+    for i, row in enumerate(rows):
+        record = {"id": row["id"], "kind": kind, "score": None, "nll": None, "n_response_tokens": 0,
+                  "selected": i in chosen}
+        if i in skipped:
+            record["skipped"] = skipped[i]
+        else:
+            j = position[i]
+            record.update(score=scores[j], nll=nll[j], n_response_tokens=counts[j])
+            if cfg.select.score == "fas":
+                record["nll_chat"] = nll_chat[j]
+        records.append(record)
+    picked = [scores[j] for j, i in enumerate(usable) if i in chosen]
+    summary = {"pool": len(rows), "skipped": len(skipped), "selected": len(chosen),
+               "mean_score_pool": sum(scores) / len(scores) if scores else None,
+               "mean_score_selected": sum(picked) / len(picked) if picked else None}
+    return [rows[i] for i in sorted(chosen)], records, summary
+
+
+def run_select(cfg: Config, run: RunDir) -> dict:
+    """Score the pool under `run.stage("mixcpt", "cpt")` and write `run.selection/` with the selected
+    instructions.jsonl and preferences.jsonl (rows unchanged) and selection.jsonl (every sample's id,
+    kind, score, nll, n_response_tokens, selected). Returns the summary recorded in results.json."""
+    key = "mixcpt/select"
+    if run.selection.exists():
+        return recorded_metrics(run, key)
+    model_dir = require_model(run.stage("mixcpt", "cpt"), "cpt")
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    if cfg.select.score == "fas":
+        ensure_chat_template(tokenizer, cfg.sft.chat_template, model_dir)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+    summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}
+    selected, records = {}, []
+    for kind, name in KINDS.items():
+        rows = read_samples(run.data / "pool" / name, kind)
+        selected[name], kind_records, summary[f"{kind}s"] = select_kind(model, tokenizer, rows, kind, cfg)
+        records += kind_records
+    with atomic_dir(run.selection) as tmp:
+        for name, rows in selected.items():
+            write_samples(tmp / name, rows)
+        write_samples(tmp / "selection.jsonl", records)
+    run.update_results("stages", key, summary)
+    return summary

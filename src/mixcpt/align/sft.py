@@ -1,0 +1,59 @@
+"""Stage 2b: supervised fine-tuning on instructions, loss on response tokens only (design §1).
+
+The plain `transformers.Trainer` does it: the collator right-pads and labels the prompt
+IGNORE_INDEX, and the model's own loss then averages over response tokens (normalised across
+gradient-accumulation steps by the Trainer). No subclass is needed. TRL's SFTTrainer was not
+used because it truncates the whole sequence (keep_start; keep_end is deprecated), while we
+must cut the prompt from the left and keep the response, and it would add a second
+tokenisation path beside the one selection and DPO share (mixcpt.align.encoding).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from transformers import Trainer
+
+from mixcpt.align.encoding import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch
+from mixcpt.align.samples import read_samples, usable_indices
+from mixcpt.align.stage import recorded_metrics, require_model, train_and_save
+from mixcpt.config import Config
+from mixcpt.errors import InputError
+from mixcpt.models import load_model, load_tokenizer
+from mixcpt.rundir import RunDir
+from mixcpt.train.arguments import training_arguments
+
+
+def sft_features(rows: list[dict], tokenizer, max_length: int, source: str) -> list[dict[str, list[int]]]:
+    """input_ids/labels per instruction row through the chat template; prompt tokens labelled IGNORE_INDEX."""
+    encoded = [encode_chat(tokenizer, row["messages"][:-1], row["messages"][-1]["content"]) for row in rows]
+    fitted = fit_to_length([(p, [r]) for p, r in encoded], max_length, source)
+    return [features(p, rs[0]) for p, rs in fitted]
+
+
+def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
+    """SFT of `arm`: "mixcpt" on the selected instructions from its stage-1 model, "baseline" on the full
+    pool from its CPT model. Saves `run.stage(arm, "sft")`; returns the metrics recorded in results.json."""
+    key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
+    if final.exists():
+        return recorded_metrics(run, key)
+    data_path = run.selection / "instructions.jsonl" if arm == "mixcpt" else run.data / "pool" / "instructions.jsonl"
+    start = require_model(run.stage(arm, "cpt"), "cpt")
+    tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
+    ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
+
+    rows = read_samples(data_path, "instruction")
+    usable, _ = usable_indices(rows, "instruction", data_path)
+    if not usable:
+        raise InputError(data_path, None, "no usable instruction samples to train on")
+    train_set = sft_features([rows[i] for i in usable], tokenizer, cfg.sft.max_length, str(data_path))
+
+    model = load_model(start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    args = training_arguments(cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set,
+                      data_collator=partial(pad_batch, pad_token_id=tokenizer.pad_token_id))
+    output = train_and_save(trainer, tokenizer, final, work)
+    metrics = {"train_loss": output.training_loss, "runtime_s": output.metrics["train_runtime"],
+               "steps": output.global_step, "log_history": trainer.state.log_history, "n_samples": len(train_set)}
+    run.update_results("stages", key, metrics)
+    return metrics

@@ -1,0 +1,83 @@
+"""The `mixcpt` command line (design.md §3).
+
+    mixcpt demo --output DIR [--quick]          the embedded synthetic-knowledge demo, end to end
+    mixcpt run CONFIG --output DIR              every stage in order
+    mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
+
+Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Offline and quiet by default (design.md §9): a hub id in a config still works when the user
+# unsets these, but nothing reaches the network behind the user's back.
+for _var, _val in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "true")):
+    os.environ.setdefault(_var, _val)
+
+from mixcpt.errors import UserError  # noqa: E402
+from mixcpt.pipeline import STAGES  # noqa: E402
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --output must be a folder, but a file is there")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixcpt", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the embedded synthetic-knowledge demo end to end (no download)")
+    demo.add_argument("--output", required=True, help="run folder")
+    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)")
+    demo.add_argument("--seed", type=int, default=0)
+    for name, help_ in [("run", "run every stage in order")] + [(s, f"run the {s} stage") for s in STAGES]:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="YAML run config")
+        sp.add_argument("--output", required=True, help="run folder")
+        if name in ("cpt", "sft", "dpo"):
+            sp.add_argument("--arm", choices=["mixcpt", "baseline"], help="only this arm (default: every arm)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = _output_dir(args.output)
+        from mixcpt.rundir import RunDir
+
+        run = RunDir(out)
+        if args.command == "demo":
+            from mixcpt.demo.run import run_demo
+
+            run_demo(run, quick=args.quick, seed=args.seed)
+            return 0
+        from mixcpt.config import load_config
+
+        cfg = load_config(args.config)
+        if args.command == "run":
+            from mixcpt.pipeline import run_pipeline
+
+            run_pipeline(cfg, run)
+        else:
+            from mixcpt.pipeline import run_stage
+
+            run_stage(args.command, cfg, run, getattr(args, "arm", None))
+        return 0
+    except UserError as err:
+        print(f"mixcpt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixcpt: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

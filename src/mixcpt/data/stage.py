@@ -1,0 +1,267 @@
+"""The data stage (`mixcpt data`): sources -> plain text -> tokens -> D_MIX, D_K and the general pool.
+
+    pass 1  stream every source, render instruction/preference samples to plain text
+            (render.py), tokenise in batches (the fast tokenizer parallelises in Rust), append
+            the tokens of each source to a flat int32 file; keep only document lengths in memory
+    plan    choose the documents of the mixture by token shares (mixture.py)
+    pass 2  copy the chosen documents, EOS-terminated, into fixed-length blocks (packing.py)
+
+Outputs, all under `DIR/data/` (built in a temporary folder and renamed at the end):
+    mix/      D_MIX, the stage-1 stream of the Mix-CPT arm
+    domain/   D_K alone, every domain document once, for the traditional arm
+    pool/     instructions.jsonl, preferences.jsonl: the general samples mixed into D_MIX,
+              for selection and alignment (stage 2)
+    data_stats.json, fingerprint
+Rerunning with the same inputs (config, tokenizer and source contents hash) reuses the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from mixcpt.config import Config, SourceConfig
+from mixcpt.data.mixture import plan_mixture
+from mixcpt.data.readers import (
+    alpaca_fields,
+    domain_text,
+    instruction_messages,
+    preference_fields,
+    read_records,
+)
+from mixcpt.data.render import render_messages, render_plain_prompt, render_plain_response
+from mixcpt.models import base_model_path, load_tokenizer
+from mixcpt.rundir import RunDir, atomic_dir, write_json_atomic
+
+GROUPS = ("domain", "instructions", "preferences")
+
+
+@dataclass
+class TokenizedSource:
+    """One source after pass 1: its tokens on disk and the length of each document."""
+
+    group: str
+    label: str
+    weight: float
+    tokens_path: Path
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pool_path: Path | None = None  # rendered samples, one JSON row per document (instructions, preferences)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.tokens_path, dtype=np.int32, mode="r")
+
+
+def _render(group: str, rec, src: SourceConfig, cfg: Config, doc_id: str) -> tuple[str, dict | None]:
+    """(plain text of the document, pool row or None) for one record of a source."""
+    if group == "domain":
+        return domain_text(rec, src.text_field), None
+    template = cfg.data.template
+    if group == "instructions":
+        messages = instruction_messages(rec)
+        alpaca = alpaca_fields(rec)
+        if alpaca:
+            prompt, response = render_plain_prompt(alpaca[0], alpaca[1], template), render_plain_response(
+                alpaca[2], template
+            )
+        else:
+            prompt, response = render_messages(messages, template)
+        row = {"id": doc_id, "source": src.label, "messages": messages, "plain_prompt": prompt,
+               "plain_response": response}
+        return prompt + response, row
+    prompt_msgs, chosen, rejected = preference_fields(rec)
+    prompt, response = render_messages([*prompt_msgs, {"role": "assistant", "content": chosen}], template)
+    row = {"id": doc_id, "source": src.label, "messages": prompt_msgs, "chosen": chosen, "rejected": rejected,
+           "plain_prompt": prompt}
+    return prompt + response, row
+
+
+def _tokenize_source(group: str, src: SourceConfig, label: str, cfg: Config, tokenizer, work: Path
+                     ) -> TokenizedSource:
+    """Pass 1 for one source: every document rendered, tokenised (BOS as the tokenizer adds it,
+    EOS appended) and appended to `work/<label>.tokens`."""
+    out = TokenizedSource(group, label, src.weight, work / f"{label}.tokens")
+    if group != "domain":
+        out.pool_path = work / f"{label}.pool.jsonl"
+    lengths: list[int] = []
+    batch: list[str] = []
+    eos = tokenizer.eos_token_id
+    with open(out.tokens_path, "wb") as tok_f, ExitStack() as stack:
+        pool_f = stack.enter_context(open(out.pool_path, "w", encoding="utf-8")) if out.pool_path else None
+
+        def flush() -> None:
+            for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+                arr = np.asarray([*ids, eos], dtype=np.int32)
+                tok_f.write(arr.tobytes())
+                lengths.append(len(arr))
+            batch.clear()
+
+        for rec in tqdm(read_records(src), desc=f"tokenise {group}/{label}", unit="doc", leave=False):
+            text, row = _render(group, rec, src, cfg, f"{group}/{label}/{len(lengths) + len(batch)}")
+            if row is not None:
+                pool_f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            batch.append(text)
+            if len(batch) >= cfg.data.tokenize_batch_size:
+                flush()
+        if batch:
+            flush()
+    out.lengths = np.asarray(lengths, dtype=np.int64)
+    return out
+
+
+def _pack(order: np.ndarray, sources: list[TokenizedSource], block_size: int, pad_id: int, folder: Path,
+          fingerprint: str, desc: str) -> dict:
+    """Pass 2: write the documents of `order` ([n, 2] rows of (source, doc)) into blocks.
+
+    Position ids restart at every document start and every block start; the tail of the last
+    block is padding. Returns {"n_tokens", "n_blocks", "padding_share"}.
+    """
+    lengths = np.asarray([sources[s].lengths[d] for s, d in order], dtype=np.int64)
+    n_tokens = int(lengths.sum())
+    n_blocks = max(1, -(-n_tokens // block_size))
+    folder.mkdir(parents=True)
+    ids = open_memmap(folder / "input_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size))
+    pos = open_memmap(folder / "position_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size))
+    flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
+    token_maps = [s.tokens() for s in sources]
+    offsets = [s.offsets for s in sources]
+    cursor = 0
+    for (s, d), n in tqdm(zip(order, lengths), total=len(order), desc=desc, unit="doc", leave=False):
+        start = offsets[s][d]
+        flat_ids[cursor:cursor + n] = token_maps[s][start:start + n]
+        idx = np.arange(cursor, cursor + n)
+        # the position restarts at this document's start or at the start of the block, whichever is later
+        flat_pos[cursor:cursor + n] = idx - np.maximum(cursor, idx - idx % block_size)
+        cursor += n
+    flat_ids[cursor:] = pad_id
+    flat_pos[cursor:] = np.arange(flat_pos.size - cursor)
+    ids.flush(), pos.flush()
+    meta = {"n_blocks": n_blocks, "block_size": block_size, "n_tokens": n_tokens, "pad_token_id": int(pad_id),
+            "fingerprint": fingerprint}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    return {"n_tokens": n_tokens, "n_blocks": n_blocks, "padding_share": 1 - n_tokens / (n_blocks * block_size)}
+
+
+def data_fingerprint(cfg: Config, tokenizer_path: str) -> str:
+    """sha256 of everything the data stage's output depends on: the data config, the seed, the
+    tokenizer files and the bytes of every source file."""
+    h = hashlib.sha256()
+    h.update(cfg.data.model_dump_json().encode())
+    h.update(str(cfg.seed).encode())
+
+    def add_file(p: Path) -> None:
+        h.update(str(p).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+
+    tok = Path(tokenizer_path)
+    for p in sorted(tok.glob("*")) if tok.is_dir() else []:
+        if p.is_file() and ("token" in p.name or p.name.endswith((".model", ".txt", ".tiktoken"))):
+            add_file(p)
+    for group in GROUPS:
+        for src in getattr(cfg.data, group):
+            root = Path(src.path)
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+            if src.format == "hf" and not root.exists():
+                h.update(f"hub:{src.path}:{src.split}".encode())
+            for p in files:
+                add_file(p)
+    return h.hexdigest()
+
+
+def run_data(cfg: Config, run: RunDir) -> dict:
+    """Build D_MIX, D_K and the pool under `run.data`; returns the statistics (also in results.json)."""
+    tokenizer_path = cfg.model.tokenizer or base_model_path(cfg.model, run.base)
+    fingerprint = data_fingerprint(cfg, tokenizer_path)
+    stats_path = run.data / "data_stats.json"
+    if (run.data / "fingerprint").is_file() and (run.data / "fingerprint").read_text() == fingerprint:
+        return json.loads(stats_path.read_text())
+
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    t0 = time.perf_counter()
+    with atomic_dir(run.data) as tmp:
+        work = tmp / "_tokens"
+        work.mkdir()
+        sources: list[TokenizedSource] = []
+        for group in GROUPS:
+            for i, src in enumerate(getattr(cfg.data, group)):
+                label = src.label if all(src.label != s.label for s in sources) else f"{src.label}-{group}{i}"
+                sources.append(_tokenize_source(group, src, label, cfg, tokenizer, work))
+        tokenize_s = time.perf_counter() - t0
+        available = int(sum(s.lengths.sum() for s in sources))
+
+        plan = plan_mixture([s.lengths for s in sources], [s.weight for s in sources], cfg.seed,
+                            cfg.data.total_tokens, cfg.data.oversample, [s.label for s in sources])
+        mix = _pack(plan.order, sources, cfg.data.block_size, tokenizer.pad_token_id, tmp / "mix", fingerprint,
+                    "pack D_MIX")
+        drawn = plan.drawn_tokens([s.lengths for s in sources])
+        total_drawn = sum(drawn)
+        total_weight = sum(s.weight for s in sources)
+        mix["sources"] = {
+            s.label: {
+                "group": s.group,
+                "documents": int((plan.order[:, 0] == i).sum()),
+                "unique_documents": int(len(np.unique(plan.order[plan.order[:, 0] == i, 1]))),
+                "tokens": drawn[i],
+                "available_tokens": int(s.lengths.sum()),
+                "share": drawn[i] / total_drawn if total_drawn else 0.0,
+                "target_share": s.weight / total_weight,
+            }
+            for i, s in enumerate(sources)
+        }
+        mix["unit"] = "tokens"
+
+        # D_K for the traditional arm: every domain document once, in a seeded order
+        domain_ids = [i for i, s in enumerate(sources) if s.group == "domain"]
+        domain_order = np.concatenate([np.stack([np.full(len(sources[i].lengths), i),
+                                                 np.arange(len(sources[i].lengths))], axis=1) for i in domain_ids])
+        domain_order = domain_order[np.random.default_rng(cfg.seed).permutation(len(domain_order))]
+        domain = _pack(domain_order, sources, cfg.data.block_size, tokenizer.pad_token_id, tmp / "domain",
+                       fingerprint, "pack D_K")
+
+        # the pool: the general samples that made it into D_MIX, each once, in source order
+        (tmp / "pool").mkdir()
+        pool_counts = {}
+        for group in ("instructions", "preferences"):
+            n = 0
+            with open(tmp / "pool" / f"{group}.jsonl", "w", encoding="utf-8") as out:
+                for i, s in enumerate(sources):
+                    if s.group != group:
+                        continue
+                    keep = set(plan.order[plan.order[:, 0] == i, 1].tolist())
+                    with open(s.pool_path, encoding="utf-8") as rows:
+                        for d, line in enumerate(rows):
+                            if d in keep:
+                                out.write(line)
+                                n += 1
+            pool_counts[group] = n
+        shutil.rmtree(work)
+
+        stats = {
+            "mix": mix,
+            "domain": domain,
+            "pool": pool_counts,
+            "available_tokens": available,
+            "tokenize_seconds": round(tokenize_s, 3),
+            "tokens_per_second": round(available / max(tokenize_s, 1e-9), 1),
+            "fingerprint": fingerprint,
+        }
+        write_json_atomic(tmp / "data_stats.json", stats)
+        (tmp / "fingerprint").write_text(fingerprint)
+    run.update_results("data", "mix", stats["mix"])
+    run.update_results("data", "domain", stats["domain"])
+    run.update_results("data", "pool", stats["pool"])
+    return stats

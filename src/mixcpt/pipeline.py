@@ -1,0 +1,60 @@
+"""The stages in order, for both arms. Each stage skips work already done, so rerunning the
+pipeline after an interruption resumes where it stopped (a stage in progress resumes from its
+last checkpoint)."""
+
+from __future__ import annotations
+
+from mixcpt.config import Config
+from mixcpt.rundir import RunDir
+
+STAGES = ("data", "cpt", "select", "sft", "dpo", "eval", "report")
+
+
+def arms(cfg: Config) -> list[str]:
+    """The arms this config trains: Mix-CPT, plus the traditional baseline when enabled."""
+    return ["mixcpt", "baseline"] if cfg.baseline.enabled else ["mixcpt"]
+
+
+def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> None:
+    """Run one stage (for `arm`, or every arm the stage applies to)."""
+    # Imports are local so that `mixcpt data` does not pay for importing the training stack.
+    if stage == "data":
+        from mixcpt.data.stage import run_data
+
+        run_data(cfg, run)
+    elif stage == "cpt":
+        from mixcpt.train.stage import run_cpt
+
+        for a in [arm] if arm else arms(cfg):
+            run_cpt(cfg, run, a)
+    elif stage == "select":
+        from mixcpt.align.select import run_select
+
+        run_select(cfg, run)
+    elif stage == "sft":
+        from mixcpt.align.sft import run_sft
+
+        for a in [arm] if arm else arms(cfg):
+            run_sft(cfg, run, a)
+    elif stage == "dpo":
+        from mixcpt.align.dpo import run_dpo
+
+        for a in [arm] if arm else arms(cfg):
+            if a == "mixcpt" or cfg.baseline.dpo:
+                run_dpo(cfg, run, a)
+    elif stage == "eval":
+        from mixcpt.evaluate.stage import run_eval
+
+        run_eval(cfg, run)
+    elif stage == "report":
+        from mixcpt.report import write_report
+
+        write_report(run)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+
+def run_pipeline(cfg: Config, run: RunDir) -> None:
+    """Every stage in order: data, stage 1 (both arms), selection, SFT, DPO, evaluation, report."""
+    for stage in STAGES:
+        run_stage(stage, cfg, run)

@@ -1,0 +1,121 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mixcpt.data.packing import IGNORE_INDEX, PackedBlocks
+from mixcpt.data.stage import run_data
+from mixcpt.errors import ConfigError, InputError
+from mixcpt.rundir import RunDir
+
+
+def stream_docs(folder):
+    """Split a packed stream back into documents at EOS (token 2 in the tiny tokenizer)."""
+    blocks = PackedBlocks(folder)
+    flat = np.load(folder / "input_ids.npy").reshape(-1)[: blocks.n_tokens]
+    cuts = np.flatnonzero(flat == 2) + 1
+    return [tuple(d) for d in np.split(flat, cuts) if len(d)]
+
+
+def test_packing_loses_and_duplicates_no_token(make_config, tmp_path, tiny_tokenizer):
+    cfg = make_config(weights=(1.0, 0.0, 0.0))
+    stats = run_data(cfg, RunDir(tmp_path / "run"))
+    # D_K holds every domain document exactly once, each as tokenizer(text) + EOS
+    lines = (tmp_path / "domain.jsonl").read_text().splitlines()
+    expected = sorted(tuple(tiny_tokenizer(json.loads(t)["text"]).input_ids + [2]) for t in lines)
+    assert sorted(stream_docs(tmp_path / "run" / "data" / "domain")) == expected
+    assert stats["domain"]["n_tokens"] == sum(len(d) for d in expected)
+
+
+def test_blocks_have_labels_for_every_real_token_and_positions_reset_per_document(make_config, tmp_path):
+    run = RunDir(tmp_path / "run")
+    run_data(make_config(), run)
+    blocks = PackedBlocks(run.data / "mix")
+    last = blocks[len(blocks) - 1]
+    n_pad = blocks.block_size * len(blocks) - blocks.n_tokens
+    assert (last["labels"] == IGNORE_INDEX).sum() == n_pad
+    for i in range(len(blocks) - 1):
+        item = blocks[i]
+        assert (item["labels"] == item["input_ids"]).all()
+        ids, pos = item["input_ids"].numpy(), item["position_ids"].numpy()
+        assert pos[0] == 0
+        starts = np.flatnonzero(pos == 0)
+        # every restart but the block's first follows an EOS: documents never share positions
+        assert all(ids[s - 1] == 2 for s in starts[1:])
+        assert all(pos[j] == pos[j - 1] + 1 for j in range(1, len(pos)) if j not in set(starts))
+
+
+def test_pool_holds_rendered_general_samples_and_stats_are_written(make_config, tmp_path):
+    run = RunDir(tmp_path / "run")
+    stats = run_data(make_config(), run)
+    rows = [json.loads(line) for line in (run.data / "pool" / "instructions.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["pool"]["instructions"] > 0
+    translate = [r for r in rows if r["messages"][0]["content"].startswith("Translate")]
+    if translate:  # when drawn, both instruction and input survive in the plain rendering
+        assert "Translate" in translate[0]["plain_prompt"] and "bonjour" in translate[0]["plain_prompt"]
+    prefs = [json.loads(line) for line in (run.data / "pool" / "preferences.jsonl").read_text().splitlines()]
+    assert {"chosen", "rejected", "plain_prompt", "messages"} <= prefs[0].keys()
+    on_disk = json.loads((run.data / "data_stats.json").read_text())
+    assert on_disk["mix"]["sources"].keys() == {"domain.jsonl", "instructions.jsonl", "preferences.jsonl"}
+    assert run.read_results()["data"]["mix"] == on_disk["mix"]
+
+
+def test_same_inputs_reuse_and_changed_inputs_rebuild(make_config, tmp_path, sources):
+    run = RunDir(tmp_path / "run")
+    run_data(make_config(), run)
+    stamp = os.stat(run.data / "mix" / "input_ids.npy").st_mtime_ns
+    run_data(make_config(), run)
+    assert os.stat(run.data / "mix" / "input_ids.npy").st_mtime_ns == stamp
+    with open(sources["domain"], "a") as f:
+        f.write(json.dumps({"text": "A brand new planet document."}) + "\n")
+    stats = run_data(make_config(), run)
+    assert stats["domain"]["n_tokens"] > 0
+    assert os.stat(run.data / "mix" / "input_ids.npy").st_mtime_ns != stamp
+
+
+def test_same_seed_same_stream_other_seed_other_order(make_config, tmp_path):
+    a, b = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
+    run_data(make_config(), a)
+    run_data(make_config(), b)
+    assert (np.load(a.data / "mix" / "input_ids.npy") == np.load(b.data / "mix" / "input_ids.npy")).all()
+    c = make_config()
+    c.seed = 1
+    run_data(c, RunDir(tmp_path / "c"))
+    assert not np.array_equal(np.load(a.data / "mix" / "input_ids.npy"),
+                              np.load(tmp_path / "c" / "data" / "mix" / "input_ids.npy"))
+
+
+def test_bad_record_stops_with_file_and_line_and_leaves_no_output(make_config, tmp_path, sources):
+    with open(sources["instructions"], "a") as f:
+        f.write('{"instruction": "no output"}\n')
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(InputError, match=r"instructions\.jsonl:\d+: missing field 'output'"):
+        run_data(make_config(), run)
+    assert not run.data.exists()
+    assert not [p for p in run.root.iterdir() if p.name.startswith(".data")]
+
+
+def test_shares_within_two_points_on_a_million_tokens(tmp_path, tok_dir):
+    from mixcpt.config import config_from_dict
+
+    rng = np.random.default_rng(0)
+    words = np.array("the planet star orbit moon alpha beta gamma delta of and in".split())
+    for name, n in (("a", 12000), ("b", 6000), ("c", 3000)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 120)))}) + "\n")
+    cfg = config_from_dict({"model": {"path": str(tok_dir)}, "data": {
+        "domain": [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl", "weight": 1},
+                   {"path": "c.jsonl", "weight": 1}], "block_size": 512}}, root=tmp_path)
+    stats = run_data(cfg, RunDir(tmp_path / "run"))
+    assert stats["available_tokens"] >= 1_000_000
+    for src in stats["mix"]["sources"].values():
+        assert abs(src["share"] - src["target_share"]) < 0.02
+
+
+def test_weights_all_zero_or_negative_are_config_errors(make_config):
+    with pytest.raises(ConfigError, match="all source weights are zero"):
+        make_config(weights=(0, 0, 0))
+    with pytest.raises(ConfigError, match=r"data\.domain\.0\.weight"):
+        make_config(weights=(-1, 0.5, 0.5))
