@@ -112,7 +112,7 @@ def _read_hf(src: SourceConfig) -> Iterator[Record]:
         ds = datasets.load_from_disk(src.path)
         ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
     else:
-        ds = datasets.load_dataset(src.path, split=src.split, streaming=True)
+        ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=True)
     for row, obj in enumerate(ds, start=1):
         yield Record(f"{src.path}[{src.split}]", row, dict(obj))
 
