@@ -45,6 +45,7 @@ class SourceConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="Share of *tokens* this source gets in the mixture (normalised).")
     text_field: str = Field("text", description="Field holding the text in jsonl/parquet/hf domain sources.")
     split: str = Field("train", description="Split to read for format: hf.")
+    subset: str | None = Field(None, description="Dataset configuration name for format: hf (e.g. 20231101.en).")
     name: str | None = Field(None, description="Label in statistics; defaults to the file or folder name.")
 
     @property
@@ -126,6 +127,9 @@ class CPTConfig(_Strict):
         "cache: precomputed top-k teacher logits on disk.",
     )
     cache_top_k: int = Field(64, ge=1, description="Teacher logits kept per position by the cache teacher.")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage of the cached top-k log-probabilities (float32: exact when k >= vocabulary)."
+    )
     loss_chunk_size: int = Field(1024, ge=1, description="Positions per chunk of the vocabulary-wide loss.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used when teacher is lora.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -192,6 +196,18 @@ class EvalConfig(_Strict):
     probe: str | None = Field(None, description="General text for KL(base || stage) retention.")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=8)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> EvalConfig:
+        # benchmark names and lm-eval task names are the columns of one results table
+        names = [b.name for b in self.benchmarks] + self.lm_eval_tasks
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"eval: benchmark/task names must be unique; repeated: {duplicates}")
+        stray = [t for t in self.lm_eval_domain_tasks if t not in self.lm_eval_tasks]
+        if stray:
+            raise ValueError(f"eval.lm_eval_domain_tasks: {stray} not in eval.lm_eval_tasks")
+        return self
 
 
 class Config(_Strict):

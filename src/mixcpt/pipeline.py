@@ -39,6 +39,8 @@ def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> N
     elif stage == "dpo":
         from mixcpt.align.dpo import run_dpo
 
+        if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
+            return
         for a in [arm] if arm else arms(cfg):
             if a == "mixcpt" or cfg.baseline.dpo:
                 run_dpo(cfg, run, a)

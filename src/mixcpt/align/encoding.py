@@ -115,7 +115,9 @@ def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     Returns (sum_logps [B] float32, n_tokens [B] long).
     """
     logits, labels = logits[:, :-1], labels[:, 1:]  # [B, T-1, V], [B, T-1]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    # Row by row, so that float32 logits exist for one sequence at a time, not the whole batch.
+    nll = torch.stack([F.cross_entropy(row.float(), row_labels, ignore_index=IGNORE_INDEX, reduction="none")
+                       for row, row_labels in zip(logits, labels)])  # [B, T-1]
     return -nll.sum(-1), (labels != IGNORE_INDEX).sum(-1)  # [B], [B]
 
 

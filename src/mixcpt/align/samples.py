@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 from mixcpt.errors import InputError
 
 log = logging.getLogger(__name__)
 
+LAST_ROLE = {"instruction": "assistant", "preference": "user"}
 REQUIRED_FIELDS = {
     "instruction": ("id", "messages", "plain_prompt", "plain_response"),
     "preference": ("id", "messages", "chosen", "rejected", "plain_prompt"),
@@ -42,6 +44,10 @@ def read_samples(path: Path, kind: str) -> list[dict]:
                 raise InputError(path, line_no, f"missing field(s) {', '.join(missing)}")
             if not isinstance(row["messages"], list) or not row["messages"]:
                 raise InputError(path, line_no, "'messages' must be a non-empty list of {role, content}")
+            last_role = row["messages"][-1].get("role")
+            if last_role != LAST_ROLE[kind]:
+                raise InputError(path, line_no, f"the last message is from {last_role!r}; "
+                                                f"{kind} samples must end with one from {LAST_ROLE[kind]!r}")
             rows.append(row)
     return rows
 
@@ -65,7 +71,7 @@ def skip_reason(row: dict, kind: str) -> str | None:
     return None
 
 
-def usable_indices(rows: list[dict], kind: str, source) -> tuple[list[int], dict[int, str]]:
+def usable_indices(rows: list[dict], kind: str, source: str | Path) -> tuple[list[int], dict[int, str]]:
     """Indices of the rows that pass `skip_reason`, and {index: reason} for the others, which are
     counted by reason in one warning naming `source`."""
     usable, skipped = [], {}
@@ -76,7 +82,7 @@ def usable_indices(rows: list[dict], kind: str, source) -> tuple[list[int], dict
         else:
             skipped[i] = reason
     if skipped:
-        counts = {r: list(skipped.values()).count(r) for r in sorted(set(skipped.values()))}
+        counts = Counter(skipped.values())
         log.warning("%s: skipped %d of %d %s samples (%s)", source, len(skipped), len(rows), kind,
-                    ", ".join(f"{n} with {r}" for r, n in counts.items()))
+                    ", ".join(f"{counts[r]} with {r}" for r in sorted(counts)))
     return usable, skipped

@@ -19,7 +19,8 @@ from mixcpt.align.encoding import encode_chat, encode_plain, ensure_chat_templat
     score_features
 from mixcpt.align.samples import read_samples, usable_indices, write_samples
 from mixcpt.align.stage import recorded_metrics, require_model
-from mixcpt.config import Config
+from mixcpt.config import Config, TemplateConfig
+from mixcpt.data.render import render_plain_response
 from mixcpt.models import load_model, load_tokenizer
 from mixcpt.rundir import RunDir, atomic_dir
 
@@ -28,12 +29,13 @@ log = logging.getLogger(__name__)
 KINDS = {"instruction": "instructions.jsonl", "preference": "preferences.jsonl"}
 
 
-def plain_and_chat(row: dict, kind: str) -> tuple[tuple[str, str], tuple[list[dict], str]]:
+def plain_and_chat(row: dict, kind: str, template: TemplateConfig
+                   ) -> tuple[tuple[str, str], tuple[list[dict], str]]:
     """((plain prompt, plain response), (chat prompt messages, response)) of an instruction sample or
-    of a preference pair's chosen side."""
+    of a preference pair's chosen side; the plain texts are those of the stage-1 stream."""
     if kind == "instruction":
         return (row["plain_prompt"], row["plain_response"]), (row["messages"][:-1], row["messages"][-1]["content"])
-    return (row["plain_prompt"], row["chosen"]), (row["messages"], row["chosen"])
+    return (row["plain_prompt"], render_plain_response(row["chosen"], template)), (row["messages"], row["chosen"])
 
 
 def mean_response_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: Config, desc: str
@@ -56,10 +58,10 @@ def choose(scores: dict[int, float], k: int, strategy: str, seed: int) -> set[in
 def select_kind(model, tokenizer, rows: list[dict], kind: str, cfg: Config) -> tuple[list[dict], list[dict], dict]:
     """Score and select one pool. Returns (selected rows in pool order, one record per row, summary)."""
     usable, skipped = usable_indices(rows, kind, f"{kind} pool")
-    plain = [encode_plain(tokenizer, *plain_and_chat(rows[i], kind)[0]) for i in usable]
+    plain = [encode_plain(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[0]) for i in usable]
     nll, counts = mean_response_nll(model, tokenizer, plain, cfg, f"scoring {kind}s (plain)")
     if cfg.select.score == "fas":
-        chat = [encode_chat(tokenizer, *plain_and_chat(rows[i], kind)[1]) for i in usable]
+        chat = [encode_chat(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[1]) for i in usable]
         nll_chat, _ = mean_response_nll(model, tokenizer, chat, cfg, f"scoring {kind}s (chat)")
         # A plain NLL of exactly 0 would mean a perfectly memorised response; keep the ratio finite.
         scores = [c / max(p, 1e-12) for c, p in zip(nll_chat, nll)]

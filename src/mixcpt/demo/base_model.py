@@ -118,7 +118,8 @@ def build_base_model(world: WorldFiles, out: Path, seed: int = 0, size: str = "d
         train = TrainingConfig(learning_rate=recipe.learning_rate, lr_scheduler="cosine", warmup_ratio=0.05,
                                weight_decay=0.01, num_epochs=1, per_device_batch_size=recipe.batch_size,
                                logging_steps=50)
-        args = training_arguments(train, work / "trainer", seed, save_strategy="no")
+        args = training_arguments(train, work / "trainer", seed, save_strategy="no",
+                                  dataloader_pin_memory=torch.cuda.is_available())
         result = Trainer(model=model, args=args, train_dataset=PackedBlocks(work / "packed")).train()
         shutil.rmtree(work)
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -7,6 +7,7 @@ lm-eval is an optional extra, imported only here and only when tasks are configu
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,6 +27,12 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+@lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    # indexing lm-eval's thousands of task YAMLs takes seconds: once per process, not per model
+    return _import_lm_eval()[2](include_path=include_path)
+
+
 def run_lm_eval(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -41,8 +48,8 @@ def run_lm_eval(
 
     Raises `ConfigError` for a task name lm-eval does not know, `ImportError` without lm-eval.
     """
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
-    manager = TaskManager(include_path=include_path)
+    lm_eval, HFLM, _ = _import_lm_eval()
+    manager = _task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown} (include path: {include_path})")

@@ -10,6 +10,7 @@ tokenisation. `acc_norm` divides each choice's log-likelihood by its length in c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,7 @@ def generate_answers(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int = 32,
-    stop: list[str] = ("\n",),
+    stop: Sequence[str] = ("\n",),
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy completions of `prompts`, each cut at its first stop string (or EOS)."""
@@ -228,18 +229,19 @@ def kl_to_base(
 ) -> float:
     """Mean over predicted tokens of KL(p_base || p_model) = sum_v p_base (log p_base - log p_model):
     how far the stage model's next-token distributions moved from the base on general text."""
-    base_model.eval(), model.eval()
+    base_model.eval()
+    model.eval()
     windows = _windows(tokenizer, texts, max_length)
     total, count = 0.0, 0
     for idx in _batches(list(range(len(windows))), batch_size, "KL to base"):
         seqs = [windows[i] for i in idx]
         ids, mask = _pad_right(seqs, tokenizer.pad_token_id, model.device)  # [B, T]
         scored = _scored_positions(seqs, [len(s) - 1 for s in seqs], model.device)  # [B, T-1]
-        base_logits = base_model(input_ids=ids[:, :-1].to(base_model.device), attention_mask=mask[:, :-1].to(base_model.device)).logits
+        base_logits = base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # [B, T-1, V]
         logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # [B, T-1, V]
         if base_logits.shape[-1] != logits.shape[-1]:
             raise ValueError(f"vocabulary sizes differ: base {base_logits.shape[-1]}, model {logits.shape[-1]}")
-        base_logp = F.log_softmax(base_logits.to(model.device)[scored].float(), dim=-1)  # [N, V]
+        base_logp = F.log_softmax(base_logits[scored].float(), dim=-1)  # [N, V]
         logp = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
         total += (base_logp.exp() * (base_logp - logp)).sum().item()
         count += int(scored.sum())

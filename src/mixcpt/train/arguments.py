@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import TrainingArguments
 
 from mixcpt.config import TrainingConfig
@@ -42,6 +43,7 @@ def training_arguments(tc: TrainingConfig, output_dir: str | Path, seed: int, dt
         data_seed=seed,
         report_to=report_to,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing on the CPU
         disable_tqdm=False,
     )
     kwargs.update(overrides)

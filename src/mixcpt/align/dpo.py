@@ -1,0 +1,144 @@
+"""Stage 2c: DPO on preference pairs with the SFT model as reference (design §1, §4).
+
+`DPOTrainer` is a thin `transformers.Trainer` subclass whose `compute_loss` calls
+`mixcpt.losses.dpo_loss`, so the §4 function is exactly what trains. Reference log-probs are
+either precomputed once before training (`dpo.precompute_ref`: the policy starts as the
+reference, so the same model scores them and no second copy is ever held) or taken from a
+frozen reference copy at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from functools import partial
+
+import torch
+from transformers import PreTrainedModel, Trainer
+
+from mixcpt.align.encoding import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch, \
+    response_logps, score_features
+from mixcpt.align.samples import read_samples, usable_indices
+from mixcpt.align.stage import log_history_metrics, recorded_metrics, require_model, train_and_save
+from mixcpt.config import Config
+from mixcpt.errors import InputError
+from mixcpt.losses import dpo_loss
+from mixcpt.models import load_model, load_tokenizer
+from mixcpt.rundir import RunDir
+from mixcpt.train.arguments import training_arguments
+
+log = logging.getLogger(__name__)
+
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def pair_features(rows: list[dict], tokenizer, max_length: int, source: str) -> list[dict]:
+    """Per preference row: {"chosen": features, "rejected": features}, both through the chat template,
+    sharing one prompt that is left-truncated so that the longer response fits."""
+    encoded = []
+    for row in rows:
+        prompt, chosen = encode_chat(tokenizer, row["messages"], row["chosen"])
+        _, rejected = encode_chat(tokenizer, row["messages"], row["rejected"])
+        encoded.append((prompt, [chosen, rejected]))
+    return [{"chosen": features(p, c), "rejected": features(p, r)}
+            for p, (c, r) in fit_to_length(encoded, max_length, source)]
+
+
+def pair_collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B rows, the B chosen sequences first, then the B rejected ones, so the
+    policy scores both sides in a single forward; precomputed reference log-probs ride along."""
+    batch = pad_batch([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_token_id)  # [2B, T]
+    if "ref_chosen_logps" in rows[0]:
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])  # [B]
+        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])  # [B]
+    return batch
+
+
+def precompute_reference(model: PreTrainedModel, pairs: list[dict], batch_size: int, pad_token_id: int) -> None:
+    """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`) to each pair.
+    Under DDP every process scores all pairs: the result is the same everywhere and needs no gather."""
+    sums, _ = score_features(model, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size,
+                             pad_token_id, "reference log-probs")
+    for pair, chosen, rejected in zip(pairs, sums[:len(pairs)], sums[len(pairs):]):
+        pair["ref_chosen_logps"], pair["ref_rejected_logps"] = chosen, rejected
+
+
+class DPOTrainer(Trainer):
+    """Trainer whose loss is `mixcpt.losses.dpo_loss`; batches come from `pair_collate`.
+
+    `log` is overridden too (as TRL does) to add the mean rewards of the steps since the last log.
+    """
+
+    loss_is_scaled_for_ga = False  # dpo_loss is a mean over this micro-batch's pairs
+
+    def __init__(self, *args, beta: float, ref_model: PreTrainedModel | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model,
+                                                                                      evaluation_mode=True)
+        self.reward_logs = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits  # [2B, T, V]
+        policy_logps, _ = response_logps(logits, inputs["labels"])  # [2B]
+        policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B], [B]
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            with torch.no_grad():
+                ref_logits = self.ref_model(input_ids=inputs["input_ids"],
+                                            attention_mask=inputs["attention_mask"]).logits  # [2B, T, V]
+                ref_chosen, ref_rejected = response_logps(ref_logits, inputs["labels"])[0].chunk(2)
+        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                          self.beta)
+        chosen_rewards, rejected_rewards = self.accelerator.gather_for_metrics((chosen_rewards, rejected_rewards))
+        self.reward_logs["rewards/chosen"].append(chosen_rewards.mean().item())
+        self.reward_logs["rewards/rejected"].append(rejected_rewards.mean().item())
+        self.reward_logs["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        self.reward_logs["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.update({name: sum(values) / len(values) for name, values in self.reward_logs.items()})
+        self.reward_logs.clear()
+        super().log(logs, start_time)
+
+
+def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
+    """DPO of `arm` from its SFT model: "mixcpt" on the selected preference pairs, "baseline" on the full
+    pool. Saves `run.stage(arm, "dpo")`; returns the metrics recorded in results.json."""
+    key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
+    if final.exists():
+        return recorded_metrics(run, key)
+    data_path = run.selection / "preferences.jsonl" if arm == "mixcpt" else run.data / "pool" / "preferences.jsonl"
+    start = require_model(run.stage(arm, "sft"), "sft")
+    tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
+    ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
+
+    rows = read_samples(data_path, "preference")
+    usable, _ = usable_indices(rows, "preference", data_path)
+    if not usable:
+        raise InputError(data_path, None, "no usable preference pairs to train on")
+    train_set = pair_features([rows[i] for i in usable], tokenizer, cfg.dpo.max_length, str(data_path))
+
+    load = partial(load_model, start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    model, ref_model = load(), None
+    args = training_arguments(cfg.dpo.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
+    if cfg.dpo.precompute_ref:
+        model.to(args.device)
+        precompute_reference(model, train_set, args.per_device_train_batch_size, tokenizer.pad_token_id)
+        model.train()
+    else:
+        ref_model = load().eval().requires_grad_(False)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, beta=cfg.dpo.beta, ref_model=ref_model,
+                         data_collator=partial(pair_collate, pad_token_id=tokenizer.pad_token_id))
+    output = train_and_save(trainer, tokenizer, final, work)
+    history = trainer.state.log_history
+    last = log_history_metrics(history, ("loss", *REWARD_METRICS))  # of the last logged steps
+    metrics = {"final_loss": last.get("loss"), "train_loss": output.training_loss,
+               "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
+               "chosen_reward": last.get("rewards/chosen"), "rejected_reward": last.get("rewards/rejected"),
+               "runtime_s": output.metrics["train_runtime"], "steps": output.global_step, "n_pairs": len(train_set),
+               "log_history": history}
+    run.update_results("stages", key, metrics)
+    return metrics

@@ -1,0 +1,115 @@
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from mixcpt.align.encoding import fit_to_length
+from mixcpt.align.select import choose, run_select
+from mixcpt.models import load_model, load_tokenizer
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@torch.no_grad()
+def direct_mean_nll(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """Mean NLL of the response tokens, one unpadded sequence, straight from log_softmax."""
+    logp = torch.log_softmax(model(torch.tensor([prompt_ids + response_ids])).logits[0], -1)  # [T, V]
+    return -sum(logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(response_ids)) / len(response_ids)
+
+
+def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
+    summary = run_select(cfg, run)
+
+    model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
+    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    for kind, rows, response_of in (("instruction", pool_rows[0], lambda r: r["plain_response"]),
+                                    ("preference", pool_rows[1], lambda r: r["chosen"])):
+        direct = {}
+        for row in rows:
+            if records[row["id"]].get("skipped"):
+                continue
+            response_ids = tok(response_of(row), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            direct[row["id"]] = direct_mean_nll(model, tok(row["plain_prompt"]).input_ids, response_ids)
+            assert records[row["id"]]["nll"] == pytest.approx(direct[row["id"]], abs=1e-4)
+            assert records[row["id"]]["score"] == pytest.approx(math.exp(direct[row["id"]]), rel=1e-4)
+            assert records[row["id"]]["n_response_tokens"] == len(response_ids)
+        easiest = sorted(direct, key=direct.get)[: cfg.select.k]
+        assert {i for i, r in records.items() if r["kind"] == kind and r["selected"]} == set(easiest)
+        assert summary[f"{kind}s"]["selected"] == cfg.select.k
+
+    # The selected rows are written unchanged, in pool order.
+    kept = read_jsonl(run.selection / "instructions.jsonl")
+    assert kept == [r for r in pool_rows[0] if records[r["id"]]["selected"]]
+    assert run.read_results()["stages"]["mixcpt/select"] == summary
+
+
+def test_selection_is_deterministic_and_skips_rerun(make_cfg, run, tmp_path):
+    cfg = make_cfg(select={"strategy": "random"})
+    run_select(cfg, run)
+    first = (run.selection / "selection.jsonl").read_bytes()
+    mtime = (run.selection / "selection.jsonl").stat().st_mtime_ns
+    assert run_select(cfg, run) == run.read_results()["stages"]["mixcpt/select"]  # done: not redone
+    assert (run.selection / "selection.jsonl").stat().st_mtime_ns == mtime
+
+    (tmp_path / "again").mkdir()
+    again = type(run)(tmp_path / "again")
+    (again.root / "data").symlink_to(run.data)
+    (again.root / "mixcpt").mkdir()
+    (again.root / "mixcpt" / "cpt").symlink_to(run.stage("mixcpt", "cpt"))
+    run_select(cfg, again)
+    assert (again.selection / "selection.jsonl").read_bytes() == first
+
+
+def test_strategies_behave_as_named():
+    scores = {0: 3.0, 1: 1.0, 2: 5.0, 3: 2.0, 5: 4.0}
+    assert choose(scores, 2, "easiest", seed=0) == {1, 3}
+    assert choose(scores, 2, "hardest", seed=0) == {2, 5}
+    picked = choose(scores, 3, "random", seed=7)
+    assert len(picked) == 3 and picked <= set(scores)
+    assert choose(scores, 3, "random", seed=7) == picked
+    assert len({frozenset(choose(scores, 3, "random", seed=s)) for s in range(10)}) > 1  # the seed matters
+    assert choose(scores, 10, "easiest", seed=0) == set(scores)
+
+
+def test_k_larger_than_pool_keeps_everything_usable(make_cfg, run, pool_rows, caplog):
+    cfg = make_cfg(select={"k": 100, "strategy": "hardest"})
+    with caplog.at_level(logging.WARNING):
+        summary = run_select(cfg, run)
+    assert "select.k=100 is larger than the 8 usable instruction samples" in caplog.text
+    assert "1 with identical chosen and rejected" in caplog.text
+    records = read_jsonl(run.selection / "selection.jsonl")
+    assert len(records) == len(pool_rows[0]) + len(pool_rows[1])  # nothing lost: every sample is listed
+    skipped = {r["id"]: r["skipped"] for r in records if "skipped" in r}
+    assert skipped == {"i8": "empty response", "p8": "identical chosen and rejected"}
+    assert all(r["selected"] == (r["id"] not in skipped) for r in records)
+    assert summary["preferences"] == {**summary["preferences"], "pool": 9, "skipped": 1, "selected": 8}
+    assert len(read_jsonl(run.selection / "preferences.jsonl")) == 8
+
+
+def test_fas_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
+    run_select(make_cfg(select={"score": "fas"}), run)
+    model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
+    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    row = pool_rows[0][0]
+    prompt = tok.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+    response = tok.apply_chat_template(row["messages"], tokenize=False)[len(prompt):]
+    chat_nll = direct_mean_nll(model, tok(prompt, add_special_tokens=False).input_ids,
+                               tok(response, add_special_tokens=False).input_ids)
+    assert records[row["id"]]["nll_chat"] == pytest.approx(chat_nll, abs=1e-4)
+    for r in records.values():
+        if "skipped" not in r:
+            assert r["score"] == pytest.approx(r["nll_chat"] / r["nll"])
+
+
+def test_long_prompts_are_cut_from_the_left_keeping_the_response(caplog):
+    prompt, response = list(range(100, 120)), [1, 2, 3]
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_length([(prompt, [response]), ([7, 8], [response])], max_length=8, source="pool")
+    assert fitted == [(prompt[-5:], [response]), ([7, 8], [response])]
+    assert "pool: 1 of 2 prompts longer than max_length=8 were truncated from the left" in caplog.text
+    # A response longer than max_length keeps its start and one prompt token.
+    assert fit_to_length([(prompt, [list(range(10))])], 8, "pool") == [(prompt[-1:], [list(range(7))])]

@@ -1,0 +1,199 @@
+"""LSSD and the chunked losses against naive float64 per-position references (design §1, §4, §9)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixcpt.losses import (
+    cross_entropy,
+    logit_swap,
+    lssd_loss,
+    lssd_loss_from_hidden,
+    lssd_loss_topk,
+    swap_topk_ids,
+)
+
+IGNORE = -100
+
+
+def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, T, V, generator=g) * 3
+    teacher = torch.randn(B, T, V, generator=g) * 3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels.view(-1)[torch.randperm(B * T, generator=g)[:n_ignored]] = IGNORE
+    return student, teacher, labels
+
+
+def reference_lssd(student, teacher, labels, temperature):
+    """Explicit loop over positions in float64: the equations of design §1 written out."""
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            y = int(labels[b, t])
+            if y == IGNORE:
+                continue
+            z = teacher[b, t].double().clone()
+            m = int(z.argmax())
+            z[y], z[m] = z[m].item(), z[y].item()
+            q = torch.softmax(z / temperature, -1)
+            log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
+            total = total + (q * (q.log() - log_p)).sum()
+            n += 1
+    return total / n
+
+
+def reference_topk(student, teacher, labels, temperature, k):
+    """Bucketed KL of design §9: top-k of the swapped teacher's probabilities plus one tail bucket."""
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            y = int(labels[b, t])
+            if y == IGNORE:
+                continue
+            z = teacher[b, t].double().clone()
+            m = int(z.argmax())
+            z[y], z[m] = z[m].item(), z[y].item()
+            q = torch.softmax(z / temperature, -1)
+            p = torch.softmax(student[b, t].double() / temperature, -1)
+            top = q.topk(k).indices
+            tail = torch.ones_like(q, dtype=torch.bool)
+            tail[top] = False
+            qs = torch.cat([q[top], q[tail].sum(0, keepdim=True)])
+            ps = torch.cat([p[top], p[tail].sum(0, keepdim=True)])
+            keep = qs > 0
+            total = total + (qs[keep] * (qs[keep].log() - ps[keep].log())).sum()
+            n += 1
+    return total / n
+
+
+def teacher_topk(teacher, k, temperature):
+    """What the cache stores: top-k log-probs at T, their ids, and the log of the remaining mass."""
+    log_q = torch.log_softmax(teacher.double() / temperature, -1)
+    values, ids = log_q.topk(k, dim=-1)
+    tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, values, tail
+
+
+# ---- logit_swap ---------------------------------------------------------------------------
+def test_logit_swap_permutes_rows_and_makes_the_label_the_argmax():
+    _, teacher, labels = random_case()
+    swapped = logit_swap(teacher, labels)
+    keep = labels != IGNORE
+    assert torch.equal(swapped.sort(-1).values, teacher.sort(-1).values)  # a permutation of each row
+    assert torch.equal(swapped.argmax(-1)[keep], labels[keep])
+    assert torch.equal(swapped[~keep], teacher[~keep])  # ignored positions untouched
+    assert torch.equal(teacher, random_case()[1])  # the input is not modified
+
+
+def test_logit_swap_leaves_rows_where_the_label_already_is_the_argmax():
+    _, teacher, _ = random_case()
+    labels = teacher.argmax(-1)
+    assert torch.equal(logit_swap(teacher, labels), teacher)
+
+
+def test_swap_topk_ids_matches_the_top_k_of_the_swapped_logits():
+    _, teacher, labels = random_case(V=50, n_ignored=0)
+    k = 6
+    ids = swap_topk_ids(teacher.topk(k, -1).indices, labels)
+    expected = logit_swap(teacher, labels).topk(k, -1).indices
+    assert torch.equal(ids.sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(ids[..., 0], labels)
+
+
+# ---- lssd_loss ----------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("V,chunk_size", [(37, 4), (50, 7), (13, 1024)])
+def test_lssd_loss_matches_the_naive_reference_in_value_and_gradient(temperature, V, chunk_size):
+    student, teacher, labels = random_case(V=V, seed=V)
+    student.requires_grad_()
+    loss = lssd_loss(student, teacher, labels, temperature=temperature, chunk_size=chunk_size)
+    loss.backward()
+
+    student64 = student.detach().double().requires_grad_()
+    expected = reference_lssd(student64, teacher, labels, temperature)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
+
+
+def test_lssd_loss_passes_gradcheck():
+    student, teacher, labels = random_case(B=2, T=3, V=5, n_ignored=1)
+    student = student.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda s: lssd_loss(s, teacher.double(), labels, temperature=1.5, chunk_size=2), (student,))
+
+
+def test_lssd_loss_is_zero_when_student_equals_teacher_and_teacher_already_predicts_the_label():
+    _, teacher, _ = random_case()
+    labels = teacher.argmax(-1)
+    assert lssd_loss(teacher.clone(), teacher, labels).item() == pytest.approx(0.0, abs=1e-6)
+    # ...but not when the labels disagree with the teacher: the target moved.
+    assert lssd_loss(teacher.clone(), teacher, (labels + 1) % teacher.shape[-1]).item() > 0.1
+
+
+def test_lssd_loss_ignores_masked_positions_entirely():
+    student, teacher, labels = random_case()
+    changed = student.clone()
+    changed[labels == IGNORE] = 1e4  # garbage where nothing is supervised
+    assert lssd_loss(changed, teacher, labels).item() == pytest.approx(lssd_loss(student, teacher, labels).item())
+    all_ignored = torch.full_like(labels, IGNORE)
+    assert lssd_loss(student, teacher, all_ignored).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lssd_loss_accumulates_low_precision_inputs_in_float32(dtype):
+    student, teacher, labels = random_case()
+    s, t = student.to(dtype), teacher.to(dtype)
+    loss = lssd_loss(s, t, labels, chunk_size=4)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(lssd_loss(s.float(), t.float(), labels).item(), abs=1e-5)
+    s.requires_grad_()
+    lssd_loss(s, t, labels).backward()
+    assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
+
+
+def test_lssd_loss_from_hidden_matches_logits_in_value_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 6, 8, generator=g).requires_grad_()
+    weight = torch.randn(29, 8, generator=g).requires_grad_()
+    _, teacher, labels = random_case(B=2, T=6, V=29)
+    loss = lssd_loss_from_hidden(hidden, weight, teacher, labels, temperature=2.0, chunk_size=5)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    expected = lssd_loss(hidden @ weight.T, teacher, labels, temperature=2.0)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- lssd_loss_topk (the cache's target) ---------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_lssd_loss_topk_with_the_whole_vocabulary_is_exact(temperature):
+    student, teacher, labels = random_case(V=23)
+    ids, values, tail = teacher_topk(teacher, 23, temperature)
+    got = lssd_loss_topk(student, ids, values.float(), tail.float(), labels, temperature, chunk_size=5)
+    assert got.item() == pytest.approx(lssd_loss(student, teacher, labels, temperature).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_lssd_loss_topk_is_the_documented_bucketed_kl_and_a_lower_bound(k):
+    student, teacher, labels = random_case(V=31, seed=k)
+    student.requires_grad_()
+    ids, values, tail = teacher_topk(teacher, k, 1.5)
+    got = lssd_loss_topk(student, ids, values.float(), tail.float(), labels, temperature=1.5, chunk_size=4)
+    got.backward()
+    student64 = student.detach().double().requires_grad_()
+    expected = reference_topk(student64, teacher, labels, 1.5, k)
+    expected.backward()
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
+    assert got.item() <= lssd_loss(student, teacher, labels, temperature=1.5).item() + 1e-6
+
+
+# ---- cross_entropy -----------------------------------------------------------------------
+def test_cross_entropy_matches_torch():
+    student, _, labels = random_case(V=41)
+    expected = torch.nn.functional.cross_entropy(student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    assert cross_entropy(student, labels, chunk_size=3).item() == pytest.approx(expected.item(), abs=1e-5)

@@ -1,0 +1,94 @@
+import base64
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from mixcpt.report import write_report
+from mixcpt.rundir import RunDir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(arm, stage, domain, general, kl, status="ok"):
+    if status != "ok":
+        return {"arm": arm, "stage": stage, "status": status, "model": f"/run/{arm}/{stage}", "scores": {}, "retention": {}}
+    return {
+        "arm": arm, "stage": stage, "status": "ok", "model": f"/run/{arm}/{stage}",
+        "scores": {"zorbax": {"acc": domain, "acc_norm": domain}, "qa": {"exact_match": general, "contains": general},
+                   "text": {"perplexity": 20.0, "bits_per_byte": 1.5}},
+        "retention": {"kl_to_base": kl, "delta": {"qa": general - 0.6, "text": 0.0}},
+    }
+
+
+def synthetic_results() -> dict:
+    log = lambda scale: [{"step": s, "loss": scale / s, "learning_rate": 1e-4} for s in range(1, 30)]  # noqa: E731
+    return {
+        "data": {"mix": {"sources": {
+            "<script>alert(1)</script>": {"group": "domain", "documents": 10, "tokens": 5000, "share": 0.5, "target_share": 0.5},
+            "alpaca": {"group": "instructions", "documents": 30, "tokens": 3000, "share": 0.3, "target_share": 0.25},
+            "prefs": {"group": "preferences", "documents": 20, "tokens": 2000, "share": 0.2, "target_share": 0.25},
+        }}},
+        "stages": {"mixcpt/cpt": {"log_history": log(3.0) + [{"step": 29, "train_runtime": 1.0}]},
+                   "baseline/cpt": {"log_history": log(2.5)}, "mixcpt/sft": {"log_history": log(1.0)}},
+        "eval": {
+            "benchmarks": {
+                "zorbax": {"kind": "multiple_choice", "tag": "domain", "main_metric": "acc_norm", "higher_is_better": True},
+                "qa": {"kind": "generation", "tag": "general", "main_metric": "exact_match", "higher_is_better": True},
+                "text": {"kind": "perplexity", "tag": "general", "main_metric": "bits_per_byte", "higher_is_better": False},
+            },
+            "rows": [
+                _row("base", "base", 0.2, 0.6, 0.0), _row("mixcpt", "cpt", 0.7, 0.55, 0.1),
+                _row("mixcpt", "sft", 0.75, 0.65, 0.2), _row("mixcpt", "dpo", 0.0, 0.0, 0.0, "missing"),
+                _row("baseline", "cpt", 0.8, 0.3, 0.5), _row("baseline", "sft", 0.7, 0.4, 0.6),
+                _row("baseline", "dpo", 0.0, 0.0, 0.0, "missing"),
+            ],
+        },
+    }
+
+
+@pytest.fixture
+def report(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.update_results("data", "mix", synthetic_results()["data"]["mix"])
+    for section in ("stages", "eval"):
+        for key, value in synthetic_results()[section].items():
+            run.update_results(section, key, value)
+    return write_report(run)
+
+
+def test_report_embeds_plots_and_escapes_text(report):
+    html_path, md_path = report
+    page = html_path.read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3  # domain vs general, loss curves, mixture
+    assert all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert "missing" in page
+    md = md_path.read_text()
+    assert "| mixcpt | sft | 0.75 | 0.65 | 1.5 | 0.2 |" in md
+    assert "&lt;script&gt;" in md and "<script>" not in md
+
+
+def test_report_of_partial_results_says_what_is_missing(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.update_results("stages", "mixcpt/cpt", {"log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]})
+    html_path, md_path = write_report(run)
+    page = html_path.read_text()
+    assert page.count("data:image/png;base64,") == 1  # the loss curve only
+    assert "No evaluation yet" in page and "data stage has not run" in page
+    assert not list(run.root.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
+         "--window-size=1200,2000", report[0].as_uri()],
+        check=True, capture_output=True, timeout=60,
+    )
+    assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 10_000

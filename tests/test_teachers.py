@@ -1,0 +1,149 @@
+"""Teacher sources (design §6): online copy, LoRA-disabled student, and the on-disk top-k cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mixcpt.data.packing import write_packed
+from mixcpt.errors import ConfigError
+from mixcpt.losses import lssd_loss_topk
+from mixcpt.teachers import CachedTeacher, IndexedBlocks, LoraTeacher, OnlineTeacher, build_teacher_cache
+
+V, BLOCK = 400, 16
+
+
+def make_tiny_llama(vocab_size, seed=0):
+    """A random Llama of about 30k parameters (as tests/conftest.py builds, with the vocabulary and seed given)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_blocks(folder, seed, fingerprint, n_blocks=5):
+    """Random token blocks, two documents per block (position ids restart in the middle)."""
+    g = np.random.default_rng(seed)
+    ids = g.integers(3, V, size=(n_blocks, BLOCK))
+    positions = np.tile(np.r_[np.arange(BLOCK // 2), np.arange(BLOCK - BLOCK // 2)], (n_blocks, 1))
+    write_packed(folder, ids, positions, n_tokens=n_blocks * BLOCK - 3, pad_token_id=0, fingerprint=fingerprint)
+    return IndexedBlocks(folder)
+
+
+@pytest.fixture
+def blocks(tmp_path):
+    return write_blocks(tmp_path / "mix", seed=0, fingerprint="mix-a")
+
+
+@pytest.fixture
+def teacher_model():
+    return make_tiny_llama(V, seed=1)
+
+
+def batch_of(blocks, rows):
+    return {k: torch.stack([torch.as_tensor(blocks[i][k]) for i in rows]) for k in blocks[0]}
+
+
+def student_logits_and_labels(batch, seed=7):
+    labels = batch["labels"][:, 1:]  # [B, T-1]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*labels.shape, V, generator=g) * 2, labels
+
+
+def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model, tmp_path):
+    cache = build_teacher_cache(teacher_model, blocks, tmp_path / "cache", top_k=V, temperature=2.0, batch_size=2,
+                                dtype="float32")
+    online = OnlineTeacher(teacher_model, V)
+    batch = batch_of(blocks, [4, 1, 3])  # block 4 has padding (ignored labels)
+    student, labels = student_logits_and_labels(batch)
+    exact, exact_top1 = online.lssd(None, batch, student, labels, temperature=2.0, chunk_size=7)
+    cached, cached_top1 = cache.lssd(None, batch, student, labels, temperature=2.0, chunk_size=7)
+    assert cached.item() == pytest.approx(exact.item(), abs=1e-5)
+    assert cached_top1 == exact_top1
+
+
+def test_cache_with_small_k_stores_fp16_top_k_and_gives_the_bucketed_loss(blocks, teacher_model, tmp_path):
+    k = 8
+    cache = build_teacher_cache(teacher_model, blocks, tmp_path / "cache", top_k=k, temperature=1.0, batch_size=2)
+    assert cache.logprobs.dtype == np.float16 and cache.ids.dtype == np.int32
+    assert cache.bytes_per_token == k * (2 + 4) + 4
+
+    batch = batch_of(blocks, [0, 4])
+    with torch.no_grad():
+        log_q = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1]
+        log_q = log_q.log_softmax(-1)
+    values, ids = log_q.topk(k, -1)
+    tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    student, labels = student_logits_and_labels(batch)
+    expected = lssd_loss_topk(student, ids, values, tail, labels)
+    got, _ = cache.lssd(None, batch, student, labels, temperature=1.0, chunk_size=64)
+    assert got.item() == pytest.approx(expected.item(), rel=2e-3)  # fp16 storage of the log-probs
+
+
+def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path):
+    folder = tmp_path / "cache"
+    full = build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
+    expected = np.array(full.logprobs)
+    del full
+    # As if killed after the first batch: later rows were never written; earlier rows are kept.
+    logprobs = np.load(folder / "logprobs.npy", mmap_mode="r+")
+    logprobs[:] = 0
+    logprobs.flush()
+    (folder / "progress.json").write_text(json.dumps({"blocks_done": 2}))
+
+    resumed = build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
+    assert np.all(resumed.logprobs[:2] == 0)  # not recomputed
+    np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
+
+
+def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_model, tmp_path):
+    folder = tmp_path / "cache"
+    build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0)
+    other_data = write_blocks(tmp_path / "other", seed=1, fingerprint="mix-b")
+    with pytest.raises(ConfigError, match="fingerprint: cache 'mix-a' vs now 'mix-b'.*Delete the folder"):
+        build_teacher_cache(teacher_model, other_data, folder, top_k=4, temperature=1.0)
+    with pytest.raises(ConfigError, match="teacher_hash"):
+        build_teacher_cache(make_tiny_llama(V, seed=2), blocks, folder, top_k=4, temperature=1.0)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        CachedTeacher(folder, "mix-b", V, temperature=1.0)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(blocks, teacher_model, tmp_path):
+    with pytest.raises(ConfigError, match="vocabulary has 500 tokens, the student's 400"):
+        OnlineTeacher(make_tiny_llama(500), student_vocab_size=V)
+    build_teacher_cache(teacher_model, blocks, tmp_path / "cache", top_k=4, temperature=1.0)
+    with pytest.raises(ConfigError, match="vocabulary has 400 tokens, the student's 512"):
+        CachedTeacher(tmp_path / "cache", "mix-a", 512, temperature=1.0)
+
+
+def test_online_teacher_is_a_frozen_independent_copy(teacher_model):
+    teacher = OnlineTeacher(teacher_model, V)
+    assert teacher.model is not teacher_model and not teacher.model.training
+    assert all(not p.requires_grad for p in teacher.model.parameters())
+    with torch.no_grad():
+        teacher_model.lm_head.weight.add_(1.0)  # the student trains; the teacher must not move
+    assert not torch.equal(teacher.model.lm_head.weight, teacher_model.lm_head.weight)
+
+
+def test_lora_teacher_is_the_base_model_without_a_second_copy(blocks, teacher_model):
+    batch = batch_of(blocks, [0, 1])
+    with torch.no_grad():
+        base_logits = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    n_params = sum(p.numel() for p in teacher_model.parameters())
+    student = get_peft_model(teacher_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # adapters that have learned something
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    teacher = LoraTeacher(student)
+    assert sum(p.numel() for p in student.parameters()) < 1.5 * n_params  # adapters only, no base copy
+    torch.testing.assert_close(teacher.logits(student, batch), base_logits)
+    with torch.no_grad():
+        adapted = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)

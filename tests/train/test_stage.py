@@ -1,0 +1,109 @@
+"""The cpt stage: trains an arm, writes a plain HF folder and its metrics, skips and resumes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixcpt.errors import ConfigError
+from mixcpt.train import stage
+from mixcpt.train.stage import run_cpt
+from mixcpt.train.trainer import LSSDTrainer
+
+
+def weights(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def test_mixcpt_arm_trains_saves_a_plain_model_and_records_metrics(cpt_run):
+    make_config, run = cpt_run
+    metrics = run_cpt(make_config(), run, "mixcpt")
+
+    final = run.stage("mixcpt", "cpt")
+    trained, base = weights(final), weights(run.base)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert (final / "tokenizer.json").exists()
+    assert not run.work("mixcpt", "cpt").exists()
+    recorded = run.read_results()["stages"]["mixcpt/cpt"]
+    assert recorded["steps"] == metrics["steps"] == 4
+    logged = [h for h in recorded["log_history"] if "lssd_loss" in h]
+    assert logged and all(0 <= h["teacher_top1_match"] <= 1 for h in logged)
+
+    # A second call finds the folder and returns what was recorded, without training.
+    assert run_cpt(make_config(), run, "mixcpt") == recorded
+
+
+def test_baseline_arm_is_plain_cross_entropy_on_the_domain_stream(cpt_run, monkeypatch):
+    make_config, run = cpt_run
+    monkeypatch.setattr(stage, "make_teacher", lambda *a, **k: pytest.fail("the baseline must not build a teacher"))
+    metrics = run_cpt(make_config(), run, "baseline")
+    assert metrics["lssd_weight"] == 0 and metrics["teacher"] is None
+    assert any("ce_loss" in h for h in metrics["log_history"])
+    assert not any("lssd_loss" in h for h in metrics["log_history"])
+    assert run.stage("baseline", "cpt").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
+        cpt_run, monkeypatch):
+    make_config, run = cpt_run
+    cfg = make_config(teacher="online")
+    run_cpt(cfg, run, "baseline")  # the reference, uninterrupted: 4 steps
+    expected = weights(run.stage("baseline", "cpt"))
+
+    real_step = LSSDTrainer.training_step
+    steps_run = []
+
+    def crash_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3 and not steps_run:
+            raise Interrupted
+        return real_step(self, *args, **kwargs)
+
+    def count(self, *args, **kwargs):
+        steps_run.append(self.state.global_step)
+        return real_step(self, *args, **kwargs)
+
+    shutil.rmtree(run.stage("baseline", "cpt"))
+    monkeypatch.setattr(LSSDTrainer, "training_step", crash_at_step_3)
+    with pytest.raises(Interrupted):
+        run_cpt(cfg, run, "baseline")
+    assert not run.stage("baseline", "cpt").exists()
+    assert (run.work("baseline", "cpt") / "checkpoint-2").exists()
+
+    monkeypatch.setattr(LSSDTrainer, "training_step", count)
+    metrics = run_cpt(cfg, run, "baseline")
+    assert steps_run == [2, 3]  # only the steps after the checkpoint
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
+    resumed = weights(run.stage("baseline", "cpt"))
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_teacher_trains_adapters_and_saves_merged_plain_weights(cpt_run):
+    make_config, run = cpt_run
+    cfg = make_config(teacher="lora", lora={"r": 4, "alpha": 8}, training={"learning_rate": 1e-2})
+    metrics = run_cpt(cfg, run, "mixcpt")
+    assert any("lssd_loss" in h for h in metrics["log_history"])
+    trained, base = weights(run.stage("mixcpt", "cpt")), weights(run.base)
+    assert trained.keys() == base.keys()  # merged: no lora_A/lora_B tensors left
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_cache_teacher_builds_its_cache_in_the_run_folder(cpt_run):
+    make_config, run = cpt_run
+    metrics = run_cpt(make_config(teacher="cache", cache_top_k=8), run, "mixcpt")
+    assert (run.root / "teacher_cache" / "meta.json").exists()
+    assert metrics["teacher_cache_bytes_per_token"] == 8 * (2 + 4) + 4  # fp16 values, int32 ids, fp32 tail
+    assert any("lssd_loss" in h for h in metrics["log_history"])
+
+
+def test_both_loss_weights_zero_is_a_config_error(cpt_run):
+    make_config, _ = cpt_run
+    with pytest.raises(ConfigError, match="ce_weight and lssd_weight"):
+        make_config(ce_weight=0, lssd_weight=0)

@@ -1,0 +1,120 @@
+"""LSSDTrainer: the stage-1 loss inside transformers.Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mixcpt.config import TrainingConfig
+from mixcpt.errors import ConfigError
+from mixcpt.teachers import IndexedBlocks, OnlineTeacher, Teacher
+from mixcpt.train.arguments import training_arguments
+from mixcpt.train.trainer import LSSDTrainer, NonFiniteLossError
+
+from .conftest import DOMAIN, HELD_OUT, pack
+
+
+@pytest.fixture
+def domain_blocks(tmp_path, tiny_tokenizer):
+    pack(tiny_tokenizer, DOMAIN, tmp_path / "domain", "domain-v1")
+    return IndexedBlocks(tmp_path / "domain")
+
+
+def make_trainer(model, blocks, tmp_path, max_steps=4, learning_rate=3e-3, **loss):
+    tc = TrainingConfig(learning_rate=learning_rate, max_steps=max_steps, per_device_batch_size=4, logging_steps=2,
+                        save_steps=1000, lr_scheduler="constant")
+    args = training_arguments(tc, tmp_path / "out", seed=0, remove_unused_columns=False)
+    return LSSDTrainer(model=model, args=args, train_dataset=blocks, loss_chunk_size=16, **loss)
+
+
+def train_copy(base, blocks, tmp_path, **loss):
+    model = copy.deepcopy(base).train()
+    trainer = make_trainer(model, blocks, tmp_path, **loss)
+    trainer.train()
+    return model.eval(), trainer
+
+
+def mean_ce(model, blocks):
+    batch = {k: torch.stack([blocks[i][k] for i in range(len(blocks))]) for k in ("input_ids", "position_ids")}
+    labels = torch.stack([blocks[i]["labels"] for i in range(len(blocks))])
+    with torch.no_grad():
+        return model(**batch, labels=labels).loss.item()
+
+
+def kl_from(original, model, tokenizer, texts):
+    """Mean over positions of KL(original || model) on `texts`."""
+    ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts]
+    with torch.no_grad():
+        kls = [torch.nn.functional.kl_div(model(x).logits.log_softmax(-1), original(x).logits.log_softmax(-1),
+                                          log_target=True, reduction="none").sum(-1).mean() for x in ids]
+    return torch.stack(kls).mean().item()
+
+
+def test_a_few_lssd_steps_lower_the_training_loss_and_log_both_terms(tiny_model, domain_blocks, tmp_path):
+    before = mean_ce(tiny_model, domain_blocks)
+    model, trainer = train_copy(tiny_model, domain_blocks, tmp_path, max_steps=6,
+                                teacher=OnlineTeacher(tiny_model, tiny_model.config.vocab_size))
+    assert mean_ce(model, domain_blocks) < before - 0.1
+    logged = [h for h in trainer.state.log_history if "lssd_loss" in h]
+    assert len(logged) == 3
+    assert all(h["ce_loss"] > 0 and h["lssd_loss"] >= 0 and 0 <= h["teacher_top1_match"] <= 1 for h in logged)
+
+
+def test_lssd_keeps_the_model_closer_to_the_original_on_held_out_general_text(
+        tiny_model, tiny_tokenizer, domain_blocks, tmp_path):
+    with torch.no_grad():  # an opinionated original model, as a pretrained one is (a random init is near uniform)
+        tiny_model.lm_head.weight.mul_(10)
+    teacher = OnlineTeacher(tiny_model, tiny_model.config.vocab_size)
+    plain, _ = train_copy(tiny_model, domain_blocks, tmp_path / "ce", max_steps=8, lssd_weight=0.0)
+    lssd, _ = train_copy(tiny_model, domain_blocks, tmp_path / "lssd", max_steps=8, lssd_weight=1.0, teacher=teacher)
+    kl_plain = kl_from(tiny_model, plain, tiny_tokenizer, HELD_OUT)
+    kl_lssd = kl_from(tiny_model, lssd, tiny_tokenizer, HELD_OUT)
+    assert kl_lssd < 0.8 * kl_plain
+
+
+def test_the_online_teacher_is_a_frozen_copy(tiny_model, domain_blocks, tmp_path):
+    teacher = OnlineTeacher(tiny_model, tiny_model.config.vocab_size)
+    original = copy.deepcopy(teacher.model.state_dict())
+    train_copy(tiny_model, domain_blocks, tmp_path, max_steps=2, teacher=teacher)
+    assert all(not p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
+    assert all(torch.equal(v, original[k]) for k, v in teacher.model.state_dict().items())
+
+
+def test_packed_documents_do_not_attend_to_each_other(tiny_model, tiny_tokenizer, domain_blocks, tmp_path):
+    """compute_loss passes position ids and no attention mask: a document's logits inside a packed
+    block are those of the document alone."""
+    trainer = make_trainer(tiny_model, domain_blocks, tmp_path, lssd_weight=0.0)
+    # a block in which a document starts after position 0 (the one before it fills the start)
+    block = next(b for b in (domain_blocks[i] for i in range(len(domain_blocks))) if (b["position_ids"][1:] == 0).any())
+    block = {k: v[None] for k, v in block.items() if k != "block_index"}
+    start = int((block["position_ids"][0, 1:] == 0).nonzero()[0]) + 1
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(tiny_model, block, return_outputs=True)
+        alone = tiny_model(input_ids=block["input_ids"][:, start:]).logits
+    torch.testing.assert_close(outputs.logits[:, start:], alone, atol=1e-5, rtol=1e-5)
+
+
+class NaNTeacher(Teacher):
+    def lssd(self, model, inputs, student_logits, labels, temperature, chunk_size):
+        return student_logits.sum() * float("nan"), torch.zeros((), dtype=torch.long)
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model, domain_blocks, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0.*on_nonfinite: skip"):
+        train_copy(tiny_model, domain_blocks, tmp_path, teacher=NaNTeacher())
+
+
+def test_skip_gives_a_non_finite_batch_no_update(tiny_model, domain_blocks, tmp_path):
+    model, trainer = train_copy(tiny_model, domain_blocks, tmp_path, max_steps=2, teacher=NaNTeacher(),
+                                on_nonfinite="skip")
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert any(h.get("skipped_batches") == 2 for h in trainer.state.log_history)
+
+
+def test_both_weights_zero_or_lssd_without_teacher_are_refused(tiny_model, domain_blocks, tmp_path):
+    with pytest.raises(ConfigError, match="both 0"):
+        make_trainer(tiny_model, domain_blocks, tmp_path, ce_weight=0.0, lssd_weight=0.0)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        make_trainer(tiny_model, domain_blocks, tmp_path, lssd_weight=1.0)
