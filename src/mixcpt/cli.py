@@ -4,7 +4,8 @@
     mixcpt run CONFIG --output DIR              every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
 
-Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything else.
+Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything else
+(a non-finite training loss is one line too; other failures show their traceback).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    # Weight loading/saving bars of tiny files flood the terminal; the Trainer's own progress
+    # bars (tqdm, not transformers' wrapper) and ours stay.
+    hf_logging.disable_progress_bar()
     try:
         out = _output_dir(args.output)
         from mixcpt.rundir import RunDir
@@ -77,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mixcpt: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        # Training diverged: not the user's input (exit 1), but a known stop with its own advice, so one
+        # line, no traceback. The trainer module is only loaded when a training stage ran.
+        trainer = sys.modules.get("mixcpt.train.trainer")
+        if trainer is not None and isinstance(err, trainer.NonFiniteLossError):
+            print(f"mixcpt: error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

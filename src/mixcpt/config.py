@@ -81,9 +81,9 @@ class DataConfig(_Strict):
     def _weights_not_all_zero(self) -> DataConfig:
         sources = [*self.domain, *self.instructions, *self.preferences]
         if not self.domain:
-            raise ValueError("data.domain: at least one domain source is required")
+            raise ValueError("at least one domain source is required")
         if sum(s.weight for s in sources) <= 0:
-            raise ValueError("data: all source weights are zero; at least one must be positive")
+            raise ValueError("all source weights are zero; at least one must be positive")
         return self
 
 
@@ -137,7 +137,7 @@ class CPTConfig(_Strict):
     @model_validator(mode="after")
     def _some_loss(self) -> CPTConfig:
         if self.ce_weight == 0 and self.lssd_weight == 0:
-            raise ValueError("cpt: ce_weight and lssd_weight are both 0; nothing would be trained")
+            raise ValueError("ce_weight and lssd_weight are both 0; nothing would be trained")
         return self
 
 
@@ -203,10 +203,10 @@ class EvalConfig(_Strict):
         names = [b.name for b in self.benchmarks] + self.lm_eval_tasks
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"eval: benchmark/task names must be unique; repeated: {duplicates}")
+            raise ValueError(f"benchmark/task names must be unique; repeated: {duplicates}")
         stray = [t for t in self.lm_eval_domain_tasks if t not in self.lm_eval_tasks]
         if stray:
-            raise ValueError(f"eval.lm_eval_domain_tasks: {stray} not in eval.lm_eval_tasks")
+            raise ValueError(f"lm_eval_domain_tasks: {stray} not in lm_eval_tasks")
         return self
 
 

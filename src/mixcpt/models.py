@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.config import ModelConfig
+from mixcpt.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,7 +28,16 @@ def load_model(
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (ValueError, OSError) as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(f"{path}: this model needs its own code; set model.trust_remote_code: true "
+                              "only if you trust its authors") from None
+        if "safetensors" in str(err):
+            raise ConfigError(f"{path}: no safetensors weights (mixcpt never loads pickled weights); "
+                              "convert the checkpoint to safetensors first") from None
+        raise
 
 
 def base_model_path(model_cfg: ModelConfig, run_base: Path) -> str:

@@ -79,7 +79,7 @@ def test_rerun_resumes_from_the_last_checkpoint(cfg, run, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mixcpt.align.stage.save_model", interrupted)  # killed after training, before saving
+    monkeypatch.setattr("mixcpt.align.stage.save_trained_model", interrupted)  # killed after training, before saving
     with pytest.raises(KeyboardInterrupt):
         run_sft(cfg, run, "baseline")
     assert not run.stage("baseline", "sft").exists()

@@ -132,13 +132,14 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
         ref_model = load().eval().requires_grad_(False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, beta=cfg.dpo.beta, ref_model=ref_model,
                          data_collator=partial(pair_collate, pad_token_id=tokenizer.pad_token_id))
-    output = train_and_save(trainer, tokenizer, final, work)
-    history = trainer.state.log_history
-    last = log_history_metrics(history, ("loss", *REWARD_METRICS))  # of the last logged steps
-    metrics = {"final_loss": last.get("loss"), "train_loss": output.training_loss,
-               "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
-               "chosen_reward": last.get("rewards/chosen"), "rejected_reward": last.get("rewards/rejected"),
-               "runtime_s": output.metrics["train_runtime"], "steps": output.global_step, "n_pairs": len(train_set),
-               "log_history": history}
-    run.update_results("stages", key, metrics)
-    return metrics
+
+    def metrics_of(output) -> dict:
+        history = trainer.state.log_history
+        last = log_history_metrics(history, ("loss", *REWARD_METRICS))  # of the last logged steps
+        return {"final_loss": last.get("loss"), "train_loss": output.training_loss,
+                "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
+                "chosen_reward": last.get("rewards/chosen"), "rejected_reward": last.get("rewards/rejected"),
+                "runtime_s": output.metrics["train_runtime"], "steps": output.global_step,
+                "n_pairs": len(train_set), "log_history": history}
+
+    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of)

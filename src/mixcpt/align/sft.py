@@ -52,8 +52,6 @@ def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
     args = training_arguments(cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       data_collator=partial(pad_batch, pad_token_id=tokenizer.pad_token_id))
-    output = train_and_save(trainer, tokenizer, final, work)
-    metrics = {"train_loss": output.training_loss, "runtime_s": output.metrics["train_runtime"],
-               "steps": output.global_step, "log_history": trainer.state.log_history, "n_samples": len(train_set)}
-    run.update_results("stages", key, metrics)
-    return metrics
+    return train_and_save(trainer, tokenizer, final, work, run, key, lambda output: {
+        "train_loss": output.training_loss, "runtime_s": output.metrics["train_runtime"],
+        "steps": output.global_step, "log_history": trainer.state.log_history, "n_samples": len(train_set)})

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from transformers import PreTrainedTokenizerBase, Trainer
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
 from mixcpt.errors import InputError
-from mixcpt.models import save_model
-from mixcpt.rundir import RunDir, atomic_dir
+from mixcpt.rundir import RunDir, last_complete_checkpoint
+from mixcpt.train.stage import save_trained_model
 
 
 def recorded_metrics(run: RunDir, key: str) -> dict:
@@ -25,16 +26,23 @@ def require_model(folder: Path, previous: str) -> Path:
     return folder
 
 
-def train_and_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final: Path, work: Path) -> TrainOutput:
-    """Train (resuming from the last checkpoint in `work` if a previous run left one), write the
-    model and tokenizer to `final` atomically, then delete the checkpoints."""
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    output = trainer.train(resume_from_checkpoint=last)
-    if trainer.args.should_save:  # the main process only, under DDP
-        with atomic_dir(final) as tmp:
-            save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp)
+def train_and_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final: Path, work: Path, run: RunDir,
+                   key: str, metrics_of: Callable[[TrainOutput], dict]) -> dict:
+    """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
+    record `metrics_of(output)` in results.json under stages/`key`, write the model and tokenizer
+    to `final` atomically, then delete the checkpoints. Call on every process; returns the metrics.
+
+    Metrics are recorded before the folder appears: a process killed in between leaves no folder,
+    so the stage reruns, and a finished stage always has its metrics.
+    """
+    output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(work))
+    metrics = metrics_of(output)
+    if trainer.is_world_process_zero():
+        run.update_results("stages", key, metrics)
+    save_trained_model(trainer, tokenizer, final)
+    if trainer.is_world_process_zero():
         shutil.rmtree(work, ignore_errors=True)
-    return output
+    return metrics
 
 
 def log_history_metrics(log_history: list[dict], names: tuple[str, ...]) -> dict:

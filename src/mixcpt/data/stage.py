@@ -188,7 +188,10 @@ def run_data(cfg: Config, run: RunDir) -> dict:
     fingerprint = data_fingerprint(cfg, tokenizer_path)
     stats_path = run.data / "data_stats.json"
     if (run.data / "fingerprint").is_file() and (run.data / "fingerprint").read_text() == fingerprint:
-        return json.loads(stats_path.read_text())
+        stats = json.loads(stats_path.read_text())
+        if "data" not in run.read_results():  # a run killed between the rename and the results update
+            _record(run, stats)
+        return stats
 
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     t0 = time.perf_counter()
@@ -261,7 +264,10 @@ def run_data(cfg: Config, run: RunDir) -> dict:
         }
         write_json_atomic(tmp / "data_stats.json", stats)
         (tmp / "fingerprint").write_text(fingerprint)
-    run.update_results("data", "mix", stats["mix"])
-    run.update_results("data", "domain", stats["domain"])
-    run.update_results("data", "pool", stats["pool"])
+    _record(run, stats)
     return stats
+
+
+def _record(run: RunDir, stats: dict) -> None:
+    for key in ("mix", "domain", "pool"):
+        run.update_results("data", key, stats[key])

@@ -44,6 +44,9 @@ def training_arguments(tc: TrainingConfig, output_dir: str | Path, seed: int, dt
         report_to=report_to,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing on the CPU
+        # On a machine with no accelerator, accelerate joins a torchrun/accelerate launch only when told
+        # the run is on the CPU; without this each process would silently train alone (gloo DDP).
+        use_cpu=not torch.accelerator.is_available(),
         disable_tqdm=False,
     )
     kwargs.update(overrides)
