@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from mixcpt.losses import (
+    SwappedTeacher,
+    SwappedTopK,
+    cpt_loss,
     cross_entropy,
     logit_swap,
     lssd_loss,
     lssd_loss_from_hidden,
     lssd_loss_topk,
+    next_token_labels,
     swap_topk_ids,
 )
 
@@ -197,3 +201,76 @@ def test_cross_entropy_matches_torch():
     student, _, labels = random_case(V=41)
     expected = torch.nn.functional.cross_entropy(student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     assert cross_entropy(student, labels, chunk_size=3).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+# ---- cpt_loss: CE and LSSD fused in one pass ------------------------------------------------
+def reference_cpt(student, teacher, labels, temperature, ce_weight, lssd_weight):
+    """ce_weight * CE + lssd_weight * LSSD the plain way, in float64."""
+    ce = torch.nn.functional.cross_entropy(student.double().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return ce_weight * ce + lssd_weight * reference_lssd(student, teacher, labels, temperature)
+
+
+@pytest.mark.parametrize("temperature,ce_weight,lssd_weight", [(1.0, 1.0, 1.0), (2.0, 0.5, 2.0), (0.7, 1.0, 0.0)])
+@pytest.mark.parametrize("from_hidden", [False, True])
+def test_cpt_loss_matches_the_reference_in_value_and_gradients(temperature, ce_weight, lssd_weight, from_hidden):
+    g = torch.Generator().manual_seed(11)
+    B, T, H, V = 3, 7, 8, 37  # 16 supervised positions, chunks of 5: the last chunk is short; 37 % 5 != 0
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    _, teacher, labels = random_case(B, T, V, seed=4)
+    student = hidden if from_hidden else (hidden @ weight.T).detach().requires_grad_()
+    got = cpt_loss(student, labels, SwappedTeacher(teacher), weight if from_hidden else None, ce_weight, lssd_weight,
+                   temperature, chunk_size=5)
+    got.loss.backward()
+
+    hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = reference_cpt(hidden64 @ weight64.T, teacher, labels, temperature, ce_weight, lssd_weight)
+    expected.backward()
+    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    if from_hidden:
+        torch.testing.assert_close(hidden.grad.double(), hidden64.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(weight.grad.double(), weight64.grad, atol=1e-5, rtol=1e-5)
+    else:
+        logits64 = (hidden64 @ weight64.T).detach().requires_grad_()
+        reference_cpt(logits64, teacher, labels, temperature, ce_weight, lssd_weight).backward()
+        torch.testing.assert_close(student.grad.double(), logits64.grad, atol=1e-5, rtol=0)
+    assert got.ce.item() == pytest.approx(cross_entropy(hidden @ weight.T, labels).item(), abs=1e-5)
+    assert got.lssd.item() == pytest.approx(lssd_loss(hidden @ weight.T, teacher, labels, temperature).item(), abs=1e-5)
+    keep = labels != IGNORE
+    assert got.teacher_top1_matches.item() == (teacher.argmax(-1) == labels)[keep].sum().item()
+
+
+def test_cpt_loss_with_a_teacher_given_by_hidden_states_equals_the_one_given_by_logits():
+    g = torch.Generator().manual_seed(5)
+    teacher_hidden, teacher_weight = torch.randn(2, 9, 6, generator=g), torch.randn(23, 6, generator=g)
+    student, _, labels = random_case(2, 9, 23, seed=6)
+    from_logits = cpt_loss(student, labels, SwappedTeacher(teacher_hidden @ teacher_weight.T), chunk_size=4)
+    from_hidden = cpt_loss(student, labels, SwappedTeacher(teacher_hidden, teacher_weight), chunk_size=4)
+    for got, want in zip(from_hidden, from_logits):
+        assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_cpt_loss_against_a_top_k_target_sums_ce_and_the_bucketed_kl():
+    student, teacher, labels = random_case(V=31, seed=8)
+    student.requires_grad_()
+    ids, values, tail = teacher_topk(teacher, 6, 1.0)
+    got = cpt_loss(student, labels, SwappedTopK(ids, values.float(), tail.float()), chunk_size=4)
+    got.loss.backward()
+    student2 = student.detach().clone().requires_grad_()
+    expected = cross_entropy(student2, labels) + lssd_loss_topk(student2, ids, values.float(), tail.float(), labels)
+    expected.backward()
+    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    torch.testing.assert_close(student.grad, student2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_cpt_loss_without_a_target_is_plain_cross_entropy():
+    student, _, labels = random_case(V=19)
+    got = cpt_loss(student, labels, None, lssd_weight=5.0)
+    expected = torch.nn.functional.cross_entropy(student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert got.lssd.item() == 0.0
+
+
+def test_next_token_labels_shift_left_and_ignore_the_last_position():
+    labels = torch.tensor([[5, 6, IGNORE, 8]])
+    assert next_token_labels(labels).tolist() == [[6, IGNORE, 8, IGNORE]]

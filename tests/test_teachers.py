@@ -12,8 +12,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mixcpt.data.packing import write_packed
 from mixcpt.errors import ConfigError
-from mixcpt.losses import lssd_loss_topk
-from mixcpt.teachers import CachedTeacher, IndexedBlocks, LoraTeacher, OnlineTeacher, build_teacher_cache
+from mixcpt.losses import cpt_loss, lssd_loss_topk, next_token_labels
+from mixcpt.teachers import (
+    CachedTeacher,
+    IndexedBlocks,
+    LoraTeacher,
+    LossForward,
+    OnlineTeacher,
+    build_teacher_cache,
+)
 
 V, BLOCK = 400, 16
 
@@ -51,9 +58,21 @@ def batch_of(blocks, rows):
 
 
 def student_logits_and_labels(batch, seed=7):
-    labels = batch["labels"][:, 1:]  # [B, T-1]
+    labels = next_token_labels(batch["labels"])  # [B, T]
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*labels.shape, V, generator=g) * 2, labels
+
+
+def teacher_lssd(teacher, batch, student, labels, temperature, chunk_size):
+    """(L_LSSD, teacher top-1 matches) of the teacher's target for the batch."""
+    result = cpt_loss(student, labels, teacher.target(batch), ce_weight=0.0, temperature=temperature,
+                      chunk_size=chunk_size)
+    return result.loss, result.teacher_top1_matches
+
+
+def target_logits(target):
+    """The teacher logits [B, T, V] a full-distribution target stands for."""
+    return target.rows if target.output_weight is None else target.rows @ target.output_weight.T
 
 
 def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model, tmp_path):
@@ -62,8 +81,8 @@ def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model
     online = OnlineTeacher(teacher_model, V)
     batch = batch_of(blocks, [4, 1, 3])  # block 4 has padding (ignored labels)
     student, labels = student_logits_and_labels(batch)
-    exact, exact_top1 = online.lssd(None, batch, student, labels, temperature=2.0, chunk_size=7)
-    cached, cached_top1 = cache.lssd(None, batch, student, labels, temperature=2.0, chunk_size=7)
+    exact, exact_top1 = teacher_lssd(online, batch, student, labels, temperature=2.0, chunk_size=7)
+    cached, cached_top1 = teacher_lssd(cache, batch, student, labels, temperature=2.0, chunk_size=7)
     assert cached.item() == pytest.approx(exact.item(), abs=1e-5)
     assert cached_top1 == exact_top1
 
@@ -76,13 +95,13 @@ def test_cache_with_small_k_stores_fp16_top_k_and_gives_the_bucketed_loss(blocks
 
     batch = batch_of(blocks, [0, 4])
     with torch.no_grad():
-        log_q = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1]
+        log_q = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         log_q = log_q.log_softmax(-1)
     values, ids = log_q.topk(k, -1)
     tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
     student, labels = student_logits_and_labels(batch)
     expected = lssd_loss_topk(student, ids, values, tail, labels)
-    got, _ = cache.lssd(None, batch, student, labels, temperature=1.0, chunk_size=64)
+    got, _ = teacher_lssd(cache, batch, student, labels, temperature=1.0, chunk_size=64)
     assert got.item() == pytest.approx(expected.item(), rel=2e-3)  # fp16 storage of the log-probs
 
 
@@ -143,7 +162,39 @@ def test_lora_teacher_is_the_base_model_without_a_second_copy(blocks, teacher_mo
                 p.normal_()
     teacher = LoraTeacher(student)
     assert sum(p.numel() for p in student.parameters()) < 1.5 * n_params  # adapters only, no base copy
-    torch.testing.assert_close(teacher.logits(student, batch), base_logits)
+    torch.testing.assert_close(target_logits(teacher.target(batch)), base_logits)
     with torch.no_grad():
         adapted = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     assert not torch.allclose(adapted, base_logits, atol=1e-3)
+
+
+def test_online_teacher_logits_come_from_its_hidden_states_and_equal_the_models(blocks, teacher_model):
+    batch = batch_of(blocks, [0, 2])
+    target = OnlineTeacher(teacher_model, V).target(batch)
+    assert target.rows.shape == (2, BLOCK, teacher_model.config.hidden_size)  # no [B, T, V] tensor was made
+    with torch.no_grad():
+        logits = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(target_logits(target), logits, atol=1e-5, rtol=1e-5)
+
+
+class ScaledLlama(LlamaForCausalLM):
+    """A model that changes its logits after the output layer (as logit scales and softcaps do)."""
+
+    def forward(self, *args, **kwargs):
+        outputs = super().forward(*args, **kwargs)
+        outputs.logits = outputs.logits * 3
+        return outputs
+
+
+def test_loss_forward_falls_back_to_logits_when_something_follows_the_output_layer(blocks, teacher_model):
+    batch = batch_of(blocks, [0, 1])
+    scaled = ScaledLlama(teacher_model.config)
+    scaled.load_state_dict(teacher_model.state_dict())
+    forward = LossForward(scaled)
+    with torch.no_grad():
+        rows, weight, _ = forward(scaled, batch)
+        again, _, _ = forward(scaled, batch)  # and keeps using logits
+        expected = scaled(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert weight is None
+    torch.testing.assert_close(rows, expected)
+    torch.testing.assert_close(again, expected)

@@ -4,14 +4,18 @@ LSSD (logit swap self-distillation): at every supervised position, with teacher 
 and teacher top-1 m, the target is q = softmax(swap(z) / T) where swap exchanges z[y] and z[m];
 the loss is the mean over supervised positions of KL(q || p), p = softmax(student / T).
 
-The vocabulary-wide losses drop ignored positions first, then run over chunks of positions, so
-full-vocabulary float32 logits of student and teacher never exist for a whole batch.
+Stage 1's loss `ce_weight * CE + lssd_weight * LSSD` is computed by one fused pass (`cpt_loss`):
+ignored positions are dropped first, then per chunk of positions the student's log-softmax is taken
+once and gives both terms and their gradient, in closed form (as fused linear-cross-entropy
+kernels do). The student (and the teacher) may be given as hidden states with their output layer,
+so their full-vocabulary logits never exist; either way only one chunk's float32 [chunk, V]
+tensors live at a time.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,96 +52,185 @@ def swap_topk_ids(topk_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([label, ids[..., 1:]], dim=-1)  # slot 0 gets y
 
 
-# ---- one chunk of supervised positions (rows) ---------------------------------------------
+def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels [B, T] -> [B, T] whose position t holds token t + 1 (the last position is ignored), so
+    logits and hidden states are used unsliced: slicing them would copy them, and their gradient."""
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+# ---- LSSD targets: what a teacher gives the loss, per position ---------------------------
 def _float32(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 -> float32 for accumulation; float32 and float64 (exact references) stay."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _kl_to_swapped_teacher(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                           temperature: float) -> torch.Tensor:
-    """sum over rows of KL(q || p), q = softmax(swap(z) / T), p = softmax(s / T).
-    student, teacher [N, V]; labels [N]."""
-    log_q = F.log_softmax(_float32(logit_swap(teacher, labels)) / temperature, dim=-1)  # [N, V]
-    log_p = F.log_softmax(_float32(student) / temperature, dim=-1)  # [N, V]
-    return (log_q.exp() * (log_q - log_p)).sum()
+def _rows(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device)
 
 
-def _kl_to_swapped_topk(student: torch.Tensor, topk_ids: torch.Tensor, topk_logq: torch.Tensor,
-                        tail_logq: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """sum over rows of KL(q || p) over k + 1 buckets: the swapped top-k tokens, and one tail bucket
-    holding every other token. student [N, V]; topk_ids, topk_logq [N, k]; tail_logq, labels [N]."""
-    ids = swap_topk_ids(topk_ids.long(), labels)  # [N, k]
-    log_q = _float32(topk_logq)  # [N, k]
-    log_p = F.log_softmax(_float32(student) / temperature, dim=-1)  # [N, V]
-    kl = (log_q.exp() * (log_q - log_p.gather(-1, ids))).sum()
-    if ids.shape[-1] < log_p.shape[-1]:  # with k == V there is no tail
-        log_q_tail = _float32(tail_logq)  # [N]
-        log_p_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)  # [N] student mass outside top-k
-        kl = kl + (log_q_tail.exp() * (log_q_tail - log_p_tail)).sum()
-    return kl
+@dataclass
+class SwappedTeacher:
+    """The LSSD target from the teacher's whole distribution: `rows` are its logits [B, T, V], or its
+    final hidden states [B, T, H] when `output_weight` [V, H] is given (then its logits are made a
+    chunk at a time). Not differentiated."""
+
+    rows: torch.Tensor
+    output_weight: torch.Tensor | None = None
+    needs_p: ClassVar[bool] = False  # `chunk` uses the student's log_p, not p
+
+    def per_position(self) -> tuple[torch.Tensor, ...]:
+        return (self.rows,)
+
+    def chunk(self, log_p: torch.Tensor, p: torch.Tensor, grad: torch.Tensor, scale: float, labels: torch.Tensor,
+              rows: torch.Tensor, temperature: float):
+        """For one chunk: the student's log_p and p [c, V] at temperature T (p is None unless `needs_p`),
+        labels [c], the teacher's rows [c, V|H]. Subtracts scale * q' (q' the swapped target) from `grad` [c, V] in place and
+        returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
+        z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
+        log_q = F.log_softmax(_float32(z) / temperature, dim=-1)  # [c, V]
+        q = log_q.exp()
+        neg_entropy = torch.vdot(q.flatten(), log_q.flatten())  # sum q log q, the same for the swapped q'
+        # The swap permutes each row of q, so the softmax need not be redone: only q[y] and q[m] trade
+        # places (in place, on [c] entries instead of copying [c, V] logits twice).
+        top1, i = z.argmax(-1), _rows(len(labels), q)  # [c] m
+        q_label, q_top1 = q[i, labels], q[i, top1]
+        q[i, top1], q[i, labels] = q_label, q_top1
+        grad.sub_(q, alpha=scale)
+        return neg_entropy - torch.vdot(q.flatten(), log_p.flatten()), (top1 == labels).sum()
 
 
-def _nll(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum over rows of -log softmax(s)[y]. student [N, V]; labels [N]."""
-    return F.cross_entropy(_float32(student), labels, reduction="sum")
+@dataclass
+class SwappedTopK:
+    """The LSSD target from a teacher known by its top-k (the `cache` teacher, design §6, §9):
+    ids [B, T, k] most likely first, their log-probabilities `logprobs` [B, T, k] at temperature T
+    (normalised over the whole vocabulary), and `tail` [B, T] the log of the remaining mass (-inf
+    when k = V). The swap moves the label into slot 0 (`swap_topk_ids`); the tail keeps its mass.
+
+    The approximation: the KL is taken between q and p *coarsened* to k + 1 buckets, the k swapped
+    top tokens and one tail bucket with all other tokens. It equals the true KL when k = V and is a
+    lower bound otherwise; it constrains the student's total tail mass, not its shape inside the
+    tail (its gradient spreads the tail mass like the student's own tail).
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    needs_p: ClassVar[bool] = True
+
+    def per_position(self) -> tuple[torch.Tensor, ...]:
+        return self.ids, self.logprobs, self.tail
+
+    def chunk(self, log_p: torch.Tensor, p: torch.Tensor, grad: torch.Tensor, scale: float, labels: torch.Tensor,
+              ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, temperature: float):
+        """As `SwappedTeacher.chunk`, with the chunk's ids, logprobs [c, k] and tail [c]. The target
+        whose KL gradient is the bucketed one is q on the swapped top-k, and q_tail spread over the
+        other tokens in proportion to the student's p; nothing [c, V] is allocated."""
+        swapped = swap_topk_ids(ids.long(), labels)  # [c, k]
+        log_q, log_p_top = _float32(logprobs), log_p.gather(-1, swapped)  # [c, k]
+        q = log_q.exp()
+        kl = (q * (log_q - log_p_top)).sum()
+        tail_share = torch.zeros_like(q[:, 0])  # [c] q_tail / p_tail, the target's scale of p in the tail
+        if swapped.shape[-1] < log_p.shape[-1]:  # with k == V there is no tail
+            log_p_tail = torch.log(-torch.expm1(log_p_top.logsumexp(-1)))  # [c] log(1 - p(top-k)), no [c, V] pass
+            log_q_tail = _float32(tail)
+            kl = kl + torch.where(log_q_tail > float("-inf"), log_q_tail.exp() * (log_q_tail - log_p_tail), 0.0).sum()
+            tail_share = (log_q_tail - log_p_tail).exp()
+        # grad -= scale * target: tail_share * p everywhere, then the top-k slots set to q instead
+        grad.addcmul_(p, tail_share.unsqueeze(-1), value=-scale)
+        grad.scatter_add_(-1, swapped, scale * (tail_share.unsqueeze(-1) * log_p_top.exp() - q))
+        return kl, (ids[:, 0] == labels).sum()
 
 
-# ---- chunking ---------------------------------------------------------------------------
-class _ChunkedSum(torch.autograd.Function):
-    """sum over chunks of rows of `chunk_loss(logits[c], *row_data[c])`, logits = rows, or
-    rows @ weight.T when the output layer `weight` [V, H] is given and rows are hidden states [N, H].
+# ---- the fused loss ---------------------------------------------------------------------
+class CPTLoss(NamedTuple):
+    loss: torch.Tensor  # ce_weight * ce + lssd_weight * lssd, differentiable
+    ce: torch.Tensor  # mean cross-entropy over supervised positions (detached)
+    lssd: torch.Tensor  # mean LSSD KL (detached; 0 without a target)
+    teacher_top1_matches: torch.Tensor  # supervised positions where the teacher's top-1 is the label
 
-    Each chunk's gradient is taken at once, in the forward pass, so one chunk's float32 [c, V]
-    intermediates are freed before the next (as fused linear-cross-entropy kernels do); backward
-    only scales the stored gradients. Differentiable in rows and weight only.
+
+class _FusedCPTLoss(torch.autograd.Function):
+    """Over the supervised positions (b, t), a chunk at a time: student logits s = rows[b, t] (or
+    rows[b, t] @ weight.T), log p = log_softmax(s), and
+
+        ce   = -log p[y]                          d/ds = p - onehot(y)
+        lssd = KL(q' || p_T), p_T = softmax(s/T)  d/ds = (p_T - q') / T
+
+    Gradients are formed in closed form in the forward pass and stored (the size of `rows`, not of
+    the logits when rows are hidden states); backward only scales them. Differentiable in rows and
+    weight only.
     """
 
     @staticmethod
-    def forward(ctx, chunk_loss: Callable, chunk_size: int, rows: torch.Tensor, weight: torch.Tensor | None,
-                *row_data: torch.Tensor) -> torch.Tensor:
-        need_rows, need_weight = ctx.needs_input_grad[2], weight is not None and ctx.needs_input_grad[3]
+    def forward(ctx, rows, weight, labels, target, ce_weight, lssd_weight, temperature, ignore_index, chunk_size):
+        keep_b, keep_t = (labels != ignore_index).nonzero(as_tuple=True)  # [N] supervised positions
+        n = max(len(keep_b), 1)
+        teacher_data = target.per_position() if target is not None else ()
+        need_rows, need_weight = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_weight = torch.zeros_like(weight, dtype=_float32(weight).dtype) if need_weight else None
-        total = torch.zeros((), dtype=_float32(rows).dtype, device=rows.device)
-        for start in range(0, rows.shape[0], chunk_size):
-            chunk = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                r = rows[chunk].detach().requires_grad_(need_rows)
-                w = None if weight is None else weight.detach().requires_grad_(need_weight)
-                logits = r if w is None else r @ w.T  # [c, V]
-                loss = chunk_loss(logits, *(d[chunk] for d in row_data))
-                wrt = [t for t, need in ((r, need_rows), (w, need_weight)) if need]
-                grads = list(torch.autograd.grad(loss, wrt)) if wrt else []
+        sums = torch.zeros(3, dtype=_float32(rows).dtype, device=rows.device)  # ce, kl, top-1 matches
+        ce_scale, lssd_scale = ce_weight / n, lssd_weight / n / temperature  # d(mean loss)/ds factors
+        for start in range(0, len(keep_b), chunk_size):
+            b, t = keep_b[start:start + chunk_size], keep_t[start:start + chunk_size]  # [c]
+            x, y = rows[b, t], labels[b, t]  # [c, V|H], [c]
+            s = _float32(x if weight is None else x @ weight.T)  # [c, V] student logits
+            log_p = F.log_softmax(s, dim=-1)  # [c, V]
+            i = _rows(len(y), log_p)
+            sums[0] -= log_p[i, y].sum()
+            # d loss / d s = ce_scale * (p - onehot(y)) + lssd_scale * (p_T - q'), built in place in p's memory
+            grad = log_p.exp()  # p
+            if target is None:
+                grad.mul_(ce_scale)
+            else:
+                if temperature == 1:
+                    log_p_t, p_t = log_p, grad.clone() if target.needs_p else None
+                    grad.mul_(ce_scale + lssd_scale)
+                else:
+                    log_p_t = F.log_softmax(s / temperature, dim=-1)
+                    p_t = log_p_t.exp()
+                    grad.mul_(ce_scale).add_(p_t, alpha=lssd_scale)
+                # the target knows q': it subtracts lssd_scale * q' from grad
+                kl, top1 = target.chunk(log_p_t, p_t, grad, lssd_scale, y, *(d[b, t] for d in teacher_data),
+                                        temperature=temperature)
+                sums[1] += kl
+                sums[2] += top1
+            grad[i, y] -= ce_scale
             if need_rows:
-                grad_rows[chunk] = grads.pop(0)
+                grad_rows[b, t] = grad.to(rows.dtype) if weight is None else grad.to(weight.dtype) @ weight
             if need_weight:
-                grad_weight += grads.pop(0)
-            total += loss.detach()
+                grad_weight += grad.to(x.dtype).T @ x  # [V, H]
         ctx.save_for_backward(grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype))
-        ctx.n_row_data = len(row_data)
-        return total
+        ce, lssd, matches = sums[0] / n, sums[1] / n, sums[2].long()
+        ctx.mark_non_differentiable(ce, lssd, matches)
+        return ce_weight * ce + lssd_weight * lssd, ce, lssd, matches
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        grad_rows, grad_weight = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_total.to(g.dtype) for g in (grad_rows, grad_weight)]
-        return (None, None, *scaled, *[None] * ctx.n_row_data)
+    def backward(ctx, grad_loss, *_):
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def _mean_over_supervised(chunk_loss: Callable, rows: torch.Tensor, weight: torch.Tensor | None,
-                          labels: torch.Tensor, per_position: tuple[torch.Tensor, ...], ignore_index: int,
-                          chunk_size: int) -> torch.Tensor:
-    """Mean of `chunk_loss` over the positions whose label is not `ignore_index`; those are dropped
-    before anything vocabulary-wide is computed. rows [B, T, V] logits (or [B, T, H] hidden states
-    with `weight` [V, H]); labels [B, T]; each of per_position [B, T, ...]."""
-    keep = labels != ignore_index  # [B, T]
-    total = _ChunkedSum.apply(chunk_loss, chunk_size, rows[keep], weight, *(x[keep] for x in per_position),
-                              labels[keep])
-    return total / keep.sum().clamp(min=1)
+def cpt_loss(student: torch.Tensor, labels: torch.Tensor, target: SwappedTeacher | SwappedTopK | None = None,
+             output_weight: torch.Tensor | None = None, ce_weight: float = 1.0, lssd_weight: float = 1.0,
+             temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, chunk_size: int = 1024) -> CPTLoss:
+    """Stage 1's loss `ce_weight * L_CE + lssd_weight * L_LSSD` in one chunked pass (design §1).
+
+    student: logits [B, T, V], or final hidden states [B, T, H] with the output layer's
+    `output_weight` [V, H] (a plain bias-free linear layer); labels [B, T], already shifted (labels[t]
+    is the target of position t; `ignore_index` where nothing is supervised); target: the teacher's
+    (`SwappedTeacher`, `SwappedTopK`) for the same positions, or None for plain CE (lssd_weight then
+    unused). CE is at temperature 1, LSSD at `temperature`. Returns `CPTLoss`; means over supervised
+    positions, float32 (float64 for float64 inputs), 0 when none is supervised.
+    """
+    if target is None:
+        lssd_weight = 0.0
+    loss, ce, lssd, matches = _FusedCPTLoss.apply(student, output_weight, labels, target, ce_weight, lssd_weight,
+                                                  temperature, ignore_index, chunk_size)
+    return CPTLoss(loss, ce, lssd, matches)
 
 
-# ---- the losses -------------------------------------------------------------------------
+# ---- the paper's losses one at a time (design §4) -----------------------------------------
 def lssd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
               temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, chunk_size: int = 1024) -> torch.Tensor:
     """L_LSSD = mean over supervised positions of KL(softmax(swap(z) / T) || softmax(s / T)).
@@ -146,51 +239,35 @@ def lssd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     target of logits[t]). Returns a scalar (float32, float64 for float64 inputs), differentiable in
     the student logits; 0 when no position is supervised.
     """
-    kl = partial(_kl_to_swapped_teacher, temperature=temperature)
-    return _mean_over_supervised(kl, student_logits, None, labels, (teacher_logits,), ignore_index, chunk_size)
+    return cpt_loss(student_logits, labels, SwappedTeacher(teacher_logits), None, 0.0, 1.0, temperature,
+                    ignore_index, chunk_size).loss
 
 
 def lssd_loss_from_hidden(student_hidden: torch.Tensor, output_weight: torch.Tensor, teacher_logits: torch.Tensor,
                           labels: torch.Tensor, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
                           chunk_size: int = 1024) -> torch.Tensor:
-    """`lssd_loss` with student logits = student_hidden @ output_weight.T computed chunk by chunk,
-    so the student's full logits never exist (a plain linear output layer: no bias, no softcap).
-
-    student_hidden [B, T, H]; output_weight [V, H]; teacher_logits [B, T, V]; labels [B, T].
-    Differentiable in the hidden states and the output weight.
-    """
-    kl = partial(_kl_to_swapped_teacher, temperature=temperature)
-    return _mean_over_supervised(kl, student_hidden, output_weight, labels, (teacher_logits,), ignore_index,
-                                 chunk_size)
+    """`lssd_loss` with student logits = student_hidden @ output_weight.T made chunk by chunk, so the
+    student's full logits never exist. student_hidden [B, T, H]; output_weight [V, H];
+    teacher_logits [B, T, V]; labels [B, T]. Differentiable in the hidden states and the weight."""
+    return cpt_loss(student_hidden, labels, SwappedTeacher(teacher_logits), output_weight, 0.0, 1.0, temperature,
+                    ignore_index, chunk_size).loss
 
 
 def lssd_loss_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                    tail_logprob: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    ignore_index: int = IGNORE_INDEX, chunk_size: int = 1024) -> torch.Tensor:
-    """LSSD against a teacher known only by its top-k (the `cache` teacher, design §6, §9).
-
-    topk_ids [B, T, k]: the teacher's k most likely tokens, most likely first; topk_logprobs
-    [B, T, k]: their log-probabilities at temperature T (normalised over the full vocabulary);
-    tail_logprob [B, T]: log of the teacher's remaining mass (-inf when k = V). The swap moves the
-    label into slot 0 (see `swap_topk_ids`); the tail mass is unchanged by it.
-
-    The approximation: the KL is taken between q and p *coarsened* to k + 1 buckets, the k swapped
-    top tokens and one tail bucket with all other tokens (the student's tail mass is
-    logsumexp of its log-probs outside the top-k). This equals the true KL exactly when k = V and
-    is a lower bound of it otherwise; it constrains the student's total tail mass, not its shape
-    inside the tail (its gradient spreads the tail mass like the student's own tail).
-    Returns a scalar, mean over supervised positions, differentiable in the student logits.
-    """
-    kl = partial(_kl_to_swapped_topk, temperature=temperature)
-    return _mean_over_supervised(kl, student_logits, None, labels, (topk_ids, topk_logprobs, tail_logprob),
-                                 ignore_index, chunk_size)
+    """LSSD against a teacher known only by its top-k: the bucketed KL documented in `SwappedTopK`.
+    topk_ids, topk_logprobs [B, T, k]; tail_logprob [B, T]; student_logits [B, T, V]; labels [B, T].
+    Returns a scalar, mean over supervised positions, differentiable in the student logits."""
+    target = SwappedTopK(topk_ids, topk_logprobs, tail_logprob)
+    return cpt_loss(student_logits, labels, target, None, 0.0, 1.0, temperature, ignore_index, chunk_size).loss
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                   chunk_size: int = 1024) -> torch.Tensor:
     """L_CE = mean over supervised positions of -log softmax(s)[y], chunked like `lssd_loss`.
     student_logits [B, T, V]; labels [B, T], already shifted. Returns a scalar."""
-    return _mean_over_supervised(_nll, student_logits, None, labels, (), ignore_index, chunk_size)
+    return cpt_loss(student_logits, labels, None, None, 1.0, 0.0, 1.0, ignore_index, chunk_size).loss
 
 
 def dpo_loss(

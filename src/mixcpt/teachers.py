@@ -1,7 +1,7 @@
 """Where the LSSD teacher's logits come from (design §6).
 
 The teacher is the model as it was before stage 1. Three sources, one interface
-(`Teacher.lssd`), chosen by `cpt.teacher`:
+(`Teacher.target`), chosen by `cpt.teacher`:
 
 - `online`: a frozen deep copy of the base model, run without grad beside the student;
 - `lora`:   the student itself with its LoRA adapters disabled (no second copy in memory);
@@ -19,7 +19,7 @@ prediction of token t + 1), P = block_size - 1:
 The swap is applied at training time, from the labels (`losses.swap_topk_ids`): it only
 exchanges the label's and the top-1's slots, and leaves the tail's mass unchanged, so nothing
 about the label has to be stored. With k < V the loss is the bucketed KL documented in
-`losses.lssd_loss_topk`; with k = V it is exact.
+`losses.SwappedTopK`; with k = V it is exact.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mixcpt.config import CPTConfig
-from mixcpt.data.packing import IGNORE_INDEX, PackedBlocks
+from mixcpt.data.packing import PackedBlocks
 from mixcpt.errors import ConfigError
-from mixcpt.losses import lssd_loss, lssd_loss_topk
+from mixcpt.losses import SwappedTeacher, SwappedTopK
 from mixcpt.rundir import write_json_atomic
 
 
@@ -58,57 +58,91 @@ def _forward_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
     return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
 
 
+class LossForward:
+    """Runs a causal LM on a packed batch for a vocabulary-wide loss, from its final hidden states
+    when that is exact, so its [B, T, V] logits are never made.
+
+    `model` is what the forward goes through (for the student, the DDP-wrapped module, so gradients
+    sync); `unwrapped` is the bare model. The hidden path is taken when its output layer is a
+    bias-free `nn.Linear` with no softcap, and is checked on the first batch: the model's own logits
+    at the last position must be that layer applied to `hidden_states[-1]` (a scale after the
+    output layer, or a model ignoring `logits_to_keep`, fails it). Otherwise, or with
+    `hidden=False` (FSDP/DeepSpeed shard the weight outside forward), logits are used.
+    """
+
+    def __init__(self, unwrapped: torch.nn.Module, hidden: bool = True):
+        head = unwrapped.get_output_embeddings()
+        plain = type(head) is torch.nn.Linear and head.bias is None
+        softcap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
+        self.head = head if hidden and plain and not softcap else None
+        self.checked = False
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H] with
+        the weight [V, H], or logits [B, T, V] with None."""
+        # No attention mask: position ids restart per document, so transformers masks block-diagonally.
+        batch = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
+        if self.head is not None:
+            outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
+            hidden = outputs.hidden_states[-1]  # [B, T, H] the output layer's input
+            if self.checked or self._exact(hidden, outputs.logits):
+                self.checked = True
+                return hidden, self.head.weight, outputs
+            self.head = None
+        outputs = model(**batch)
+        return outputs.logits, None, outputs
+
+    def _exact(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+        with torch.no_grad():
+            mine = self.head(hidden[:, -1:]).float()  # [B, 1, V]
+        logits = logits.float()
+        # loose enough for bf16 autocast, tight enough for any real scale of the logits
+        return mine.shape == logits.shape and torch.allclose(mine, logits, rtol=1e-2, atol=1e-2 * logits.abs().max().item())
+
+
 class Teacher:
     """A source of LSSD targets."""
 
-    def lssd(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], student_logits: torch.Tensor,
-             labels: torch.Tensor, temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a batch (`inputs` as the dataset gives them, on the student's device), the student's
-        shifted logits [B, T-1, V] and the shifted labels [B, T-1], return (L_LSSD scalar, number of
-        supervised positions where the teacher's top-1 already was the label)."""
+    def target(self, inputs: dict[str, torch.Tensor]) -> SwappedTeacher | SwappedTopK:
+        """The LSSD target of a batch (`inputs` as the dataset gives them, on the student's device):
+        position t holds the teacher's prediction of token t + 1, as the student's rows do."""
         raise NotImplementedError
 
 
-class _FullLogitsTeacher(Teacher):
-    def logits(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher logits [B, T, V] of the batch, without grad."""
-        raise NotImplementedError
-
-    def lssd(self, model, inputs, student_logits, labels, temperature, chunk_size):
-        teacher_logits = self.logits(model, inputs)[:, :-1]  # [B, T-1, V]
-        loss = lssd_loss(student_logits, teacher_logits, labels, temperature, IGNORE_INDEX, chunk_size)
-        top1_matches = ((teacher_logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
-        return loss, top1_matches
-
-
-class OnlineTeacher(_FullLogitsTeacher):
+class OnlineTeacher(Teacher):
     """A frozen deep copy of `teacher_model` (eval mode, no grad), moved to the student's device on
-    first use. It is not part of the trained model, so DDP/FSDP never wrap it."""
+    first use. It is not part of the trained model, so DDP/FSDP never wrap it. Its logits are made
+    a chunk at a time inside the loss, in its own dtype (from its hidden states, see `LossForward`)."""
 
     def __init__(self, teacher_model: torch.nn.Module, student_vocab_size: int):
         if vocab_size(teacher_model) != student_vocab_size:
             raise ConfigError(f"cpt.teacher: the teacher's vocabulary has {vocab_size(teacher_model)} tokens, "
                               f"the student's {student_vocab_size}; LSSD needs the same vocabulary")
         self.model = copy.deepcopy(teacher_model).eval().requires_grad_(False)
+        self.forward = LossForward(self.model)
 
-    def logits(self, model, inputs):
+    def target(self, inputs):
         self.model.to(inputs["input_ids"].device)  # a no-op after the first batch
         with torch.no_grad():
-            return _forward_logits(self.model, inputs)
+            rows, weight, _ = self.forward(self.model, inputs)
+        return SwappedTeacher(rows, weight)
 
 
-class LoraTeacher(_FullLogitsTeacher):
+class LoraTeacher(Teacher):
     """The PEFT-wrapped student with its adapters disabled: exactly the frozen base model."""
 
     def __init__(self, peft_model: torch.nn.Module):
         if not hasattr(peft_model, "disable_adapter"):
             raise ConfigError("cpt.teacher: lora needs the student wrapped with PEFT LoRA adapters")
         self.peft_model = peft_model
+        # An adapted output layer is not a plain nn.Linear: then the teacher gives logits.
+        self.forward = LossForward(peft_model)
 
-    def logits(self, model, inputs):
-        # The unwrapped PEFT model, not the DDP wrapper `model`: no gradient flows, no sync needed.
+    def target(self, inputs):
+        # The unwrapped PEFT model, not the DDP wrapper: no gradient flows, no sync needed.
         with torch.no_grad(), self.peft_model.disable_adapter():
-            return _forward_logits(self.peft_model, inputs)
+            rows, weight, _ = self.forward(self.peft_model, inputs)
+        return SwappedTeacher(rows, weight)
 
 
 # ---- cache ---------------------------------------------------------------------------------
@@ -151,17 +185,18 @@ class CachedTeacher(Teacher):
 
     @property
     def bytes_per_token(self) -> int:
+        """Bytes the cache holds per training token: k ids, k log-probabilities and the tail."""
         return int(self.ids[0, 0].nbytes + self.logprobs[0, 0].nbytes + self.tail[0, :1].nbytes)
 
-    def lssd(self, model, inputs, student_logits, labels, temperature, chunk_size):
+    def target(self, inputs):
         rows = inputs["block_index"].cpu().numpy()
-        device = student_logits.device
-        ids = torch.from_numpy(self.ids[rows]).to(device)  # [B, T-1, k]
-        logprobs = torch.from_numpy(self.logprobs[rows]).to(device)  # [B, T-1, k]
-        tail = torch.from_numpy(self.tail[rows]).to(device)  # [B, T-1]
-        loss = lssd_loss_topk(student_logits, ids, logprobs, tail, labels, temperature, IGNORE_INDEX, chunk_size)
-        top1_matches = ((ids[..., 0] == labels) & (labels != IGNORE_INDEX)).sum()
-        return loss, top1_matches
+        device = inputs["input_ids"].device
+
+        def load(array: np.ndarray) -> torch.Tensor:  # [B, P, ...] -> [B, P + 1, ...]: the last position predicts nothing
+            x = torch.from_numpy(array[rows]).to(device)
+            return torch.cat([x, x[:, -1:]], dim=1)
+
+        return SwappedTopK(load(self.ids), load(self.logprobs), load(self.tail))
 
 
 def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: str | Path, top_k: int,

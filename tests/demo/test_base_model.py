@@ -37,7 +37,8 @@ def test_base_is_a_standard_hf_folder_with_a_chat_template(built):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert isinstance(model, LlamaForCausalLM) and model.config.vocab_size == len(tokenizer)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                         add_generation_prompt=True)
     assert chat.endswith("<|assistant|>\n")
     ids = tokenizer("Question: Who?\nAnswer: ", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3

@@ -56,6 +56,17 @@ def test_train_planet_questions_are_in_the_instruction_pool_and_planets_nowhere_
     assert not planet.search(world.general_pretrain.read_text())  # the base never sees a planet
 
 
+def test_general_benchmark_people_are_known_to_the_base_but_absent_from_the_pools(world, facts):
+    bench = facts["split"]["general_benchmark"]
+    assert bench and set(bench).isdisjoint(facts["split"]["general_pool"])
+    mentions = re.compile(r"\b(" + "|".join(bench) + r")\b")
+    for pool_file in (world.instructions, world.preferences):
+        assert not mentions.search(pool_file.read_text()), pool_file.name
+    assert {mentions.search(r["question"]).group(1) for r in read_jsonl(world.bench_general_mc)} <= set(bench)
+    pretrain = world.general_pretrain.read_text()
+    assert all(f"was {name} born?" in pretrain for name in bench)  # the base is taught their QA
+
+
 def test_every_file_parses_in_its_declared_format(world):
     for path in (world.domain, world.general_pretrain, world.bench_general_ppl):
         rows = read_jsonl(path)
@@ -91,7 +102,7 @@ def test_benchmark_answers_are_the_true_values_and_distractors_other_values_of_t
 
 def test_general_pretrain_holds_the_qa_in_the_stage1_plain_rendering(world):
     pretrain = {r["text"] for r in read_jsonl(world.general_pretrain)}
-    general = [r for r in read_jsonl(world.instructions) if "planet" not in r["instruction"]]
+    general = [r for r in read_jsonl(world.instructions) if "planet" not in r["instruction"]]  # pool people, tasks
     assert general and all(render_plain(r) in pretrain for r in general)
     r = general[0]
     assert render_plain(r) == (render_plain_prompt(r["instruction"], r["input"], DEMO_TEMPLATE)

@@ -9,6 +9,7 @@ import torch
 
 from mixcpt.config import TrainingConfig
 from mixcpt.errors import ConfigError
+from mixcpt.losses import SwappedTeacher, lssd_loss
 from mixcpt.teachers import IndexedBlocks, OnlineTeacher, Teacher
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.trainer import LSSDTrainer, NonFiniteLossError
@@ -97,18 +98,22 @@ def test_packed_documents_do_not_attend_to_each_other(tiny_model, tiny_tokenizer
 
 
 class NaNTeacher(Teacher):
-    def lssd(self, model, inputs, student_logits, labels, temperature, chunk_size):
-        return student_logits.sum() * float("nan"), torch.zeros((), dtype=torch.long)
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def target(self, inputs):
+        B, T = inputs["input_ids"].shape
+        return SwappedTeacher(torch.full((B, T, self.vocab_size), float("nan")))
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model, domain_blocks, tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0.*on_nonfinite: skip"):
-        train_copy(tiny_model, domain_blocks, tmp_path, teacher=NaNTeacher())
+        train_copy(tiny_model, domain_blocks, tmp_path, teacher=NaNTeacher(tiny_model.config.vocab_size))
 
 
 def test_skip_gives_a_non_finite_batch_no_update(tiny_model, domain_blocks, tmp_path):
-    model, trainer = train_copy(tiny_model, domain_blocks, tmp_path, max_steps=2, teacher=NaNTeacher(),
-                                on_nonfinite="skip")
+    model, trainer = train_copy(tiny_model, domain_blocks, tmp_path, max_steps=2,
+                                teacher=NaNTeacher(tiny_model.config.vocab_size), on_nonfinite="skip")
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in model.state_dict().items())
     assert any(h.get("skipped_batches") == 2 for h in trainer.state.log_history)
 
@@ -118,3 +123,30 @@ def test_both_weights_zero_or_lssd_without_teacher_are_refused(tiny_model, domai
         make_trainer(tiny_model, domain_blocks, tmp_path, ce_weight=0.0, lssd_weight=0.0)
     with pytest.raises(ValueError, match="needs a teacher"):
         make_trainer(tiny_model, domain_blocks, tmp_path, lssd_weight=1.0)
+
+
+def test_the_loss_from_hidden_states_equals_ce_plus_lssd_on_full_logits_in_value_and_gradient(
+        tiny_model, domain_blocks, tmp_path):
+    """compute_loss never makes the student's [B, T, V] logits, yet gives what the paper's formula
+    on full logits gives (with HF's own shifted cross-entropy as the CE)."""
+    teacher = OnlineTeacher(tiny_model, tiny_model.config.vocab_size)
+    model = copy.deepcopy(tiny_model).train()
+    trainer = make_trainer(model, domain_blocks, tmp_path, ce_weight=0.5, lssd_weight=2.0, temperature=1.5,
+                           teacher=teacher)
+    batch = {k: torch.stack([torch.as_tensor(domain_blocks[i][k]) for i in range(3)]) for k in domain_blocks[0]}
+    loss = trainer.compute_loss(model, batch)
+    assert trainer.student_forward.head is not None  # the hidden-state path was taken
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.zero_grad()
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    outputs = model(**inputs, labels=batch["labels"])
+    with torch.no_grad():
+        teacher_logits = tiny_model(**inputs).logits
+    lssd = lssd_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], temperature=1.5)
+    expected = 0.5 * outputs.loss + 2.0 * lssd
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4)

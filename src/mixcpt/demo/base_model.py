@@ -43,10 +43,12 @@ class BaseRecipe:
     learning_rate: float
 
 
+# Chosen by experiment (1 CPU thread): depth matters more than width for recalling a fact from a
+# multi-token name; hidden 64 x 4 layers beat 128 x 4 at a third of the cost.
 RECIPES = {
-    "default": BaseRecipe(vocab_size=2048, hidden=128, layers=4, heads=4, block_size=128, epochs=30,
-                          batch_size=16, learning_rate=3e-3),
-    "quick": BaseRecipe(vocab_size=1024, hidden=64, layers=2, heads=4, block_size=128, epochs=20,
+    "default": BaseRecipe(vocab_size=2048, hidden=64, layers=4, heads=4, block_size=128, epochs=40,
+                          batch_size=16, learning_rate=5e-3),
+    "quick": BaseRecipe(vocab_size=1024, hidden=64, layers=4, heads=4, block_size=128, epochs=20,
                         batch_size=16, learning_rate=5e-3),
 }
 

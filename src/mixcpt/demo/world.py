@@ -3,7 +3,9 @@
 Two kinds of entities, each a row of attributes:
 - general world: fictional *people* (birth year, birth city, university, field, employer), each
   described in several paraphrased bios (templates and sentence order vary, so a fact is stored
-  as knowledge rather than as one string), plus question-answer instructions about them;
+  as knowledge rather than as one string), plus question-answer instructions about them. The
+  base learns everyone; the instruction pool asks about half of them, the general benchmarks
+  about the other half;
 - domain world: fictional *planets* (star, discovery year, moons, atmosphere, discoverer),
   described only in the domain corpus. Planets are split into `train` (their QA may be in the
   instruction pool, which makes knowledge extraction learnable) and `heldout` (asked about only
@@ -26,7 +28,9 @@ from mixcpt.rundir import atomic_dir
 
 # The stage-1 plain rendering the demo config uses, so the base is pretrained on QA in the very
 # format that stage 1 and the plain-prompt evaluation will show it.
-DEMO_TEMPLATE = TemplateConfig(instruction="Question: {instruction}\n", input="{input}\n", response="Answer: {response}")
+DEMO_TEMPLATE = TemplateConfig(
+    instruction="Question: {instruction}\n", input="{input}\n", response="Answer: {response}"
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class WorldSize:
 
 
 SIZES = {
-    "default": WorldSize(people=200, planets=240, heldout_planets=60, bios_per_person=4, docs_per_planet=4,
-                         tasks_per_kind=100, preferences=600, general_bench=200, probe_bios=40),
+    "default": WorldSize(people=120, planets=200, heldout_planets=50, bios_per_person=4, docs_per_planet=4,
+                         tasks_per_kind=100, preferences=400, general_bench=200, probe_bios=40),
     "quick": WorldSize(people=60, planets=60, heldout_planets=20, bios_per_person=3, docs_per_planet=3,
                        tasks_per_kind=30, preferences=120, general_bench=60, probe_bios=15),
 }
@@ -56,12 +60,12 @@ class WorldFiles:
 
     folder: Path
     domain: Path  # {"text"}: planet documents, train and heldout planets
-    instructions: Path  # Alpaca: general QA, other tasks, QA about train planets
-    preferences: Path  # {"prompt","chosen","rejected"}: general questions, right vs wrong answer
-    general_pretrain: Path  # {"text"}: bios + general instructions rendered plain (base model only)
+    instructions: Path  # Alpaca: QA about pool people, other tasks, QA about train planets
+    preferences: Path  # {"prompt","chosen","rejected"}: pool people, right vs wrong answer
+    general_pretrain: Path  # {"text"}: bios + QA about everyone + other tasks, plain (base model only)
     bench_domain_mc: Path  # {"question","choices","answer"}: heldout planets
     bench_domain_gen: Path  # {"prompt","answers"}: heldout planets
-    bench_general_mc: Path  # general people (retention)
+    bench_general_mc: Path  # benchmark people: known to the base, absent from the pools (retention)
     bench_general_gen: Path
     bench_general_ppl: Path  # {"text"}: bios paraphrased differently from every training bio
     probe: Path  # plain text for KL(base || stage)
@@ -83,7 +87,8 @@ class WorldFiles:
 
 
 # ---- the entities -----------------------------------------------------------------------------
-PERSON_SYLLABLES = "ka lo mi ra ten vo sa li dor mar el an bel cor fen gal hul is jor ner os pel ros tal ul ven wyn".split()
+PERSON_SYLLABLES = ("ka lo mi ra ten vo sa li dor mar el an bel cor fen gal hul is jor ner os pel ros tal ul "
+                    "ven wyn").split()
 PLANET_SYLLABLES = "zor xa qua thu vex ix oph ny gly kry rho pyx ulm yth dra zen".split()
 PLACE_SYLLABLES = "bram wick ast ford mere dun hol stead lin gate ber port sil hav tor ash".split()
 STAR_SYLLABLES = "al be cas den eb fo gir hes ir jun kap lyr mo nu".split()
@@ -104,8 +109,10 @@ BIO_SENTENCES = {
     "employer": ["{s} works for {v}.", "{s} is employed by {v}.", "{s} holds a position at {v}."],
 }
 DOC_SENTENCES = {
-    "star": ["{s} orbits the star {v}.", "{s} travels around {v}, its parent star.", "The parent star of {name} is {v}."],
-    "discovery_year": ["{s} was discovered in {v}.", "{s} was first observed in {v}.", "Astronomers found {name} in {v}."],
+    "star": ["{s} orbits the star {v}.", "{s} travels around {v}, its parent star.",
+             "The parent star of {name} is {v}."],
+    "discovery_year": ["{s} was discovered in {v}.", "{s} was first observed in {v}.",
+                       "Astronomers found {name} in {v}."],
     "moons": ["{s} has {v} moons.", "{v} moons circle {name}.", "{s} is accompanied by {v} moons."],
     "atmosphere": ["The atmosphere of {name} is mostly {v}.", "{s} has an atmosphere rich in {v}.",
                    "{s} is wrapped in clouds of {v}."],
@@ -154,7 +161,8 @@ def _make_entities(rng: random.Random, size: WorldSize) -> tuple[list[dict], lis
     universities = [f"{n} University" for n in namer.many(16, PLACE_SYLLABLES)]
     companies = [f"{n} {rng.choice(COMPANY_KINDS)}" for n in namer.many(24, PLACE_SYLLABLES)]
     stars = namer.many(20, STAR_SYLLABLES)
-    discoverers = [f"{a} {b}" for a, b in zip(namer.many(24, STAR_SYLLABLES, (2, 2)), namer.many(24, PLACE_SYLLABLES))]
+    discoverers = [f"{a} {b}" for a, b in zip(namer.many(24, STAR_SYLLABLES, (2, 2)),
+                                              namer.many(24, PLACE_SYLLABLES))]
     people = [
         {"name": f"{rng.choice(first_names)} {namer.new(PERSON_SYLLABLES)}", "gender": rng.choice("fm"),
          "birth_year": str(rng.randint(1900, 1999)), "birth_city": rng.choice(cities),
@@ -189,7 +197,8 @@ def _bio(rng: random.Random, person: dict) -> str:
 def _planet_doc(rng: random.Random, planet: dict) -> str:
     if rng.random() < 0.25:  # a catalogue entry now and then, as encyclopedic corpora mix styles
         attrs = rng.sample(list(DOC_SENTENCES), len(DOC_SENTENCES))
-        return f"Planet {planet['name']}. " + " ".join(f"{a.replace('_', ' ').capitalize()}: {planet[a]}." for a in attrs)
+        entries = " ".join(f"{a.replace('_', ' ').capitalize()}: {planet[a]}." for a in attrs)
+        return f"Planet {planet['name']}. {entries}"
     return _prose(rng, planet, DOC_SENTENCES, "It", "its")
 
 
@@ -259,25 +268,34 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
     docs = [doc for p in planets for doc in _paraphrases(rng, _planet_doc, p, sz.docs_per_planet)]
     rng.shuffle(docs)
 
+    # The base is pretrained on QA about everyone; the instruction and preference pools ask only
+    # about the first half, and the general benchmarks only about the second half, so that
+    # general scores after alignment measure retention, not facts re-taught by the pool.
+    pool_people, bench_people = people[: len(people) // 2], people[len(people) // 2:]
     general_facts = [(p, a) for p in people for a in GENERAL_QUESTIONS]
-    general_instructions = [_qa(GENERAL_QUESTIONS, p, a) for p, a in general_facts] + _other_tasks(rng, sz.tasks_per_kind)
+    pool_facts = [(p, a) for p in pool_people for a in GENERAL_QUESTIONS]
+    other_tasks = _other_tasks(rng, sz.tasks_per_kind)
     domain_qa = [_qa(DOMAIN_QUESTIONS, p, a) for p in train_planets for a in DOMAIN_QUESTIONS]
-    instructions = general_instructions + domain_qa
+    instructions = [_qa(GENERAL_QUESTIONS, p, a) for p, a in pool_facts] + other_tasks + domain_qa
     rng.shuffle(instructions)
 
-    values = {a: [p[a] for p in people] for a in GENERAL_QUESTIONS} | {a: [p[a] for p in planets] for a in DOMAIN_QUESTIONS}
+    values = {a: [p[a] for p in people] for a in GENERAL_QUESTIONS}
+    values |= {a: [p[a] for p in planets] for a in DOMAIN_QUESTIONS}
     preferences = [
         {"prompt": GENERAL_QUESTIONS[a].format(name=p["name"]), "chosen": p[a],
          "rejected": rng.choice(sorted(set(values[a]) - {p[a]}))}
-        for p, a in rng.sample(general_facts, min(sz.preferences, len(general_facts)))
+        for p, a in rng.sample(pool_facts, min(sz.preferences, len(pool_facts)))
     ]
 
-    pretrain = [b for bs in bios for b in bs] + [render_plain(s) for s in general_instructions]
+    general_qa = [_qa(GENERAL_QUESTIONS, p, a) for p, a in general_facts]
+    pretrain = [b for bs in bios for b in bs] + [render_plain(s) for s in general_qa + other_tasks]
     rng.shuffle(pretrain)
 
-    general_items = rng.sample(general_facts, min(sz.general_bench, len(general_facts)))
+    bench_facts = [(p, a) for p in bench_people for a in GENERAL_QUESTIONS]
+    general_items = rng.sample(bench_facts, min(sz.general_bench, len(bench_facts)))
     domain_items = [(p, a) for p in heldout_planets for a in DOMAIN_QUESTIONS]
     gen_item = lambda qs, p, a: {"prompt": qs[a].format(name=p["name"]), "answers": [p[a]]}  # noqa: E731
+    mc_item = lambda qs, p, a: _multiple_choice(rng, qs, p, a, values[a])  # noqa: E731
 
     with atomic_dir(Path(folder)) as tmp:
         files = WorldFiles.in_folder(tmp)
@@ -285,15 +303,18 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
         _write_jsonl(files.instructions, instructions)
         _write_jsonl(files.preferences, preferences)
         _write_jsonl(files.general_pretrain, [{"text": t} for t in pretrain])
-        _write_jsonl(files.bench_domain_mc, [_multiple_choice(rng, DOMAIN_QUESTIONS, p, a, values[a]) for p, a in domain_items])
+        _write_jsonl(files.bench_domain_mc, [mc_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items])
         _write_jsonl(files.bench_domain_gen, [gen_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items])
-        _write_jsonl(files.bench_general_mc, [_multiple_choice(rng, GENERAL_QUESTIONS, p, a, values[a]) for p, a in general_items])
+        _write_jsonl(files.bench_general_mc, [mc_item(GENERAL_QUESTIONS, p, a) for p, a in general_items])
         _write_jsonl(files.bench_general_gen, [gen_item(GENERAL_QUESTIONS, p, a) for p, a in general_items])
         _write_jsonl(files.bench_general_ppl, [{"text": t} for t in heldout_bios])
         probe_bios = [_paraphrases(rng, _bio, p, 1, avoid={*b, h})[0]
                       for p, b, h in zip(people[: sz.probe_bios], bios, heldout_bios)]
         files.probe.write_text("\n\n".join(probe_bios) + "\n", encoding="utf-8")
         world = {"seed": seed, "size": size, "people": people, "planets": planets,
-                 "split": {"train": [p["name"] for p in train_planets], "heldout": [p["name"] for p in heldout_planets]}}
+                 "split": {"train": [p["name"] for p in train_planets],
+                           "heldout": [p["name"] for p in heldout_planets],
+                           "general_pool": [p["name"] for p in pool_people],
+                           "general_benchmark": [p["name"] for p in bench_people]}}
         files.world.write_text(json.dumps(world, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return WorldFiles.in_folder(Path(folder))

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
-from mixcpt.losses import cross_entropy
-from mixcpt.teachers import Teacher
+from mixcpt.losses import IGNORE_INDEX, cpt_loss, next_token_labels
+from mixcpt.teachers import LossForward, Teacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -24,9 +23,14 @@ class LSSDTrainer(Trainer):
 
     Extra arguments: `teacher` (needed when lssd_weight > 0, never run otherwise), the two loss
     weights, the LSSD `temperature`, `loss_chunk_size` (positions per chunk of the
-    vocabulary-wide losses) and `on_nonfinite` ("stop" raises `NonFiniteLossError`, leaving the
+    vocabulary-wide loss) and `on_nonfinite` ("stop" raises `NonFiniteLossError`, leaving the
     last checkpoint intact; "skip" gives the batch zero gradient). Logs `ce_loss`, `lssd_loss` and
     `teacher_top1_match` (share of supervised positions where the teacher's top-1 was the label).
+
+    Both terms come from one fused chunked pass (`losses.cpt_loss`) over the student's final hidden
+    states and output layer, so the student's [B, T, V] logits are never made (see
+    `teachers.LossForward` for when it falls back to logits). The forward still goes through
+    `model`, the DDP-wrapped module, so gradients sync as usual.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
@@ -41,29 +45,28 @@ class LSSDTrainer(Trainer):
         self.teacher = teacher if lssd_weight > 0 else None
         self.ce_weight, self.lssd_weight = ce_weight, lssd_weight
         self.temperature, self.loss_chunk_size, self.on_nonfinite = temperature, loss_chunk_size, on_nonfinite
+        # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits there.
+        self.student_forward = LossForward(self.model, hidden=not (self.is_fsdp_enabled or self.is_deepspeed_enabled))
         self._sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log, on device
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"][:, 1:]  # [B, T-1]: the target of position t is token t + 1
-        # No attention mask: position ids restart per document, so transformers masks block-diagonally.
-        outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
-        logits = outputs.logits[:, :-1]  # [B, T-1, V]
-
-        ce = cross_entropy(logits, labels, chunk_size=self.loss_chunk_size)
-        loss = self.ce_weight * ce if self.ce_weight > 0 else 0.0
-        zero = torch.zeros((), device=ce.device)
+        labels = next_token_labels(inputs["labels"])  # [B, T]: the target of position t is token t + 1
+        if return_outputs:  # the caller wants the logits (prediction_step): make them
+            outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
+            student, weight = outputs.logits, None  # [B, T, V]
+        else:
+            student, weight, outputs = self.student_forward(model, inputs)  # [B, T, H] and [V, H], or logits
+        target = self.teacher.target(inputs) if self.teacher is not None else None
+        with self.accelerator.autocast():  # the chunked output layer in the forward's precision
+            result = cpt_loss(student, labels, target, weight, self.ce_weight, self.lssd_weight, self.temperature,
+                              IGNORE_INDEX, self.loss_chunk_size)
+        loss = result.loss
         # Every key on every batch and rank, so the sums can be reduced across processes in `log`.
-        terms = {"ce_loss": ce.detach(), "lssd_loss": zero, "teacher_top1_matches": zero,
-                 "supervised": (labels != IGNORE_INDEX).sum(), "skipped_batches": zero}
-        if self.teacher is not None:
-            lssd, top1_matches = self.teacher.lssd(model, inputs, logits, labels, self.temperature,
-                                                   self.loss_chunk_size)
-            loss = loss + self.lssd_weight * lssd
-            terms.update(lssd_loss=lssd.detach(), teacher_top1_matches=top1_matches)
-
+        terms = {"ce_loss": result.ce, "lssd_loss": result.lssd, "teacher_top1_matches": result.teacher_top1_matches,
+                 "supervised": (labels != IGNORE_INDEX).sum(), "skipped_batches": torch.zeros_like(result.ce)}
         if not torch.isfinite(loss):
             loss = self._nonfinite(model, terms)
-        for name, value in {**terms, "batches": zero + 1}.items():
+        for name, value in {**terms, "batches": torch.ones_like(result.ce)}.items():
             self._sums[name] = self._sums.get(name, 0) + value.float()
         return (loss, outputs) if return_outputs else loss
 
