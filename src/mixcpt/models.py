@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
+from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
+from mixcpt.rundir import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +47,34 @@ def base_model_path(model_cfg: ModelConfig, run_base: Path) -> str:
     """Where the base model is read from: the run's own `base/` folder when mixcpt built or
     converted one there (demo, GGUF), else the configured path or hub id."""
     return str(run_base) if run_base.exists() else model_cfg.path
+
+
+GGUF_SOURCE = "gguf_source.json"  # in a base folder converted from GGUF: which file, so a changed config is caught
+
+
+def ensure_base_model(model_cfg: ModelConfig, run_base: Path) -> None:
+    """Make the base model of a GGUF config (`model.gguf_file`) an HF folder at `run_base`, once.
+
+    Call before the first stage: every stage then reads `base_model_path(...)`, which prefers
+    `run_base`. A no-op without `gguf_file`, and when `run_base` already holds this GGUF's conversion.
+    Raises `ConfigError` when the GGUF file or its package is missing, transformers cannot load it,
+    or `run_base` holds another model (a run folder belongs to one base model).
+    """
+    if not model_cfg.gguf_file:
+        return
+    gguf_path = resolve_gguf_path(model_cfg.path, model_cfg.gguf_file)
+    source = {"gguf_file": str(gguf_path), "bytes": gguf_path.stat().st_size}
+    if run_base.exists():
+        marker = run_base / GGUF_SOURCE
+        recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+        if recorded != source:
+            raise ConfigError(f"model.gguf_file: {run_base} holds another base model ({recorded or 'not from GGUF'}); "
+                              f"use a new --output folder for {gguf_path}")
+        return
+    print(f"mixcpt: converting {gguf_path} to a safetensors model folder at {run_base} (once per run)")
+    with atomic_dir(run_base) as tmp:
+        convert_gguf(gguf_path, tmp, DTYPES[model_cfg.dtype])
+        (tmp / GGUF_SOURCE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:

@@ -17,6 +17,9 @@ def arms(cfg: Config) -> list[str]:
 
 def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> None:
     """Run one stage (for `arm`, or every arm the stage applies to)."""
+    from mixcpt.models import ensure_base_model
+
+    ensure_base_model(cfg.model, run.base)  # a GGUF base is converted once into run.base; else a no-op
     # Imports are local so that `mixcpt data` does not pay for importing the training stack.
     if stage == "data":
         from mixcpt.data.stage import run_data

@@ -8,7 +8,7 @@ from mixcpt.errors import InputError
 
 
 @pytest.mark.parametrize("bad_line, message", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "malformed JSON"),
     ('{"id": "x", "messages": [{"role": "user", "content": "q"}]}', "missing field(s) plain_prompt, plain_response"),
     ('{"id": "x", "messages": [{"role": "user", "content": "q"}], "plain_prompt": "", "plain_response": ""}',
      "the last message is from 'user'; instruction samples must end with one from 'assistant'"),

@@ -40,7 +40,7 @@ GOOD_MC = json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 1})
         ("multiple_choice", '{"choices": ["a"], "answer": 0}', "question"),
         ("multiple_choice", '{"question": "q", "choices": ["a"], "answer": "0"}', "answer"),
         ("multiple_choice", '{"question": "q", "choices": "ab", "answer": 0}', "choices"),
-        ("multiple_choice", '{"question": "q", "choices": ["a"], "answer": 0', "not valid JSON"),
+        ("multiple_choice", '{"question": "q", "choices": ["a"], "answer": 0', "malformed JSON"),
         ("generation", '{"prompt": "p"}', "answer"),
         ("generation", '{"prompt": "p", "answers": []}', "answer"),
         ("perplexity", '{"text": 3}', "text"),
@@ -62,7 +62,7 @@ def test_load_benchmark_normalises_generation_answers_and_applies_limit(tmp_path
 
 
 def test_empty_benchmark_file_is_an_input_error(tmp_path):
-    with pytest.raises(InputError, match="no items"):
+    with pytest.raises(InputError, match="file is empty"):
         load_benchmark(_bench(tmp_path, "perplexity", [""]))
 
 

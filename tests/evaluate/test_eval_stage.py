@@ -64,7 +64,27 @@ def test_run_eval_reports_missing_stages_and_retention(tmp_path, eval_config, ti
         cpt_row["scores"]["text"]["bits_per_byte"] - base["scores"]["text"]["bits_per_byte"]
     )
     assert result["benchmarks"]["zorbax"]["main_metric"] == "acc_norm"
-    assert run.read_results()["eval"] == result
+    stored = run.read_results()["eval"]
+    assert {k: stored[k] for k in ("rows", "benchmarks")} == result
+
+
+def test_rerun_reuses_the_table_until_a_model_changes(tmp_path, eval_config, tiny_model, tiny_tokenizer,
+                                                      monkeypatch):
+    import mixcpt.evaluate.stage as eval_stage
+
+    run = RunDir(tmp_path / "run")
+    first = run_eval(eval_config, run)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was evaluated again although nothing changed")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(eval_stage, "_load", no_loading)
+        assert run_eval(eval_config, run) == first
+    tiny_model.save_pretrained(run.stage("mixcpt", "cpt"))  # a new stage model appears
+    tiny_tokenizer.save_pretrained(run.stage("mixcpt", "cpt"))
+    rows = {(r["arm"], r["stage"]): r for r in run_eval(eval_config, run)["rows"]}
+    assert rows[("mixcpt", "cpt")]["status"] == "ok"
 
 
 def test_run_eval_stops_on_bad_benchmark_before_loading_models(tmp_path, eval_config):

@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from mixcpt.data.readers import read_jsonl
 from mixcpt.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -31,24 +32,20 @@ def read_samples(path: Path, kind: str) -> list[dict]:
     if not path.is_file():
         raise InputError(path, None, f"{kind} file does not exist (has the previous stage run?)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(path, line_no, f"not valid JSON: {err.msg}") from None
-            missing = [k for k in REQUIRED_FIELDS[kind] if k not in row]
-            if missing:
-                raise InputError(path, line_no, f"missing field(s) {', '.join(missing)}")
-            if not isinstance(row["messages"], list) or not row["messages"]:
-                raise InputError(path, line_no, "'messages' must be a non-empty list of {role, content}")
-            last_role = row["messages"][-1].get("role")
-            if last_role != LAST_ROLE[kind]:
-                raise InputError(path, line_no, f"the last message is from {last_role!r}; "
-                                                f"{kind} samples must end with one from {LAST_ROLE[kind]!r}")
-            rows.append(row)
+    if path.stat().st_size == 0:  # a pool with no samples of this kind (e.g. no preference sources)
+        return rows
+    for rec in read_jsonl(path):
+        row, line_no = rec.fields, rec.line
+        missing = [k for k in REQUIRED_FIELDS[kind] if k not in row]
+        if missing:
+            raise InputError(path, line_no, f"missing field(s) {', '.join(missing)}")
+        if not isinstance(row["messages"], list) or not row["messages"]:
+            raise InputError(path, line_no, "'messages' must be a non-empty list of {role, content}")
+        last_role = row["messages"][-1].get("role")
+        if last_role != LAST_ROLE[kind]:
+            raise InputError(path, line_no, f"the last message is from {last_role!r}; "
+                                            f"{kind} samples must end with one from {LAST_ROLE[kind]!r}")
+        rows.append(row)
     return rows
 
 

@@ -67,7 +67,13 @@ def _read_txt(path: Path) -> Iterator[Record]:
     yield Record(str(path), None, {"text": text})
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def read_jsonl(path: str | Path) -> Iterator[Record]:
+    """Each JSON object of a JSONL file with its line number, streamed; blank lines are skipped.
+
+    Raises `InputError(path, line, ...)` for non-UTF-8 bytes, malformed JSON, a line that is not an
+    object, or a file with no object at all.
+    """
+    path = Path(path)
     seen = False
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -124,7 +130,7 @@ def read_records(src: SourceConfig) -> Iterator[Record]:
         return
     for path in _files(src):
         fmt = _format_of(path, src.format)
-        reader = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
+        reader = {"txt": _read_txt, "jsonl": read_jsonl, "parquet": _read_parquet}[fmt]
         yield from reader(path)
 
 

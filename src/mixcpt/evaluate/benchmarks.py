@@ -10,7 +10,6 @@ Any malformed line is an `InputError` naming `path:line`.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from pathlib import Path
@@ -19,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mixcpt.config import BenchmarkConfig, TemplateConfig
 from mixcpt.data.render import render_plain_prompt
+from mixcpt.data.readers import read_jsonl
 from mixcpt.errors import InputError
 
 # The metric a benchmark is summarised by in tables, plots and retention deltas.
@@ -63,17 +63,8 @@ def load_benchmark(bench: BenchmarkConfig) -> list[dict]:
     """
     path = Path(bench.path)
     items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, None, f"cannot read benchmark file: {err}") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, lineno, f"not valid JSON: {err.msg}") from None
+    for rec in read_jsonl(path):
+        item, lineno = rec.fields, rec.line
         problem = _check_item(item, bench.kind)
         if problem:
             raise InputError(path, lineno, problem)
@@ -82,8 +73,6 @@ def load_benchmark(bench: BenchmarkConfig) -> list[dict]:
         items.append(item)
         if bench.limit and len(items) >= bench.limit:
             break
-    if not items:
-        raise InputError(path, None, "benchmark file has no items")
     return items
 
 

@@ -8,6 +8,7 @@ status "missing", so a partial run still gets a table.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,21 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
     return info
 
 
+def _eval_fingerprint(cfg: Config, run: RunDir) -> str:
+    """sha256 of the eval config, the benchmark files and each model's weight files (path, size,
+    mtime): equal fingerprints mean a rerun would compute the same table."""
+    h = hashlib.sha256(cfg.eval.model_dump_json().encode() + cfg.data.template.model_dump_json().encode())
+    for b in cfg.eval.benchmarks:
+        h.update(Path(b.path).read_bytes())
+    folders = [Path(base_model_path(cfg.model, run.base))] + [run.stage(a, s) for a in ARMS for s in TRAINED_STAGES]
+    for folder in folders:
+        for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{folder}:{folder.is_dir()}".encode())
+    return h.hexdigest()
+
+
 def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Evaluate the base model and every stage folder of both arms; write and return
     {"rows": [...], "benchmarks": {...}} (also stored as results["eval"]).
@@ -88,6 +104,10 @@ def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
     Raises `InputError` for a malformed benchmark file before any model is loaded.
     """
     benchmarks = [(b, load_benchmark(b)) for b in cfg.eval.benchmarks]
+    fingerprint = _eval_fingerprint(cfg, run)
+    done = run.read_results().get("eval", {})
+    if done.get("fingerprint") == fingerprint:  # same benchmarks, same model files: nothing to redo
+        return {"rows": done["rows"], "benchmarks": done["benchmarks"]}
     probe = [Path(cfg.eval.probe).read_text(encoding="utf-8")] if cfg.eval.probe else None
 
     base_path = base_model_path(cfg.model, run.base)
@@ -116,4 +136,5 @@ def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
             rows.append(row)
     run.update_results("eval", "rows", rows)
     run.update_results("eval", "benchmarks", info)
+    run.update_results("eval", "fingerprint", fingerprint)
     return {"rows": rows, "benchmarks": info}
