@@ -90,3 +90,24 @@ def test_launcher_configs_parse_and_the_zero3_save_gathers_full_weights():
         assert ds["zero_optimization"]["stage"] == stage
     assert json.loads((folder / "ds_zero3.json").read_text())["zero_optimization"][
         "stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_tokenizer):
+    """`mixcpt data` under torchrun: the main process builds the data, the other waits, and the
+    result is the one a plain run builds (no second writer racing for the same folder)."""
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"planet {i} orbits star {i % 5}"}) + "\n"
+                                              for i in range(200)))
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mixcpt.cli", "data", str(config), "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["data", str(config), "--output", str(tmp_path / "one")]) == 0
+    for name in ("input_ids.npy", "position_ids.npy"):
+        assert (tmp_path / "two" / "data" / "mix" / name).read_bytes() == (
+            tmp_path / "one" / "data" / "mix" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["data", "results.json"]

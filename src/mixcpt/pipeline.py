@@ -15,11 +15,31 @@ def arms(cfg: Config) -> list[str]:
     return ["mixcpt", "baseline"] if cfg.baseline.enabled else ["mixcpt"]
 
 
-def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> None:
-    """Run one stage (for `arm`, or every arm the stage applies to)."""
-    from mixcpt.models import ensure_base_model
+# Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main
+# process runs them while the others wait, instead of every process writing the same folders.
+SINGLE_PROCESS = ("data", "select", "eval", "report")
 
-    ensure_base_model(cfg.model, run.base)  # a GGUF base is converted once into run.base; else a no-op
+
+def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> None:
+    """Run one stage (for `arm`, or every arm the stage applies to). Training stages run on every
+    process of a distributed launch; the others on the main process only."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        from mixcpt.models import ensure_base_model
+
+        ensure_base_model(cfg.model, run.base)  # a GGUF base is converted once into run.base; else a no-op
+    state.wait_for_everyone()
+    if stage in SINGLE_PROCESS and not state.is_main_process:
+        state.wait_for_everyone()
+        return
+    _run_stage(stage, cfg, run, arm)
+    if stage in SINGLE_PROCESS:
+        state.wait_for_everyone()
+
+
+def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None) -> None:
     # Imports are local so that `mixcpt data` does not pay for importing the training stack.
     if stage == "data":
         from mixcpt.data.stage import run_data
