@@ -59,7 +59,7 @@ def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("vocab", 8192), ("hidden", 192), ("intermediate", 512), ("layers", 4), ("heads", 4),
                           ("kv_heads", 4), ("batch", 8), ("seq", 256), ("steps", 7), ("warmup", 2), ("top_k", 64),
-                          ("chunk", 1024)]:
+                          ("chunk", 256)]:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")

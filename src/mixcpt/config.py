@@ -131,7 +131,7 @@ class CPTConfig(_Strict):
     cache_dtype: Literal["float16", "float32"] = Field(
         "float16", description="Storage of the cached top-k log-probabilities (float32: exact when k >= vocabulary)."
     )
-    loss_chunk_size: int = Field(1024, ge=1, description="Positions per chunk of the vocabulary-wide loss.")
+    loss_chunk_size: int = Field(256, ge=1, description="Positions per chunk of the vocabulary-wide loss.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used when teacher is lora.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 

@@ -139,9 +139,16 @@ class LoraTeacher(Teacher):
         self.forward = LossForward(peft_model)
 
     def target(self, inputs):
+        # The adapter layers are toggled on the tuner (`base_model`) directly: PeftModel.disable_adapter()
+        # would also walk every parameter (get_model_status) on each step, for a warning only.
+        tuner = self.peft_model.base_model
         # The unwrapped PEFT model, not the DDP wrapper: no gradient flows, no sync needed.
-        with torch.no_grad(), self.peft_model.disable_adapter():
-            rows, weight, _ = self.forward(self.peft_model, inputs)
+        with torch.no_grad():
+            tuner.disable_adapter_layers()
+            try:
+                rows, weight, _ = self.forward(self.peft_model, inputs)
+            finally:
+                tuner.enable_adapter_layers()
         return SwappedTeacher(rows, weight)
 
 

@@ -36,7 +36,7 @@ class LSSDTrainer(Trainer):
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
 
     def __init__(self, *args, teacher: Teacher | None = None, ce_weight: float = 1.0, lssd_weight: float = 1.0,
-                 temperature: float = 1.0, loss_chunk_size: int = 1024, on_nonfinite: str = "stop", **kwargs):
+                 temperature: float = 1.0, loss_chunk_size: int = 256, on_nonfinite: str = "stop", **kwargs):
         if ce_weight == 0 and lssd_weight == 0:
             raise ConfigError("cpt: ce_weight and lssd_weight are both 0; nothing would be trained")
         if lssd_weight > 0 and teacher is None:
