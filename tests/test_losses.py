@@ -196,6 +196,18 @@ def test_lssd_loss_topk_is_the_documented_bucketed_kl_and_a_lower_bound(k):
     assert got.item() <= lssd_loss(student, teacher, labels, temperature=1.5).item() + 1e-6
 
 
+def test_lssd_loss_topk_stays_finite_when_the_student_leaves_no_mass_outside_the_top_k():
+    """Found in a real run: a student that puts all its float32 mass on the teacher's top-k made
+    log(1 - p(top-k)) -inf and the loss inf, although the teacher keeps some mass in its tail."""
+    student, teacher, labels = random_case(V=31, seed=5)
+    ids, values, tail = teacher_topk(teacher, 4, 1.0)
+    peaked = torch.full_like(student, -60.0).scatter(-1, ids, 40.0).requires_grad_()  # p(top-k) == 1 in float32
+    loss = lssd_loss_topk(peaked, ids, values.float(), tail.float(), labels, chunk_size=4)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0  # the tail's missing mass is still penalised
+    assert torch.isfinite(peaked.grad).all()
+
+
 # ---- cross_entropy -----------------------------------------------------------------------
 def test_cross_entropy_matches_torch():
     student, _, labels = random_case(V=41)

@@ -134,7 +134,11 @@ class SwappedTopK:
         kl = (q * (log_q - log_p_top)).sum()
         tail_share = torch.zeros_like(q[:, 0])  # [c] q_tail / p_tail, the target's scale of p in the tail
         if swapped.shape[-1] < log_p.shape[-1]:  # with k == V there is no tail
-            log_p_tail = torch.log(-torch.expm1(log_p_top.logsumexp(-1)))  # [c] log(1 - p(top-k)), no [c, V] pass
+            # [c] log(1 - p(top-k)) without a [c, V] pass. When the student puts (nearly) all its mass on
+            # the top-k, float32 rounding makes 1 - p(top-k) zero or negative: the floor keeps the
+            # loss and its gradient finite (the tail term is then underestimated, never infinite).
+            p_tail = -torch.expm1(log_p_top.logsumexp(-1))
+            log_p_tail = torch.log(p_tail.clamp_min(torch.finfo(torch.float32).eps))
             log_q_tail = _float32(tail)
             kl = kl + torch.where(log_q_tail > float("-inf"), log_q_tail.exp() * (log_q_tail - log_p_tail), 0.0).sum()
             tail_share = (log_q_tail - log_p_tail).exp()
