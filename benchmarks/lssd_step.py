@@ -89,14 +89,20 @@ def timed_step(trainer: Trainer, inputs: dict[str, torch.Tensor], device: torch.
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    a = arguments().parse_args()
+def setup(a):
+    """(device, base model, temporary folder, blocks, one batch of all blocks on the device,
+    TrainingArguments): what every step benchmark measures on. Keep `tmp` alive while measuring."""
     device = torch.device(a.device)
     base = build_model(a)
     tmp = tempfile.TemporaryDirectory()
     blocks = random_blocks(Path(tmp.name) / "blocks", a)
     batch = {k: torch.stack([torch.as_tensor(blocks[i][k]) for i in range(len(blocks))]).to(device) for k in blocks[0]}
-    args = training_args(a, Path(tmp.name) / "out")
+    return device, base, tmp, blocks, batch, training_args(a, Path(tmp.name) / "out")
+
+
+def main() -> None:
+    a = arguments().parse_args()
+    device, base, tmp, blocks, batch, args = setup(a)
 
     def lora(model):
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))

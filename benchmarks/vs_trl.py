@@ -13,7 +13,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from mixcpt.teachers import OnlineTeacher
 from mixcpt.train.trainer import LSSDTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lssd_step import arguments, build_model, random_blocks, timed_step, training_args  # noqa: E402
+from lssd_step import arguments, setup, timed_step  # noqa: E402
 
 try:
     from trl.experimental.gkd import GKDTrainer
@@ -52,12 +51,7 @@ def main() -> None:
     if GKDTrainer is None:
         print(json.dumps({"benchmark": "vs_trl", "skipped": "trl is not installed"}))
         return
-    device = torch.device(a.device)
-    base = build_model(a)
-    tmp = tempfile.TemporaryDirectory()
-    blocks = random_blocks(Path(tmp.name) / "blocks", a)
-    batch = {k: torch.stack([torch.as_tensor(blocks[i][k]) for i in range(len(blocks))]).to(device) for k in blocks[0]}
-    args = training_args(a, Path(tmp.name) / "out")
+    device, base, tmp, _, batch, args = setup(a)
     ours_model, trl_model = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
     trainers = {
         "ours": LSSDTrainer(model=ours_model, args=args, teacher=OnlineTeacher(ours_model, a.vocab),

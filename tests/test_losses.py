@@ -30,6 +30,14 @@ def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):
     return student, teacher, labels
 
 
+def swapped_target(teacher_row, y, temperature):
+    """q = softmax(z' / T) in float64, z' the row with z[y] and z[argmax z] exchanged (design §1)."""
+    z = teacher_row.double().clone()
+    m = int(z.argmax())
+    z[y], z[m] = z[m].item(), z[y].item()
+    return torch.softmax(z / temperature, -1)
+
+
 def reference_lssd(student, teacher, labels, temperature):
     """Explicit loop over positions in float64: the equations of design §1 written out."""
     total, n = torch.zeros((), dtype=torch.float64), 0
@@ -38,10 +46,7 @@ def reference_lssd(student, teacher, labels, temperature):
             y = int(labels[b, t])
             if y == IGNORE:
                 continue
-            z = teacher[b, t].double().clone()
-            m = int(z.argmax())
-            z[y], z[m] = z[m].item(), z[y].item()
-            q = torch.softmax(z / temperature, -1)
+            q = swapped_target(teacher[b, t], y, temperature)
             log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
             total = total + (q * (q.log() - log_p)).sum()
             n += 1
@@ -56,10 +61,7 @@ def reference_topk(student, teacher, labels, temperature, k):
             y = int(labels[b, t])
             if y == IGNORE:
                 continue
-            z = teacher[b, t].double().clone()
-            m = int(z.argmax())
-            z[y], z[m] = z[m].item(), z[y].item()
-            q = torch.softmax(z / temperature, -1)
+            q = swapped_target(teacher[b, t], y, temperature)
             p = torch.softmax(student[b, t].double() / temperature, -1)
             top = q.topk(k).indices
             tail = torch.ones_like(q, dtype=torch.bool)

@@ -31,10 +31,11 @@ copy, modify and distribute for any purpose without fee, keeping the notice; see
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from pathlib import Path
+
+from mixcpt.align.samples import write_samples  # JSONL, one object per line, unchanged
 
 POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
 
@@ -110,12 +111,6 @@ def tasks_for(synsets: list[dict], rng: random.Random, computed_share: float) ->
     return tasks
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def prompt_of(task: dict) -> str:
     return f"{task['instruction']}\n{task['input']}" if task["input"] else task["instruction"]
 
@@ -142,9 +137,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "instructions.jsonl",
+    write_samples(out / "instructions.jsonl",
                 [{k: t[k] for k in ("instruction", "input", "output")} for t in train_tasks])
-    write_jsonl(out / "preferences.jsonl",
+    write_samples(out / "preferences.jsonl",
                 [{"prompt": prompt_of(t), "chosen": t["output"], "rejected": t["rejected"]} for t in train_tasks])
     mc = []
     for s in heldout:
@@ -153,14 +148,14 @@ def main() -> None:
         rng.shuffle(choices)
         mc.append({"question": f"What does the {s['pos']} \"{s['words'][0]}\" mean?", "choices": choices,
                    "answer": choices.index(sentence(s["definition"]))})
-    write_jsonl(out / "bench_general_mc.jsonl", mc)
-    write_jsonl(out / "bench_general_gen.jsonl",
+    write_samples(out / "bench_general_mc.jsonl", mc)
+    write_samples(out / "bench_general_gen.jsonl",
                 [{"prompt": prompt_of(t), "answers": t.get("answers", [t["output"]])}
                  for t in test_tasks if t["task"] in ("arithmetic", "letters", "sort", "synonym")])
     glosses = [f"{s['words'][0]}: {sentence(s['definition'])}" + "".join(f" {sentence(e)}" for e in s["examples"])
                for s in heldout]
     half = len(glosses) // 2
-    write_jsonl(out / "bench_general_ppl.jsonl",
+    write_samples(out / "bench_general_ppl.jsonl",
                 [{"text": "\n".join(glosses[i:i + 8])} for i in range(0, half, 8)])
     (out / "probe.txt").write_text("\n".join(glosses[half:half + 40]) + "\n", encoding="utf-8")
     print(f"wordnet: {len(train_tasks)} training tasks from {len(train)} synsets, "

@@ -20,11 +20,12 @@ Only the standard library's html.parser is used.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from html.parser import HTMLParser
 from pathlib import Path
+
+from mixcpt.align.samples import write_samples  # JSONL, one object per line, unchanged
 
 BLOCK_TAGS = {"p", "div", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "dl", "ul", "ol", "table",
               "tr", "blockquote", "section", "br"}
@@ -158,12 +159,6 @@ def questions(pages: list[dict], modules: list[str], rng: random.Random, per_pag
     return items
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--html", default="/usr/share/doc/python3.11/html", help="python3.11-doc's HTML folder")
@@ -195,11 +190,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "domain_train.jsonl", [{"text": pg["text"], "source": pg["source"]} for pg in train])
-    write_jsonl(out / "bench_domain_ppl.jsonl",
+    write_samples(out / "domain_train.jsonl", [{"text": pg["text"], "source": pg["source"]} for pg in train])
+    write_samples(out / "bench_domain_ppl.jsonl",
                 [{"text": c} for pg in heldout for c in chunks(pg["text"], args.ppl_chunk_chars)])
-    write_jsonl(out / "bench_domain_mc.jsonl", questions(heldout, modules, rng, args.questions_per_page))
-    write_jsonl(out / "bench_domain_mc_seen.jsonl", questions(train, modules, rng, args.questions_per_page))
+    write_samples(out / "bench_domain_mc.jsonl", questions(heldout, modules, rng, args.questions_per_page))
+    write_samples(out / "bench_domain_mc_seen.jsonl", questions(train, modules, rng, args.questions_per_page))
     print(f"python docs: {len(train)} training pages ({size:,} characters), {len(heldout)} held-out pages -> {out}")
 
 
