@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from mixcpt.data.packing import write_packed
+from mixcpt.malloc_tuning import keep_freed_memory
 from mixcpt.teachers import IndexedBlocks, LoraTeacher, OnlineTeacher, build_teacher_cache
 from mixcpt.config import TrainingConfig
 from mixcpt.train.arguments import training_arguments
@@ -91,7 +92,9 @@ def timed_step(trainer: Trainer, inputs: dict[str, torch.Tensor], device: torch.
 
 def setup(a):
     """(device, base model, temporary folder, blocks, one batch of all blocks on the device,
-    TrainingArguments): what every step benchmark measures on. Keep `tmp` alive while measuring."""
+    TrainingArguments): what every step benchmark measures on. Keep `tmp` alive while measuring.
+    Tunes malloc as the training stages do (`a.malloc_tuned`; MIXCPT_MALLOC_TUNING=0 to compare)."""
+    a.malloc_tuned = keep_freed_memory()
     device = torch.device(a.device)
     base = build_model(a)
     tmp = tempfile.TemporaryDirectory()
@@ -139,6 +142,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "dtype": a.dtype, "params": sum(p.numel() for p in base.parameters()), "vocab": a.vocab,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "loss_chunk_size": a.chunk, "cache_top_k": a.top_k,
+        "malloc_tuned": a.malloc_tuned,
         "step_s": {name: round(s, 4) for name, s in median.items()},
         "plain_tokens_per_s": round(tokens / median["plain"]),
         "plain_over_hf_ce": round(median["plain"] / median["hf_ce"], 3),

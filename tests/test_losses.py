@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from mixcpt.losses import (
     lssd_loss,
     lssd_loss_from_hidden,
     lssd_loss_topk,
+    max_with_index,
     next_token_labels,
     swap_topk_ids,
 )
@@ -108,11 +110,26 @@ def test_swap_topk_ids_matches_the_top_k_of_the_swapped_logits():
     assert torch.equal(ids[..., 0], labels)
 
 
+# ---- max_with_index ------------------------------------------------------------------------
+@pytest.mark.parametrize("V", [384, 100])  # two-level (128 divides V), and the fallback
+def test_max_with_index_gives_the_first_maximum_as_argmax_does_even_with_ties(V):
+    g = torch.Generator().manual_seed(V)
+    z = torch.randint(-3, 4, (64, V), generator=g).float()  # small integers: many rows tie at their maximum
+    z[0, [5, V - 1]] = 9.0  # a tie across the first and last blocks
+    values, index = max_with_index(z)
+    first = torch.tensor([int(np.argmax(row)) for row in z.numpy()])  # numpy documents "first occurrence"
+    assert torch.equal(index, first)
+    assert torch.equal(values, z.amax(-1))
+    assert index[0] == 5
+
+
 # ---- lssd_loss ----------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-@pytest.mark.parametrize("V,chunk_size", [(37, 4), (50, 7), (13, 1024)])
+@pytest.mark.parametrize("V,chunk_size", [(37, 4), (50, 7), (13, 1024), (256, 8)])
 def test_lssd_loss_matches_the_naive_reference_in_value_and_gradient(temperature, V, chunk_size):
     student, teacher, labels = random_case(V=V, seed=V)
+    if V == 256:  # two-level top-1 (128 divides V); rounded logits tie at the top as bf16 ones do
+        teacher = teacher.round()
     student.requires_grad_()
     loss = lssd_loss(student, teacher, labels, temperature=temperature, chunk_size=chunk_size)
     loss.backward()

@@ -68,6 +68,21 @@ def _rows(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=like.device)
 
 
+def max_with_index(z: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [c, V] -> (z[m] [c], m [c]), m the first index of each row's maximum, as `z.max(-1)` gives.
+
+    In two levels, because max-with-index is a slow scalar loop on CPU (~4x a vectorised `amax`):
+    the maximum of every `block` columns, the first block holding the row's maximum, then the
+    first index inside that block. Falls back to `z.max(-1)` when `block` does not divide V.
+    """
+    c, v = z.shape
+    if v % block:
+        return z.max(-1)
+    blocks = z.reshape(c, v // block, block)  # [c, V/block, block]
+    z_top1, first_block = blocks.amax(-1).max(-1)  # [c], [c]
+    return z_top1, first_block * block + blocks[_rows(c, z), first_block].argmax(-1)
+
+
 @dataclass
 class SwappedTeacher:
     """The LSSD target from the teacher's whole distribution: `rows` are its logits [B, T, V], or its
@@ -80,14 +95,14 @@ class SwappedTeacher:
     def per_position(self) -> tuple[torch.Tensor, ...]:
         return (self.rows,)
 
-    def chunk(self, log_p: torch.Tensor, grad: torch.Tensor, p_scale: float, q_scale: float, labels: torch.Tensor,
+    def chunk(self, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor,
               rows: torch.Tensor, temperature: float):
         """For one chunk: the student's log_p [c, V] at temperature T, `grad` [c, V] holding its p = exp(log_p),
-        labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into p_scale * p - q_scale * q'
-        (q' the swapped target) and returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
+        labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into p - q_scale * q' (q' the
+        swapped target) and returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
         z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
         z = _float32(z) if temperature == 1 else _float32(z) / temperature
-        z_top1, top1 = z.max(-1)  # [c] z[m] and m (on CPU ~2.5x faster than argmax)
+        z_top1, top1 = max_with_index(z)  # [c] z[m] and m
         q = torch.softmax(z, dim=-1)  # [c, V]; its log is never made: log q = z - lse
         i = _rows(len(labels), q)
         lse = z_top1 - q[i, top1].log()  # [c] q[m] = 1 / sum exp(z - z[m]) >= 1 / V: no underflow
@@ -98,7 +113,7 @@ class SwappedTeacher:
         # places (in place, on [c] entries instead of copying [c, V] logits twice).
         q_label, q_top1 = q[i, labels], q[i, top1]
         q[i, top1], q[i, labels] = q_label, q_top1
-        grad.mul_(p_scale).sub_(q, alpha=q_scale)
+        grad.sub_(q, alpha=q_scale)
         return neg_entropy - torch.vdot(q.flatten(), log_p.flatten()), (top1 == labels).sum()
 
 
@@ -122,7 +137,7 @@ class SwappedTopK:
     def per_position(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.logprobs, self.tail
 
-    def chunk(self, log_p: torch.Tensor, grad: torch.Tensor, p_scale: float, q_scale: float, labels: torch.Tensor,
+    def chunk(self, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor,
               ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, temperature: float):
         """As `SwappedTeacher.chunk`, with the chunk's ids, logprobs [c, k] and tail [c]. The target
         whose KL gradient is the bucketed one is q on the swapped top-k, and q_tail spread over the
@@ -142,9 +157,9 @@ class SwappedTopK:
             log_q_tail = _float32(tail)
             kl = kl + torch.where(log_q_tail > float("-inf"), log_q_tail.exp() * (log_q_tail - log_p_tail), 0.0).sum()
             tail_share = (log_q_tail - log_p_tail).exp()
-        # target = tail_share * p everywhere, but q in the top-k slots: grad = p * (p_scale - q_scale *
-        # tail_share) per row, then the top-k slots corrected by q_scale * (tail_share * p - q)
-        grad.mul_((p_scale - q_scale * tail_share).unsqueeze(-1))
+        # target = tail_share * p everywhere, but q in the top-k slots: grad = p * (1 - q_scale * tail_share)
+        # per row, then the top-k slots corrected by q_scale * (tail_share * p - q)
+        grad.mul_((1 - q_scale * tail_share).unsqueeze(-1))
         grad.scatter_add_(-1, swapped, q_scale * (tail_share.unsqueeze(-1) * log_p_top.exp() - q))
         return kl, (ids[:, 0] == labels).sum()
 
@@ -179,6 +194,10 @@ class _FusedCPTLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=_float32(weight).dtype) if need_weight else None
         sums = torch.zeros(3, dtype=_float32(rows).dtype, device=rows.device)  # ce, kl, top-1 matches
         ce_scale, lssd_scale = ce_weight / n, lssd_weight / n / temperature  # d(mean loss)/ds factors
+        # d loss / ds = scale * g, g = p - lssd_share * q' - ce_share * onehot(y) at T = 1; g is built in place
+        # in p's memory and `scale` is applied by the output layer's matmuls, sparing a [c, V] pass.
+        scale = ce_scale + (lssd_scale if target is not None else 0.0)
+        ce_share, lssd_share = (ce_scale / scale, lssd_scale / scale) if scale else (0.0, 0.0)
         for start in range(0, len(keep_b), chunk_size):
             b, t = keep_b[start:start + chunk_size], keep_t[start:start + chunk_size]  # [c]
             x, y = rows[b, t], labels[b, t]  # [c, V|H], [c]
@@ -186,28 +205,28 @@ class _FusedCPTLoss(torch.autograd.Function):
             log_p = F.log_softmax(s, dim=-1)  # [c, V]
             i = _rows(len(y), log_p)
             sums[0] -= log_p[i, y].sum()
-            # d loss / d s = ce_scale * (p - onehot(y)) + lssd_scale * (p_T - q'), built in place in p's memory
             grad = log_p.exp()  # p
-            if target is None:
-                grad.mul_(ce_scale)
-            else:
+            if target is not None:
                 teacher_chunk = [d[b, t] for d in teacher_data]
-                if temperature == 1:  # p_T = p: the target scales grad to (ce + lssd) * p - lssd * q'
-                    kl, top1 = target.chunk(log_p, grad, ce_scale + lssd_scale, lssd_scale, y, *teacher_chunk,
-                                            temperature=temperature)
-                else:  # the target makes lssd * (p_T - q') in p_T's memory; ce * p is added to it
+                if temperature == 1:  # p_T = p: the target makes p - lssd_share * q'
+                    kl, top1 = target.chunk(log_p, grad, lssd_share, y, *teacher_chunk, temperature=temperature)
+                else:  # the target makes p_T - q' in p_T's memory; then g = lssd_share * (p_T - q') + ce_share * p
                     log_p_t = F.log_softmax(s / temperature, dim=-1)
                     grad_t = log_p_t.exp()  # p_T
-                    kl, top1 = target.chunk(log_p_t, grad_t, lssd_scale, lssd_scale, y, *teacher_chunk,
-                                            temperature=temperature)
-                    grad = grad_t.add_(grad, alpha=ce_scale)
+                    kl, top1 = target.chunk(log_p_t, grad_t, 1.0, y, *teacher_chunk, temperature=temperature)
+                    grad = grad_t.mul_(lssd_share).add_(grad, alpha=ce_share)
                 sums[1] += kl
                 sums[2] += top1
-            grad[i, y] -= ce_scale
+            grad[i, y] -= ce_share
             if need_rows:
-                grad_rows[b, t] = grad.to(rows.dtype) if weight is None else grad.to(weight.dtype) @ weight
-            if need_weight:
-                grad_weight += grad.to(x.dtype).T @ x  # [V, H]
+                grad_x = grad.to(rows.dtype) if weight is None else grad.to(weight.dtype) @ weight  # [c, V|H]
+                grad_rows[b, t] = grad_x.mul_(scale)
+            if need_weight:  # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
+                # (under autocast the out-of-place matmul keeps the autocast precision)
+                if grad_weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+                    grad_weight.addmm_(grad.T, x, alpha=scale)
+                else:
+                    grad_weight.add_(grad.to(x.dtype).T @ x, alpha=scale)
         ctx.save_for_backward(grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype))
         ce, lssd, matches = sums[0] / n, sums[1] / n, sums[2].long()
         ctx.mark_non_differentiable(ce, lssd, matches)

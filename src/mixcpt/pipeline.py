@@ -25,6 +25,9 @@ def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> N
     process of a distributed launch; the others on the main process only."""
     from accelerate import PartialState
 
+    from mixcpt.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # chunk-sized temporaries are reused, not faulted in afresh (see its module)
     state = PartialState()
     if state.is_main_process:
         from mixcpt.models import ensure_base_model
