@@ -20,6 +20,7 @@ from mixcpt.teachers import (
     LossForward,
     OnlineTeacher,
     build_teacher_cache,
+    top_k_logprobs,
 )
 
 V, BLOCK = 400, 16
@@ -103,6 +104,21 @@ def test_cache_with_small_k_stores_fp16_top_k_and_gives_the_bucketed_loss(blocks
     expected = lssd_loss_topk(student, ids, values, tail, labels)
     got, _ = teacher_lssd(cache, batch, student, labels, temperature=1.0, chunk_size=64)
     assert got.item() == pytest.approx(expected.item(), rel=2e-3)  # fp16 storage of the log-probs
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+def test_cache_top_k_from_hidden_states_in_chunks_equals_the_full_log_softmax(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(20, 8, generator=g), torch.randn(V, 8, generator=g) * 3  # peaked: tiny tails
+    log_q = (hidden.double() @ weight.double().T / 0.5).log_softmax(-1)  # [20, V] in float64
+    values, ids, tail = top_k_logprobs(hidden, weight, 5, temperature=0.5, chunk_size=chunk_size)
+    expected_values, expected_ids = log_q.topk(5, dim=-1)
+    torch.testing.assert_close(values.double(), expected_values, atol=1e-4, rtol=0)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(tail.double(), log_q.scatter(-1, expected_ids, float("-inf")).logsumexp(-1),
+                               atol=1e-3, rtol=1e-4)
+    _, _, no_tail = top_k_logprobs(hidden, weight, V, temperature=0.5, chunk_size=chunk_size)
+    assert torch.isneginf(no_tail).all()
 
 
 def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path):

@@ -52,12 +52,6 @@ def vocab_size(model: torch.nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def _forward_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, T, V] logits of a packed batch: position ids restart per document and no attention
-    mask is passed, so transformers builds the block-diagonal causal mask itself."""
-    return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
-
-
 class LossForward:
     """Runs a causal LM on a packed batch for a vocabulary-wide loss, from its final hidden states
     when that is exact, so its [B, T, V] logits are never made.
@@ -206,14 +200,37 @@ class CachedTeacher(Teacher):
         return SwappedTopK(load(self.ids), load(self.logprobs), load(self.tail))
 
 
+def top_k_logprobs(rows: torch.Tensor, weight: torch.Tensor | None, k: int, temperature: float,
+                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k at temperature T, a chunk of positions at a time, so only one chunk's
+    float32 [chunk, V] logits exist (at 128k vocabulary and 8 x 4k positions the whole batch's
+    would be 16 GB per copy).
+
+    rows: hidden states [N, H] with the output layer's `weight` [V, H], or logits [N, V] with None.
+    Returns (log-probabilities [N, k] most likely first, their ids [N, k], the log of the remaining
+    mass [N], -inf when k = V), float32 and int64."""
+    values, ids, tails = [], [], []
+    for start in range(0, len(rows), chunk_size):
+        x = rows[start:start + chunk_size]
+        z = (x if weight is None else x @ weight.T).float() / temperature  # [c, V]
+        lse = z.logsumexp(-1)  # [c]
+        top_z, top_ids = z.topk(k, dim=-1)  # [c, k]
+        values.append(top_z - lse.unsqueeze(-1))
+        ids.append(top_ids)
+        tails.append(z.scatter(-1, top_ids, float("-inf")).logsumexp(-1) - lse)  # exact, even when it is tiny
+    return torch.cat(values), torch.cat(ids), torch.cat(tails)
+
+
 def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: str | Path, top_k: int,
-                        temperature: float, batch_size: int = 8, dtype: str = "float16") -> CachedTeacher:
+                        temperature: float, batch_size: int = 8, dtype: str = "float16",
+                        chunk_size: int = 256) -> CachedTeacher:
     """Compute the teacher's top-k log-probabilities over every block of `blocks` into `folder`
     (layout in the module docstring) and return the `CachedTeacher` reading it.
 
     Runs `model` without grad on its current device, `batch_size` blocks at a time, with a
-    progress bar. Resumes a partial cache built for the same key; an existing cache with another
-    key (other data, other teacher weights, k, T or dtype) is a `ConfigError`. k is capped at V.
+    progress bar; the output layer is applied `chunk_size` positions at a time (`top_k_logprobs`).
+    Resumes a partial cache built for the same key; an existing cache with another key (other
+    data, other teacher weights, k, T or dtype) is a `ConfigError`. k is capped at V.
     """
     folder = Path(folder)
     n_blocks, positions = len(blocks), blocks.block_size - 1
@@ -241,18 +258,18 @@ def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: st
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    forward = LossForward(model)
     with tqdm(total=n_blocks, initial=done, desc="teacher cache", unit="block") as bar, torch.no_grad():
         for start in range(done, n_blocks, batch_size):
             batch = [blocks[i] for i in range(start, min(start + batch_size, n_blocks))]
             inputs = {name: torch.stack([b[name] for b in batch]).to(device) for name in ("input_ids", "position_ids")}
-            logits = _forward_logits(model, inputs)[:, :-1]  # [b, P, V]
-            log_q = torch.log_softmax(logits.float() / temperature, dim=-1)  # [b, P, V]
-            top_logq, top_ids = log_q.topk(k, dim=-1)  # [b, P, k], most likely first
-            tail_logq = log_q.scatter(-1, top_ids, float("-inf")).logsumexp(-1)  # [b, P]
+            teacher_rows, weight, _ = forward(model, inputs)  # [b, P + 1, H] and [V, H], or logits [b, P + 1, V]
+            top_logq, top_ids, tail_logq = top_k_logprobs(teacher_rows[:, :-1].flatten(0, 1), weight, k, temperature,
+                                                          chunk_size)  # [b * P, k], [b * P, k], [b * P]
             rows = slice(start, start + len(batch))
-            ids[rows] = top_ids.cpu().numpy()
-            logprobs[rows] = top_logq.cpu().numpy()
-            tail[rows] = tail_logq.cpu().numpy()
+            ids[rows] = top_ids.view(len(batch), positions, k).cpu().numpy()
+            logprobs[rows] = top_logq.view(len(batch), positions, k).cpu().numpy()
+            tail[rows] = tail_logq.view(len(batch), positions).cpu().numpy()
             for array in (ids, logprobs, tail):
                 array.flush()
             write_json_atomic(folder / "progress.json", {"blocks_done": start + len(batch)})
@@ -271,4 +288,4 @@ def make_teacher(cpt: CPTConfig, model: torch.nn.Module, blocks: PackedBlocks, c
     if cpt.teacher == "lora":
         return LoraTeacher(model)
     return build_teacher_cache(model, blocks, cache_folder, cpt.cache_top_k, cpt.temperature, batch_size,
-                               cpt.cache_dtype)
+                               cpt.cache_dtype, cpt.loss_chunk_size)
