@@ -1,4 +1,4 @@
-"""glibc malloc settings for training on the CPU (design §8).
+"""glibc malloc settings for the training stages on the CPU.
 
 The chunked loss makes and frees a few [chunk, V] float32 temporaries per chunk (8 MB each at 256
 positions and an 8k vocabulary). With glibc's defaults those come back as fresh pages from the
