@@ -218,9 +218,9 @@ class _FusedCPTLoss(torch.autograd.Function):
                 sums[1] += kl
                 sums[2] += top1
             grad[i, y] -= ce_share
-            if need_rows:
-                grad_x = grad.to(rows.dtype) if weight is None else grad.to(weight.dtype) @ weight  # [c, V|H]
-                grad_rows[b, t] = grad_x.mul_(scale)
+            if need_rows:  # scaled in float32, then cast to rows' dtype
+                grad_x = grad if weight is None else _float32(grad.to(weight.dtype) @ weight)  # [c, V|H]
+                grad_rows[b, t] = grad_x.mul_(scale).to(rows.dtype)
             if need_weight:  # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
                 # (under autocast the out-of-place matmul keeps the autocast precision)
                 if grad_weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
