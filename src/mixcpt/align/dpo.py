@@ -18,10 +18,9 @@ from transformers import PreTrainedModel, Trainer
 
 from mixcpt.align.encoding import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch, \
     response_logps, score_features
-from mixcpt.align.samples import read_samples, usable_indices
+from mixcpt.align.samples import usable_rows
 from mixcpt.align.stage import log_history_metrics, recorded_metrics, require_model, train_and_save
 from mixcpt.config import Config
-from mixcpt.errors import InputError
 from mixcpt.losses import dpo_loss
 from mixcpt.models import load_model, load_tokenizer
 from mixcpt.rundir import RunDir
@@ -115,11 +114,7 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
     tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
     ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
 
-    rows = read_samples(data_path, "preference")
-    usable, _ = usable_indices(rows, "preference", data_path)
-    if not usable:
-        raise InputError(data_path, None, "no usable preference pairs to train on")
-    train_set = pair_features([rows[i] for i in usable], tokenizer, cfg.dpo.max_length, str(data_path))
+    train_set = pair_features(usable_rows(data_path, "preference"), tokenizer, cfg.dpo.max_length, str(data_path))
 
     load = partial(load_model, start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     model, ref_model = load(), None

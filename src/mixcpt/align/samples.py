@@ -83,3 +83,13 @@ def usable_indices(rows: list[dict], kind: str, source: str | Path) -> tuple[lis
         log.warning("%s: skipped %d of %d %s samples (%s)", source, len(skipped), len(rows), kind,
                     ", ".join(f"{counts[r]} with {r}" for r in sorted(counts)))
     return usable, skipped
+
+
+def usable_rows(path: Path, kind: str) -> list[dict]:
+    """The rows of a selection or pool file that pass `skip_reason` (the others counted in one
+    warning); an `InputError` naming the file when none does, as there is nothing to train on."""
+    rows = read_samples(path, kind)
+    usable, _ = usable_indices(rows, kind, path)
+    if not usable:
+        raise InputError(path, None, f"no usable {kind} samples to train on")
+    return [rows[i] for i in usable]

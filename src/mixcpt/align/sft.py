@@ -15,10 +15,9 @@ from functools import partial
 from transformers import Trainer
 
 from mixcpt.align.encoding import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch
-from mixcpt.align.samples import read_samples, usable_indices
+from mixcpt.align.samples import usable_rows
 from mixcpt.align.stage import recorded_metrics, require_model, train_and_save
 from mixcpt.config import Config
-from mixcpt.errors import InputError
 from mixcpt.models import load_model, load_tokenizer
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
@@ -42,11 +41,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
     tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
     ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
 
-    rows = read_samples(data_path, "instruction")
-    usable, _ = usable_indices(rows, "instruction", data_path)
-    if not usable:
-        raise InputError(data_path, None, "no usable instruction samples to train on")
-    train_set = sft_features([rows[i] for i in usable], tokenizer, cfg.sft.max_length, str(data_path))
+    train_set = sft_features(usable_rows(data_path, "instruction"), tokenizer, cfg.sft.max_length, str(data_path))
 
     model = load_model(start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     args = training_arguments(cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
