@@ -203,6 +203,18 @@ class ScaledLlama(LlamaForCausalLM):
         return outputs
 
 
+def test_teachers_keep_packed_documents_apart_even_when_the_config_enables_the_kv_cache(blocks, teacher_model):
+    """A model straight from from_pretrained has use_cache=True, with which transformers would let the
+    documents of a packed block attend to each other; the teachers' forward turns the cache off."""
+    teacher_model.config.use_cache = True
+    block = batch_of(blocks, [0])
+    start = int((block["position_ids"][0, 1:] == 0).nonzero()[0]) + 1  # the second document
+    target = OnlineTeacher(teacher_model, V).target(block)
+    with torch.no_grad():
+        alone = teacher_model(input_ids=block["input_ids"][:, start:], use_cache=False).logits
+    torch.testing.assert_close(target_logits(target)[:, start:], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_loss_forward_falls_back_to_logits_when_something_follows_the_output_layer(blocks, teacher_model):
     batch = batch_of(blocks, [0, 1])
     scaled = ScaledLlama(teacher_model.config)

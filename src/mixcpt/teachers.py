@@ -52,6 +52,14 @@ def vocab_size(model: torch.nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def packed_forward_inputs(inputs: dict[str, torch.Tensor]) -> dict:
+    """The forward arguments of a packed batch: input ids and position ids, no attention mask (position
+    ids restart per document, so transformers masks block-diagonally), and no KV cache, without which
+    transformers skips that packed-sequence detection whatever `config.use_cache` says (with a cache,
+    documents in a block would attend to each other)."""
+    return {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"], "use_cache": False}
+
+
 class LossForward:
     """Runs a causal LM on a packed batch for a vocabulary-wide loss, from its final hidden states
     when that is exact, so its [B, T, V] logits are never made.
@@ -74,8 +82,7 @@ class LossForward:
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
         """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H] with
         the weight [V, H], or logits [B, T, V] with None."""
-        # No attention mask: position ids restart per document, so transformers masks block-diagonally.
-        batch = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
+        batch = packed_forward_inputs(inputs)
         if self.head is not None:
             outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
             hidden = outputs.hidden_states[-1]  # [B, T, H] the output layer's input

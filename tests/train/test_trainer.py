@@ -83,10 +83,12 @@ def test_the_online_teacher_is_a_frozen_copy(tiny_model, domain_blocks, tmp_path
     assert all(torch.equal(v, original[k]) for k, v in teacher.model.state_dict().items())
 
 
-def test_packed_documents_do_not_attend_to_each_other(tiny_model, tiny_tokenizer, domain_blocks, tmp_path):
+@pytest.mark.parametrize("use_cache", [False, True])  # with a KV cache transformers would not mask packed documents
+def test_packed_documents_do_not_attend_to_each_other(tiny_model, tiny_tokenizer, domain_blocks, tmp_path, use_cache):
     """compute_loss passes position ids and no attention mask: a document's logits inside a packed
-    block are those of the document alone."""
+    block are those of the document alone, whatever the model's config says about its KV cache."""
     trainer = make_trainer(tiny_model, domain_blocks, tmp_path, lssd_weight=0.0)
+    tiny_model.config.use_cache = use_cache  # after the Trainer, which sets it from TrainingArguments.use_cache
     # a block in which a document starts after position 0 (the one before it fills the start)
     block = next(b for b in (domain_blocks[i] for i in range(len(domain_blocks))) if (b["position_ids"][1:] == 0).any())
     block = {k: v[None] for k, v in block.items() if k != "block_index"}
@@ -94,7 +96,9 @@ def test_packed_documents_do_not_attend_to_each_other(tiny_model, tiny_tokenizer
     with torch.no_grad():
         _, outputs = trainer.compute_loss(tiny_model, block, return_outputs=True)
         alone = tiny_model(input_ids=block["input_ids"][:, start:]).logits
+        student, weight, _ = trainer.student_forward(tiny_model, block)  # the path training takes: hidden states
     torch.testing.assert_close(outputs.logits[:, start:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student[:, start:] @ weight.T, alone, atol=1e-5, rtol=1e-5)
 
 
 class NaNTeacher(Teacher):

@@ -5,9 +5,10 @@ A packed stream folder holds
     position_ids.npy  int32 [n_blocks, block_size]  restart at 0 at every document start
     meta.json         {"n_blocks", "block_size", "n_tokens", "pad_token_id", "fingerprint"}
 Only the tail of the last block is padding (flat index >= n_tokens); its labels are -100.
-Position ids that restart per document, with no attention mask, make transformers build a
-block-diagonal causal mask (masking_utils.find_packed_sequence_indices), so tokens do not
-attend across document boundaries in models that support it (Llama, Qwen, Mistral, ...).
+Position ids that restart per document, with no attention mask and no KV cache, make transformers
+build a block-diagonal causal mask (masking_utils.find_packed_sequence_indices), so tokens do not
+attend across document boundaries in models that support it (Llama, Qwen, Mistral, ...); the
+training and teacher forwards pass exactly that (`teachers.packed_forward_inputs`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from transformers import Trainer
 
 from mixcpt.errors import ConfigError
 from mixcpt.losses import IGNORE_INDEX, cpt_loss, next_token_labels
-from mixcpt.teachers import LossForward, Teacher
+from mixcpt.teachers import LossForward, Teacher, packed_forward_inputs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +52,7 @@ class LSSDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = next_token_labels(inputs["labels"])  # [B, T]: the target of position t is token t + 1
         if return_outputs:  # the caller wants the logits (prediction_step): make them
-            outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
+            outputs = model(**packed_forward_inputs(inputs))
             student, weight = outputs.logits, None  # [B, T, V]
         else:
             student, weight, outputs = self.student_forward(model, inputs)  # [B, T, H] and [V, H], or logits
