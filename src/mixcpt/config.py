@@ -132,9 +132,9 @@ class CPTConfig(_Strict):
         "float16", description="Storage of the cached top-k log-probabilities (float32: exact when k >= vocabulary)."
     )
     loss_chunk_size: int = Field(256, ge=1, description=(
-        "Positions per chunk of the vocabulary-wide loss (and of the teacher cache's top-k). The loss holds about "
-        "five float32 [chunk, vocabulary] tensors at a time. 256 was fastest on CPU; on a GPU larger chunks (1024-4096) "
-        "launch fewer kernels."))
+        "Positions per chunk of the vocabulary-wide loss (and of the teacher cache's top-k). The loss holds "
+        "about five float32 [chunk, vocabulary] tensors at a time. 256 was fastest on CPU; on a GPU larger "
+        "chunks (1024-4096) launch fewer kernels."))
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used when teacher is lora.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
