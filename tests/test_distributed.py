@@ -2,7 +2,8 @@
 
 `torchrun --nproc_per_node 2 -m mixcpt.cli cpt` with 2 blocks per process is compared with one
 process of 4 blocks per step: the same blocks reach each optimizer step (the sampler shards the
-same seeded permutation), so the logged losses and the final weights must agree.
+same seeded permutation), so the logged losses and the final weights must agree, even though one
+block is mostly padding and the two processes see different numbers of supervised tokens.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from safetensors.torch import load_file
 from mixcpt.cli import main
 from mixcpt.data.packing import write_packed
 
-BLOCK_SIZE, N_BLOCKS, STEPS = 32, 24, 4
+BLOCK_SIZE, N_BLOCKS, STEPS = 32, 16, 4  # 4 steps of 4 blocks: one epoch, every block used
 
 
 def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
-    """A config file and a run folder whose data stage is done: N_BLOCKS full blocks of seeded tokens
-    (no padded tail, so every process sees as many supervised tokens as every other)."""
+    """A config file and a run folder whose data stage is done: N_BLOCKS blocks of seeded tokens, the
+    last one holding 3 tokens and then padding."""
     (tmp_path / "domain.txt").write_text("unused: the packed stream below stands for the data stage's output")
     config = {
         "seed": 0,
@@ -42,7 +43,7 @@ def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
     rng = np.random.default_rng(0)
     ids = rng.integers(3, len(tokenizer), size=(N_BLOCKS, BLOCK_SIZE))
     positions = np.tile(np.arange(BLOCK_SIZE) % 16, (N_BLOCKS, 1))  # two 16-token documents per block
-    write_packed(out / "data" / "mix", ids, positions, ids.size, tokenizer.pad_token_id, "synthetic")
+    write_packed(out / "data" / "mix", ids, positions, ids.size - BLOCK_SIZE + 3, tokenizer.pad_token_id, "synthetic")
     return config_path, out
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from mixcpt.config import TrainingConfig
+from mixcpt.data.packing import write_packed
 from mixcpt.errors import ConfigError
 from mixcpt.losses import SwappedTeacher, lssd_loss
 from mixcpt.teachers import IndexedBlocks, OnlineTeacher, Teacher
@@ -99,6 +101,30 @@ def test_packed_documents_do_not_attend_to_each_other(tiny_model, tiny_tokenizer
         student, weight, _ = trainer.student_forward(tiny_model, block)  # the path training takes: hidden states
     torch.testing.assert_close(outputs.logits[:, start:], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(student[:, start:] @ weight.T, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_weighs_every_supervised_position_equally(tiny_model, tmp_path):
+    """Two micro-batches of 2 blocks (gradient accumulation) train exactly as one batch of 4, even when
+    a block is mostly padding: the loss is normalised by the supervised positions of the whole step,
+    not averaged per micro-batch."""
+    V = tiny_model.config.vocab_size
+    ids = np.random.default_rng(0).integers(3, V, size=(8, 16))
+    write_packed(tmp_path / "mix", ids, np.tile(np.arange(16), (8, 1)), n_tokens=7 * 16 + 3, pad_token_id=0,
+                 fingerprint="ga")  # the last block: 3 tokens, then padding
+    blocks = IndexedBlocks(tmp_path / "mix")
+
+    def train(batch_size, accumulation):
+        model = copy.deepcopy(tiny_model).train()
+        tc = TrainingConfig(learning_rate=3e-3, max_steps=2, per_device_batch_size=batch_size,  # 2 steps: all 8 blocks
+                            gradient_accumulation_steps=accumulation, lr_scheduler="constant", save_steps=1000)
+        args = training_arguments(tc, tmp_path / f"out-{batch_size}", seed=0, remove_unused_columns=False)
+        LSSDTrainer(model=model, args=args, train_dataset=blocks, teacher=OnlineTeacher(tiny_model, V),
+                    loss_chunk_size=16).train()
+        return model
+
+    whole, accumulated = train(4, 1), train(2, 2)
+    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
 class NaNTeacher(Teacher):

@@ -33,8 +33,6 @@ class LSSDTrainer(Trainer):
     `model`, the DDP-wrapped module, so gradients sync as usual.
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
-
     def __init__(self, *args, teacher: Teacher | None = None, ce_weight: float = 1.0, lssd_weight: float = 1.0,
                  temperature: float = 1.0, loss_chunk_size: int = 256, on_nonfinite: str = "stop", **kwargs):
         if ce_weight == 0 and lssd_weight == 0:
@@ -42,6 +40,10 @@ class LSSDTrainer(Trainer):
         if lssd_weight > 0 and teacher is None:
             raise ValueError("LSSDTrainer: lssd_weight > 0 needs a teacher")
         super().__init__(*args, **kwargs)
+        # Have Trainer count the supervised positions of each optimizer step (`num_items_in_batch`, over every
+        # micro-batch of gradient accumulation and every process) whatever the model's forward accepts:
+        # compute_loss normalises by it, so micro-batches with more padding weigh less, as in one big batch.
+        self.model_accepts_loss_kwargs = True
         self.teacher = teacher if lssd_weight > 0 else None
         self.ce_weight, self.lssd_weight = ce_weight, lssd_weight
         self.temperature, self.loss_chunk_size, self.on_nonfinite = temperature, loss_chunk_size, on_nonfinite
@@ -60,24 +62,32 @@ class LSSDTrainer(Trainer):
         with self.accelerator.autocast():  # the chunked output layer in the forward's precision
             result = cpt_loss(student, labels, target, weight, self.ce_weight, self.lssd_weight, self.temperature,
                               IGNORE_INDEX, self.loss_chunk_size)
-        loss = result.loss
-        # Every key on every batch and rank, so the sums can be reduced across processes in `log`.
-        terms = {"ce_loss": result.ce, "lssd_loss": result.lssd, "teacher_top1_matches": result.teacher_top1_matches,
-                 "supervised": (labels != IGNORE_INDEX).sum(), "skipped_batches": torch.zeros_like(result.ce)}
+        supervised = (labels != IGNORE_INDEX).sum()
+        loss = result.loss  # mean over this micro-batch's supervised positions
+        if num_items_in_batch is not None:  # -> sum over them / supervised positions of the whole step
+            loss = loss * supervised / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # the count spans processes, and DDP averages gradients
+                # (as Trainer.compute_loss scales a model's own loss)
+                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        # Sums over supervised positions, so the logged means weigh every position alike, as the loss does;
+        # every key on every batch and rank, so the sums can be reduced across processes in `log`.
+        terms = {"ce": result.ce * supervised, "lssd": result.lssd * supervised,
+                 "teacher_top1_matches": result.teacher_top1_matches, "supervised": supervised,
+                 "skipped_batches": torch.zeros_like(result.ce)}
         if not torch.isfinite(loss):
-            loss = self._nonfinite(model, terms)
-        for name, value in {**terms, "batches": torch.ones_like(result.ce)}.items():
+            loss = self._nonfinite(model, result, terms)
+        for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0) + value.float()
         return (loss, outputs) if return_outputs else loss
 
-    def _nonfinite(self, model, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        shown = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items() if k.endswith("loss"))
+    def _nonfinite(self, model, result, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.on_nonfinite == "stop":
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.global_step} ({shown}); the last checkpoint in "
-                f"{self.args.output_dir} is intact. Lower the learning rate, or set on_nonfinite: skip.")
-        terms.update(ce_loss=torch.zeros_like(terms["ce_loss"]), lssd_loss=torch.zeros_like(terms["ce_loss"]),
-                     skipped_batches=torch.ones_like(terms["ce_loss"]))
+                f"non-finite loss at step {self.state.global_step} (ce_loss={result.ce.item():.4g}, "
+                f"lssd_loss={result.lssd.item():.4g}); the last checkpoint in {self.args.output_dir} is intact. "
+                f"Lower the learning rate, or set on_nonfinite: skip.")
+        zero = torch.zeros_like(result.ce)
+        terms.update(ce=zero, lssd=zero, teacher_top1_matches=zero, supervised=zero, skipped_batches=zero + 1)
         # A zero that touches every trainable parameter and none of the poisoned graph: the batch adds
         # nothing to the gradients, and DDP still sees a gradient for each parameter.
         return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
@@ -87,10 +97,11 @@ class LSSDTrainer(Trainer):
             names = sorted(self._sums)
             totals = self.accelerator.reduce(torch.stack([self._sums[n] for n in names]), reduction="sum")
             sums = dict(zip(names, totals.tolist()))
-            logs["ce_loss"] = round(sums["ce_loss"] / sums["batches"], 6)
+            supervised = max(sums["supervised"], 1)
+            logs["ce_loss"] = round(sums["ce"] / supervised, 6)
             if self.teacher is not None:
-                logs["lssd_loss"] = round(sums["lssd_loss"] / sums["batches"], 6)
-                logs["teacher_top1_match"] = round(sums["teacher_top1_matches"] / max(sums["supervised"], 1), 6)
+                logs["lssd_loss"] = round(sums["lssd"] / supervised, 6)
+                logs["teacher_top1_match"] = round(sums["teacher_top1_matches"] / supervised, 6)
             if sums["skipped_batches"]:
                 logs["skipped_batches"] = int(sums["skipped_batches"])
             self._sums = {}
