@@ -40,40 +40,36 @@ def swapped_target(teacher_row, y, temperature):
     return torch.softmax(z / temperature, -1)
 
 
+def mean_over_supervised(labels, kl_at):
+    """Explicit loop over positions: the mean of kl_at(b, t, y) [float64 scalar] where labels[b, t] = y
+    is supervised."""
+    kls = [kl_at(b, t, int(labels[b, t])) for b in range(labels.shape[0]) for t in range(labels.shape[1])
+           if int(labels[b, t]) != IGNORE]
+    return torch.stack(kls).mean()
+
+
 def reference_lssd(student, teacher, labels, temperature):
-    """Explicit loop over positions in float64: the equations of design §1 written out."""
-    total, n = torch.zeros((), dtype=torch.float64), 0
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1]):
-            y = int(labels[b, t])
-            if y == IGNORE:
-                continue
-            q = swapped_target(teacher[b, t], y, temperature)
-            log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
-            total = total + (q * (q.log() - log_p)).sum()
-            n += 1
-    return total / n
+    """The equations of design §1 written out, in float64."""
+    def kl_at(b, t, y):
+        q = swapped_target(teacher[b, t], y, temperature)
+        log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
+        return (q * (q.log() - log_p)).sum()
+    return mean_over_supervised(labels, kl_at)
 
 
 def reference_topk(student, teacher, labels, temperature, k):
     """Bucketed KL of design §9: top-k of the swapped teacher's probabilities plus one tail bucket."""
-    total, n = torch.zeros((), dtype=torch.float64), 0
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1]):
-            y = int(labels[b, t])
-            if y == IGNORE:
-                continue
-            q = swapped_target(teacher[b, t], y, temperature)
-            p = torch.softmax(student[b, t].double() / temperature, -1)
-            top = q.topk(k).indices
-            tail = torch.ones_like(q, dtype=torch.bool)
-            tail[top] = False
-            qs = torch.cat([q[top], q[tail].sum(0, keepdim=True)])
-            ps = torch.cat([p[top], p[tail].sum(0, keepdim=True)])
-            keep = qs > 0
-            total = total + (qs[keep] * (qs[keep].log() - ps[keep].log())).sum()
-            n += 1
-    return total / n
+    def kl_at(b, t, y):
+        q = swapped_target(teacher[b, t], y, temperature)
+        p = torch.softmax(student[b, t].double() / temperature, -1)
+        top = q.topk(k).indices
+        tail = torch.ones_like(q, dtype=torch.bool)
+        tail[top] = False
+        qs = torch.cat([q[top], q[tail].sum(0, keepdim=True)])
+        ps = torch.cat([p[top], p[tail].sum(0, keepdim=True)])
+        keep = qs > 0
+        return (qs[keep] * (qs[keep].log() - ps[keep].log())).sum()
+    return mean_over_supervised(labels, kl_at)
 
 
 def teacher_topk(teacher, k, temperature):
