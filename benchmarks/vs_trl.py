@@ -68,7 +68,8 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     print(json.dumps({
         "benchmark": "vs_trl", "device": a.device, "dtype": a.dtype, "vocab": a.vocab, "batch": a.batch, "seq": a.seq,
-        "steps": a.steps, "malloc_tuned": a.malloc_tuned, "trl_loss": "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss(beta=0)",
+        "steps": a.steps, "malloc_tuned": a.malloc_tuned,
+        "trl_loss": "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss(beta=0)",
         "step_s": {name: round(s, 4) for name, s in median.items()},
         "ours_over_trl": round(median["ours"] / median["trl_gkd_style"], 3),
     }))
