@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
+from mixcpt import lssd_cpu_kernel
 from mixcpt.data.packing import write_packed
 from mixcpt.malloc_tuning import keep_freed_memory
 from mixcpt.teachers import IndexedBlocks, LoraTeacher, OnlineTeacher, build_teacher_cache
@@ -142,7 +143,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "dtype": a.dtype, "params": sum(p.numel() for p in base.parameters()), "vocab": a.vocab,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "loss_chunk_size": a.chunk, "cache_top_k": a.top_k,
-        "malloc_tuned": a.malloc_tuned,
+        "malloc_tuned": a.malloc_tuned, "lssd_cpu_kernel": lssd_cpu_kernel.library() is not None,
         "step_s": {name: round(s, 4) for name, s in median.items()},
         "plain_tokens_per_s": round(tokens / median["plain"]),
         "plain_over_hf_ce": round(median["plain"] / median["hf_ce"], 3),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mixcpt import lssd_cpu_kernel
 from mixcpt.losses import (
     SwappedTeacher,
     SwappedTopK,
@@ -21,6 +22,15 @@ from mixcpt.losses import (
 )
 
 IGNORE = -100
+
+
+@pytest.fixture(autouse=True, params=["fused CPU kernel", "eager"])
+def lssd_path(request, monkeypatch):
+    """Every test runs on both of SwappedTeacher's paths: the C kernel (float32 on the CPU, where it
+    builds) and the eager PyTorch one (GPUs, other dtypes, no compiler)."""
+    if request.param == "eager":
+        monkeypatch.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
+    return request.param
 
 
 def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mixcpt import lssd_cpu_kernel
+
 IGNORE_INDEX = -100
 
 
@@ -102,6 +104,8 @@ class SwappedTeacher:
         swapped target) and returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
         z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
         z = _float32(z) if temperature == 1 else _float32(z) / temperature
+        if lssd_cpu_kernel.applies(z, log_p, grad):  # the same, fused a row at a time (CPU, float32)
+            return lssd_cpu_kernel.swapped_target(z, log_p, grad, q_scale, labels)
         z_top1, top1 = max_with_index(z)  # [c] z[m] and m
         q = torch.softmax(z, dim=-1)  # [c, V]; its log is never made: log q = z - lse
         i = _rows(len(labels), q)
