@@ -219,7 +219,8 @@ def top_k_logprobs(rows: torch.Tensor, weight: torch.Tensor | None, k: int, temp
     values, ids, tails = [], [], []
     for start in range(0, len(rows), chunk_size):
         x = rows[start:start + chunk_size]
-        z = (x if weight is None else x @ weight.T).float() / temperature  # [c, V]
+        z = (x if weight is None else x @ weight.T).float()  # [c, V]
+        z = z if temperature == 1 else z / temperature
         lse = z.logsumexp(-1)  # [c]
         top_z, top_ids = z.topk(k, dim=-1)  # [c, k]
         values.append(top_z - lse.unsqueeze(-1))
