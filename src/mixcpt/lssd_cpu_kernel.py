@@ -3,14 +3,14 @@
 `losses.SwappedTeacher.chunk` calls `swapped_target` when `applies` says so (CPU, float32,
 contiguous), and otherwise runs its eager PyTorch code, which is also the reference the tests hold
 the kernel to. On the 2-core benchmark machine the kernel does a [256, 8192] chunk's teacher work
-in ~0.9 ms instead of ~2.3 ms, which took an online-LSSD step from 1.42x to 1.36x a plain CE step
-(`benchmarks/lssd_step.py`).
+in ~0.8 ms instead of ~2.3 ms, which took an online-LSSD step from 1.41x to 1.35x a plain CE step
+(medians, `benchmarks/lssd_step.py`, benchmarks/RESULTS.md).
 
 The C source is compiled once per source, compiler and CPU (`-march=native`) with the system C
 compiler (`$CC`, else `cc`) into `$XDG_CACHE_HOME/mixcpt/kernels` (default `~/.cache`), written
 atomically, and loaded with ctypes; its OpenMP threads are libgomp's, the runtime PyTorch's CPU
-build already loaded, so no second thread pool competes with PyTorch's. Without a working
-compiler (or with `MIXCPT_CPU_KERNEL=0`) the eager path is used and one warning says why.
+build already loaded, so no second thread pool competes with PyTorch's (with gcc). Without a
+working compiler the eager path is used and one warning says why; `MIXCPT_CPU_KERNEL=0` chooses it.
 """
 
 from __future__ import annotations
