@@ -62,11 +62,11 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler (CC, cc) found: LSSD uses its eager CPU path (slower)")
         return None
     source = resources.files("mixcpt").joinpath(SOURCE).read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
-                                    (source, compiler, version, *FLAGS, _cpu_identity()))).hexdigest()[:16]
-    path = cache_folder() / f"lssd_cpu_kernel-{key}.so"
     try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
+                                        (source, compiler, version, *FLAGS, _cpu_identity()))).hexdigest()[:16]
+        path = cache_folder() / f"lssd_cpu_kernel-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -75,8 +75,10 @@ def library() -> ctypes.CDLL | None:
                 run = subprocess.run([compiler, *FLAGS, SOURCE, "-o", built.name, "-lm"], cwd=tmp,
                                      capture_output=True, text=True)
                 if run.returncode != 0:
-                    raise OSError(f"{compiler} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+                    lines = run.stderr.strip().splitlines() or ["?"]
+                    raise OSError(f"{compiler} failed: {next((x for x in lines if 'error' in x), lines[-1])}")
                 os.replace(built, path)  # atomic: another process may be building the same file
+            log.info("built the fused LSSD CPU kernel: %s", path)
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         log.warning("could not build the fused LSSD CPU kernel (%s): LSSD uses its eager CPU path", e)
