@@ -30,12 +30,19 @@ from mixcpt.losses import SwappedTeacher, cpt_loss, logit_swap
 def naive_lssd(hidden, weight, teacher_hidden, teacher_weight, labels):
     student = hidden @ weight.T  # [N, V]
     teacher = logit_swap(teacher_hidden @ teacher_weight.T, labels)  # [N, V]
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student, -1),
+        F.log_softmax(teacher, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def chunked_lssd(hidden, weight, teacher_hidden, teacher_weight, labels, chunk):
     target = SwappedTeacher(teacher_hidden[None], teacher_weight)
-    return cpt_loss(hidden[None], labels[None], target, weight, ce_weight=0.0, chunk_size=chunk).loss
+    return cpt_loss(
+        hidden[None], labels[None], target, weight, ce_weight=0.0, chunk_size=chunk
+    ).loss
 
 
 def resident_bytes(field: str) -> int:
@@ -72,29 +79,48 @@ def measure(a) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--vocab", type=int, default=131072)
-    ap.add_argument("--tokens", type=int, default=2048, help="positions in the batch (batch x sequence)")
+    ap.add_argument(
+        "--tokens", type=int, default=2048, help="positions in the batch (batch x sequence)"
+    )
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)  # one measurement, in a child
+    ap.add_argument(
+        "--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS
+    )  # one measurement, in a child
     a = ap.parse_args()
     if a.variant:
         print(measure(a))
         return
     peak = {}
     for variant in ("naive", "chunked"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], check=True,
-                               capture_output=True, text=True)
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         peak[variant] = int(child.stdout.split()[-1])
     logits_bytes = a.tokens * a.vocab * 4
-    print(json.dumps({
-        "benchmark": "lssd_memory", "device": a.device, "vocab": a.vocab, "tokens": a.tokens, "hidden": a.hidden,
-        "chunk": a.chunk, "float32_logits_mb": round(logits_bytes / 2**20),
-        "peak_mb": {k: round(v / 2**20) for k, v in peak.items()},
-        "chunked_over_naive": round(peak["chunked"] / peak["naive"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "lssd_memory",
+                "device": a.device,
+                "vocab": a.vocab,
+                "tokens": a.tokens,
+                "hidden": a.hidden,
+                "chunk": a.chunk,
+                "float32_logits_mb": round(logits_bytes / 2**20),
+                "peak_mb": {k: round(v / 2**20) for k, v in peak.items()},
+                "chunked_over_naive": round(peak["chunked"] / peak["naive"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

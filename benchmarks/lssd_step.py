@@ -26,19 +26,27 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from mixcpt import lssd_cpu_kernel
+from mixcpt.config import TrainingConfig
 from mixcpt.data.packing import write_packed
 from mixcpt.malloc_tuning import keep_freed_memory
 from mixcpt.teachers import IndexedBlocks, LoraTeacher, OnlineTeacher, build_teacher_cache
-from mixcpt.config import TrainingConfig
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.trainer import LSSDTrainer
 
 
 def build_model(a) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                      max_position_embeddings=a.seq, tie_word_embeddings=False, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=a.seq,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     return LlamaForCausalLM(cfg).to(dtype=getattr(torch, a.dtype))
 
 
@@ -47,7 +55,9 @@ def random_blocks(folder: Path, a) -> IndexedBlocks:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, a.vocab, size=(a.batch, a.seq))
     positions = np.tile(np.r_[np.arange(a.seq // 2), np.arange(a.seq - a.seq // 2)], (a.batch, 1))
-    write_packed(folder, ids, positions, n_tokens=a.batch * a.seq, pad_token_id=0, fingerprint="bench")
+    write_packed(
+        folder, ids, positions, n_tokens=a.batch * a.seq, pad_token_id=0, fingerprint="bench"
+    )
     return IndexedBlocks(folder)
 
 
@@ -58,28 +68,57 @@ def flops_per_step(model: torch.nn.Module, tokens: int, a) -> float:
 
 
 def arguments() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in [("vocab", 8192), ("hidden", 192), ("intermediate", 512), ("layers", 4), ("heads", 4),
-                          ("kv_heads", 4), ("batch", 8), ("seq", 256), ("steps", 7), ("warmup", 2), ("top_k", 64),
-                          ("chunk", 256)]:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, default in [
+        ("vocab", 8192),
+        ("hidden", 192),
+        ("intermediate", 512),
+        ("layers", 4),
+        ("heads", 4),
+        ("kv_heads", 4),
+        ("batch", 8),
+        ("seq", 256),
+        ("steps", 7),
+        ("warmup", 2),
+        ("top_k", 64),
+        ("chunk", 256),
+    ]:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="accelerator peak for MFU (H100 bf16 dense)",
+    )
     return ap
 
 
 def training_args(a, output_dir: Path):
-    tc = TrainingConfig(learning_rate=1e-4, max_steps=1, per_device_batch_size=a.batch, lr_scheduler="constant")
-    return training_arguments(tc, output_dir, seed=0, dtype=a.dtype, remove_unused_columns=False,
-                              use_cpu=a.device == "cpu", disable_tqdm=True)
+    tc = TrainingConfig(
+        learning_rate=1e-4, max_steps=1, per_device_batch_size=a.batch, lr_scheduler="constant"
+    )
+    return training_arguments(
+        tc,
+        output_dir,
+        seed=0,
+        dtype=a.dtype,
+        remove_unused_columns=False,
+        use_cpu=a.device == "cpu",
+        disable_tqdm=True,
+    )
 
 
 def timed_step(trainer: Trainer, inputs: dict[str, torch.Tensor], device: torch.device) -> float:
     """Seconds of one optimizer step: compute_loss + backward (Trainer.training_step), then the update."""
     if trainer.optimizer is None:
         trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which we do not run
+        trainer.current_gradient_accumulation_steps = (
+            1  # set by Trainer's loop, which we do not run
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -100,7 +139,10 @@ def setup(a):
     base = build_model(a)
     tmp = tempfile.TemporaryDirectory()
     blocks = random_blocks(Path(tmp.name) / "blocks", a)
-    batch = {k: torch.stack([torch.as_tensor(blocks[i][k]) for i in range(len(blocks))]).to(device) for k in blocks[0]}
+    batch = {
+        k: torch.stack([torch.as_tensor(blocks[i][k]) for i in range(len(blocks))]).to(device)
+        for k in blocks[0]
+    }
     return device, base, tmp, blocks, batch, training_args(a, Path(tmp.name) / "out")
 
 
@@ -115,7 +157,9 @@ def main() -> None:
         model = copy.deepcopy(base).to(device)
         loss = {"loss_chunk_size": a.chunk}
         if name == "hf_ce":  # transformers' own loss, for reference: is our plain CE step as fast?
-            return Trainer(model=model, args=args), {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
+            return Trainer(model=model, args=args), {
+                k: batch[k] for k in ("input_ids", "position_ids", "labels")
+            }
         if name.startswith("lora"):
             model = lora(model)
         if name in ("plain", "lora_plain"):
@@ -123,7 +167,9 @@ def main() -> None:
         elif name == "online":
             loss["teacher"] = OnlineTeacher(model, a.vocab)
         elif name == "cache":
-            loss["teacher"] = build_teacher_cache(model, blocks, Path(tmp.name) / "cache", a.top_k, 1.0, a.batch)
+            loss["teacher"] = build_teacher_cache(
+                model, blocks, Path(tmp.name) / "cache", a.top_k, 1.0, a.batch
+            )
         elif name == "lora_lssd":
             loss["teacher"] = LoraTeacher(model)
         return LSSDTrainer(model=model, args=args, **loss), batch
@@ -140,22 +186,36 @@ def main() -> None:
     tokens = a.batch * a.seq
     result = {
         "benchmark": "lssd_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "dtype": a.dtype, "params": sum(p.numel() for p in base.parameters()), "vocab": a.vocab,
-        "batch": a.batch, "seq": a.seq, "steps": a.steps, "loss_chunk_size": a.chunk, "cache_top_k": a.top_k,
-        "malloc_tuned": a.malloc_tuned, "lssd_cpu_kernel": lssd_cpu_kernel.library() is not None,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()}",
+        "dtype": a.dtype,
+        "params": sum(p.numel() for p in base.parameters()),
+        "vocab": a.vocab,
+        "batch": a.batch,
+        "seq": a.seq,
+        "steps": a.steps,
+        "loss_chunk_size": a.chunk,
+        "cache_top_k": a.top_k,
+        "malloc_tuned": a.malloc_tuned,
+        "lssd_cpu_kernel": lssd_cpu_kernel.library() is not None,
         "step_s": {name: round(s, 4) for name, s in median.items()},
         "plain_tokens_per_s": round(tokens / median["plain"]),
         "plain_over_hf_ce": round(median["plain"] / median["hf_ce"], 3),
         "online_over_plain": round(median["online"] / median["plain"], 3),
-        "online_over_hf_ce": round(median["online"] / median["hf_ce"], 3),  # vs a CPT script on Trainer's own CE
+        "online_over_hf_ce": round(
+            median["online"] / median["hf_ce"], 3
+        ),  # vs a CPT script on Trainer's own CE
         "cache_over_plain": round(median["cache"] / median["plain"], 3),
         "lora_over_lora_plain": round(median["lora_lssd"] / median["lora_plain"], 3),
         "cache_bytes_per_token": trainers["cache"][0].teacher.bytes_per_token,
     }
     if device.type == "cuda":
         flops = flops_per_step(base, tokens, a)
-        result["mfu"] = {name: round(flops / median[name] / (a.peak_tflops * 1e12), 3) for name in ("plain", "cache")}
+        result["mfu"] = {
+            name: round(flops / median[name] / (a.peak_tflops * 1e12), 3)
+            for name in ("plain", "cache")
+        }
     print(json.dumps(result))
 
 

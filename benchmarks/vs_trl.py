@@ -42,8 +42,9 @@ class GKDStyleTrainer(Trainer):
         student_logits = model(**batch).logits  # [B, T, V]
         with torch.no_grad():
             teacher_logits = self.teacher_model(**batch).logits  # [B, T, V]
-        return GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1],
-                                               labels=inputs["labels"][:, 1:], beta=0.0)
+        return GKDTrainer.generalized_jsd_loss(
+            student_logits[:, :-1], teacher_logits[:, :-1], labels=inputs["labels"][:, 1:], beta=0.0
+        )
 
 
 def main() -> None:
@@ -54,10 +55,17 @@ def main() -> None:
     device, base, tmp, _, batch, args = setup(a)
     ours_model, trl_model = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
     trainers = {
-        "ours": LSSDTrainer(model=ours_model, args=args, teacher=OnlineTeacher(ours_model, a.vocab),
-                            loss_chunk_size=a.chunk),
-        "trl_gkd_style": GKDStyleTrainer(model=trl_model, args=args,
-                                         teacher_model=copy.deepcopy(base).to(device).eval().requires_grad_(False)),
+        "ours": LSSDTrainer(
+            model=ours_model,
+            args=args,
+            teacher=OnlineTeacher(ours_model, a.vocab),
+            loss_chunk_size=a.chunk,
+        ),
+        "trl_gkd_style": GKDStyleTrainer(
+            model=trl_model,
+            args=args,
+            teacher_model=copy.deepcopy(base).to(device).eval().requires_grad_(False),
+        ),
     }
     times = {name: [] for name in trainers}
     for round_ in range(a.warmup + a.steps):
@@ -66,13 +74,23 @@ def main() -> None:
             if round_ >= a.warmup:
                 times[name].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(json.dumps({
-        "benchmark": "vs_trl", "device": a.device, "dtype": a.dtype, "vocab": a.vocab, "batch": a.batch, "seq": a.seq,
-        "steps": a.steps, "malloc_tuned": a.malloc_tuned,
-        "trl_loss": "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss(beta=0)",
-        "step_s": {name: round(s, 4) for name, s in median.items()},
-        "ours_over_trl": round(median["ours"] / median["trl_gkd_style"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "vs_trl",
+                "device": a.device,
+                "dtype": a.dtype,
+                "vocab": a.vocab,
+                "batch": a.batch,
+                "seq": a.seq,
+                "steps": a.steps,
+                "malloc_tuned": a.malloc_tuned,
+                "trl_loss": "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss(beta=0)",
+                "step_s": {name: round(s, 4) for name, s in median.items()},
+                "ours_over_trl": round(median["ours"] / median["trl_gkd_style"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,24 @@ def tiny_tokenizer():
     return train_bpe_tokenizer(TINY_TEXT, vocab_size=400)
 
 
-def make_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def make_tiny_llama(
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
+) -> LlamaForCausalLM:
     """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for `seed`."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=False,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -17,27 +17,54 @@ def write(tmp_path, text):
 
 
 def test_minimal_config_gets_defaults_and_absolute_paths(corpus):
-    cfg = load_config(write(corpus, "model: {path: some-org/some-model}\ndata: {domain: [{path: d.txt}]}\n"))
+    cfg = load_config(
+        write(corpus, "model: {path: some-org/some-model}\ndata: {domain: [{path: d.txt}]}\n")
+    )
     assert cfg.model.path == "some-org/some-model"  # a hub id is kept as it is
     assert cfg.data.domain[0].path == str(corpus / "d.txt")
-    assert (cfg.cpt.ce_weight, cfg.cpt.lssd_weight, cfg.cpt.temperature, cfg.cpt.teacher) == (1, 1, 1, "online")
+    assert (cfg.cpt.ce_weight, cfg.cpt.lssd_weight, cfg.cpt.temperature, cfg.cpt.teacher) == (
+        1,
+        1,
+        1,
+        "online",
+    )
     assert cfg.model.trust_remote_code is False
     assert cfg.dpo.beta == 0.1 and cfg.select.strategy == "easiest"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {lssd_wieght: 1}\n", "cpt.lssd_wieght: unknown key"),
-    ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {temperature: hot}\n", "cpt.temperature"),
-    ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {teacher: remote}\n",
-     "cpt.teacher: Input should be 'online', 'lora' or 'cache'"),
-    ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {ce_weight: 0, lssd_weight: 0}\n", "both 0"),
-    ("model: {path: m}\ndata: {domain: [{path: missing.txt}]}\n", "data.domain[0].path: path does not exist"),
-    ("model: {path: ./nowhere}\ndata: {domain: [{path: d.txt}]}\n", "model.path: path does not exist"),
-    ("data: {domain: [{path: d.txt}]}\n", "model: Field required"),
-    ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\nselect: {k: 0}\n", "select.k"),
-    ("model: {path: m\n", "c.yaml:"),
-    ("- a list\n", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {lssd_wieght: 1}\n",
+            "cpt.lssd_wieght: unknown key",
+        ),
+        (
+            "model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {temperature: hot}\n",
+            "cpt.temperature",
+        ),
+        (
+            "model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {teacher: remote}\n",
+            "cpt.teacher: Input should be 'online', 'lora' or 'cache'",
+        ),
+        (
+            "model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {ce_weight: 0, lssd_weight: 0}\n",
+            "both 0",
+        ),
+        (
+            "model: {path: m}\ndata: {domain: [{path: missing.txt}]}\n",
+            "data.domain[0].path: path does not exist",
+        ),
+        (
+            "model: {path: ./nowhere}\ndata: {domain: [{path: d.txt}]}\n",
+            "model.path: path does not exist",
+        ),
+        ("data: {domain: [{path: d.txt}]}\n", "model: Field required"),
+        ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\nselect: {k: 0}\n", "select.k"),
+        ("model: {path: m\n", "c.yaml:"),
+        ("- a list\n", "must be a mapping"),
+    ],
+)
 def test_bad_config_names_the_key(corpus, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(corpus, text))

@@ -28,42 +28,93 @@ BLOCK_SIZE, N_BLOCKS, STEPS = 32, 16, 4  # 4 steps of 4 blocks: one epoch, every
 def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
     """A config file and a run folder whose data stage is done: N_BLOCKS blocks of seeded tokens, the
     last one holding 3 tokens and then padding."""
-    (tmp_path / "domain.txt").write_text("unused: the packed stream below stands for the data stage's output")
+    (tmp_path / "domain.txt").write_text(
+        "unused: the packed stream below stands for the data stage's output"
+    )
     config = {
         "seed": 0,
         "model": {"path": str(tiny_model_dir)},
         "data": {"domain": [{"path": "domain.txt"}], "block_size": BLOCK_SIZE},
-        "cpt": {"teacher": "online", "loss_chunk_size": 16, "training": {
-            "learning_rate": 3e-3, "lr_scheduler": "constant", "max_steps": STEPS, "logging_steps": 1,
-            "save_steps": 100, "per_device_batch_size": per_device_batch_size}},
+        "cpt": {
+            "teacher": "online",
+            "loss_chunk_size": 16,
+            "training": {
+                "learning_rate": 3e-3,
+                "lr_scheduler": "constant",
+                "max_steps": STEPS,
+                "logging_steps": 1,
+                "save_steps": 100,
+                "per_device_batch_size": per_device_batch_size,
+            },
+        },
     }
     config_path = tmp_path / f"config-{per_device_batch_size}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / f"run-{per_device_batch_size}"
     rng = np.random.default_rng(0)
     ids = rng.integers(3, len(tokenizer), size=(N_BLOCKS, BLOCK_SIZE))
-    positions = np.tile(np.arange(BLOCK_SIZE) % 16, (N_BLOCKS, 1))  # two 16-token documents per block
-    write_packed(out / "data" / "mix", ids, positions, ids.size - BLOCK_SIZE + 3, tokenizer.pad_token_id, "synthetic")
+    positions = np.tile(
+        np.arange(BLOCK_SIZE) % 16, (N_BLOCKS, 1)
+    )  # two 16-token documents per block
+    write_packed(
+        out / "data" / "mix",
+        ids,
+        positions,
+        ids.size - BLOCK_SIZE + 3,
+        tokenizer.pad_token_id,
+        "synthetic",
+    )
     return config_path, out
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, tiny_tokenizer):
-    one_config, one_out = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=4)
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    one_config, one_out = make_run(
+        tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=4
+    )
     assert main(["cpt", str(one_config), "--output", str(one_out), "--arm", "mixcpt"]) == 0
 
-    two_config, two_out = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=2)
+    two_config, two_out = make_run(
+        tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=2
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mixcpt.cli", "cpt", str(two_config), "--output", str(two_out), "--arm", "mixcpt"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mixcpt.cli",
+            "cpt",
+            str(two_config),
+            "--output",
+            str(two_out),
+            "--arm",
+            "mixcpt",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    one, two = (json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"] for out in (one_out, two_out))
+    one, two = (
+        json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"]
+        for out in (one_out, two_out)
+    )
     assert one["steps"] == two["steps"] == STEPS
-    assert two["tokens"] == one["tokens"] == STEPS * 4 * BLOCK_SIZE  # the global batch, counted over both processes
-    losses = {name: [[h[k] for h in run["log_history"] if k in h] for k in ("loss", "lssd_loss")]
-              for name, run in (("one", one), ("two", two))}
+    assert (
+        two["tokens"] == one["tokens"] == STEPS * 4 * BLOCK_SIZE
+    )  # the global batch, counted over both processes
+    losses = {
+        name: [[h[k] for h in run["log_history"] if k in h] for k in ("loss", "lssd_loss")]
+        for name, run in (("one", one), ("two", two))
+    }
     assert len(losses["one"][0]) == STEPS and len(losses["one"][1]) == STEPS
     np.testing.assert_allclose(losses["two"], losses["one"], atol=1e-4, rtol=0)
 
@@ -80,35 +131,67 @@ def test_launcher_configs_parse_and_the_zero3_save_gathers_full_weights():
     from accelerate.commands.config.config_args import load_config_from_file
 
     folder = Path(__file__).parents[1] / "examples" / "distributed"
-    kinds = {name: load_config_from_file(str(folder / f"{name}.yaml")).distributed_type
-             for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")}
-    assert [str(k).split(".")[-1] for k in kinds.values()] == ["MULTI_GPU", "FSDP", "DEEPSPEED", "DEEPSPEED"]
+    kinds = {
+        name: load_config_from_file(str(folder / f"{name}.yaml")).distributed_type
+        for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+    }
+    assert [str(k).split(".")[-1] for k in kinds.values()] == [
+        "MULTI_GPU",
+        "FSDP",
+        "DEEPSPEED",
+        "DEEPSPEED",
+    ]
     fsdp = load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert (
+        fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    )
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # the online teacher copies real weights
     for stage in (2, 3):
         ds = json.loads((folder / f"ds_zero{stage}.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage
-    assert json.loads((folder / "ds_zero3.json").read_text())["zero_optimization"][
-        "stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        json.loads((folder / "ds_zero3.json").read_text())["zero_optimization"][
+            "stage3_gather_16bit_weights_on_model_save"
+        ]
+        is True
+    )
 
 
 def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_tokenizer):
     """`mixcpt data` under torchrun: the main process builds the data, the other waits, and the
     result is the one a plain run builds (no second writer racing for the same folder)."""
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"planet {i} orbits star {i % 5}"}) + "\n"
-                                              for i in range(200)))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"text": f"planet {i} orbits star {i % 5}"}) + "\n" for i in range(200))
+    )
     config = tmp_path / "c.yaml"
     config.write_text("model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mixcpt.cli", "data", str(config), "--output", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mixcpt.cli",
+            "data",
+            str(config),
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(["data", str(config), "--output", str(tmp_path / "one")]) == 0
     for name in ("input_ids.npy", "position_ids.npy"):
         assert (tmp_path / "two" / "data" / "mix" / name).read_bytes() == (
-            tmp_path / "one" / "data" / "mix" / name).read_bytes()
+            tmp_path / "one" / "data" / "mix" / name
+        ).read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["data", "results.json"]

@@ -53,22 +53,29 @@ def swapped_target(teacher_row, y, temperature):
 def mean_over_supervised(labels, kl_at):
     """Explicit loop over positions: the mean of kl_at(b, t, y) [float64 scalar] where labels[b, t] = y
     is supervised."""
-    kls = [kl_at(b, t, int(labels[b, t])) for b in range(labels.shape[0]) for t in range(labels.shape[1])
-           if int(labels[b, t]) != IGNORE]
+    kls = [
+        kl_at(b, t, int(labels[b, t]))
+        for b in range(labels.shape[0])
+        for t in range(labels.shape[1])
+        if int(labels[b, t]) != IGNORE
+    ]
     return torch.stack(kls).mean()
 
 
 def reference_lssd(student, teacher, labels, temperature):
     """The equations of design §1 written out, in float64."""
+
     def kl_at(b, t, y):
         q = swapped_target(teacher[b, t], y, temperature)
         log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
         return (q * (q.log() - log_p)).sum()
+
     return mean_over_supervised(labels, kl_at)
 
 
 def reference_topk(student, teacher, labels, temperature, k):
     """Bucketed KL of design §9: top-k of the swapped teacher's probabilities plus one tail bucket."""
+
     def kl_at(b, t, y):
         q = swapped_target(teacher[b, t], y, temperature)
         p = torch.softmax(student[b, t].double() / temperature, -1)
@@ -79,6 +86,7 @@ def reference_topk(student, teacher, labels, temperature, k):
         ps = torch.cat([p[top], p[tail].sum(0, keepdim=True)])
         keep = qs > 0
         return (qs[keep] * (qs[keep].log() - ps[keep].log())).sum()
+
     return mean_over_supervised(labels, kl_at)
 
 
@@ -95,7 +103,9 @@ def test_logit_swap_permutes_rows_and_makes_the_label_the_argmax():
     _, teacher, labels = random_case()
     swapped = logit_swap(teacher, labels)
     keep = labels != IGNORE
-    assert torch.equal(swapped.sort(-1).values, teacher.sort(-1).values)  # a permutation of each row
+    assert torch.equal(
+        swapped.sort(-1).values, teacher.sort(-1).values
+    )  # a permutation of each row
     assert torch.equal(swapped.argmax(-1)[keep], labels[keep])
     assert torch.equal(swapped[~keep], teacher[~keep])  # ignored positions untouched
     assert torch.equal(teacher, random_case()[1])  # the input is not modified
@@ -120,10 +130,14 @@ def test_swap_topk_ids_matches_the_top_k_of_the_swapped_logits():
 @pytest.mark.parametrize("V", [384, 100])  # two-level (128 divides V), and the fallback
 def test_max_with_index_gives_the_first_maximum_as_argmax_does_even_with_ties(V):
     g = torch.Generator().manual_seed(V)
-    z = torch.randint(-3, 4, (64, V), generator=g).float()  # small integers: many rows tie at their maximum
+    z = torch.randint(
+        -3, 4, (64, V), generator=g
+    ).float()  # small integers: many rows tie at their maximum
     z[0, [5, V - 1]] = 9.0  # a tie across the first and last blocks
     values, index = max_with_index(z)
-    first = torch.tensor([int(np.argmax(row)) for row in z.numpy()])  # numpy documents "first occurrence"
+    first = torch.tensor(
+        [int(np.argmax(row)) for row in z.numpy()]
+    )  # numpy documents "first occurrence"
     assert torch.equal(index, first)
     assert torch.equal(values, z.amax(-1))
     assert index[0] == 5
@@ -151,7 +165,8 @@ def test_lssd_loss_passes_gradcheck():
     student, teacher, labels = random_case(B=2, T=3, V=5, n_ignored=1)
     student = student.double().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda s: lssd_loss(s, teacher.double(), labels, temperature=1.5, chunk_size=2), (student,))
+        lambda s: lssd_loss(s, teacher.double(), labels, temperature=1.5, chunk_size=2), (student,)
+    )
 
 
 def test_lssd_loss_is_zero_when_student_equals_teacher_and_teacher_already_predicts_the_label():
@@ -166,7 +181,9 @@ def test_lssd_loss_ignores_masked_positions_entirely():
     student, teacher, labels = random_case()
     changed = student.clone()
     changed[labels == IGNORE] = 1e4  # garbage where nothing is supervised
-    assert lssd_loss(changed, teacher, labels).item() == pytest.approx(lssd_loss(student, teacher, labels).item())
+    assert lssd_loss(changed, teacher, labels).item() == pytest.approx(
+        lssd_loss(student, teacher, labels).item()
+    )
     all_ignored = torch.full_like(labels, IGNORE)
     assert lssd_loss(student, teacher, all_ignored).item() == 0.0
 
@@ -202,8 +219,12 @@ def test_lssd_loss_from_hidden_matches_logits_in_value_and_gradients():
 def test_lssd_loss_topk_with_the_whole_vocabulary_is_exact(temperature):
     student, teacher, labels = random_case(V=23)
     ids, values, tail = teacher_topk(teacher, 23, temperature)
-    got = lssd_loss_topk(student, ids, values.float(), tail.float(), labels, temperature, chunk_size=5)
-    assert got.item() == pytest.approx(lssd_loss(student, teacher, labels, temperature).item(), abs=1e-5)
+    got = lssd_loss_topk(
+        student, ids, values.float(), tail.float(), labels, temperature, chunk_size=5
+    )
+    assert got.item() == pytest.approx(
+        lssd_loss(student, teacher, labels, temperature).item(), abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("k", [1, 4, 10])
@@ -211,7 +232,9 @@ def test_lssd_loss_topk_is_the_documented_bucketed_kl_and_a_lower_bound(k):
     student, teacher, labels = random_case(V=31, seed=k)
     student.requires_grad_()
     ids, values, tail = teacher_topk(teacher, k, 1.5)
-    got = lssd_loss_topk(student, ids, values.float(), tail.float(), labels, temperature=1.5, chunk_size=4)
+    got = lssd_loss_topk(
+        student, ids, values.float(), tail.float(), labels, temperature=1.5, chunk_size=4
+    )
     got.backward()
     student64 = student.detach().double().requires_grad_()
     expected = reference_topk(student64, teacher, labels, 1.5, k)
@@ -226,7 +249,9 @@ def test_lssd_loss_topk_stays_finite_when_the_student_leaves_no_mass_outside_the
     log(1 - p(top-k)) -inf and the loss inf, although the teacher keeps some mass in its tail."""
     student, teacher, labels = random_case(V=31, seed=5)
     ids, values, tail = teacher_topk(teacher, 4, 1.0)
-    peaked = torch.full_like(student, -60.0).scatter(-1, ids, 40.0).requires_grad_()  # p(top-k) == 1 in float32
+    peaked = (
+        torch.full_like(student, -60.0).scatter(-1, ids, 40.0).requires_grad_()
+    )  # p(top-k) == 1 in float32
     loss = lssd_loss_topk(peaked, ids, values.float(), tail.float(), labels, chunk_size=4)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0  # the tail's missing mass is still penalised
@@ -236,32 +261,60 @@ def test_lssd_loss_topk_stays_finite_when_the_student_leaves_no_mass_outside_the
 # ---- cross_entropy -----------------------------------------------------------------------
 def test_cross_entropy_matches_torch():
     student, _, labels = random_case(V=41)
-    expected = torch.nn.functional.cross_entropy(student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-    assert cross_entropy(student, labels, chunk_size=3).item() == pytest.approx(expected.item(), abs=1e-5)
+    expected = torch.nn.functional.cross_entropy(
+        student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE
+    )
+    assert cross_entropy(student, labels, chunk_size=3).item() == pytest.approx(
+        expected.item(), abs=1e-5
+    )
 
 
 # ---- cpt_loss: CE and LSSD fused in one pass ------------------------------------------------
 def reference_cpt(student, teacher, labels, temperature, ce_weight, lssd_weight):
     """ce_weight * CE + lssd_weight * LSSD the plain way, in float64."""
-    ce = torch.nn.functional.cross_entropy(student.double().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    ce = torch.nn.functional.cross_entropy(
+        student.double().flatten(0, 1), labels.flatten(), ignore_index=IGNORE
+    )
     return ce_weight * ce + lssd_weight * reference_lssd(student, teacher, labels, temperature)
 
 
-@pytest.mark.parametrize("temperature,ce_weight,lssd_weight", [(1.0, 1.0, 1.0), (2.0, 0.5, 2.0), (0.7, 1.0, 0.0)])
+@pytest.mark.parametrize(
+    "temperature,ce_weight,lssd_weight", [(1.0, 1.0, 1.0), (2.0, 0.5, 2.0), (0.7, 1.0, 0.0)]
+)
 @pytest.mark.parametrize("from_hidden", [False, True])
-def test_cpt_loss_matches_the_reference_in_value_and_gradients(temperature, ce_weight, lssd_weight, from_hidden):
+def test_cpt_loss_matches_the_reference_in_value_and_gradients(
+    temperature, ce_weight, lssd_weight, from_hidden
+):
     g = torch.Generator().manual_seed(11)
-    B, T, H, V = 3, 7, 8, 37  # 16 supervised positions, chunks of 5: the last chunk is short; 37 % 5 != 0
+    B, T, H, V = (
+        3,
+        7,
+        8,
+        37,
+    )  # 16 supervised positions, chunks of 5: the last chunk is short; 37 % 5 != 0
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
     weight = torch.randn(V, H, generator=g, requires_grad=True)
     _, teacher, labels = random_case(B, T, V, seed=4)
     student = hidden if from_hidden else (hidden @ weight.T).detach().requires_grad_()
-    got = cpt_loss(student, labels, SwappedTeacher(teacher), weight if from_hidden else None, ce_weight, lssd_weight,
-                   temperature, chunk_size=5)
+    got = cpt_loss(
+        student,
+        labels,
+        SwappedTeacher(teacher),
+        weight if from_hidden else None,
+        ce_weight,
+        lssd_weight,
+        temperature,
+        chunk_size=5,
+    )
     got.loss.backward()
 
-    hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    expected = reference_cpt(hidden64 @ weight64.T, teacher, labels, temperature, ce_weight, lssd_weight)
+    hidden64, weight64 = (
+        hidden.detach().double().requires_grad_(),
+        weight.detach().double().requires_grad_(),
+    )
+    expected = reference_cpt(
+        hidden64 @ weight64.T, teacher, labels, temperature, ce_weight, lssd_weight
+    )
     expected.backward()
     assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
     if from_hidden:
@@ -272,17 +325,26 @@ def test_cpt_loss_matches_the_reference_in_value_and_gradients(temperature, ce_w
         reference_cpt(logits64, teacher, labels, temperature, ce_weight, lssd_weight).backward()
         torch.testing.assert_close(student.grad.double(), logits64.grad, atol=1e-5, rtol=0)
     assert got.ce.item() == pytest.approx(cross_entropy(hidden @ weight.T, labels).item(), abs=1e-5)
-    assert got.lssd.item() == pytest.approx(lssd_loss(hidden @ weight.T, teacher, labels, temperature).item(), abs=1e-5)
+    assert got.lssd.item() == pytest.approx(
+        lssd_loss(hidden @ weight.T, teacher, labels, temperature).item(), abs=1e-5
+    )
     keep = labels != IGNORE
     assert got.teacher_top1_matches.item() == (teacher.argmax(-1) == labels)[keep].sum().item()
 
 
 def test_cpt_loss_with_a_teacher_given_by_hidden_states_equals_the_one_given_by_logits():
     g = torch.Generator().manual_seed(5)
-    teacher_hidden, teacher_weight = torch.randn(2, 9, 6, generator=g), torch.randn(23, 6, generator=g)
+    teacher_hidden, teacher_weight = (
+        torch.randn(2, 9, 6, generator=g),
+        torch.randn(23, 6, generator=g),
+    )
     student, _, labels = random_case(2, 9, 23, seed=6)
-    from_logits = cpt_loss(student, labels, SwappedTeacher(teacher_hidden @ teacher_weight.T), chunk_size=4)
-    from_hidden = cpt_loss(student, labels, SwappedTeacher(teacher_hidden, teacher_weight), chunk_size=4)
+    from_logits = cpt_loss(
+        student, labels, SwappedTeacher(teacher_hidden @ teacher_weight.T), chunk_size=4
+    )
+    from_hidden = cpt_loss(
+        student, labels, SwappedTeacher(teacher_hidden, teacher_weight), chunk_size=4
+    )
     for got, want in zip(from_hidden, from_logits):
         assert got.item() == pytest.approx(want.item(), abs=1e-5)
 
@@ -294,7 +356,9 @@ def test_cpt_loss_against_a_top_k_target_sums_ce_and_the_bucketed_kl():
     got = cpt_loss(student, labels, SwappedTopK(ids, values.float(), tail.float()), chunk_size=4)
     got.loss.backward()
     student2 = student.detach().clone().requires_grad_()
-    expected = cross_entropy(student2, labels) + lssd_loss_topk(student2, ids, values.float(), tail.float(), labels)
+    expected = cross_entropy(student2, labels) + lssd_loss_topk(
+        student2, ids, values.float(), tail.float(), labels
+    )
     expected.backward()
     assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
     torch.testing.assert_close(student.grad, student2.grad, atol=1e-6, rtol=1e-5)
@@ -303,7 +367,9 @@ def test_cpt_loss_against_a_top_k_target_sums_ce_and_the_bucketed_kl():
 def test_cpt_loss_without_a_target_is_plain_cross_entropy():
     student, _, labels = random_case(V=19)
     got = cpt_loss(student, labels, None, lssd_weight=5.0)
-    expected = torch.nn.functional.cross_entropy(student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    expected = torch.nn.functional.cross_entropy(
+        student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE
+    )
     assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
     assert got.lssd.item() == 0.0
 

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from mixcpt import lssd_cpu_kernel
 from mixcpt.losses import SwappedTeacher, logit_swap
 
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None, reason="no C compiler on this machine"
+)
 
 
 @pytest.fixture
@@ -40,7 +42,9 @@ def eager_chunk(z, log_p, labels, q_scale, monkeypatch):
     grad = log_p.exp()
     with monkeypatch.context() as m:
         m.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
-        kl, matches = SwappedTeacher(z).chunk(log_p, grad, q_scale, labels, z.clone(), temperature=1.0)
+        kl, matches = SwappedTeacher(z).chunk(
+            log_p, grad, q_scale, labels, z.clone(), temperature=1.0
+        )
     return grad, kl, matches
 
 
@@ -66,7 +70,9 @@ def test_kernel_matches_the_eager_path_and_a_float64_reference(V, monkeypatch):
     assert kl.item() == pytest.approx(kl64.item(), rel=1e-6)
     assert eager_kl.item() == pytest.approx(kl64.item(), rel=1e-5)
     torch.testing.assert_close(grad.double(), log_p.double().exp() - 0.7 * q64, atol=1e-7, rtol=0)
-    torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=0)  # the eager float32 passes round more
+    torch.testing.assert_close(
+        grad, eager_grad, atol=1e-5, rtol=0
+    )  # the eager float32 passes round more
 
 
 @needs_compiler
@@ -89,13 +95,17 @@ def test_kernel_rejects_labels_outside_the_vocabulary_instead_of_writing_past_th
 def test_kernel_is_built_once_into_the_cache_folder_and_reused(fresh_library):
     assert fresh_library() is not None
     built = list(lssd_cpu_kernel.cache_folder().glob("lssd_cpu_kernel-*.so"))
-    assert len(built) == 1 and not [p for p in built[0].parent.iterdir() if p not in built]  # no leftovers
+    assert len(built) == 1 and not [
+        p for p in built[0].parent.iterdir() if p not in built
+    ]  # no leftovers
     mtime = built[0].stat().st_mtime_ns
     lssd_cpu_kernel.library.cache_clear()
     assert fresh_library() is not None and built[0].stat().st_mtime_ns == mtime
 
 
-def test_without_a_compiler_the_eager_path_is_used_with_one_warning(fresh_library, monkeypatch, caplog):
+def test_without_a_compiler_the_eager_path_is_used_with_one_warning(
+    fresh_library, monkeypatch, caplog
+):
     monkeypatch.setenv("CC", "no-such-compiler")
     with caplog.at_level(logging.WARNING, logger="mixcpt.lssd_cpu_kernel"):
         assert fresh_library() is None and fresh_library() is None
@@ -104,10 +114,13 @@ def test_without_a_compiler_the_eager_path_is_used_with_one_warning(fresh_librar
     assert not lssd_cpu_kernel.applies(z, log_p, log_p.exp())
 
 
-def test_a_failing_build_falls_back_to_the_eager_path_and_leaves_nothing_behind(fresh_library, monkeypatch,
-                                                                                 tmp_path, caplog):
+def test_a_failing_build_falls_back_to_the_eager_path_and_leaves_nothing_behind(
+    fresh_library, monkeypatch, tmp_path, caplog
+):
     fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake && exit 0\necho 'error: broken' >&2\nexit 1\n")
+    fake.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo fake && exit 0\necho 'error: broken' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     with caplog.at_level(logging.WARNING, logger="mixcpt.lssd_cpu_kernel"):

@@ -39,8 +39,13 @@ print(min(windows))
 
 
 def faults_per_step(**env: str) -> float:
-    run = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **env})
+    run = subprocess.run(
+        [sys.executable, "-c", STEPS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return float(run.stdout.strip().splitlines()[-1])
 
@@ -53,7 +58,11 @@ def test_tuned_malloc_reuses_freed_temporaries_instead_of_faulting_in_fresh_page
     assert tuned < 0.1 * default, (tuned, default)
 
 
-@pytest.mark.parametrize("variable,value", [("MIXCPT_MALLOC_TUNING", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072")])
-def test_malloc_tuning_is_skipped_when_the_user_opts_out_or_set_malloc_themselves(monkeypatch, variable, value):
+@pytest.mark.parametrize(
+    "variable,value", [("MIXCPT_MALLOC_TUNING", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072")]
+)
+def test_malloc_tuning_is_skipped_when_the_user_opts_out_or_set_malloc_themselves(
+    monkeypatch, variable, value
+):
     monkeypatch.setenv(variable, value)
     assert keep_freed_memory() is False

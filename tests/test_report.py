@@ -13,35 +13,93 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _row(arm, stage, domain, general, kl, status="ok"):
     if status != "ok":
-        return {"arm": arm, "stage": stage, "status": status, "model": f"/run/{arm}/{stage}", "scores": {}, "retention": {}}
+        return {
+            "arm": arm,
+            "stage": stage,
+            "status": status,
+            "model": f"/run/{arm}/{stage}",
+            "scores": {},
+            "retention": {},
+        }
     return {
-        "arm": arm, "stage": stage, "status": "ok", "model": f"/run/{arm}/{stage}",
-        "scores": {"zorbax": {"acc": domain, "acc_norm": domain}, "qa": {"exact_match": general, "contains": general},
-                   "text": {"perplexity": 20.0, "bits_per_byte": 1.5}},
+        "arm": arm,
+        "stage": stage,
+        "status": "ok",
+        "model": f"/run/{arm}/{stage}",
+        "scores": {
+            "zorbax": {"acc": domain, "acc_norm": domain},
+            "qa": {"exact_match": general, "contains": general},
+            "text": {"perplexity": 20.0, "bits_per_byte": 1.5},
+        },
         "retention": {"kl_to_base": kl, "delta": {"qa": general - 0.6, "text": 0.0}},
     }
 
 
 def synthetic_results() -> dict:
-    log = lambda scale: [{"step": s, "loss": scale / s, "learning_rate": 1e-4} for s in range(1, 30)]  # noqa: E731
+    log = lambda scale: [
+        {"step": s, "loss": scale / s, "learning_rate": 1e-4} for s in range(1, 30)
+    ]  # noqa: E731
     return {
-        "data": {"mix": {"sources": {
-            "<script>alert(1)</script>": {"group": "domain", "documents": 10, "tokens": 5000, "share": 0.5, "target_share": 0.5},
-            "alpaca": {"group": "instructions", "documents": 30, "tokens": 3000, "share": 0.3, "target_share": 0.25},
-            "prefs": {"group": "preferences", "documents": 20, "tokens": 2000, "share": 0.2, "target_share": 0.25},
-        }}},
-        "stages": {"mixcpt/cpt": {"log_history": log(3.0) + [{"step": 29, "train_runtime": 1.0}]},
-                   "baseline/cpt": {"log_history": log(2.5)}, "mixcpt/sft": {"log_history": log(1.0)}},
+        "data": {
+            "mix": {
+                "sources": {
+                    "<script>alert(1)</script>": {
+                        "group": "domain",
+                        "documents": 10,
+                        "tokens": 5000,
+                        "share": 0.5,
+                        "target_share": 0.5,
+                    },
+                    "alpaca": {
+                        "group": "instructions",
+                        "documents": 30,
+                        "tokens": 3000,
+                        "share": 0.3,
+                        "target_share": 0.25,
+                    },
+                    "prefs": {
+                        "group": "preferences",
+                        "documents": 20,
+                        "tokens": 2000,
+                        "share": 0.2,
+                        "target_share": 0.25,
+                    },
+                }
+            }
+        },
+        "stages": {
+            "mixcpt/cpt": {"log_history": log(3.0) + [{"step": 29, "train_runtime": 1.0}]},
+            "baseline/cpt": {"log_history": log(2.5)},
+            "mixcpt/sft": {"log_history": log(1.0)},
+        },
         "eval": {
             "benchmarks": {
-                "zorbax": {"kind": "multiple_choice", "tag": "domain", "main_metric": "acc_norm", "higher_is_better": True},
-                "qa": {"kind": "generation", "tag": "general", "main_metric": "exact_match", "higher_is_better": True},
-                "text": {"kind": "perplexity", "tag": "general", "main_metric": "bits_per_byte", "higher_is_better": False},
+                "zorbax": {
+                    "kind": "multiple_choice",
+                    "tag": "domain",
+                    "main_metric": "acc_norm",
+                    "higher_is_better": True,
+                },
+                "qa": {
+                    "kind": "generation",
+                    "tag": "general",
+                    "main_metric": "exact_match",
+                    "higher_is_better": True,
+                },
+                "text": {
+                    "kind": "perplexity",
+                    "tag": "general",
+                    "main_metric": "bits_per_byte",
+                    "higher_is_better": False,
+                },
             },
             "rows": [
-                _row("base", "base", 0.2, 0.6, 0.0), _row("mixcpt", "cpt", 0.7, 0.55, 0.1),
-                _row("mixcpt", "sft", 0.75, 0.65, 0.2), _row("mixcpt", "dpo", 0.0, 0.0, 0.0, "missing"),
-                _row("baseline", "cpt", 0.8, 0.3, 0.5), _row("baseline", "sft", 0.7, 0.4, 0.6),
+                _row("base", "base", 0.2, 0.6, 0.0),
+                _row("mixcpt", "cpt", 0.7, 0.55, 0.1),
+                _row("mixcpt", "sft", 0.75, 0.65, 0.2),
+                _row("mixcpt", "dpo", 0.0, 0.0, 0.0, "missing"),
+                _row("baseline", "cpt", 0.8, 0.3, 0.5),
+                _row("baseline", "sft", 0.7, 0.4, 0.6),
                 _row("baseline", "dpo", 0.0, 0.0, 0.0, "missing"),
             ],
         },
@@ -74,7 +132,11 @@ def test_report_embeds_plots_and_escapes_text(report):
 
 def test_report_of_partial_results_says_what_is_missing(tmp_path):
     run = RunDir(tmp_path / "run")
-    run.update_results("stages", "mixcpt/cpt", {"log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]})
+    run.update_results(
+        "stages",
+        "mixcpt/cpt",
+        {"log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]},
+    )
     html_path, md_path = write_report(run)
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") == 1  # the loss curve only
@@ -86,9 +148,21 @@ def test_report_of_partial_results_says_what_is_missing(tmp_path):
 def test_report_renders_in_headless_chromium(report, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
-         "--window-size=1200,2000", report[0].as_uri()],
-        check=True, capture_output=True, timeout=60,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            report[0].as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 10_000

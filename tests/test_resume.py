@@ -51,16 +51,31 @@ sys.exit(main(sys.argv[1:]))
 
 
 def start(argv, patched: str, progress, slow_s: float, **env) -> subprocess.Popen:
-    env = {**os.environ, "PATCHED": patched, "PROGRESS": str(progress), "SLOW_S": str(slow_s),
-           "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.Popen([sys.executable, "-c", WRAPPER, *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PATCHED": patched,
+        "PROGRESS": str(progress),
+        "SLOW_S": str(slow_s),
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", WRAPPER, *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, f"the run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, (
+            f"the run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        )
         assert time.monotonic() < deadline, "the kill point was never reached"
         time.sleep(0.05)
 
@@ -86,12 +101,27 @@ CPT_STEPS, SAVE_STEPS = 8, 3
 @pytest.fixture
 def cpt_setup(tmp_path, tiny_model_dir, tiny_tokenizer):
     """(argv of `mixcpt cpt` for an output folder, that folder's maker): a run whose data stage is done."""
-    (tmp_path / "domain.txt").write_text("unused: the packed stream below stands for the data stage's output")
-    config = {"seed": 0, "model": {"path": str(tiny_model_dir)},
-              "data": {"domain": [{"path": "domain.txt"}], "block_size": 32},
-              "cpt": {"teacher": "online", "loss_chunk_size": 16, "training": {
-                  "learning_rate": 3e-3, "lr_scheduler": "cosine", "max_steps": CPT_STEPS, "save_steps": SAVE_STEPS,
-                  "logging_steps": 1, "per_device_batch_size": 2, "save_total_limit": 2}}}
+    (tmp_path / "domain.txt").write_text(
+        "unused: the packed stream below stands for the data stage's output"
+    )
+    config = {
+        "seed": 0,
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"domain": [{"path": "domain.txt"}], "block_size": 32},
+        "cpt": {
+            "teacher": "online",
+            "loss_chunk_size": 16,
+            "training": {
+                "learning_rate": 3e-3,
+                "lr_scheduler": "cosine",
+                "max_steps": CPT_STEPS,
+                "save_steps": SAVE_STEPS,
+                "logging_steps": 1,
+                "per_device_batch_size": 2,
+                "save_total_limit": 2,
+            },
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     rng = np.random.default_rng(0)
     ids = rng.integers(3, len(tiny_tokenizer), size=(12, 32))
@@ -99,7 +129,9 @@ def cpt_setup(tmp_path, tiny_model_dir, tiny_tokenizer):
     def make(name: str):
         out = tmp_path / name
         # 12 blocks, 2 per step: 8 steps cross an epoch boundary, so resuming must also restore the sampler
-        write_packed(out / "data" / "mix", ids, np.tile(np.arange(32), (12, 1)), ids.size, 0, "synthetic")
+        write_packed(
+            out / "data" / "mix", ids, np.tile(np.arange(32), (12, 1)), ids.size, 0, "synthetic"
+        )
         return ["cpt", str(tmp_path / "config.yaml"), "--output", str(out), "--arm", "mixcpt"], out
 
     return make
@@ -115,7 +147,10 @@ def test_cpt_killed_mid_training_resumes_to_the_uninterrupted_weights(cpt_setup,
     steps = tmp_path / "steps"
     proc = start(argv, "mixcpt.train.trainer:LSSDTrainer.training_step", steps, slow_s=0.4)
     # killed while step 5 runs: checkpoint-3 is complete and training has moved past it
-    wait_for(lambda: (work / "checkpoint-3" / "trainer_state.json").exists() and progress(steps) >= 5, proc)
+    wait_for(
+        lambda: (work / "checkpoint-3" / "trainer_state.json").exists() and progress(steps) >= 5,
+        proc,
+    )
     kill(proc)
     assert not (out / "mixcpt" / "cpt").exists()  # nothing that looks finished
 
@@ -146,7 +181,9 @@ def test_a_partial_checkpoint_is_never_resumed_from(cpt_setup):
     def disk_full_at_step_6(self, *args, **kwargs):
         if self.state.global_step == 6:
             (work / "checkpoint-6").mkdir()
-            (work / "checkpoint-6" / "model.safetensors").write_bytes(b"\0" * 10)  # what a full disk leaves
+            (work / "checkpoint-6" / "model.safetensors").write_bytes(
+                b"\0" * 10
+            )  # what a full disk leaves
             raise OSError(28, "No space left on device")
         return real_save(self, *args, **kwargs)
 
@@ -154,7 +191,9 @@ def test_a_partial_checkpoint_is_never_resumed_from(cpt_setup):
         mp.setattr(LSSDTrainer, "_save_checkpoint", disk_full_at_step_6)
         with pytest.raises(OSError, match="No space left"):
             main(argv)
-    assert (work / "checkpoint-3" / "trainer_state.json").exists()  # the previous checkpoint is intact
+    assert (
+        work / "checkpoint-3" / "trainer_state.json"
+    ).exists()  # the previous checkpoint is intact
     assert main(argv) == 0
     metrics = json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"]
     assert metrics["resumed_from"].endswith("checkpoint-3")
@@ -171,15 +210,26 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(cpt
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     config["cpt"]["lssd_weight"] = 0
     (tmp_path / "ce.yaml").write_text(yaml.safe_dump(config))
-    proc = start(argv, "transformers.models.llama.modeling_llama:LlamaRMSNorm.forward", tmp_path / "calls",
-                 slow_s=0, NAN_FROM="21")
+    proc = start(
+        argv,
+        "transformers.models.llama.modeling_llama:LlamaRMSNorm.forward",
+        tmp_path / "calls",
+        slow_s=0,
+        NAN_FROM="21",
+    )
     assert proc.wait(timeout=120) == 1
     stderr = proc.stderr.read()
     errors = [line for line in stderr.splitlines() if line.startswith("mixcpt:")]
     assert "Traceback" not in stderr
-    assert len(errors) == 1 and "non-finite loss at step 4" in errors[0] and "on_nonfinite: skip" in errors[0]
+    assert (
+        len(errors) == 1
+        and "non-finite loss at step 4" in errors[0]
+        and "on_nonfinite: skip" in errors[0]
+    )
     work = out / ".work" / "mixcpt-cpt"
-    assert json.loads((work / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert (
+        json.loads((work / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    )
     assert load_file(work / "checkpoint-3" / "model.safetensors")  # loadable
     assert not (out / "mixcpt" / "cpt").exists()
 
@@ -190,13 +240,22 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(cpt
 @pytest.fixture
 def data_setup(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    rows = [{"text": f"The planet P{i} orbits the star S{i % 7} and has {i % 5} moons."} for i in range(300)]
+    rows = [
+        {"text": f"The planet P{i} orbits the star S{i % 7} and has {i % 5} moons."}
+        for i in range(300)
+    ]
     (tmp_path / "domain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rows = [{"instruction": f"What is {i} plus 1?", "output": str(i + 1)} for i in range(60)]
     (tmp_path / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": {"path": "./tok"}, "data": {"block_size": 32, "tokenize_batch_size": 16,
-              "domain": [{"path": "domain.jsonl", "weight": 0.7}],
-              "instructions": [{"path": "instructions.jsonl", "weight": 0.3}]}}
+    config = {
+        "model": {"path": "./tok"},
+        "data": {
+            "block_size": 32,
+            "tokenize_batch_size": 16,
+            "domain": [{"path": "domain.jsonl", "weight": 0.7}],
+            "instructions": [{"path": "instructions.jsonl", "weight": 0.3}],
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     return lambda out: ["data", str(tmp_path / "config.yaml"), "--output", str(tmp_path / out)]
 
@@ -224,7 +283,9 @@ def test_data_stage_killed_mid_tokenisation_leaves_nothing_that_is_reused(data_s
     wait_for(lambda: progress(records) >= 100, proc)  # a third of the domain file tokenised
     kill(proc)
     assert not (out / "data").exists()
-    assert list(out.glob(".data.tmp-*"))  # what SIGKILL left behind: a temporary folder, never data/
+    assert list(
+        out.glob(".data.tmp-*")
+    )  # what SIGKILL left behind: a temporary folder, never data/
 
     proc = start(argv, "mixcpt.data.stage:_render", records, slow_s=0)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]

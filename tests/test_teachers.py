@@ -29,9 +29,17 @@ V, BLOCK = 400, 16
 def make_tiny_llama(vocab_size, seed=0):
     """A random Llama of about 30k parameters (as tests/conftest.py builds, with the vocabulary and seed given)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -40,7 +48,14 @@ def write_blocks(folder, seed, fingerprint, n_blocks=5):
     g = np.random.default_rng(seed)
     ids = g.integers(3, V, size=(n_blocks, BLOCK))
     positions = np.tile(np.r_[np.arange(BLOCK // 2), np.arange(BLOCK - BLOCK // 2)], (n_blocks, 1))
-    write_packed(folder, ids, positions, n_tokens=n_blocks * BLOCK - 3, pad_token_id=0, fingerprint=fingerprint)
+    write_packed(
+        folder,
+        ids,
+        positions,
+        n_tokens=n_blocks * BLOCK - 3,
+        pad_token_id=0,
+        fingerprint=fingerprint,
+    )
     return IndexedBlocks(folder)
 
 
@@ -66,8 +81,14 @@ def student_logits_and_labels(batch, seed=7):
 
 def teacher_lssd(teacher, batch, student, labels, temperature, chunk_size):
     """(L_LSSD, teacher top-1 matches) of the teacher's target for the batch."""
-    result = cpt_loss(student, labels, teacher.target(batch), ce_weight=0.0, temperature=temperature,
-                      chunk_size=chunk_size)
+    result = cpt_loss(
+        student,
+        labels,
+        teacher.target(batch),
+        ce_weight=0.0,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
     return result.loss, result.teacher_top1_matches
 
 
@@ -77,8 +98,15 @@ def target_logits(target):
 
 
 def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model, tmp_path):
-    cache = build_teacher_cache(teacher_model, blocks, tmp_path / "cache", top_k=V, temperature=2.0, batch_size=2,
-                                dtype="float32")
+    cache = build_teacher_cache(
+        teacher_model,
+        blocks,
+        tmp_path / "cache",
+        top_k=V,
+        temperature=2.0,
+        batch_size=2,
+        dtype="float32",
+    )
     online = OnlineTeacher(teacher_model, V)
     batch = batch_of(blocks, [4, 1, 3])  # block 4 has padding (ignored labels)
     student, labels = student_logits_and_labels(batch)
@@ -88,15 +116,21 @@ def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model
     assert cached_top1 == exact_top1
 
 
-def test_cache_with_small_k_stores_fp16_top_k_and_gives_the_bucketed_loss(blocks, teacher_model, tmp_path):
+def test_cache_with_small_k_stores_fp16_top_k_and_gives_the_bucketed_loss(
+    blocks, teacher_model, tmp_path
+):
     k = 8
-    cache = build_teacher_cache(teacher_model, blocks, tmp_path / "cache", top_k=k, temperature=1.0, batch_size=2)
+    cache = build_teacher_cache(
+        teacher_model, blocks, tmp_path / "cache", top_k=k, temperature=1.0, batch_size=2
+    )
     assert cache.logprobs.dtype == np.float16 and cache.ids.dtype == np.int32
     assert cache.bytes_per_token == k * (2 + 4) + 4
 
     batch = batch_of(blocks, [0, 4])
     with torch.no_grad():
-        log_q = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        log_q = teacher_model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"]
+        ).logits
         log_q = log_q.log_softmax(-1)
     values, ids = log_q.topk(k, -1)
     tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
@@ -109,21 +143,30 @@ def test_cache_with_small_k_stores_fp16_top_k_and_gives_the_bucketed_loss(blocks
 @pytest.mark.parametrize("chunk_size", [3, 1000])
 def test_cache_top_k_from_hidden_states_in_chunks_equals_the_full_log_softmax(chunk_size):
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(20, 8, generator=g), torch.randn(V, 8, generator=g) * 3  # peaked: tiny tails
+    hidden, weight = (
+        torch.randn(20, 8, generator=g),
+        torch.randn(V, 8, generator=g) * 3,
+    )  # peaked: tiny tails
     log_q = (hidden.double() @ weight.double().T / 0.5).log_softmax(-1)  # [20, V] in float64
     values, ids, tail = top_k_logprobs(hidden, weight, 5, temperature=0.5, chunk_size=chunk_size)
     expected_values, expected_ids = log_q.topk(5, dim=-1)
     torch.testing.assert_close(values.double(), expected_values, atol=1e-4, rtol=0)
     assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(tail.double(), log_q.scatter(-1, expected_ids, float("-inf")).logsumexp(-1),
-                               atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        tail.double(),
+        log_q.scatter(-1, expected_ids, float("-inf")).logsumexp(-1),
+        atol=1e-3,
+        rtol=1e-4,
+    )
     _, _, no_tail = top_k_logprobs(hidden, weight, V, temperature=0.5, chunk_size=chunk_size)
     assert torch.isneginf(no_tail).all()
 
 
 def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path):
     folder = tmp_path / "cache"
-    full = build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
+    full = build_teacher_cache(
+        teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2
+    )
     expected = np.array(full.logprobs)
     del full
     # As if killed after the first batch: later rows were never written; earlier rows are kept.
@@ -132,7 +175,9 @@ def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path
     logprobs.flush()
     (folder / "progress.json").write_text(json.dumps({"blocks_done": 2}))
 
-    resumed = build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
+    resumed = build_teacher_cache(
+        teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2
+    )
     assert np.all(resumed.logprobs[:2] == 0)  # not recomputed
     np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
 
@@ -141,7 +186,9 @@ def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_m
     folder = tmp_path / "cache"
     build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0)
     other_data = write_blocks(tmp_path / "other", seed=1, fingerprint="mix-b")
-    with pytest.raises(ConfigError, match="fingerprint: cache 'mix-a' vs now 'mix-b'.*Delete the folder"):
+    with pytest.raises(
+        ConfigError, match="fingerprint: cache 'mix-a' vs now 'mix-b'.*Delete the folder"
+    ):
         build_teacher_cache(teacher_model, other_data, folder, top_k=4, temperature=1.0)
     with pytest.raises(ConfigError, match="teacher_hash"):
         build_teacher_cache(make_tiny_llama(V, seed=2), blocks, folder, top_k=4, temperature=1.0)
@@ -169,28 +216,46 @@ def test_online_teacher_is_a_frozen_independent_copy(teacher_model):
 def test_lora_teacher_is_the_base_model_without_a_second_copy(blocks, teacher_model):
     batch = batch_of(blocks, [0, 1])
     with torch.no_grad():
-        base_logits = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        base_logits = teacher_model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"]
+        ).logits
     n_params = sum(p.numel() for p in teacher_model.parameters())
-    student = get_peft_model(teacher_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    student = get_peft_model(
+        teacher_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
     with torch.no_grad():  # adapters that have learned something
         for name, p in student.named_parameters():
             if "lora_B" in name:
                 p.normal_()
     teacher = LoraTeacher(student)
-    assert sum(p.numel() for p in student.parameters()) < 1.5 * n_params  # adapters only, no base copy
+    assert (
+        sum(p.numel() for p in student.parameters()) < 1.5 * n_params
+    )  # adapters only, no base copy
     torch.testing.assert_close(target_logits(teacher.target(batch)), base_logits)
     with torch.no_grad():
         adapted = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    assert not torch.allclose(adapted, base_logits, atol=1e-3)  # the adapters are back on after the teacher ran
-    assert all(p.requires_grad for name, p in student.named_parameters() if "lora_" in name)  # and still trained
+    assert not torch.allclose(
+        adapted, base_logits, atol=1e-3
+    )  # the adapters are back on after the teacher ran
+    assert all(
+        p.requires_grad for name, p in student.named_parameters() if "lora_" in name
+    )  # and still trained
 
 
-def test_online_teacher_logits_come_from_its_hidden_states_and_equal_the_models(blocks, teacher_model):
+def test_online_teacher_logits_come_from_its_hidden_states_and_equal_the_models(
+    blocks, teacher_model
+):
     batch = batch_of(blocks, [0, 2])
     target = OnlineTeacher(teacher_model, V).target(batch)
-    assert target.rows.shape == (2, BLOCK, teacher_model.config.hidden_size)  # no [B, T, V] tensor was made
+    assert target.rows.shape == (
+        2,
+        BLOCK,
+        teacher_model.config.hidden_size,
+    )  # no [B, T, V] tensor was made
     with torch.no_grad():
-        logits = teacher_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logits = teacher_model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"]
+        ).logits
     torch.testing.assert_close(target_logits(target), logits, atol=1e-5, rtol=1e-5)
 
 
@@ -203,7 +268,9 @@ class ScaledLlama(LlamaForCausalLM):
         return outputs
 
 
-def test_teachers_keep_packed_documents_apart_even_when_the_config_enables_the_kv_cache(blocks, teacher_model):
+def test_teachers_keep_packed_documents_apart_even_when_the_config_enables_the_kv_cache(
+    blocks, teacher_model
+):
     """A model straight from from_pretrained has use_cache=True, with which transformers would let the
     documents of a packed block attend to each other; the teachers' forward turns the cache off."""
     teacher_model.config.use_cache = True
@@ -215,7 +282,9 @@ def test_teachers_keep_packed_documents_apart_even_when_the_config_enables_the_k
     torch.testing.assert_close(target_logits(target)[:, start:], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_loss_forward_falls_back_to_logits_when_something_follows_the_output_layer(blocks, teacher_model):
+def test_loss_forward_falls_back_to_logits_when_something_follows_the_output_layer(
+    blocks, teacher_model
+):
     batch = batch_of(blocks, [0, 1])
     scaled = ScaledLlama(teacher_model.config)
     scaled.load_state_dict(teacher_model.state_dict())

@@ -50,12 +50,21 @@ def read_synsets(wordnet: Path) -> list[dict]:
             fields, _, gloss = line.partition(" | ")
             parts = fields.split()
             count = int(parts[3], 16)
-            words = [re.sub(r"\(.*\)$", "", w).replace("_", " ") for w in parts[4:4 + 2 * count:2]]
+            words = [
+                re.sub(r"\(.*\)$", "", w).replace("_", " ") for w in parts[4 : 4 + 2 * count : 2]
+            ]
             pieces = [p.strip() for p in gloss.strip().split(";")]
             definition = next((p for p in pieces if p and not p.startswith('"')), "")
             examples = [p.strip('"') for p in pieces if p.startswith('"') and p.endswith('"')]
             if definition and words:
-                synsets.append({"pos": pos_name, "words": words, "definition": definition, "examples": examples})
+                synsets.append(
+                    {
+                        "pos": pos_name,
+                        "words": words,
+                        "definition": definition,
+                        "examples": examples,
+                    }
+                )
     return synsets
 
 
@@ -69,17 +78,44 @@ def word_tasks(synset: dict, others: list[dict], rng: random.Random) -> list[dic
     other = rng.choice(others)
     while other["definition"] == synset["definition"]:  # a rejected answer is never also right
         other = rng.choice(others)
-    tasks = [{"task": "define", "instruction": f"Define the word \"{word}\" ({synset['pos']}).", "input": "",
-              "output": sentence(synset["definition"]), "rejected": sentence(other["definition"])}]
+    tasks = [
+        {
+            "task": "define",
+            "instruction": f'Define the word "{word}" ({synset["pos"]}).',
+            "input": "",
+            "output": sentence(synset["definition"]),
+            "rejected": sentence(other["definition"]),
+        }
+    ]
     with_word = [e for e in synset["examples"] if re.search(rf"\b{re.escape(word)}\b", e)]
-    other_examples = [e for s in rng.sample(others, min(20, len(others))) if s is not synset for e in s["examples"]]
+    other_examples = [
+        e
+        for s in rng.sample(others, min(20, len(others)))
+        if s is not synset
+        for e in s["examples"]
+    ]
     if with_word and other_examples:
-        tasks.append({"task": "example", "instruction": f"Use the word \"{word}\" in a sentence.", "input": "",
-                      "output": sentence(with_word[0]), "rejected": sentence(rng.choice(other_examples))})
+        tasks.append(
+            {
+                "task": "example",
+                "instruction": f'Use the word "{word}" in a sentence.',
+                "input": "",
+                "output": sentence(with_word[0]),
+                "rejected": sentence(rng.choice(other_examples)),
+            }
+        )
     synonyms = [w for w in synset["words"] if w != word]
     if synonyms:
-        tasks.append({"task": "synonym", "instruction": f"Give a synonym of the {synset['pos']} \"{word}\".",
-                      "input": "", "output": synonyms[0], "answers": synonyms, "rejected": rng.choice(other["words"])})
+        tasks.append(
+            {
+                "task": "synonym",
+                "instruction": f'Give a synonym of the {synset["pos"]} "{word}".',
+                "input": "",
+                "output": synonyms[0],
+                "answers": synonyms,
+                "rejected": rng.choice(other["words"]),
+            }
+        )
     return tasks
 
 
@@ -89,18 +125,33 @@ def computed_task(rng: random.Random, words: list[str]) -> dict:
     if kind == "arithmetic":
         a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-*")
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return {"task": kind, "instruction": f"What is {a} {op} {b}?", "input": "", "output": str(answer),
-                "rejected": str(answer + rng.choice([-10, -2, -1, 1, 2, 10]))}
+        return {
+            "task": kind,
+            "instruction": f"What is {a} {op} {b}?",
+            "input": "",
+            "output": str(answer),
+            "rejected": str(answer + rng.choice([-10, -2, -1, 1, 2, 10])),
+        }
     if kind == "sort":
         sample = rng.sample(words, 4)
         shuffled = sample[:]
         while shuffled == sorted(sample):
             rng.shuffle(shuffled)
-        return {"task": kind, "instruction": "Sort these words alphabetically.", "input": ", ".join(sample),
-                "output": ", ".join(sorted(sample)), "rejected": ", ".join(shuffled)}
+        return {
+            "task": kind,
+            "instruction": "Sort these words alphabetically.",
+            "input": ", ".join(sample),
+            "output": ", ".join(sorted(sample)),
+            "rejected": ", ".join(shuffled),
+        }
     word = rng.choice(words)
-    return {"task": kind, "instruction": f"How many letters are in the word \"{word}\"?", "input": "",
-            "output": str(len(word)), "rejected": str(len(word) + rng.choice([-1, 1, 2]))}
+    return {
+        "task": kind,
+        "instruction": f'How many letters are in the word "{word}"?',
+        "input": "",
+        "output": str(len(word)),
+        "rejected": str(len(word) + rng.choice([-1, 1, 2])),
+    }
 
 
 def tasks_for(synsets: list[dict], rng: random.Random, computed_share: float) -> list[dict]:
@@ -119,47 +170,82 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wordnet", default="/usr/share/wordnet", help="wordnet-base's data folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train-synsets", type=int, default=3000, help="synsets behind the training pool")
-    p.add_argument("--heldout-synsets", type=int, default=600, help="synsets behind the general benchmarks")
-    p.add_argument("--computed-share", type=float, default=0.25, help="programmatic tasks per word task")
+    p.add_argument(
+        "--train-synsets", type=int, default=3000, help="synsets behind the training pool"
+    )
+    p.add_argument(
+        "--heldout-synsets", type=int, default=600, help="synsets behind the general benchmarks"
+    )
+    p.add_argument(
+        "--computed-share", type=float, default=0.25, help="programmatic tasks per word task"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     wordnet = Path(args.wordnet)
     if not (wordnet / "data.noun").is_file():
-        raise SystemExit(f"{wordnet}: WordNet data not found; install it with: apt-get install -y wordnet-base")
+        raise SystemExit(
+            f"{wordnet}: WordNet data not found; install it with: apt-get install -y wordnet-base"
+        )
     rng = random.Random(args.seed)
     synsets = read_synsets(wordnet)
     rng.shuffle(synsets)
-    heldout = synsets[:args.heldout_synsets]
-    train = synsets[args.heldout_synsets:args.heldout_synsets + args.train_synsets]
-    train_tasks, test_tasks = tasks_for(train, rng, args.computed_share), tasks_for(heldout, rng, args.computed_share)
+    heldout = synsets[: args.heldout_synsets]
+    train = synsets[args.heldout_synsets : args.heldout_synsets + args.train_synsets]
+    train_tasks, test_tasks = (
+        tasks_for(train, rng, args.computed_share),
+        tasks_for(heldout, rng, args.computed_share),
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_samples(out / "instructions.jsonl",
-                [{k: t[k] for k in ("instruction", "input", "output")} for t in train_tasks])
-    write_samples(out / "preferences.jsonl",
-                [{"prompt": prompt_of(t), "chosen": t["output"], "rejected": t["rejected"]} for t in train_tasks])
+    write_samples(
+        out / "instructions.jsonl",
+        [{k: t[k] for k in ("instruction", "input", "output")} for t in train_tasks],
+    )
+    write_samples(
+        out / "preferences.jsonl",
+        [
+            {"prompt": prompt_of(t), "chosen": t["output"], "rejected": t["rejected"]}
+            for t in train_tasks
+        ],
+    )
     mc = []
     for s in heldout:
         wrong = rng.sample([o for o in heldout if o["definition"] != s["definition"]], 3)
         choices = [sentence(s["definition"]), *(sentence(o["definition"]) for o in wrong)]
         rng.shuffle(choices)
-        mc.append({"question": f"What does the {s['pos']} \"{s['words'][0]}\" mean?", "choices": choices,
-                   "answer": choices.index(sentence(s["definition"]))})
+        mc.append(
+            {
+                "question": f'What does the {s["pos"]} "{s["words"][0]}" mean?',
+                "choices": choices,
+                "answer": choices.index(sentence(s["definition"])),
+            }
+        )
     write_samples(out / "bench_general_mc.jsonl", mc)
-    write_samples(out / "bench_general_gen.jsonl",
-                [{"prompt": prompt_of(t), "answers": t.get("answers", [t["output"]])}
-                 for t in test_tasks if t["task"] in ("arithmetic", "letters", "sort", "synonym")])
-    glosses = [f"{s['words'][0]}: {sentence(s['definition'])}" + "".join(f" {sentence(e)}" for e in s["examples"])
-               for s in heldout]
+    write_samples(
+        out / "bench_general_gen.jsonl",
+        [
+            {"prompt": prompt_of(t), "answers": t.get("answers", [t["output"]])}
+            for t in test_tasks
+            if t["task"] in ("arithmetic", "letters", "sort", "synonym")
+        ],
+    )
+    glosses = [
+        f"{s['words'][0]}: {sentence(s['definition'])}"
+        + "".join(f" {sentence(e)}" for e in s["examples"])
+        for s in heldout
+    ]
     half = len(glosses) // 2
-    write_samples(out / "bench_general_ppl.jsonl",
-                [{"text": "\n".join(glosses[i:i + 8])} for i in range(0, half, 8)])
-    (out / "probe.txt").write_text("\n".join(glosses[half:half + 40]) + "\n", encoding="utf-8")
-    print(f"wordnet: {len(train_tasks)} training tasks from {len(train)} synsets, "
-          f"{len(heldout)} held-out synsets -> {out}")
+    write_samples(
+        out / "bench_general_ppl.jsonl",
+        [{"text": "\n".join(glosses[i : i + 8])} for i in range(0, half, 8)],
+    )
+    (out / "probe.txt").write_text("\n".join(glosses[half : half + 40]) + "\n", encoding="utf-8")
+    print(
+        f"wordnet: {len(train_tasks)} training tasks from {len(train)} synsets, "
+        f"{len(heldout)} held-out synsets -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,34 @@ from pathlib import Path
 
 from mixcpt.align.samples import write_samples  # JSONL, one object per line, unchanged
 
-BLOCK_TAGS = {"p", "div", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "dl", "ul", "ol", "table",
-              "tr", "blockquote", "section", "br"}
+BLOCK_TAGS = {
+    "p",
+    "div",
+    "pre",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "dt",
+    "dd",
+    "dl",
+    "ul",
+    "ol",
+    "table",
+    "tr",
+    "blockquote",
+    "section",
+    "br",
+}
 SKIP_TAGS = {"script", "style"}
-OBJECT_KINDS = {"function", "class", "exception"}  # <dl class="py function"> ...: the objects questions ask about
+OBJECT_KINDS = {
+    "function",
+    "class",
+    "exception",
+}  # <dl class="py function"> ...: the objects questions ask about
 
 
 class SphinxPage(HTMLParser):
@@ -119,8 +143,13 @@ def read_page(path: Path) -> dict:
     page.feed(path.read_text(encoding="utf-8"))
     title = " ".join(page.title.split())
     module, _, synopsis = title.partition(" — ")
-    return {"source": f"library/{path.name}", "text": page.text, "module": module.strip(),
-            "synopsis": synopsis.strip(), "objects": page.objects}
+    return {
+        "source": f"library/{path.name}",
+        "text": page.text,
+        "module": module.strip(),
+        "synopsis": synopsis.strip(),
+        "objects": page.objects,
+    }
 
 
 def chunks(text: str, size: int) -> list[str]:
@@ -134,7 +163,9 @@ def chunks(text: str, size: int) -> list[str]:
     return out + ([current] if current else [])
 
 
-def questions(pages: list[dict], modules: list[str], rng: random.Random, per_page: int) -> list[dict]:
+def questions(
+    pages: list[dict], modules: list[str], rng: random.Random, per_page: int
+) -> list[dict]:
     """Multiple-choice items about `pages`: which module provides an object, which module a
     synopsis describes. Wrong choices are other modules of the library (`modules`)."""
 
@@ -149,23 +180,41 @@ def questions(pages: list[dict], modules: list[str], rng: random.Random, per_pag
         if module not in modules:
             continue
         if page["synopsis"]:
-            items.append(item(f"Which module of the Python standard library is described as "
-                              f"\"{page['synopsis']}\"?", module))
+            items.append(
+                item(
+                    f"Which module of the Python standard library is described as "
+                    f'"{page["synopsis"]}"?',
+                    module,
+                )
+            )
         own = [(kind, name) for kind, name in page["objects"] if name.startswith(module + ".")]
         for kind, name in rng.sample(own, min(per_page, len(own))):
             short = name.removeprefix(module + ".")
-            items.append(item(f"Which module of the Python standard library provides the {kind} `{short}`?", module))
+            items.append(
+                item(
+                    f"Which module of the Python standard library provides the {kind} `{short}`?",
+                    module,
+                )
+            )
     rng.shuffle(items)
     return items
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--html", default="/usr/share/doc/python3.11/html", help="python3.11-doc's HTML folder")
+    p.add_argument(
+        "--html", default="/usr/share/doc/python3.11/html", help="python3.11-doc's HTML folder"
+    )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train-chars", type=int, default=90_000,
-                   help="characters of training pages to keep (random pages up to this size); 0: all")
-    p.add_argument("--heldout-pages", type=int, default=40, help="library pages held out for the benchmarks")
+    p.add_argument(
+        "--train-chars",
+        type=int,
+        default=90_000,
+        help="characters of training pages to keep (random pages up to this size); 0: all",
+    )
+    p.add_argument(
+        "--heldout-pages", type=int, default=40, help="library pages held out for the benchmarks"
+    )
     p.add_argument("--ppl-chunk-chars", type=int, default=2000)
     p.add_argument("--questions-per-page", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -173,13 +222,15 @@ def main() -> None:
 
     library = Path(args.html) / "library"
     if not library.is_dir():
-        raise SystemExit(f"{library}: not found; install it with: apt-get install -y python3.11-doc")
+        raise SystemExit(
+            f"{library}: not found; install it with: apt-get install -y python3.11-doc"
+        )
     pages = [read_page(path) for path in sorted(library.glob("*.html"))]
     # pages that document one module ("json — JSON encoder and decoder"); index pages have no synopsis
     pages = [pg for pg in pages if pg["module"] and pg["synopsis"] and len(pg["text"]) > 1000]
     rng = random.Random(args.seed)
     rng.shuffle(pages)
-    heldout, rest = pages[:args.heldout_pages], pages[args.heldout_pages:]
+    heldout, rest = pages[: args.heldout_pages], pages[args.heldout_pages :]
     train, size = [], 0
     for page in rest:
         if args.train_chars and size + len(page["text"]) > args.train_chars:
@@ -190,12 +241,22 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_samples(out / "domain_train.jsonl", [{"text": pg["text"], "source": pg["source"]} for pg in train])
-    write_samples(out / "bench_domain_ppl.jsonl",
-                [{"text": c} for pg in heldout for c in chunks(pg["text"], args.ppl_chunk_chars)])
-    write_samples(out / "bench_domain_mc.jsonl", questions(heldout, modules, rng, args.questions_per_page))
-    write_samples(out / "bench_domain_mc_seen.jsonl", questions(train, modules, rng, args.questions_per_page))
-    print(f"python docs: {len(train)} training pages ({size:,} characters), {len(heldout)} held-out pages -> {out}")
+    write_samples(
+        out / "domain_train.jsonl", [{"text": pg["text"], "source": pg["source"]} for pg in train]
+    )
+    write_samples(
+        out / "bench_domain_ppl.jsonl",
+        [{"text": c} for pg in heldout for c in chunks(pg["text"], args.ppl_chunk_chars)],
+    )
+    write_samples(
+        out / "bench_domain_mc.jsonl", questions(heldout, modules, rng, args.questions_per_page)
+    )
+    write_samples(
+        out / "bench_domain_mc_seen.jsonl", questions(train, modules, rng, args.questions_per_page)
+    )
+    print(
+        f"python docs: {len(train)} training pages ({size:,} characters), {len(heldout)} held-out pages -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,16 +35,24 @@ def _output_dir(path: str) -> Path:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixcpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded synthetic-knowledge demo end to end (no download)")
+    demo = sub.add_parser(
+        "demo", help="run the embedded synthetic-knowledge demo end to end (no download)"
+    )
     demo.add_argument("--output", required=True, help="run folder")
-    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)"
+    )
     demo.add_argument("--seed", type=int, default=0)
-    for name, help_ in [("run", "run every stage in order")] + [(s, f"run the {s} stage") for s in STAGES]:
+    for name, help_ in [("run", "run every stage in order")] + [
+        (s, f"run the {s} stage") for s in STAGES
+    ]:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML run config")
         sp.add_argument("--output", required=True, help="run folder")
         if name in ("cpt", "sft", "dpo"):
-            sp.add_argument("--arm", choices=["mixcpt", "baseline"], help="only this arm (default: every arm)")
+            sp.add_argument(
+                "--arm", choices=["mixcpt", "baseline"], help="only this arm (default: every arm)"
+            )
     return p
 
 

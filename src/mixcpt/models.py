@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
@@ -25,21 +30,32 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def load_model(
-    path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, attn_implementation: str | None = None
+    path: str | Path,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a folder or hub id, weights from safetensors only (never pickles)."""
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    kwargs = {
+        "dtype": DTYPES[dtype],
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (ValueError, OSError) as err:
         if "trust_remote_code" in str(err):
-            raise ConfigError(f"{path}: this model needs its own code; set model.trust_remote_code: true "
-                              "only if you trust its authors") from None
+            raise ConfigError(
+                f"{path}: this model needs its own code; set model.trust_remote_code: true "
+                "only if you trust its authors"
+            ) from None
         if "safetensors" in str(err):
-            raise ConfigError(f"{path}: no safetensors weights (mixcpt never loads pickled weights); "
-                              "convert the checkpoint to safetensors first") from None
+            raise ConfigError(
+                f"{path}: no safetensors weights (mixcpt never loads pickled weights); "
+                "convert the checkpoint to safetensors first"
+            ) from None
         raise
 
 
@@ -68,16 +84,22 @@ def ensure_base_model(model_cfg: ModelConfig, run_base: Path) -> None:
         marker = run_base / GGUF_SOURCE
         recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
         if recorded != source:
-            raise ConfigError(f"model.gguf_file: {run_base} holds another base model ({recorded or 'not from GGUF'}); "
-                              f"use a new --output folder for {gguf_path}")
+            raise ConfigError(
+                f"model.gguf_file: {run_base} holds another base model ({recorded or 'not from GGUF'}); "
+                f"use a new --output folder for {gguf_path}"
+            )
         return
-    print(f"mixcpt: converting {gguf_path} to a safetensors model folder at {run_base} (once per run)")
+    print(
+        f"mixcpt: converting {gguf_path} to a safetensors model folder at {run_base} (once per run)"
+    )
     with atomic_dir(run_base) as tmp:
         convert_gguf(gguf_path, tmp, DTYPES[model_cfg.dtype])
         (tmp / GGUF_SOURCE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path
+) -> None:
     """Write a standard HF folder (config, safetensors weights, tokenizer) loadable by from_pretrained."""
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))

@@ -32,7 +32,9 @@ def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> N
     if state.is_main_process:
         from mixcpt.models import ensure_base_model
 
-        ensure_base_model(cfg.model, run.base)  # a GGUF base is converted once into run.base; else a no-op
+        ensure_base_model(
+            cfg.model, run.base
+        )  # a GGUF base is converted once into run.base; else a no-op
     state.wait_for_everyone()
     if stage in SINGLE_PROCESS and not state.is_main_process:
         state.wait_for_everyone()

@@ -24,7 +24,10 @@ from mixcpt.rundir import RunDir  # noqa: E402
 
 STAGE_ORDER = ("base", "cpt", "sft", "dpo")
 STAGE_DASH = {"cpt": "-", "sft": "--", "dpo": ":"}
-ARM_STYLE = {"mixcpt": ("tab:blue", "Mix-CPT"), "baseline": ("tab:orange", "baseline (CPT, SFT, DPO)")}
+ARM_STYLE = {
+    "mixcpt": ("tab:blue", "Mix-CPT"),
+    "baseline": ("tab:orange", "baseline (CPT, SFT, DPO)"),
+}
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -41,6 +44,7 @@ img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 
 # ---- data extracted from results.json ------------------------------------------------------
 
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -52,7 +56,9 @@ def results_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]
     main metric, then KL to base."""
     ev = results.get("eval", {})
     benchmarks, rows = ev.get("benchmarks", {}), ev.get("rows", [])
-    header = ["arm", "stage"] + [f"{name} ({b.get('tag', '?')}, {b.get('main_metric')})" for name, b in benchmarks.items()]
+    header = ["arm", "stage"] + [
+        f"{name} ({b.get('tag', '?')}, {b.get('main_metric')})" for name, b in benchmarks.items()
+    ]
     header.append("KL to base")
     cells, missing = [], []
     for row in rows:
@@ -75,7 +81,10 @@ def _axis(benchmarks: dict, tag: str) -> tuple[list[str], str]:
     better = [n for n, b in tagged.items() if b.get("higher_is_better", True)]
     if better:
         return better, f"mean {tag} score (higher is better)"
-    return list(tagged), f"mean {tag} {', '.join(sorted({tagged[n]['main_metric'] for n in tagged}))} (lower is better)"
+    return (
+        list(tagged),
+        f"mean {tag} {', '.join(sorted({tagged[n]['main_metric'] for n in tagged}))} (lower is better)",
+    )
 
 
 def retention_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -87,7 +96,8 @@ def retention_table(results: dict) -> tuple[list[str], list[list[str]]]:
     metric = {n: ev.get("benchmarks", {}).get(n, {}).get("main_metric", "") for n in general}
     header = ["arm", "stage"] + [f"Δ {n} ({metric[n]})" for n in general] + ["KL to base"]
     cells = [
-        [r["arm"], r["stage"]] + [_fmt(r["retention"]["delta"].get(n)) for n in general]
+        [r["arm"], r["stage"]]
+        + [_fmt(r["retention"]["delta"].get(n)) for n in general]
         + [_fmt(r["retention"].get("kl_to_base"))]
         for r in rows
     ]
@@ -98,14 +108,21 @@ def mixture_table(results: dict) -> tuple[list[str], list[list[str]]]:
     sources = results.get("data", {}).get("mix", {}).get("sources", {})
     header = ["source", "group", "documents", "tokens", "share", "target share"]
     cells = [
-        [label, s.get("group", ""), _fmt(s.get("documents")), _fmt(s.get("tokens")),
-         f"{s.get('share', 0):.1%}", f"{s.get('target_share', 0):.1%}"]
+        [
+            label,
+            s.get("group", ""),
+            _fmt(s.get("documents")),
+            _fmt(s.get("tokens")),
+            f"{s.get('share', 0):.1%}",
+            f"{s.get('target_share', 0):.1%}",
+        ]
         for label, s in sources.items()
     ]
     return header, cells
 
 
 # ---- plots ---------------------------------------------------------------------------------
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -118,7 +135,10 @@ def plot_domain_vs_general(results: dict) -> str | None:
     """Base64 PNG: each ok stage a point at (mean domain score, mean general score), each arm a
     line base -> cpt -> sft -> dpo. None when there is nothing to plot."""
     ev = results.get("eval", {})
-    benchmarks, rows = ev.get("benchmarks", {}), [r for r in ev.get("rows", []) if r.get("status") == "ok"]
+    benchmarks, rows = (
+        ev.get("benchmarks", {}),
+        [r for r in ev.get("rows", []) if r.get("status") == "ok"],
+    )
     (domain, xlabel), (general, ylabel) = _axis(benchmarks, "domain"), _axis(benchmarks, "general")
     if not rows or not domain or not general:
         return None
@@ -131,13 +151,18 @@ def plot_domain_vs_general(results: dict) -> str | None:
     points = {(r["arm"], r["stage"]): (mean_main(r, domain), mean_main(r, general)) for r in rows}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for arm, (color, label) in ARM_STYLE.items():
-        path = [(s, points.get((arm, s), points.get(("base", "base")) if s == "base" else None)) for s in STAGE_ORDER]
+        path = [
+            (s, points.get((arm, s), points.get(("base", "base")) if s == "base" else None))
+            for s in STAGE_ORDER
+        ]
         path = [(s, p) for s, p in path if p and None not in p]
         if len(path) < 2:
             continue  # the base point alone is drawn below
         ax.plot([p[0] for _, p in path], [p[1] for _, p in path], "-o", color=color, label=label)
         for stage, (x, y) in path[1:]:
-            ax.annotate(stage, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, color=color)
+            ax.annotate(
+                stage, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, color=color
+            )
     if None not in points.get(("base", "base"), (None,)):
         ax.plot(*points[("base", "base")], "ks", markersize=8, label="base", zorder=3)
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend()
@@ -159,7 +184,13 @@ def plot_losses(results: dict) -> str | None:
     for key, points in curves.items():
         arm, _, stage = key.partition("/")  # keys are "arm/stage": colour = arm, dash = stage
         style = {"color": ARM_STYLE[arm][0]} if arm in ARM_STYLE else {}
-        ax.plot([p[0] for p in points], [p[1] for p in points], STAGE_DASH.get(stage, "-"), label=key, **style)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            STAGE_DASH.get(stage, "-"),
+            label=key,
+            **style,
+        )
     ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.grid(alpha=0.3), ax.legend()
     ax.set_title("Training loss per stage")
     return _png(fig)
@@ -173,16 +204,34 @@ def plot_mixture(results: dict) -> str | None:
     labels = list(sources)
     fig, ax = plt.subplots(figsize=(6.5, 0.5 + 0.45 * len(labels)))
     y = range(len(labels))
-    ax.barh([i - 0.2 for i in y], [sources[s].get("share", 0) for s in labels], height=0.4, label="achieved")
-    ax.barh([i + 0.2 for i in y], [sources[s].get("target_share", 0) for s in labels], height=0.4, label="target")
+    ax.barh(
+        [i - 0.2 for i in y],
+        [sources[s].get("share", 0) for s in labels],
+        height=0.4,
+        label="achieved",
+    )
+    ax.barh(
+        [i + 0.2 for i in y],
+        [sources[s].get("target_share", 0) for s in labels],
+        height=0.4,
+        label="target",
+    )
     ax.set_yticks(list(y), [f"{s} ({sources[s].get('group', '')})" for s in labels])
-    ax.invert_yaxis(), ax.set_xlabel("share of D_MIX tokens"), ax.legend(), ax.grid(axis="x", alpha=0.3)
+    (
+        ax.invert_yaxis(),
+        ax.set_xlabel("share of D_MIX tokens"),
+        ax.legend(),
+        ax.grid(axis="x", alpha=0.3),
+    )
     return _png(fig)
 
 
 # ---- rendering -----------------------------------------------------------------------------
 
-def _html_table(header: list[str], cells: list[list[str]], missing: list[bool] | None = None) -> str:
+
+def _html_table(
+    header: list[str], cells: list[list[str]], missing: list[bool] | None = None
+) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = ""
     for i, line in enumerate(cells):
@@ -212,24 +261,36 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     ret = retention_table(results)
     # (title, base64 PNG or None, why it may be absent, what follows the plot)
     plots = [
-        ("Domain versus general", plot_domain_vs_general(results), "needs domain and general benchmarks evaluated",
-         "<p class='note'>Each axis averages the main score of the benchmarks with that tag (the "
-         "accuracy-type ones when there are any). Up and right is better.</p>"),
+        (
+            "Domain versus general",
+            plot_domain_vs_general(results),
+            "needs domain and general benchmarks evaluated",
+            "<p class='note'>Each axis averages the main score of the benchmarks with that tag (the "
+            "accuracy-type ones when there are any). Up and right is better.</p>",
+        ),
         ("Training loss", plot_losses(results), "no training stage has logged a loss yet", ""),
-        ("Data mixture", plot_mixture(results), "the data stage has not run yet",
-         _html_table(mix_header, mix_cells) if mix_cells else ""),
+        (
+            "Data mixture",
+            plot_mixture(results),
+            "the data stage has not run yet",
+            _html_table(mix_header, mix_cells) if mix_cells else "",
+        ),
     ]
     no_eval = "No evaluation yet: run `mixcpt eval`."
 
-    parts = [f"<h1>Mix-CPT report</h1><p class='note'>Run folder: {html.escape(str(run.root))}</p>",
-             "<h2>Results</h2>",
-             _html_table(header, cells, missing) if cells else f"<p class='note'>{html.escape(no_eval)}</p>",
-             "<p class='note'>Main metric per benchmark; KL to base is the mean per-token KL(base || stage) "
-             "on the general probe text (lower = more retained).</p>",
-             "<h2>Retention</h2>",
-             _html_table(*ret) if ret[1] else "<p class='note'>No trained stage evaluated yet.</p>",
-             "<p class='note'>Change of each general benchmark's main score against the base model "
-             "(for bits per byte and perplexity, a rise is a loss).</p>"]
+    parts = [
+        f"<h1>Mix-CPT report</h1><p class='note'>Run folder: {html.escape(str(run.root))}</p>",
+        "<h2>Results</h2>",
+        _html_table(header, cells, missing)
+        if cells
+        else f"<p class='note'>{html.escape(no_eval)}</p>",
+        "<p class='note'>Main metric per benchmark; KL to base is the mean per-token KL(base || stage) "
+        "on the general probe text (lower = more retained).</p>",
+        "<h2>Retention</h2>",
+        _html_table(*ret) if ret[1] else "<p class='note'>No trained stage evaluated yet.</p>",
+        "<p class='note'>Change of each general benchmark's main score against the base model "
+        "(for bits per byte and perplexity, a rise is a loss).</p>",
+    ]
     for title, png, absent, after in plots:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if png:
@@ -237,13 +298,29 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         else:
             parts.append(f"<p class='note'>Not available: {html.escape(absent)}.</p>")
         parts.append(after)
-    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>Mix-CPT report</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>Mix-CPT report</title>"
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
-    md = ["# Mix-CPT report", "", "## Results", "", _md_table(header, cells) if cells else no_eval, "",
-          "## Retention", "", _md_table(*ret) if ret[1] else "No trained stage evaluated yet.", "",
-          "## Data mixture", "", _md_table(mix_header, mix_cells) if mix_cells else "The data stage has not run yet.",
-          "", "Plots (domain versus general, training loss, mixture shares) are in report.html.", ""]
+    md = [
+        "# Mix-CPT report",
+        "",
+        "## Results",
+        "",
+        _md_table(header, cells) if cells else no_eval,
+        "",
+        "## Retention",
+        "",
+        _md_table(*ret) if ret[1] else "No trained stage evaluated yet.",
+        "",
+        "## Data mixture",
+        "",
+        _md_table(mix_header, mix_cells) if mix_cells else "The data stage has not run yet.",
+        "",
+        "Plots (domain versus general, training loss, mixture shares) are in report.html.",
+        "",
+    ]
 
     html_path, md_path = run.root / "report.html", run.root / "report.md"
     run.root.mkdir(parents=True, exist_ok=True)

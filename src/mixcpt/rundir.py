@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ARMS = ("mixcpt", "baseline")
 TRAINED_STAGES = ("cpt", "sft", "dpo")
@@ -121,7 +122,7 @@ def _remove_leftovers(final: Path) -> None:
     """Delete `.<name>.tmp-PID` / `.<name>.old-PID` siblings of `final` whose process is gone.
     A live PID is left alone: that process may be building the folder right now."""
     for path in final.parent.glob(f".{final.name}.*-*"):
-        kind, _, pid = path.name[len(final.name) + 2:].partition("-")
+        kind, _, pid = path.name[len(final.name) + 2 :].partition("-")
         if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

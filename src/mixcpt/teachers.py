@@ -57,7 +57,11 @@ def packed_forward_inputs(inputs: dict[str, torch.Tensor]) -> dict:
     ids restart per document, so transformers masks block-diagonally), and no KV cache, without which
     transformers skips that packed-sequence detection whatever `config.use_cache` says (with a cache,
     documents in a block would attend to each other)."""
-    return {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"], "use_cache": False}
+    return {
+        "input_ids": inputs["input_ids"],
+        "position_ids": inputs["position_ids"],
+        "use_cache": False,
+    }
 
 
 class LossForward:
@@ -98,7 +102,9 @@ class LossForward:
             mine = self.head(hidden[:, -1:]).float()  # [B, 1, V]
         logits = logits.float()
         # loose enough for bf16 autocast, tight enough for any real scale of the logits
-        return mine.shape == logits.shape and torch.allclose(mine, logits, rtol=1e-2, atol=1e-2 * logits.abs().max().item())
+        return mine.shape == logits.shape and torch.allclose(
+            mine, logits, rtol=1e-2, atol=1e-2 * logits.abs().max().item()
+        )
 
 
 class Teacher:
@@ -117,8 +123,10 @@ class OnlineTeacher(Teacher):
 
     def __init__(self, teacher_model: torch.nn.Module, student_vocab_size: int):
         if vocab_size(teacher_model) != student_vocab_size:
-            raise ConfigError(f"cpt.teacher: the teacher's vocabulary has {vocab_size(teacher_model)} tokens, "
-                              f"the student's {student_vocab_size}; LSSD needs the same vocabulary")
+            raise ConfigError(
+                f"cpt.teacher: the teacher's vocabulary has {vocab_size(teacher_model)} tokens, "
+                f"the student's {student_vocab_size}; LSSD needs the same vocabulary"
+            )
         self.model = copy.deepcopy(teacher_model).eval().requires_grad_(False)
         self.forward = LossForward(self.model)
 
@@ -164,29 +172,41 @@ def teacher_weights_hash(model: torch.nn.Module) -> str:
 
 
 def _mismatch(folder: Path, found: dict, wanted: dict) -> ConfigError:
-    diffs = ", ".join(f"{k}: cache {found.get(k)!r} vs now {wanted[k]!r}" for k in wanted if found.get(k) != wanted[k])
-    return ConfigError(f"{folder}: the teacher cache does not match this run ({diffs}); it was built from other "
-                       f"data or another teacher. Delete the folder to rebuild it.")
+    diffs = ", ".join(
+        f"{k}: cache {found.get(k)!r} vs now {wanted[k]!r}"
+        for k in wanted
+        if found.get(k) != wanted[k]
+    )
+    return ConfigError(
+        f"{folder}: the teacher cache does not match this run ({diffs}); it was built from other "
+        f"data or another teacher. Delete the folder to rebuild it."
+    )
 
 
 class CachedTeacher(Teacher):
     """Reads a complete teacher cache (memory-mapped); checks it against the training data's
     fingerprint, the student's vocabulary and the temperature."""
 
-    def __init__(self, folder: str | Path, fingerprint: str, student_vocab_size: int, temperature: float):
+    def __init__(
+        self, folder: str | Path, fingerprint: str, student_vocab_size: int, temperature: float
+    ):
         self.folder = Path(folder)
         if not (self.folder / "meta.json").exists():
             raise ConfigError(f"{self.folder}: no teacher cache here")
         self.meta = json.loads((self.folder / "meta.json").read_text())
         if self.meta["vocab_size"] != student_vocab_size:
-            raise ConfigError(f"{self.folder}: the cached teacher's vocabulary has {self.meta['vocab_size']} tokens, "
-                              f"the student's {student_vocab_size}; LSSD needs the same vocabulary")
+            raise ConfigError(
+                f"{self.folder}: the cached teacher's vocabulary has {self.meta['vocab_size']} tokens, "
+                f"the student's {student_vocab_size}; LSSD needs the same vocabulary"
+            )
         wanted = {"fingerprint": fingerprint, "temperature": temperature}
         if any(self.meta[k] != v for k, v in wanted.items()):
             raise _mismatch(self.folder, self.meta, wanted)
         done = json.loads((self.folder / "progress.json").read_text())["blocks_done"]
         if done < self.meta["n_blocks"]:
-            raise ConfigError(f"{self.folder}: the teacher cache is incomplete ({done}/{self.meta['n_blocks']} blocks)")
+            raise ConfigError(
+                f"{self.folder}: the teacher cache is incomplete ({done}/{self.meta['n_blocks']} blocks)"
+            )
         self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")  # [n_blocks, P, k]
         self.logprobs = np.load(self.folder / "logprobs.npy", mmap_mode="r")  # [n_blocks, P, k]
         self.tail = np.load(self.folder / "tail.npy", mmap_mode="r")  # [n_blocks, P]
@@ -200,15 +220,22 @@ class CachedTeacher(Teacher):
         rows = inputs["block_index"].cpu().numpy()
         device = inputs["input_ids"].device
 
-        def load(array: np.ndarray) -> torch.Tensor:  # [B, P, ...] -> [B, P + 1, ...]: the last position predicts nothing
+        def load(
+            array: np.ndarray,
+        ) -> torch.Tensor:  # [B, P, ...] -> [B, P + 1, ...]: the last position predicts nothing
             x = torch.from_numpy(array[rows]).to(device)
             return torch.cat([x, x[:, -1:]], dim=1)
 
         return SwappedTopK(load(self.ids), load(self.logprobs), load(self.tail))
 
 
-def top_k_logprobs(rows: torch.Tensor, weight: torch.Tensor | None, k: int, temperature: float,
-                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_k_logprobs(
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    k: int,
+    temperature: float,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-k at temperature T, a chunk of positions at a time, so only one chunk's
     float32 [chunk, V] logits exist (at 128k vocabulary and 8 x 4k positions the whole batch's
     would be 16 GB per copy).
@@ -218,20 +245,29 @@ def top_k_logprobs(rows: torch.Tensor, weight: torch.Tensor | None, k: int, temp
     mass [N], -inf when k = V), float32 and int64."""
     values, ids, tails = [], [], []
     for start in range(0, len(rows), chunk_size):
-        x = rows[start:start + chunk_size]
+        x = rows[start : start + chunk_size]
         z = (x if weight is None else x @ weight.T).float()  # [c, V]
         z = z if temperature == 1 else z / temperature
         lse = z.logsumexp(-1)  # [c]
         top_z, top_ids = z.topk(k, dim=-1)  # [c, k]
         values.append(top_z - lse.unsqueeze(-1))
         ids.append(top_ids)
-        tails.append(z.scatter(-1, top_ids, float("-inf")).logsumexp(-1) - lse)  # exact, even when it is tiny
+        tails.append(
+            z.scatter(-1, top_ids, float("-inf")).logsumexp(-1) - lse
+        )  # exact, even when it is tiny
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
 
 
-def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: str | Path, top_k: int,
-                        temperature: float, batch_size: int = 8, dtype: str = "float16",
-                        chunk_size: int = 256) -> CachedTeacher:
+def build_teacher_cache(
+    model: torch.nn.Module,
+    blocks: PackedBlocks,
+    folder: str | Path,
+    top_k: int,
+    temperature: float,
+    batch_size: int = 8,
+    dtype: str = "float16",
+    chunk_size: int = 256,
+) -> CachedTeacher:
     """Compute the teacher's top-k log-probabilities over every block of `blocks` into `folder`
     (layout in the module docstring) and return the `CachedTeacher` reading it.
 
@@ -243,21 +279,33 @@ def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: st
     folder = Path(folder)
     n_blocks, positions = len(blocks), blocks.block_size - 1
     k = min(top_k, vocab_size(model))
-    key = {"fingerprint": blocks.meta["fingerprint"], "teacher_hash": teacher_weights_hash(model),
-           "vocab_size": vocab_size(model), "top_k": k, "temperature": temperature, "dtype": dtype,
-           "n_blocks": n_blocks, "block_size": blocks.block_size}
+    key = {
+        "fingerprint": blocks.meta["fingerprint"],
+        "teacher_hash": teacher_weights_hash(model),
+        "vocab_size": vocab_size(model),
+        "top_k": k,
+        "temperature": temperature,
+        "dtype": dtype,
+        "n_blocks": n_blocks,
+        "block_size": blocks.block_size,
+    }
     if (folder / "meta.json").exists():
         found = json.loads((folder / "meta.json").read_text())
         if found != key:
             raise _mismatch(folder, found, key)
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        shapes = {"ids.npy": (np.int32, (n_blocks, positions, k)), "logprobs.npy": (dtype, (n_blocks, positions, k)),
-                  "tail.npy": (np.float32, (n_blocks, positions))}
+        shapes = {
+            "ids.npy": (np.int32, (n_blocks, positions, k)),
+            "logprobs.npy": (dtype, (n_blocks, positions, k)),
+            "tail.npy": (np.float32, (n_blocks, positions)),
+        }
         for name, (np_dtype, shape) in shapes.items():
             np.lib.format.open_memmap(folder / name, mode="w+", dtype=np_dtype, shape=shape).flush()
         write_json_atomic(folder / "progress.json", {"blocks_done": 0})
-        write_json_atomic(folder / "meta.json", key)  # last: a cache with meta.json has all its files
+        write_json_atomic(
+            folder / "meta.json", key
+        )  # last: a cache with meta.json has all its files
 
     ids = np.load(folder / "ids.npy", mmap_mode="r+")
     logprobs = np.load(folder / "logprobs.npy", mmap_mode="r+")
@@ -267,13 +315,22 @@ def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: st
     was_training = model.training
     model.eval()
     forward = LossForward(model)
-    with tqdm(total=n_blocks, initial=done, desc="teacher cache", unit="block") as bar, torch.no_grad():
+    with (
+        tqdm(total=n_blocks, initial=done, desc="teacher cache", unit="block") as bar,
+        torch.no_grad(),
+    ):
         for start in range(done, n_blocks, batch_size):
             batch = [blocks[i] for i in range(start, min(start + batch_size, n_blocks))]
-            inputs = {name: torch.stack([b[name] for b in batch]).to(device) for name in ("input_ids", "position_ids")}
-            teacher_rows, weight, _ = forward(model, inputs)  # [b, P + 1, H] and [V, H], or logits [b, P + 1, V]
-            top_logq, top_ids, tail_logq = top_k_logprobs(teacher_rows[:, :-1].flatten(0, 1), weight, k, temperature,
-                                                          chunk_size)  # [b * P, k], [b * P, k], [b * P]
+            inputs = {
+                name: torch.stack([b[name] for b in batch]).to(device)
+                for name in ("input_ids", "position_ids")
+            }
+            teacher_rows, weight, _ = forward(
+                model, inputs
+            )  # [b, P + 1, H] and [V, H], or logits [b, P + 1, V]
+            top_logq, top_ids, tail_logq = top_k_logprobs(
+                teacher_rows[:, :-1].flatten(0, 1), weight, k, temperature, chunk_size
+            )  # [b * P, k], [b * P, k], [b * P]
             rows = slice(start, start + len(batch))
             ids[rows] = top_ids.view(len(batch), positions, k).cpu().numpy()
             logprobs[rows] = top_logq.view(len(batch), positions, k).cpu().numpy()
@@ -286,8 +343,13 @@ def build_teacher_cache(model: torch.nn.Module, blocks: PackedBlocks, folder: st
     return CachedTeacher(folder, blocks.meta["fingerprint"], vocab_size(model), temperature)
 
 
-def make_teacher(cpt: CPTConfig, model: torch.nn.Module, blocks: PackedBlocks, cache_folder: Path,
-                 batch_size: int = 8) -> Teacher:
+def make_teacher(
+    cpt: CPTConfig,
+    model: torch.nn.Module,
+    blocks: PackedBlocks,
+    cache_folder: Path,
+    batch_size: int = 8,
+) -> Teacher:
     """The teacher `cpt.teacher` names, for the student `model` (PEFT-wrapped when it is `lora`)
     before any training step. `cache` builds (or resumes, or checks) the cache in `cache_folder`
     from `blocks` first."""
@@ -295,5 +357,13 @@ def make_teacher(cpt: CPTConfig, model: torch.nn.Module, blocks: PackedBlocks, c
         return OnlineTeacher(model, vocab_size(model))
     if cpt.teacher == "lora":
         return LoraTeacher(model)
-    return build_teacher_cache(model, blocks, cache_folder, cpt.cache_top_k, cpt.temperature, batch_size,
-                               cpt.cache_dtype, cpt.loss_chunk_size)
+    return build_teacher_cache(
+        model,
+        blocks,
+        cache_folder,
+        cpt.cache_top_k,
+        cpt.temperature,
+        batch_size,
+        cpt.cache_dtype,
+        cpt.loss_chunk_size,
+    )

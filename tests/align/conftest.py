@@ -26,15 +26,28 @@ QA = [
 def instruction_row(i: int, question: str, answer: str) -> dict:
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     prompt, response = render_messages(messages, TemplateConfig())
-    return {"id": f"i{i}", "source": "general", "messages": messages, "plain_prompt": prompt,
-            "plain_response": response}
+    return {
+        "id": f"i{i}",
+        "source": "general",
+        "messages": messages,
+        "plain_prompt": prompt,
+        "plain_response": response,
+    }
 
 
 def preference_row(i: int, question: str, chosen: str, rejected: str) -> dict:
     messages = [{"role": "user", "content": question}]
-    prompt, _ = render_messages([*messages, {"role": "assistant", "content": chosen}], TemplateConfig())
-    return {"id": f"p{i}", "source": "general", "messages": messages, "chosen": chosen, "rejected": rejected,
-            "plain_prompt": prompt}
+    prompt, _ = render_messages(
+        [*messages, {"role": "assistant", "content": chosen}], TemplateConfig()
+    )
+    return {
+        "id": f"p{i}",
+        "source": "general",
+        "messages": messages,
+        "chosen": chosen,
+        "rejected": rejected,
+        "plain_prompt": prompt,
+    }
 
 
 def write_jsonl(path, rows):
@@ -60,8 +73,14 @@ def make_cfg(tmp_path, tiny_model_dir):
 
 def tiny_config(tmp_path, model_dir, **sections) -> Config:
     (tmp_path / "domain.txt").write_text("Zorbax orbits Vega.\n", encoding="utf-8")
-    training = {"max_steps": 4, "per_device_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
-                "save_steps": 2, "lr_scheduler": "constant"}
+    training = {
+        "max_steps": 4,
+        "per_device_batch_size": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "lr_scheduler": "constant",
+    }
     data = {
         "seed": 0,
         "model": {"path": str(model_dir)},

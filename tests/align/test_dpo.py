@@ -29,17 +29,22 @@ def test_pair_collate_puts_chosen_rows_first(tiny_tokenizer, pool_rows):
     assert batch["input_ids"].shape[0] == 4
     for i, side in ((0, "chosen"), (1, "chosen"), (2, "rejected"), (3, "rejected")):
         ids = pairs[i % 2][side]["input_ids"]
-        assert batch["input_ids"][i, :len(ids)].tolist() == ids
+        assert batch["input_ids"][i, : len(ids)].tolist() == ids
     assert batch["ref_chosen_logps"].tolist() == [-1.0, -2.0]
     assert batch["ref_rejected_logps"].tolist() == [-2.0, -3.0]
 
 
 def margins(folder, pairs, pad_token_id) -> torch.Tensor:
     """log p(chosen) - log p(rejected) per pair under the model in `folder`."""
-    sums, _ = score_features(load_model(folder), [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                             4, pad_token_id, "test")
+    sums, _ = score_features(
+        load_model(folder),
+        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        4,
+        pad_token_id,
+        "test",
+    )
     sums = torch.tensor(sums)
-    return sums[:len(pairs)] - sums[len(pairs):]
+    return sums[: len(pairs)] - sums[len(pairs) :]
 
 
 @pytest.fixture
@@ -52,8 +57,17 @@ def sft_run(run):
 
 def test_dpo_steps_raise_the_chosen_minus_rejected_margin(make_cfg, sft_run, pool_rows, caplog):
     run = sft_run
-    cfg = make_cfg(dpo={"training": {"max_steps": 6, "per_device_batch_size": 4, "learning_rate": 3e-3,
-                                     "logging_steps": 1, "lr_scheduler": "constant"}})
+    cfg = make_cfg(
+        dpo={
+            "training": {
+                "max_steps": 6,
+                "per_device_batch_size": 4,
+                "learning_rate": 3e-3,
+                "logging_steps": 1,
+                "lr_scheduler": "constant",
+            }
+        }
+    )
     with caplog.at_level(logging.WARNING):
         metrics = run_dpo(cfg, run, "baseline")
     assert "skipped 1 of 9 preference samples (1 with identical chosen and rejected)" in caplog.text
@@ -64,7 +78,9 @@ def test_dpo_steps_raise_the_chosen_minus_rejected_margin(make_cfg, sft_run, poo
     after = margins(run.stage("baseline", "dpo"), pairs, tok.pad_token_id)
     assert (after - before).mean() > 0
     assert metrics["reward_margin"] > 0 and metrics["reward_accuracy"] > 0.5
-    assert metrics["reward_margin"] == pytest.approx(metrics["chosen_reward"] - metrics["rejected_reward"])
+    assert metrics["reward_margin"] == pytest.approx(
+        metrics["chosen_reward"] - metrics["rejected_reward"]
+    )
     assert metrics["final_loss"] < metrics["log_history"][0]["loss"]
     assert metrics["n_pairs"] == 8 and metrics["steps"] == 6
     assert metrics == run.read_results()["stages"]["baseline/dpo"]
@@ -80,5 +96,9 @@ def test_precomputed_and_frozen_reference_train_the_same(make_cfg, sft_run, pool
     frozen = run_dpo(make_cfg(dpo={"precompute_ref": False}), run, "mixcpt")
     precomputed = run_dpo(make_cfg(), run, "baseline")
     first_losses = [e["loss"] for e in frozen["log_history"] if "loss" in e]
-    assert first_losses == pytest.approx([e["loss"] for e in precomputed["log_history"] if "loss" in e], rel=1e-4)
-    assert first_losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1: -log sigmoid(0)
+    assert first_losses == pytest.approx(
+        [e["loss"] for e in precomputed["log_history"] if "loss" in e], rel=1e-4
+    )
+    assert first_losses[0] == pytest.approx(
+        0.6931, abs=1e-3
+    )  # policy == reference at step 1: -log sigmoid(0)

@@ -17,8 +17,12 @@ def read_jsonl(path):
 @torch.no_grad()
 def direct_mean_nll(model, prompt_ids: list[int], response_ids: list[int]) -> float:
     """Mean NLL of the response tokens, one unpadded sequence, straight from log_softmax."""
-    logp = torch.log_softmax(model(torch.tensor([prompt_ids + response_ids])).logits[0], -1)  # [T, V]
-    return -sum(logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(response_ids)) / len(response_ids)
+    logp = torch.log_softmax(
+        model(torch.tensor([prompt_ids + response_ids])).logits[0], -1
+    )  # [T, V]
+    return -sum(
+        logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(response_ids)
+    ) / len(response_ids)
 
 
 def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
@@ -26,19 +30,29 @@ def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
 
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
     records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
-    for kind, rows, response_of in (("instruction", pool_rows[0], lambda r: r["plain_response"]),
-                                    ("preference", pool_rows[1], lambda r: r["chosen"])):
+    for kind, rows, response_of in (
+        ("instruction", pool_rows[0], lambda r: r["plain_response"]),
+        ("preference", pool_rows[1], lambda r: r["chosen"]),
+    ):
         direct = {}
         for row in rows:
             if records[row["id"]].get("skipped"):
                 continue
-            response_ids = tok(response_of(row), add_special_tokens=False).input_ids + [tok.eos_token_id]
-            direct[row["id"]] = direct_mean_nll(model, tok(row["plain_prompt"]).input_ids, response_ids)
+            response_ids = tok(response_of(row), add_special_tokens=False).input_ids + [
+                tok.eos_token_id
+            ]
+            direct[row["id"]] = direct_mean_nll(
+                model, tok(row["plain_prompt"]).input_ids, response_ids
+            )
             assert records[row["id"]]["nll"] == pytest.approx(direct[row["id"]], abs=1e-4)
-            assert records[row["id"]]["score"] == pytest.approx(math.exp(direct[row["id"]]), rel=1e-4)
+            assert records[row["id"]]["score"] == pytest.approx(
+                math.exp(direct[row["id"]]), rel=1e-4
+            )
             assert records[row["id"]]["n_response_tokens"] == len(response_ids)
         easiest = sorted(direct, key=direct.get)[: cfg.select.k]
-        assert {i for i, r in records.items() if r["kind"] == kind and r["selected"]} == set(easiest)
+        assert {i for i, r in records.items() if r["kind"] == kind and r["selected"]} == set(
+            easiest
+        )
         assert summary[f"{kind}s"]["selected"] == cfg.select.k
 
     # The selected rows are written unchanged, in pool order.
@@ -71,7 +85,9 @@ def test_strategies_behave_as_named():
     picked = choose(scores, 3, "random", seed=7)
     assert len(picked) == 3 and picked <= set(scores)
     assert choose(scores, 3, "random", seed=7) == picked
-    assert len({frozenset(choose(scores, 3, "random", seed=s)) for s in range(10)}) > 1  # the seed matters
+    assert (
+        len({frozenset(choose(scores, 3, "random", seed=s)) for s in range(10)}) > 1
+    )  # the seed matters
     assert choose(scores, 10, "easiest", seed=0) == set(scores)
 
 
@@ -82,11 +98,18 @@ def test_k_larger_than_pool_keeps_everything_usable(make_cfg, run, pool_rows, ca
     assert "select.k=100 is larger than the 8 usable instruction samples" in caplog.text
     assert "1 with identical chosen and rejected" in caplog.text
     records = read_jsonl(run.selection / "selection.jsonl")
-    assert len(records) == len(pool_rows[0]) + len(pool_rows[1])  # nothing lost: every sample is listed
+    assert len(records) == len(pool_rows[0]) + len(
+        pool_rows[1]
+    )  # nothing lost: every sample is listed
     skipped = {r["id"]: r["skipped"] for r in records if "skipped" in r}
     assert skipped == {"i8": "empty response", "p8": "identical chosen and rejected"}
     assert all(r["selected"] == (r["id"] not in skipped) for r in records)
-    assert summary["preferences"] == {**summary["preferences"], "pool": 9, "skipped": 1, "selected": 8}
+    assert summary["preferences"] == {
+        **summary["preferences"],
+        "pool": 9,
+        "skipped": 1,
+        "selected": 8,
+    }
     assert len(read_jsonl(run.selection / "preferences.jsonl")) == 8
 
 
@@ -95,10 +118,15 @@ def test_fas_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
     records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
     row = pool_rows[0][0]
-    prompt = tok.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
-    response = tok.apply_chat_template(row["messages"], tokenize=False)[len(prompt):]
-    chat_nll = direct_mean_nll(model, tok(prompt, add_special_tokens=False).input_ids,
-                               tok(response, add_special_tokens=False).input_ids)
+    prompt = tok.apply_chat_template(
+        row["messages"][:1], tokenize=False, add_generation_prompt=True
+    )
+    response = tok.apply_chat_template(row["messages"], tokenize=False)[len(prompt) :]
+    chat_nll = direct_mean_nll(
+        model,
+        tok(prompt, add_special_tokens=False).input_ids,
+        tok(response, add_special_tokens=False).input_ids,
+    )
     assert records[row["id"]]["nll_chat"] == pytest.approx(chat_nll, abs=1e-4)
     for r in records.values():
         if "skipped" not in r:
@@ -108,8 +136,14 @@ def test_fas_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
 def test_long_prompts_are_cut_from_the_left_keeping_the_response(caplog):
     prompt, response = list(range(100, 120)), [1, 2, 3]
     with caplog.at_level(logging.WARNING):
-        fitted = fit_to_length([(prompt, [response]), ([7, 8], [response])], max_length=8, source="pool")
+        fitted = fit_to_length(
+            [(prompt, [response]), ([7, 8], [response])], max_length=8, source="pool"
+        )
     assert fitted == [(prompt[-5:], [response]), ([7, 8], [response])]
-    assert "pool: 1 of 2 prompts longer than max_length=8 were truncated from the left" in caplog.text
+    assert (
+        "pool: 1 of 2 prompts longer than max_length=8 were truncated from the left" in caplog.text
+    )
     # A response longer than max_length keeps its start and one prompt token.
-    assert fit_to_length([(prompt, [list(range(10))])], 8, "pool") == [(prompt[-1:], [list(range(7))])]
+    assert fit_to_length([(prompt, [list(range(10))])], 8, "pool") == [
+        (prompt[-1:], [list(range(7))])
+    ]

@@ -13,7 +13,9 @@ from mixcpt.errors import ConfigError
 def test_sft_labels_mask_exactly_the_prompt(tiny_tokenizer, pool_rows):
     row = pool_rows[0][0]  # "Where was Alice born?" -> "Paris"
     (feat,) = sft_features([row], tiny_tokenizer, max_length=64, source="pool")
-    prompt = tiny_tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+    prompt = tiny_tokenizer.apply_chat_template(
+        row["messages"][:1], tokenize=False, add_generation_prompt=True
+    )
     n_prompt = len(tiny_tokenizer(prompt, add_special_tokens=False).input_ids)
 
     assert feat["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -21,7 +23,9 @@ def test_sft_labels_mask_exactly_the_prompt(tiny_tokenizer, pool_rows):
     assert tiny_tokenizer.decode(feat["input_ids"][:n_prompt]) == prompt
     assert tiny_tokenizer.decode(feat["input_ids"][n_prompt:]) == "Paris</s>\n"
 
-    batch = pad_batch([feat, {"input_ids": [5, 6], "labels": [IGNORE_INDEX, 6]}], tiny_tokenizer.pad_token_id)
+    batch = pad_batch(
+        [feat, {"input_ids": [5, 6], "labels": [IGNORE_INDEX, 6]}], tiny_tokenizer.pad_token_id
+    )
     n = len(feat["input_ids"])
     assert batch["labels"][1].tolist() == [IGNORE_INDEX, 6] + [IGNORE_INDEX] * (n - 2)
     assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (n - 2)
@@ -29,11 +33,19 @@ def test_sft_labels_mask_exactly_the_prompt(tiny_tokenizer, pool_rows):
 
 
 def test_sft_keeps_the_response_of_a_too_long_prompt(tiny_tokenizer, pool_rows, caplog):
-    row = {**pool_rows[0][1], "messages": [{"role": "user", "content": "Alice Bob Vega " * 40},
-                                           pool_rows[0][1]["messages"][-1]]}
+    row = {
+        **pool_rows[0][1],
+        "messages": [
+            {"role": "user", "content": "Alice Bob Vega " * 40},
+            pool_rows[0][1]["messages"][-1],
+        ],
+    }
     with caplog.at_level(logging.WARNING):
         (feat,) = sft_features([row], tiny_tokenizer, max_length=32, source="pool.jsonl")
-    assert "pool.jsonl: 1 of 1 prompts longer than max_length=32 were truncated from the left" in caplog.text
+    assert (
+        "pool.jsonl: 1 of 1 prompts longer than max_length=32 were truncated from the left"
+        in caplog.text
+    )
     response = [t for t, label in zip(feat["input_ids"], feat["labels"]) if label != IGNORE_INDEX]
     assert len(feat["input_ids"]) == 32
     assert tiny_tokenizer.decode(response) == "Bob works at Acme as an engineer.</s>\n"
@@ -43,7 +55,9 @@ def test_sft_keeps_the_response_of_a_too_long_prompt(tiny_tokenizer, pool_rows, 
 def test_run_sft_writes_a_loadable_model_and_metrics(cfg, run, pool_rows, arm):
     selected = pool_rows[0][:3]
     run.selection.mkdir(parents=True)
-    (run.selection / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in selected))
+    (run.selection / "instructions.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in selected)
+    )
 
     metrics = run_sft(cfg, run, arm)
 
@@ -53,7 +67,9 @@ def test_run_sft_writes_a_loadable_model_and_metrics(cfg, run, pool_rows, arm):
     assert model.num_parameters() > 0
     assert metrics == run.read_results()["stages"][f"{arm}/sft"]
     assert metrics["steps"] == cfg.sft.training.max_steps and metrics["train_loss"] > 0
-    assert metrics["n_samples"] == (3 if arm == "mixcpt" else 8)  # the pool's empty response is skipped
+    assert metrics["n_samples"] == (
+        3 if arm == "mixcpt" else 8
+    )  # the pool's empty response is skipped
     assert any("loss" in entry for entry in metrics["log_history"])
     assert not run.work(arm, "sft").exists()
     assert run_sft(cfg, run, arm) == metrics  # done: skipped
@@ -69,9 +85,13 @@ def test_configured_chat_template_is_used_and_saved(make_cfg, run):
     with pytest.raises(ConfigError, match="sft.chat_template"):
         run_sft(make_cfg(), run, "baseline")
 
-    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
-               "{% if add_generation_prompt %}assistant: {% endif %}"
-    run_sft(make_cfg(sft={"chat_template": template, "training": {"max_steps": 1}}), run, "baseline")
+    template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    run_sft(
+        make_cfg(sft={"chat_template": template, "training": {"max_steps": 1}}), run, "baseline"
+    )
     assert AutoTokenizer.from_pretrained(run.stage("baseline", "sft")).chat_template == template
 
 
@@ -79,7 +99,9 @@ def test_rerun_resumes_from_the_last_checkpoint(cfg, run, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mixcpt.align.stage.save_trained_model", interrupted)  # killed after training, before saving
+    monkeypatch.setattr(
+        "mixcpt.align.stage.save_trained_model", interrupted
+    )  # killed after training, before saving
     with pytest.raises(KeyboardInterrupt):
         run_sft(cfg, run, "baseline")
     assert not run.stage("baseline", "sft").exists()
@@ -93,6 +115,8 @@ def test_rerun_resumes_from_the_last_checkpoint(cfg, run, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train", spy)
     metrics = run_sft(cfg, run, "baseline")
-    assert resumed_from == [str(run.work("baseline", "sft") / f"checkpoint-{cfg.sft.training.max_steps}")]
+    assert resumed_from == [
+        str(run.work("baseline", "sft") / f"checkpoint-{cfg.sft.training.max_steps}")
+    ]
     assert metrics["steps"] == cfg.sft.training.max_steps
     assert run.stage("baseline", "sft").is_dir() and not run.work("baseline", "sft").exists()

@@ -28,9 +28,17 @@ def workspace(tmp_path_factory, tiny_tokenizer):
     shutil.copytree(HERE / "files", root / "files")
     torch.manual_seed(0)
     for name, vocab in (("model", len(tiny_tokenizer)), ("small_model", 64)):
-        config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
-                             pad_token_id=0)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         LlamaForCausalLM(config).save_pretrained(root / name)
     tiny_tokenizer.save_pretrained(root / "model")
     # 4 MB on one line, and its JSON string never closed
@@ -42,15 +50,25 @@ def case_config(case: dict, files: Path) -> Path:
     """The config file a case runs: its own, or a good config around its bad source or benchmark."""
     if "config" in case:
         return files / case["config"]
-    config = {"model": {"path": case.get("model", "../model"), "tokenizer": "../model"},
-              "data": {"domain": [{"path": "good.jsonl"}], "block_size": 32},
-              "cpt": {"training": {"max_steps": 1, "per_device_batch_size": 2}}}
+    config = {
+        "model": {"path": case.get("model", "../model"), "tokenizer": "../model"},
+        "data": {"domain": [{"path": "good.jsonl"}], "block_size": 32},
+        "cpt": {"training": {"max_steps": 1, "per_device_batch_size": 2}},
+    }
     if "source" in case:
         group, file = case["source"]["group"], case["source"]["file"]
         config["data"][group] = [{"path": file}]
     if "benchmark" in case:
-        config["eval"] = {"benchmarks": [{"name": "bench", "tag": "domain", "path": case["benchmark"]["file"],
-                                          "kind": case["benchmark"]["kind"]}]}
+        config["eval"] = {
+            "benchmarks": [
+                {
+                    "name": "bench",
+                    "tag": "domain",
+                    "path": case["benchmark"]["file"],
+                    "kind": case["benchmark"]["kind"],
+                }
+            ]
+        }
     path = files / f"case-{case['id']}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -70,8 +88,13 @@ def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys):
     argv = [case["stage"], str(case_config(case, workspace)), "--output", str(out)]
     if case.get("subprocess"):
         env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "mixcpt.cli", *argv], capture_output=True, text=True, env=env,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mixcpt.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         code, stderr = proc.returncode, proc.stderr
     else:
         code = main(argv)

@@ -28,7 +28,9 @@ def test_trust_remote_code_is_off_unless_the_config_sets_it(tmp_path, tiny_model
     folder.mkdir()
     (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    config["model_type"] = "evil-llm"  # not a built-in architecture: only the folder's code could load it
+    config["model_type"] = (
+        "evil-llm"  # not a built-in architecture: only the folder's code could load it
+    )
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="trust_remote_code"):

@@ -11,19 +11,54 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-TINY_MODEL = ["--vocab", "256", "--hidden", "16", "--intermediate", "32", "--layers", "1", "--heads", "2",
-              "--kv-heads", "1", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0"]
+TINY_MODEL = [
+    "--vocab",
+    "256",
+    "--hidden",
+    "16",
+    "--intermediate",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--batch",
+    "2",
+    "--seq",
+    "16",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+]
 
 
-@pytest.mark.parametrize("script,args,ratios", [
-    ("lssd_step.py", [*TINY_MODEL, "--top-k", "4"],
-     ["online_over_plain", "cache_over_plain", "lora_over_lora_plain", "plain_over_hf_ce"]),
-    ("vs_trl.py", TINY_MODEL, ["ours_over_trl"]),
-    ("lssd_memory.py", ["--vocab", "512", "--tokens", "32", "--hidden", "8", "--chunk", "8"], ["chunked_over_naive"]),
-])
+@pytest.mark.parametrize(
+    "script,args,ratios",
+    [
+        (
+            "lssd_step.py",
+            [*TINY_MODEL, "--top-k", "4"],
+            ["online_over_plain", "cache_over_plain", "lora_over_lora_plain", "plain_over_hf_ce"],
+        ),
+        ("vs_trl.py", TINY_MODEL, ["ours_over_trl"]),
+        (
+            "lssd_memory.py",
+            ["--vocab", "512", "--tokens", "32", "--hidden", "8", "--chunk", "8"],
+            ["chunked_over_naive"],
+        ),
+    ],
+)
 def test_benchmark_prints_one_json_line_of_positive_ratios(script, args, ratios):
-    run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 1

@@ -24,21 +24,48 @@ def tok_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture
 def sources(tmp_path):
     """A domain jsonl, an Alpaca + chat instruction file, a preference file (strings and messages)."""
-    domain = write_jsonl(tmp_path / "domain.jsonl",
-                         [{"text": f"The planet P{i} orbits the star S{i % 7} and has {i % 5} moons."}
-                          for i in range(200)])
-    instructions = write_jsonl(tmp_path / "instructions.jsonl", [
-        *({"instruction": f"What is {i} plus 1?", "input": "", "output": str(i + 1)} for i in range(60)),
-        {"instruction": "Translate", "input": "bonjour", "output": "hello"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello."}]},
-    ])
-    preferences = write_jsonl(tmp_path / "preferences.jsonl", [
-        *({"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "maybe"}
-          for i in range(40)),
-        {"prompt": [{"role": "user", "content": "Capital of France?"}],
-         "chosen": [{"role": "assistant", "content": "Paris"}], "rejected": "Rome"},
-    ])
+    domain = write_jsonl(
+        tmp_path / "domain.jsonl",
+        [
+            {"text": f"The planet P{i} orbits the star S{i % 7} and has {i % 5} moons."}
+            for i in range(200)
+        ],
+    )
+    instructions = write_jsonl(
+        tmp_path / "instructions.jsonl",
+        [
+            *(
+                {"instruction": f"What is {i} plus 1?", "input": "", "output": str(i + 1)}
+                for i in range(60)
+            ),
+            {"instruction": "Translate", "input": "bonjour", "output": "hello"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Hello."},
+                ]
+            },
+        ],
+    )
+    preferences = write_jsonl(
+        tmp_path / "preferences.jsonl",
+        [
+            *(
+                {
+                    "prompt": f"Is {i} even?",
+                    "chosen": "yes" if i % 2 == 0 else "no",
+                    "rejected": "maybe",
+                }
+                for i in range(40)
+            ),
+            {
+                "prompt": [{"role": "user", "content": "Capital of France?"}],
+                "chosen": [{"role": "assistant", "content": "Paris"}],
+                "rejected": "Rome",
+            },
+        ],
+    )
     return {"domain": domain, "instructions": instructions, "preferences": preferences}
 
 

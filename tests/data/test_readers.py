@@ -59,39 +59,70 @@ def _one(tmp_path, obj):
 
 
 def test_alpaca_and_chat_instruction_forms(tmp_path):
-    msgs = instruction_messages(_one(tmp_path, {"instruction": "Add", "input": "1 2", "output": "3"}))
-    assert msgs == [{"role": "user", "content": "Add\n\n1 2"}, {"role": "assistant", "content": "3"}]
+    msgs = instruction_messages(
+        _one(tmp_path, {"instruction": "Add", "input": "1 2", "output": "3"})
+    )
+    assert msgs == [
+        {"role": "user", "content": "Add\n\n1 2"},
+        {"role": "assistant", "content": "3"},
+    ]
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert instruction_messages(_one(tmp_path, {"messages": chat})) == chat
 
 
 def test_preferences_as_strings_or_messages(tmp_path):
     assert preference_fields(_one(tmp_path, {"prompt": "p", "chosen": "c", "rejected": "r"})) == (
-        [{"role": "user", "content": "p"}], "c", "r")
-    rec = _one(tmp_path, {"prompt": [{"role": "user", "content": "p"}],
-                          "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
-                          "rejected": [{"role": "assistant", "content": "r"}]})
+        [{"role": "user", "content": "p"}],
+        "c",
+        "r",
+    )
+    rec = _one(
+        tmp_path,
+        {
+            "prompt": [{"role": "user", "content": "p"}],
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "assistant", "content": "r"}],
+        },
+    )
     assert preference_fields(rec) == ([{"role": "user", "content": "p"}], "c", "r")
 
 
-@pytest.mark.parametrize("content, parse, message", [
-    (b'{"text": "ok"}\n{"text": broken}\n', "domain", ":2: malformed JSON"),
-    (b'{"text": "ok"}\n{"other": "x"}\n', "domain", ":2: missing field 'text'"),
-    (b'{"text": 5}\n', "domain", ":1: field 'text' must be a string, got int"),
-    (b'["a list"]\n', "domain", ":1: expected a JSON object"),
-    (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "domain", ":2: not valid UTF-8"),
-    (b'', "domain", "file is empty"),
-    (b'{"instruction": "x"}\n', "instruction", ":1: missing field 'output'"),
-    (b'{"messages": [{"role": "user", "content": "x"}]}\n', "instruction", ":1: the last message must be"),
-    (b'{"messages": [{"role": "bot", "content": "x"}]}\n', "instruction", ":1: messages[0] must be"),
-    (b'{"prompt": "p", "chosen": "c"}\n', "preference", ":1: missing field 'rejected'"),
-    (b'{"prompt": 3, "chosen": "c", "rejected": "r"}\n', "preference", ":1: field 'prompt' must be"),
-])
+@pytest.mark.parametrize(
+    "content, parse, message",
+    [
+        (b'{"text": "ok"}\n{"text": broken}\n', "domain", ":2: malformed JSON"),
+        (b'{"text": "ok"}\n{"other": "x"}\n', "domain", ":2: missing field 'text'"),
+        (b'{"text": 5}\n', "domain", ":1: field 'text' must be a string, got int"),
+        (b'["a list"]\n', "domain", ":1: expected a JSON object"),
+        (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "domain", ":2: not valid UTF-8"),
+        (b"", "domain", "file is empty"),
+        (b'{"instruction": "x"}\n', "instruction", ":1: missing field 'output'"),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}]}\n',
+            "instruction",
+            ":1: the last message must be",
+        ),
+        (
+            b'{"messages": [{"role": "bot", "content": "x"}]}\n',
+            "instruction",
+            ":1: messages[0] must be",
+        ),
+        (b'{"prompt": "p", "chosen": "c"}\n', "preference", ":1: missing field 'rejected'"),
+        (
+            b'{"prompt": 3, "chosen": "c", "rejected": "r"}\n',
+            "preference",
+            ":1: field 'prompt' must be",
+        ),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, content, parse, message):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(content)
-    fn = {"domain": lambda r: domain_text(r, "text"), "instruction": instruction_messages,
-          "preference": preference_fields}[parse]
+    fn = {
+        "domain": lambda r: domain_text(r, "text"),
+        "instruction": instruction_messages,
+        "preference": preference_fields,
+    }[parse]
     with pytest.raises(InputError) as err:
         for rec in read_records(SourceConfig(path=str(p))):
             fn(rec)

@@ -1,7 +1,9 @@
 from mixcpt.config import TemplateConfig
 from mixcpt.data.render import render_messages, render_plain_prompt, render_plain_response
 
-T = TemplateConfig(instruction="Q: {instruction}\n", input="Context: {input}\n", response="A: {response}")
+T = TemplateConfig(
+    instruction="Q: {instruction}\n", input="Context: {input}\n", response="A: {response}"
+)
 
 
 def test_alpaca_sample_keeps_every_field_in_order():
@@ -20,11 +22,16 @@ def test_default_template_is_plain_text_without_chat_markup():
 
 
 def test_multi_turn_chat_keeps_system_and_every_turn():
-    prompt, response = render_messages([
-        {"role": "system", "content": "Be nice"},
-        {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"},
-    ], T)
+    prompt, response = render_messages(
+        [
+            {"role": "system", "content": "Be nice"},
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"},
+            {"role": "assistant", "content": "a2"},
+        ],
+        T,
+    )
     assert prompt == "Be nice\n\nQ: u1\nA: a1\n\nQ: u2\nA: "
     assert response == "a2"
 

@@ -28,7 +28,9 @@ def test_packing_loses_and_duplicates_no_token(make_config, tmp_path, tiny_token
     assert stats["domain"]["n_tokens"] == sum(len(d) for d in expected)
 
 
-def test_blocks_have_labels_for_every_real_token_and_positions_reset_per_document(make_config, tmp_path):
+def test_blocks_have_labels_for_every_real_token_and_positions_reset_per_document(
+    make_config, tmp_path
+):
     run = RunDir(tmp_path / "run")
     run_data(make_config(), run)
     blocks = PackedBlocks(run.data / "mix")
@@ -49,15 +51,28 @@ def test_blocks_have_labels_for_every_real_token_and_positions_reset_per_documen
 def test_pool_holds_rendered_general_samples_and_stats_are_written(make_config, tmp_path):
     run = RunDir(tmp_path / "run")
     stats = run_data(make_config(), run)
-    rows = [json.loads(line) for line in (run.data / "pool" / "instructions.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (run.data / "pool" / "instructions.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == stats["pool"]["instructions"] > 0
     translate = [r for r in rows if r["messages"][0]["content"].startswith("Translate")]
     if translate:  # when drawn, both instruction and input survive in the plain rendering
-        assert "Translate" in translate[0]["plain_prompt"] and "bonjour" in translate[0]["plain_prompt"]
-    prefs = [json.loads(line) for line in (run.data / "pool" / "preferences.jsonl").read_text().splitlines()]
+        assert (
+            "Translate" in translate[0]["plain_prompt"]
+            and "bonjour" in translate[0]["plain_prompt"]
+        )
+    prefs = [
+        json.loads(line)
+        for line in (run.data / "pool" / "preferences.jsonl").read_text().splitlines()
+    ]
     assert {"chosen", "rejected", "plain_prompt", "messages"} <= prefs[0].keys()
     on_disk = json.loads((run.data / "data_stats.json").read_text())
-    assert on_disk["mix"]["sources"].keys() == {"domain.jsonl", "instructions.jsonl", "preferences.jsonl"}
+    assert on_disk["mix"]["sources"].keys() == {
+        "domain.jsonl",
+        "instructions.jsonl",
+        "preferences.jsonl",
+    }
     assert run.read_results()["data"]["mix"] == on_disk["mix"]
 
 
@@ -78,12 +93,16 @@ def test_same_seed_same_stream_other_seed_other_order(make_config, tmp_path):
     a, b = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
     run_data(make_config(), a)
     run_data(make_config(), b)
-    assert (np.load(a.data / "mix" / "input_ids.npy") == np.load(b.data / "mix" / "input_ids.npy")).all()
+    assert (
+        np.load(a.data / "mix" / "input_ids.npy") == np.load(b.data / "mix" / "input_ids.npy")
+    ).all()
     c = make_config()
     c.seed = 1
     run_data(c, RunDir(tmp_path / "c"))
-    assert not np.array_equal(np.load(a.data / "mix" / "input_ids.npy"),
-                              np.load(tmp_path / "c" / "data" / "mix" / "input_ids.npy"))
+    assert not np.array_equal(
+        np.load(a.data / "mix" / "input_ids.npy"),
+        np.load(tmp_path / "c" / "data" / "mix" / "input_ids.npy"),
+    )
 
 
 def test_bad_record_stops_with_file_and_line_and_leaves_no_output(make_config, tmp_path, sources):
@@ -104,10 +123,23 @@ def test_shares_within_two_points_on_a_million_tokens(tmp_path, tok_dir):
     for name, n in (("a", 12000), ("b", 6000), ("c", 3000)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             for _ in range(n):
-                f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 120)))}) + "\n")
-    cfg = config_from_dict({"model": {"path": str(tok_dir)}, "data": {
-        "domain": [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl", "weight": 1},
-                   {"path": "c.jsonl", "weight": 1}], "block_size": 512}}, root=tmp_path)
+                f.write(
+                    json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 120)))}) + "\n"
+                )
+    cfg = config_from_dict(
+        {
+            "model": {"path": str(tok_dir)},
+            "data": {
+                "domain": [
+                    {"path": "a.jsonl", "weight": 2},
+                    {"path": "b.jsonl", "weight": 1},
+                    {"path": "c.jsonl", "weight": 1},
+                ],
+                "block_size": 512,
+            },
+        },
+        root=tmp_path,
+    )
     stats = run_data(cfg, RunDir(tmp_path / "run"))
     assert stats["available_tokens"] >= 1_000_000
     for src in stats["mix"]["sources"].values():

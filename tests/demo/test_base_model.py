@@ -37,8 +37,9 @@ def test_base_is_a_standard_hf_folder_with_a_chat_template(built):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert isinstance(model, LlamaForCausalLM) and model.config.vocab_size == len(tokenizer)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|assistant|>\n")
     ids = tokenizer("Question: Who?\nAnswer: ", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
@@ -50,7 +51,9 @@ def test_pretraining_lowers_the_loss_on_general_text(built):
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
     untrained = LlamaForCausalLM(model.config).eval()
-    bios = [json.loads(line)["text"] for line in world.bench_general_ppl.read_text().splitlines()[:8]]
+    bios = [
+        json.loads(line)["text"] for line in world.bench_general_ppl.read_text().splitlines()[:8]
+    ]
     assert mean_nll(model, tokenizer, bios) < mean_nll(untrained, tokenizer, bios) - 1.0
 
 
@@ -70,5 +73,10 @@ def test_second_call_reuses_the_folder_and_another_world_rebuilds(built, tmp_pat
 
     other = write_world(tmp_path / "other", seed=1, size="quick")
     build_base_model(other, out, seed=0, size="quick")
-    assert (out / MARKER).read_text() != marker and (out / "model.safetensors").read_bytes() != weights
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "other"]  # no temporary folder left
+    assert (out / MARKER).read_text() != marker and (
+        out / "model.safetensors"
+    ).read_bytes() != weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "base",
+        "other",
+    ]  # no temporary folder left

@@ -28,15 +28,25 @@ def test_results_hold_both_arms_at_every_stage_and_the_report_exists(quick_run):
     rows = {(r["arm"], r["stage"]): r for r in results["eval"]["rows"]}
     assert set(rows) == {("base", "base")} | {(a, s) for a in ARMS for s in TRAINED_STAGES}
     assert all(r["status"] == "ok" for r in rows.values())
-    assert {"mixcpt/cpt", "baseline/cpt", "mixcpt/sft", "baseline/sft", "mixcpt/dpo", "baseline/dpo"} <= set(
-        results["stages"])
-    assert (quick_run / "report.html").stat().st_size > 10_000 and (quick_run / "report.md").exists()
+    assert {
+        "mixcpt/cpt",
+        "baseline/cpt",
+        "mixcpt/sft",
+        "baseline/sft",
+        "mixcpt/dpo",
+        "baseline/dpo",
+    } <= set(results["stages"])
+    assert (quick_run / "report.html").stat().st_size > 10_000 and (
+        quick_run / "report.md"
+    ).exists()
     assert (quick_run / "config.yaml").exists()  # stages can be rerun by hand
 
 
 def test_stage_one_gains_domain_knowledge_over_the_base(quick_run):
-    rows = {(r["arm"], r["stage"]): r["scores"] for r in json.loads((quick_run / "results.json").read_text())[
-        "eval"]["rows"]}
+    rows = {
+        (r["arm"], r["stage"]): r["scores"]
+        for r in json.loads((quick_run / "results.json").read_text())["eval"]["rows"]
+    }
     base, cpt = rows[("base", "base")], rows[("mixcpt", "cpt")]
     assert cpt["domain_qa_mc"]["acc_norm"] > base["domain_qa_mc"]["acc_norm"]
 

@@ -5,8 +5,14 @@ from dataclasses import fields
 import pytest
 
 from mixcpt.data.render import render_plain_prompt, render_plain_response
-from mixcpt.demo.world import (DEMO_TEMPLATE, DOMAIN_QUESTIONS, GENERAL_QUESTIONS, WorldFiles, render_plain,
-                                write_world)
+from mixcpt.demo.world import (
+    DEMO_TEMPLATE,
+    DOMAIN_QUESTIONS,
+    GENERAL_QUESTIONS,
+    WorldFiles,
+    render_plain,
+    write_world,
+)
 
 
 def read_jsonl(path):
@@ -44,13 +50,23 @@ def test_heldout_planets_are_only_in_the_domain_corpus_and_benchmarks(world, fac
         assert not mentions.search(training_file.read_text()), training_file.name
     domain_text = world.domain.read_text()
     assert all(re.search(rf"\b{name}\b", domain_text) for name in heldout)
-    asked = {m.group(1) for r in read_jsonl(world.bench_domain_mc) for m in [mentions.search(r["question"])] if m}
+    asked = {
+        m.group(1)
+        for r in read_jsonl(world.bench_domain_mc)
+        for m in [mentions.search(r["question"])]
+        if m
+    }
     assert asked == set(heldout)
 
 
 def test_train_planet_questions_are_in_the_instruction_pool_and_planets_nowhere_else(world, facts):
     train = set(facts["split"]["train"])
-    asked = {name for r in read_jsonl(world.instructions) for name in train if f" {name} " in r["instruction"]}
+    asked = {
+        name
+        for r in read_jsonl(world.instructions)
+        for name in train
+        if f" {name} " in r["instruction"]
+    }
     assert asked == train
     planet = re.compile(r"\b(" + "|".join(p["name"] for p in facts["planets"]) + r")\b")
     assert not planet.search(world.general_pretrain.read_text())  # the base never sees a planet
@@ -62,7 +78,9 @@ def test_general_benchmark_people_are_known_to_the_base_but_absent_from_the_pool
     mentions = re.compile(r"\b(" + "|".join(bench) + r")\b")
     for pool_file in (world.instructions, world.preferences):
         assert not mentions.search(pool_file.read_text()), pool_file.name
-    assert {mentions.search(r["question"]).group(1) for r in read_jsonl(world.bench_general_mc)} <= set(bench)
+    assert {
+        mentions.search(r["question"]).group(1) for r in read_jsonl(world.bench_general_mc)
+    } <= set(bench)
     pretrain = world.general_pretrain.read_text()
     assert all(f"was {name} born?" in pretrain for name in bench)  # the base is taught their QA
 
@@ -72,10 +90,15 @@ def test_every_file_parses_in_its_declared_format(world):
         rows = read_jsonl(path)
         assert rows and all(set(r) == {"text"} and r["text"].strip() for r in rows), path.name
     rows = read_jsonl(world.instructions)
-    assert rows and all(set(r) == {"instruction", "input", "output"} and r["instruction"] and r["output"] for r in rows)
+    assert rows and all(
+        set(r) == {"instruction", "input", "output"} and r["instruction"] and r["output"]
+        for r in rows
+    )
     assert any(r["input"] for r in rows)  # some tasks use the input field
     rows = read_jsonl(world.preferences)
-    assert rows and all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows)
+    assert rows and all(
+        set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows
+    )
     for path in (world.bench_domain_mc, world.bench_general_mc):
         rows = read_jsonl(path)
         for r in rows:
@@ -83,11 +106,15 @@ def test_every_file_parses_in_its_declared_format(world):
             assert len(set(r["choices"])) == len(r["choices"]) == 4 and 0 <= r["answer"] < 4
     for path in (world.bench_domain_gen, world.bench_general_gen):
         rows = read_jsonl(path)
-        assert rows and all(set(r) == {"prompt", "answers"} and r["answers"] and r["prompt"] for r in rows)
+        assert rows and all(
+            set(r) == {"prompt", "answers"} and r["answers"] and r["prompt"] for r in rows
+        )
     assert world.probe.read_text().strip()
 
 
-def test_benchmark_answers_are_the_true_values_and_distractors_other_values_of_the_attribute(world, facts):
+def test_benchmark_answers_are_the_true_values_and_distractors_other_values_of_the_attribute(
+    world, facts
+):
     truth = {}  # question -> (true value, every value of that attribute)
     for kind, questions in (("people", GENERAL_QUESTIONS), ("planets", DOMAIN_QUESTIONS)):
         for attr, question in questions.items():
@@ -102,12 +129,18 @@ def test_benchmark_answers_are_the_true_values_and_distractors_other_values_of_t
 
 def test_general_pretrain_holds_the_qa_in_the_stage1_plain_rendering(world):
     pretrain = {r["text"] for r in read_jsonl(world.general_pretrain)}
-    general = [r for r in read_jsonl(world.instructions) if "planet" not in r["instruction"]]  # pool people, tasks
+    general = [
+        r for r in read_jsonl(world.instructions) if "planet" not in r["instruction"]
+    ]  # pool people, tasks
     assert general and all(render_plain(r) in pretrain for r in general)
     r = general[0]
-    assert render_plain(r) == (render_plain_prompt(r["instruction"], r["input"], DEMO_TEMPLATE)
-                               + render_plain_response(r["output"], DEMO_TEMPLATE))
-    assert render_plain({"instruction": "Q?", "input": "", "output": "A"}) == "Question: Q?\nAnswer: A"
+    assert render_plain(r) == (
+        render_plain_prompt(r["instruction"], r["input"], DEMO_TEMPLATE)
+        + render_plain_response(r["output"], DEMO_TEMPLATE)
+    )
+    assert (
+        render_plain({"instruction": "Q?", "input": "", "output": "A"}) == "Question: Q?\nAnswer: A"
+    )
 
 
 def test_perplexity_bios_are_paraphrases_never_trained_on(world):

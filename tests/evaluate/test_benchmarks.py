@@ -48,7 +48,11 @@ GOOD_MC = json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 1})
     ],
 )
 def test_bad_benchmark_line_names_path_and_line(tmp_path, kind, bad, message):
-    good = {"multiple_choice": GOOD_MC, "generation": '{"prompt": "p", "answer": "x"}', "perplexity": '{"text": "t"}'}
+    good = {
+        "multiple_choice": GOOD_MC,
+        "generation": '{"prompt": "p", "answer": "x"}',
+        "perplexity": '{"text": "t"}',
+    }
     bench = _bench(tmp_path, kind, [good[kind], good[kind], bad])
     with pytest.raises(InputError, match=message) as err:
         load_benchmark(bench)
@@ -56,7 +60,11 @@ def test_bad_benchmark_line_names_path_and_line(tmp_path, kind, bad, message):
 
 
 def test_load_benchmark_normalises_generation_answers_and_applies_limit(tmp_path):
-    lines = ['{"prompt": "p1", "answer": "x"}', '{"prompt": "p2", "answers": ["y", "z"]}', '{"prompt": "p3", "answer": "w"}']
+    lines = [
+        '{"prompt": "p1", "answer": "x"}',
+        '{"prompt": "p2", "answers": ["y", "z"]}',
+        '{"prompt": "p3", "answer": "w"}',
+    ]
     items = load_benchmark(_bench(tmp_path, "generation", lines, limit=2))
     assert items == [{"prompt": "p1", "answers": ["x"]}, {"prompt": "p2", "answers": ["y", "z"]}]
 

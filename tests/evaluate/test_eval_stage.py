@@ -15,19 +15,38 @@ def eval_config(tmp_path, tiny_model_dir):
     files = tmp_path / "inputs"
     files.mkdir()
     (files / "domain.txt").write_text("The planet Zorbax orbits the star Vega.\n")
-    (files / "probe.txt").write_text("The quick brown fox jumps over the lazy dog. Bob works at Acme.\n")
-    (files / "mc.jsonl").write_text(
-        json.dumps({"question": "Which star does Zorbax orbit?", "choices": ["Vega", "the Sun"], "answer": 0}) + "\n"
+    (files / "probe.txt").write_text(
+        "The quick brown fox jumps over the lazy dog. Bob works at Acme.\n"
     )
-    (files / "qa.jsonl").write_text(json.dumps({"prompt": "Where was Alice born?", "answer": "Paris"}) + "\n")
-    (files / "ppl.jsonl").write_text(json.dumps({"text": "Alice was born in Paris in 1970."}) + "\n")
+    (files / "mc.jsonl").write_text(
+        json.dumps(
+            {
+                "question": "Which star does Zorbax orbit?",
+                "choices": ["Vega", "the Sun"],
+                "answer": 0,
+            }
+        )
+        + "\n"
+    )
+    (files / "qa.jsonl").write_text(
+        json.dumps({"prompt": "Where was Alice born?", "answer": "Paris"}) + "\n"
+    )
+    (files / "ppl.jsonl").write_text(
+        json.dumps({"text": "Alice was born in Paris in 1970."}) + "\n"
+    )
     raw = {
         "model": {"path": str(tiny_model_dir)},
         "data": {"domain": [{"path": "domain.txt"}]},
         "eval": {
             "benchmarks": [
                 {"name": "zorbax", "path": "mc.jsonl", "kind": "multiple_choice", "tag": "domain"},
-                {"name": "qa", "path": "qa.jsonl", "kind": "generation", "tag": "general", "max_new_tokens": 4},
+                {
+                    "name": "qa",
+                    "path": "qa.jsonl",
+                    "kind": "generation",
+                    "tag": "general",
+                    "max_new_tokens": 4,
+                },
                 {"name": "text", "path": "ppl.jsonl", "kind": "perplexity", "tag": "general"},
             ],
             "probe": "probe.txt",
@@ -38,7 +57,9 @@ def eval_config(tmp_path, tiny_model_dir):
     return config_from_dict(raw, files)
 
 
-def test_run_eval_reports_missing_stages_and_retention(tmp_path, eval_config, tiny_model, tiny_tokenizer):
+def test_run_eval_reports_missing_stages_and_retention(
+    tmp_path, eval_config, tiny_model, tiny_tokenizer
+):
     run = RunDir(tmp_path / "run")
     cpt = copy.deepcopy(tiny_model)  # stands in for a trained stage: the base, moved a little
     with torch.no_grad():
@@ -51,8 +72,14 @@ def test_run_eval_reports_missing_stages_and_retention(tmp_path, eval_config, ti
 
     rows = {(r["arm"], r["stage"]): r for r in result["rows"]}
     assert len(rows) == 7
-    assert {k for k, r in rows.items() if r["status"] == "ok"} == {("base", "base"), ("mixcpt", "cpt")}
-    assert rows[("baseline", "sft")]["status"] == "missing" and rows[("baseline", "sft")]["scores"] == {}
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == {
+        ("base", "base"),
+        ("mixcpt", "cpt"),
+    }
+    assert (
+        rows[("baseline", "sft")]["status"] == "missing"
+        and rows[("baseline", "sft")]["scores"] == {}
+    )
     base, cpt_row = rows[("base", "base")], rows[("mixcpt", "cpt")]
     assert base["model"] == eval_config.model.path
     assert set(cpt_row["scores"]) == {"zorbax", "qa", "text"}
@@ -68,8 +95,9 @@ def test_run_eval_reports_missing_stages_and_retention(tmp_path, eval_config, ti
     assert {k: stored[k] for k in ("rows", "benchmarks")} == result
 
 
-def test_rerun_reuses_the_table_until_a_model_changes(tmp_path, eval_config, tiny_model, tiny_tokenizer,
-                                                      monkeypatch):
+def test_rerun_reuses_the_table_until_a_model_changes(
+    tmp_path, eval_config, tiny_model, tiny_tokenizer, monkeypatch
+):
     import mixcpt.evaluate.stage as eval_stage
 
     run = RunDir(tmp_path / "run")

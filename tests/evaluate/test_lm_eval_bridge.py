@@ -6,7 +6,11 @@ from mixcpt.evaluate.scoring import loglikelihoods, score_multiple_choice
 
 ITEMS = [
     {"question": "Where was Alice born?", "choices": ["Paris", "London town", "Vega"], "answer": 0},
-    {"question": "What is two plus two?", "choices": ["four", "five", "the planet Zorbax"], "answer": 2},
+    {
+        "question": "What is two plus two?",
+        "choices": ["four", "five", "the planet Zorbax"],
+        "answer": 2,
+    },
     {"question": "Who works at Acme?", "choices": ["Bob", "Alice", "nobody at all"], "answer": 1},
 ]
 
@@ -36,14 +40,27 @@ def test_lm_eval_local_task_agrees_with_our_scoring(tmp_path, tiny_model, tiny_t
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
 
-    output = run_lm_eval(tiny_model, tiny_tokenizer, ["tiny_mc"], str(tmp_path / "tasks"), batch_size=4, log_samples=True)
+    output = run_lm_eval(
+        tiny_model,
+        tiny_tokenizer,
+        ["tiny_mc"],
+        str(tmp_path / "tasks"),
+        batch_size=4,
+        log_samples=True,
+    )
     samples = sorted(output["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
     theirs = [ll for s in samples for ll, _greedy in s["filtered_resps"]]
-    ours = loglikelihoods(tiny_model, tiny_tokenizer, [(it["question"], " " + c) for it in ITEMS for c in it["choices"]])
+    ours = loglikelihoods(
+        tiny_model,
+        tiny_tokenizer,
+        [(it["question"], " " + c) for it in ITEMS for c in it["choices"]],
+    )
     assert ours == pytest.approx(theirs, abs=1e-4)
 
     scores = lm_eval_scores(output)["tiny_mc"]
-    mine = score_multiple_choice(tiny_model, tiny_tokenizer, [it["question"] for it in ITEMS], ITEMS)
+    mine = score_multiple_choice(
+        tiny_model, tiny_tokenizer, [it["question"] for it in ITEMS], ITEMS
+    )
     assert scores["acc"] == pytest.approx(mine["acc"], abs=1e-4)
     assert scores["acc_norm"] == pytest.approx(mine["acc_norm"], abs=1e-4)
 

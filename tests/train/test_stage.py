@@ -38,7 +38,9 @@ def test_mixcpt_arm_trains_saves_a_plain_model_and_records_metrics(cpt_run):
 
 def test_baseline_arm_is_plain_cross_entropy_on_the_domain_stream(cpt_run, monkeypatch):
     make_config, run = cpt_run
-    monkeypatch.setattr(stage, "make_teacher", lambda *a, **k: pytest.fail("the baseline must not build a teacher"))
+    monkeypatch.setattr(
+        stage, "make_teacher", lambda *a, **k: pytest.fail("the baseline must not build a teacher")
+    )
     metrics = run_cpt(make_config(), run, "baseline")
     assert metrics["lssd_weight"] == 0 and metrics["teacher"] is None
     assert any("ce_loss" in h for h in metrics["log_history"])
@@ -51,7 +53,8 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
-        cpt_run, monkeypatch):
+    cpt_run, monkeypatch
+):
     make_config, run = cpt_run
     cfg = make_config(teacher="online")
     run_cpt(cfg, run, "baseline")  # the reference, uninterrupted: 4 steps
@@ -99,7 +102,9 @@ def test_cache_teacher_builds_its_cache_in_the_run_folder(cpt_run):
     make_config, run = cpt_run
     metrics = run_cpt(make_config(teacher="cache", cache_top_k=8), run, "mixcpt")
     assert (run.root / "teacher_cache" / "meta.json").exists()
-    assert metrics["teacher_cache_bytes_per_token"] == 8 * (2 + 4) + 4  # fp16 values, int32 ids, fp32 tail
+    assert (
+        metrics["teacher_cache_bytes_per_token"] == 8 * (2 + 4) + 4
+    )  # fp16 values, int32 ids, fp32 tail
     assert any("lssd_loss" in h for h in metrics["log_history"])
 
 

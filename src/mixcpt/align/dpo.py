@@ -16,8 +16,15 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from mixcpt.align.encoding import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch, \
-    response_logps, score_features
+from mixcpt.align.encoding import (
+    encode_chat,
+    ensure_chat_template,
+    features,
+    fit_to_length,
+    pad_batch,
+    response_logps,
+    score_features,
+)
 from mixcpt.align.samples import usable_rows
 from mixcpt.align.stage import log_history_metrics, recorded_metrics, require_model, train_and_save
 from mixcpt.config import Config
@@ -39,26 +46,37 @@ def pair_features(rows: list[dict], tokenizer, max_length: int, source: str) -> 
         prompt, chosen = encode_chat(tokenizer, row["messages"], row["chosen"])
         _, rejected = encode_chat(tokenizer, row["messages"], row["rejected"])
         encoded.append((prompt, [chosen, rejected]))
-    return [{"chosen": features(p, c), "rejected": features(p, r)}
-            for p, (c, r) in fit_to_length(encoded, max_length, source)]
+    return [
+        {"chosen": features(p, c), "rejected": features(p, r)}
+        for p, (c, r) in fit_to_length(encoded, max_length, source)
+    ]
 
 
 def pair_collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One padded batch of 2B rows, the B chosen sequences first, then the B rejected ones, so the
     policy scores both sides in a single forward; precomputed reference log-probs ride along."""
-    batch = pad_batch([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_token_id)  # [2B, T]
+    batch = pad_batch(
+        [r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_token_id
+    )  # [2B, T]
     if "ref_chosen_logps" in rows[0]:
         batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])  # [B]
         batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])  # [B]
     return batch
 
 
-def precompute_reference(model: PreTrainedModel, pairs: list[dict], batch_size: int, pad_token_id: int) -> None:
+def precompute_reference(
+    model: PreTrainedModel, pairs: list[dict], batch_size: int, pad_token_id: int
+) -> None:
     """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`) to each pair.
     Under DDP every process scores all pairs: the result is the same everywhere and needs no gather."""
-    sums, _ = score_features(model, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size,
-                             pad_token_id, "reference log-probs")
-    for pair, chosen, rejected in zip(pairs, sums[:len(pairs)], sums[len(pairs):]):
+    sums, _ = score_features(
+        model,
+        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        batch_size,
+        pad_token_id,
+        "reference log-probs",
+    )
+    for pair, chosen, rejected in zip(pairs, sums[: len(pairs)], sums[len(pairs) :]):
         pair["ref_chosen_logps"], pair["ref_rejected_logps"] = chosen, rejected
 
 
@@ -73,28 +91,41 @@ class DPOTrainer(Trainer):
     def __init__(self, *args, beta: float, ref_model: PreTrainedModel | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
-        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model,
-                                                                                      evaluation_mode=True)
+        self.ref_model = (
+            None
+            if ref_model is None
+            else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        )
         self.reward_logs = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits  # [2B, T, V]
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits  # [2B, T, V]
         policy_logps, _ = response_logps(logits, inputs["labels"])  # [2B]
         policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B], [B]
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             with torch.no_grad():
-                ref_logits = self.ref_model(input_ids=inputs["input_ids"],
-                                            attention_mask=inputs["attention_mask"]).logits  # [2B, T, V]
+                ref_logits = self.ref_model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).logits  # [2B, T, V]
                 ref_chosen, ref_rejected = response_logps(ref_logits, inputs["labels"])[0].chunk(2)
-        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                          self.beta)
-        chosen_rewards, rejected_rewards = self.accelerator.gather_for_metrics((chosen_rewards, rejected_rewards))
+        loss, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta
+        )
+        chosen_rewards, rejected_rewards = self.accelerator.gather_for_metrics(
+            (chosen_rewards, rejected_rewards)
+        )
         self.reward_logs["rewards/chosen"].append(chosen_rewards.mean().item())
         self.reward_logs["rewards/rejected"].append(rejected_rewards.mean().item())
-        self.reward_logs["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
-        self.reward_logs["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        self.reward_logs["rewards/accuracies"].append(
+            (chosen_rewards > rejected_rewards).float().mean().item()
+        )
+        self.reward_logs["rewards/margins"].append(
+            (chosen_rewards - rejected_rewards).mean().item()
+        )
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -109,32 +140,61 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
     key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
     if final.exists():
         return recorded_metrics(run, key)
-    data_path = run.selection / "preferences.jsonl" if arm == "mixcpt" else run.data / "pool" / "preferences.jsonl"
+    data_path = (
+        run.selection / "preferences.jsonl"
+        if arm == "mixcpt"
+        else run.data / "pool" / "preferences.jsonl"
+    )
     start = require_model(run.stage(arm, "sft"), "sft")
     tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
     ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
 
-    train_set = pair_features(usable_rows(data_path, "preference"), tokenizer, cfg.dpo.max_length, str(data_path))
+    train_set = pair_features(
+        usable_rows(data_path, "preference"), tokenizer, cfg.dpo.max_length, str(data_path)
+    )
 
-    load = partial(load_model, start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    load = partial(
+        load_model,
+        start,
+        cfg.model.dtype,
+        cfg.model.trust_remote_code,
+        cfg.model.attn_implementation,
+    )
     model, ref_model = load(), None
-    args = training_arguments(cfg.dpo.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
+    args = training_arguments(
+        cfg.dpo.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
+    )
     if cfg.dpo.precompute_ref:
         model.to(args.device)
-        precompute_reference(model, train_set, args.per_device_train_batch_size, tokenizer.pad_token_id)
+        precompute_reference(
+            model, train_set, args.per_device_train_batch_size, tokenizer.pad_token_id
+        )
         model.train()
     else:
         ref_model = load().eval().requires_grad_(False)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, beta=cfg.dpo.beta, ref_model=ref_model,
-                         data_collator=partial(pair_collate, pad_token_id=tokenizer.pad_token_id))
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        beta=cfg.dpo.beta,
+        ref_model=ref_model,
+        data_collator=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
+    )
 
     def metrics_of(output) -> dict:
         history = trainer.state.log_history
         last = log_history_metrics(history, ("loss", *REWARD_METRICS))  # of the last logged steps
-        return {"final_loss": last.get("loss"), "train_loss": output.training_loss,
-                "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
-                "chosen_reward": last.get("rewards/chosen"), "rejected_reward": last.get("rewards/rejected"),
-                "runtime_s": output.metrics["train_runtime"], "steps": output.global_step,
-                "n_pairs": len(train_set), "log_history": history}
+        return {
+            "final_loss": last.get("loss"),
+            "train_loss": output.training_loss,
+            "reward_accuracy": last.get("rewards/accuracies"),
+            "reward_margin": last.get("rewards/margins"),
+            "chosen_reward": last.get("rewards/chosen"),
+            "rejected_reward": last.get("rewards/rejected"),
+            "runtime_s": output.metrics["train_runtime"],
+            "steps": output.global_step,
+            "n_pairs": len(train_set),
+            "log_history": history,
+        }
 
     return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of)

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 Encoded = tuple[list[int], list[list[int]]]  # (prompt ids, one or more response ids sharing it)
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, configured: str | None, model_dir: Path) -> None:
+def ensure_chat_template(
+    tokenizer: PreTrainedTokenizerBase, configured: str | None, model_dir: Path
+) -> None:
     """Give `tokenizer` a chat template: its own when it has one, else `configured` (set on the
     tokenizer so that it is saved with the stage's model). Raises ConfigError when neither exists."""
     if tokenizer.chat_template:
@@ -40,28 +42,38 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, configured: str | N
     tokenizer.chat_template = configured
 
 
-def encode_plain(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
+def encode_plain(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
+) -> tuple[list[int], list[int]]:
     """The stage-1 rendering: the prompt with the tokenizer's own special tokens (BOS), the
     response followed by EOS (documents end with EOS in the packed stream)."""
     prompt_ids = tokenizer(prompt).input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [
+        tokenizer.eos_token_id
+    ]
     return prompt_ids, response_ids
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, prompt_messages: list[dict], response: str
-                ) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, prompt_messages: list[dict], response: str
+) -> tuple[list[int], list[int]]:
     """The chat rendering: prompt = the template up to the generation prompt, response = what the
     template adds for the assistant turn (its end-of-turn tokens included); EOS appended only when
     the template does not emit it, so generation learns to stop."""
-    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*prompt_messages, {"role": "assistant", "content": response}],
-                                         tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        prompt_messages, tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template(
+        [*prompt_messages, {"role": "assistant", "content": response}], tokenize=False
+    )
     if not full.startswith(prompt):
-        raise ConfigError("the chat template renders the prompt differently once the assistant turn is added; "
-                          "set sft.chat_template to a template whose generation prompt is a prefix of the chat")
+        raise ConfigError(
+            "the chat template renders the prompt differently once the assistant turn is added; "
+            "set sft.chat_template to a template whose generation prompt is a prefix of the chat"
+        )
     # The template writes BOS itself where the model wants one, so no special tokens are added here.
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    response_ids = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+    response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
     if tokenizer.eos_token_id not in response_ids:
         response_ids.append(tokenizer.eos_token_id)
     return prompt_ids, response_ids
@@ -82,18 +94,26 @@ def fit_to_length(samples: list[Encoded], max_length: int, source: str) -> list[
             if longest > max_length - 1:
                 responses_cut += 1
                 responses = [r[: max_length - 1] for r in responses]
-            prompt = prompt[-(max_length - max(len(r) for r in responses)):]
+            prompt = prompt[-(max_length - max(len(r) for r in responses)) :]
         fitted.append((prompt, responses))
     if prompts_cut:
-        log.warning("%s: %d of %d prompts longer than max_length=%d were truncated from the left%s", source,
-                    prompts_cut, len(samples), max_length,
-                    f" ({responses_cut} responses were also cut on the right)" if responses_cut else "")
+        log.warning(
+            "%s: %d of %d prompts longer than max_length=%d were truncated from the left%s",
+            source,
+            prompts_cut,
+            len(samples),
+            max_length,
+            f" ({responses_cut} responses were also cut on the right)" if responses_cut else "",
+        )
     return fitted
 
 
 def features(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list[int]]:
     """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the token ids on the response."""
-    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
 
 
 def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -116,14 +136,23 @@ def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     logits, labels = logits[:, :-1], labels[:, 1:]  # [B, T-1, V], [B, T-1]
     # Row by row, so that float32 logits exist for one sequence at a time, not the whole batch.
-    nll = torch.stack([F.cross_entropy(row.float(), row_labels, ignore_index=IGNORE_INDEX, reduction="none")
-                       for row, row_labels in zip(logits, labels)])  # [B, T-1]
+    nll = torch.stack(
+        [
+            F.cross_entropy(row.float(), row_labels, ignore_index=IGNORE_INDEX, reduction="none")
+            for row, row_labels in zip(logits, labels)
+        ]
+    )  # [B, T-1]
     return -nll.sum(-1), (labels != IGNORE_INDEX).sum(-1)  # [B], [B]
 
 
 @torch.no_grad()
-def score_features(model: PreTrainedModel, rows: list[dict[str, list[int]]], batch_size: int, pad_token_id: int,
-                   desc: str) -> tuple[list[float], list[int]]:
+def score_features(
+    model: PreTrainedModel,
+    rows: list[dict[str, list[int]]],
+    batch_size: int,
+    pad_token_id: int,
+    desc: str,
+) -> tuple[list[float], list[int]]:
     """Per row of `features`: the summed log-prob of its response tokens and their count.
 
     Rows are batched longest first (less padding; the order does not change any result) on the
@@ -134,10 +163,12 @@ def score_features(model: PreTrainedModel, rows: list[dict[str, list[int]]], bat
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     sums, counts = [0.0] * len(rows), [0] * len(rows)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = pad_batch([rows[i] for i in idx], pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits  # [b, T, V]
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits  # [b, T, V]
         batch_sums, batch_counts = response_logps(logits, batch["labels"].to(device))
         for i, s, n in zip(idx, batch_sums.tolist(), batch_counts.tolist()):
             sums[i], counts[i] = s, n

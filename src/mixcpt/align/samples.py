@@ -40,11 +40,17 @@ def read_samples(path: Path, kind: str) -> list[dict]:
         if missing:
             raise InputError(path, line_no, f"missing field(s) {', '.join(missing)}")
         if not isinstance(row["messages"], list) or not row["messages"]:
-            raise InputError(path, line_no, "'messages' must be a non-empty list of {role, content}")
+            raise InputError(
+                path, line_no, "'messages' must be a non-empty list of {role, content}"
+            )
         last_role = row["messages"][-1].get("role")
         if last_role != LAST_ROLE[kind]:
-            raise InputError(path, line_no, f"the last message is from {last_role!r}; "
-                                            f"{kind} samples must end with one from {LAST_ROLE[kind]!r}")
+            raise InputError(
+                path,
+                line_no,
+                f"the last message is from {last_role!r}; "
+                f"{kind} samples must end with one from {LAST_ROLE[kind]!r}",
+            )
         rows.append(row)
     return rows
 
@@ -68,7 +74,9 @@ def skip_reason(row: dict, kind: str) -> str | None:
     return None
 
 
-def usable_indices(rows: list[dict], kind: str, source: str | Path) -> tuple[list[int], dict[int, str]]:
+def usable_indices(
+    rows: list[dict], kind: str, source: str | Path
+) -> tuple[list[int], dict[int, str]]:
     """Indices of the rows that pass `skip_reason`, and {index: reason} for the others, which are
     counted by reason in one warning naming `source`."""
     usable, skipped = [], {}
@@ -80,8 +88,14 @@ def usable_indices(rows: list[dict], kind: str, source: str | Path) -> tuple[lis
             skipped[i] = reason
     if skipped:
         counts = Counter(skipped.values())
-        log.warning("%s: skipped %d of %d %s samples (%s)", source, len(skipped), len(rows), kind,
-                    ", ".join(f"{counts[r]} with {r}" for r in sorted(counts)))
+        log.warning(
+            "%s: skipped %d of %d %s samples (%s)",
+            source,
+            len(skipped),
+            len(rows),
+            kind,
+            ", ".join(f"{counts[r]} with {r}" for r in sorted(counts)),
+        )
     return usable, skipped
 
 

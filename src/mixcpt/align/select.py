@@ -15,8 +15,14 @@ import random
 
 import torch
 
-from mixcpt.align.encoding import encode_chat, encode_plain, ensure_chat_template, features, fit_to_length, \
-    score_features
+from mixcpt.align.encoding import (
+    encode_chat,
+    encode_plain,
+    ensure_chat_template,
+    features,
+    fit_to_length,
+    score_features,
+)
 from mixcpt.align.samples import read_samples, usable_indices, write_samples
 from mixcpt.align.stage import recorded_metrics, require_model
 from mixcpt.config import Config, TemplateConfig
@@ -29,17 +35,25 @@ log = logging.getLogger(__name__)
 KINDS = {"instruction": "instructions.jsonl", "preference": "preferences.jsonl"}
 
 
-def plain_and_chat(row: dict, kind: str, template: TemplateConfig
-                   ) -> tuple[tuple[str, str], tuple[list[dict], str]]:
+def plain_and_chat(
+    row: dict, kind: str, template: TemplateConfig
+) -> tuple[tuple[str, str], tuple[list[dict], str]]:
     """((plain prompt, plain response), (chat prompt messages, response)) of an instruction sample or
     of a preference pair's chosen side; the plain texts are those of the stage-1 stream."""
     if kind == "instruction":
-        return (row["plain_prompt"], row["plain_response"]), (row["messages"][:-1], row["messages"][-1]["content"])
-    return (row["plain_prompt"], render_plain_response(row["chosen"], template)), (row["messages"], row["chosen"])
+        return (row["plain_prompt"], row["plain_response"]), (
+            row["messages"][:-1],
+            row["messages"][-1]["content"],
+        )
+    return (row["plain_prompt"], render_plain_response(row["chosen"], template)), (
+        row["messages"],
+        row["chosen"],
+    )
 
 
-def mean_response_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: Config, desc: str
-                      ) -> tuple[list[float], list[int]]:
+def mean_response_nll(
+    model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: Config, desc: str
+) -> tuple[list[float], list[int]]:
     """Mean NLL of each response given its prompt (response tokens only) and the response token count."""
     fitted = fit_to_length([(p, [r]) for p, r in pairs], cfg.select.max_length, desc)
     rows = [features(p, rs[0]) for p, rs in fitted]
@@ -55,13 +69,21 @@ def choose(scores: dict[int, float], k: int, strategy: str, seed: int) -> set[in
     return set(sorted(scores, key=lambda i: (sign * scores[i], i))[:k])
 
 
-def select_kind(model, tokenizer, rows: list[dict], kind: str, cfg: Config) -> tuple[list[dict], list[dict], dict]:
+def select_kind(
+    model, tokenizer, rows: list[dict], kind: str, cfg: Config
+) -> tuple[list[dict], list[dict], dict]:
     """Score and select one pool. Returns (selected rows in pool order, one record per row, summary)."""
     usable, skipped = usable_indices(rows, kind, f"{kind} pool")
-    plain = [encode_plain(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[0]) for i in usable]
+    plain = [
+        encode_plain(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[0])
+        for i in usable
+    ]
     nll, counts = mean_response_nll(model, tokenizer, plain, cfg, f"scoring {kind}s (plain)")
     if cfg.select.score == "fas":
-        chat = [encode_chat(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[1]) for i in usable]
+        chat = [
+            encode_chat(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[1])
+            for i in usable
+        ]
         nll_chat, _ = mean_response_nll(model, tokenizer, chat, cfg, f"scoring {kind}s (chat)")
         # A plain NLL of exactly 0 would mean a perfectly memorised response; keep the ratio finite.
         scores = [c / max(p, 1e-12) for c, p in zip(nll_chat, nll)]
@@ -70,15 +92,26 @@ def select_kind(model, tokenizer, rows: list[dict], kind: str, cfg: Config) -> t
 
     k = cfg.select.k
     if k > len(usable):
-        log.warning("select.k=%d is larger than the %d usable %s samples (pool of %d): keeping all of them",
-                    k, len(usable), kind, len(rows))
+        log.warning(
+            "select.k=%d is larger than the %d usable %s samples (pool of %d): keeping all of them",
+            k,
+            len(usable),
+            kind,
+            len(rows),
+        )
     chosen = choose(dict(zip(usable, scores)), k, cfg.select.strategy, cfg.seed)
 
     position = {i: j for j, i in enumerate(usable)}
     records = []
     for i, row in enumerate(rows):
-        record = {"id": row["id"], "kind": kind, "score": None, "nll": None, "n_response_tokens": 0,
-                  "selected": i in chosen}
+        record = {
+            "id": row["id"],
+            "kind": kind,
+            "score": None,
+            "nll": None,
+            "n_response_tokens": 0,
+            "selected": i in chosen,
+        }
         if i in skipped:
             record["skipped"] = skipped[i]
         else:
@@ -88,9 +121,13 @@ def select_kind(model, tokenizer, rows: list[dict], kind: str, cfg: Config) -> t
                 record["nll_chat"] = nll_chat[j]
         records.append(record)
     picked = [scores[j] for j, i in enumerate(usable) if i in chosen]
-    summary = {"pool": len(rows), "skipped": len(skipped), "selected": len(chosen),
-               "mean_score_pool": sum(scores) / len(scores) if scores else None,
-               "mean_score_selected": sum(picked) / len(picked) if picked else None}
+    summary = {
+        "pool": len(rows),
+        "skipped": len(skipped),
+        "selected": len(chosen),
+        "mean_score_pool": sum(scores) / len(scores) if scores else None,
+        "mean_score_selected": sum(picked) / len(picked) if picked else None,
+    }
     return [rows[i] for i in sorted(chosen)], records, summary
 
 
@@ -105,14 +142,18 @@ def run_select(cfg: Config, run: RunDir) -> dict:
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if cfg.select.score == "fas":
         ensure_chat_template(tokenizer, cfg.sft.chat_template, model_dir)
-    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    model = load_model(
+        model_dir, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation
+    )
     model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}
     selected, records = {}, []
     for kind, name in KINDS.items():
         rows = read_samples(run.data / "pool" / name, kind)
-        selected[name], kind_records, summary[f"{kind}s"] = select_kind(model, tokenizer, rows, kind, cfg)
+        selected[name], kind_records, summary[f"{kind}s"] = select_kind(
+            model, tokenizer, rows, kind, cfg
+        )
         records += kind_records
     with atomic_dir(run.selection) as tmp:
         for name, rows in selected.items():

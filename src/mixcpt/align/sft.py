@@ -14,7 +14,13 @@ from functools import partial
 
 from transformers import Trainer
 
-from mixcpt.align.encoding import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch
+from mixcpt.align.encoding import (
+    encode_chat,
+    ensure_chat_template,
+    features,
+    fit_to_length,
+    pad_batch,
+)
 from mixcpt.align.samples import usable_rows
 from mixcpt.align.stage import recorded_metrics, require_model, train_and_save
 from mixcpt.config import Config
@@ -23,9 +29,13 @@ from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
 
 
-def sft_features(rows: list[dict], tokenizer, max_length: int, source: str) -> list[dict[str, list[int]]]:
+def sft_features(
+    rows: list[dict], tokenizer, max_length: int, source: str
+) -> list[dict[str, list[int]]]:
     """input_ids/labels per instruction row through the chat template; prompt tokens labelled IGNORE_INDEX."""
-    encoded = [encode_chat(tokenizer, row["messages"][:-1], row["messages"][-1]["content"]) for row in rows]
+    encoded = [
+        encode_chat(tokenizer, row["messages"][:-1], row["messages"][-1]["content"]) for row in rows
+    ]
     fitted = fit_to_length([(p, [r]) for p, r in encoded], max_length, source)
     return [features(p, rs[0]) for p, rs in fitted]
 
@@ -36,17 +46,43 @@ def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
     key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
     if final.exists():
         return recorded_metrics(run, key)
-    data_path = run.selection / "instructions.jsonl" if arm == "mixcpt" else run.data / "pool" / "instructions.jsonl"
+    data_path = (
+        run.selection / "instructions.jsonl"
+        if arm == "mixcpt"
+        else run.data / "pool" / "instructions.jsonl"
+    )
     start = require_model(run.stage(arm, "cpt"), "cpt")
     tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
     ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
 
-    train_set = sft_features(usable_rows(data_path, "instruction"), tokenizer, cfg.sft.max_length, str(data_path))
+    train_set = sft_features(
+        usable_rows(data_path, "instruction"), tokenizer, cfg.sft.max_length, str(data_path)
+    )
 
-    model = load_model(start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
-    args = training_arguments(cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set,
-                      data_collator=partial(pad_batch, pad_token_id=tokenizer.pad_token_id))
-    return train_and_save(trainer, tokenizer, final, work, run, key, lambda output: {
-        "train_loss": output.training_loss, "runtime_s": output.metrics["train_runtime"],
-        "steps": output.global_step, "log_history": trainer.state.log_history, "n_samples": len(train_set)})
+    model = load_model(
+        start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation
+    )
+    args = training_arguments(
+        cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
+    )
+    return train_and_save(
+        trainer,
+        tokenizer,
+        final,
+        work,
+        run,
+        key,
+        lambda output: {
+            "train_loss": output.training_loss,
+            "runtime_s": output.metrics["train_runtime"],
+            "steps": output.global_step,
+            "log_history": trainer.state.log_history,
+            "n_samples": len(train_set),
+        },
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_utils import TrainOutput
@@ -26,8 +26,15 @@ def require_model(folder: Path, previous: str) -> Path:
     return folder
 
 
-def train_and_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final: Path, work: Path, run: RunDir,
-                   key: str, metrics_of: Callable[[TrainOutput], dict]) -> dict:
+def train_and_save(
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    final: Path,
+    work: Path,
+    run: RunDir,
+    key: str,
+    metrics_of: Callable[[TrainOutput], dict],
+) -> dict:
     """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
     record `metrics_of(output)` in results.json under stages/`key`, write the model and tokenizer
     to `final` atomically, then delete the checkpoints. Call on every process; returns the metrics.

@@ -42,7 +42,7 @@ class PackedBlocks(Dataset):
         labels = ids.clone()
         n_real = self.n_tokens - i * self.block_size  # > block_size except in the last block
         if n_real < self.block_size:
-            labels[max(n_real, 0):] = IGNORE_INDEX
+            labels[max(n_real, 0) :] = IGNORE_INDEX
         return {
             "input_ids": ids,
             "position_ids": torch.from_numpy(np.array(self.position_ids[i], dtype=np.int64)),
@@ -50,12 +50,23 @@ class PackedBlocks(Dataset):
         }
 
 
-def write_packed(folder: Path, blocks: np.ndarray, positions: np.ndarray, n_tokens: int, pad_token_id: int,
-                 fingerprint: str) -> None:
+def write_packed(
+    folder: Path,
+    blocks: np.ndarray,
+    positions: np.ndarray,
+    n_tokens: int,
+    pad_token_id: int,
+    fingerprint: str,
+) -> None:
     """Save a packed stream in the layout `PackedBlocks` reads."""
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "input_ids.npy", blocks.astype(np.int32, copy=False))
     np.save(folder / "position_ids.npy", positions.astype(np.int32, copy=False))
-    meta = {"n_blocks": int(blocks.shape[0]), "block_size": int(blocks.shape[1]), "n_tokens": int(n_tokens),
-            "pad_token_id": int(pad_token_id), "fingerprint": fingerprint}
+    meta = {
+        "n_blocks": int(blocks.shape[0]),
+        "block_size": int(blocks.shape[1]),
+        "n_tokens": int(n_tokens),
+        "pad_token_id": int(pad_token_id),
+        "fingerprint": fingerprint,
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -13,9 +13,10 @@ malformed raises `InputError("path:line: what is wrong")`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mixcpt.config import SourceConfig
 from mixcpt.errors import InputError
@@ -52,7 +53,9 @@ def _files(src: SourceConfig) -> list[Path]:
 def _format_of(path: Path, declared: str) -> str:
     if declared != "auto":
         return declared
-    return {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix, "txt")
+    return {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(
+        path.suffix, "txt"
+    )
 
 
 def _read_txt(path: Path) -> Iterator[Record]:
@@ -86,7 +89,9 @@ def read_jsonl(path: str | Path) -> Iterator[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(path, line_no, f"malformed JSON: {err.msg} (column {err.colno})") from None
+                raise InputError(
+                    path, line_no, f"malformed JSON: {err.msg} (column {err.colno})"
+                ) from None
             if not isinstance(obj, dict):
                 raise InputError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
             seen = True
@@ -153,8 +158,14 @@ def _messages(rec: Record, key: str, value: Any) -> list[dict[str, str]]:
         raise rec.error(f"field '{key}' must be a non-empty list of messages")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise rec.error(f"{key}[{i}] must be {{'role': one of {list(ROLES)}, 'content': string}}")
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in ROLES
+        ):
+            raise rec.error(
+                f"{key}[{i}] must be {{'role': one of {list(ROLES)}, 'content': string}}"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -183,7 +194,11 @@ def instruction_messages(rec: Record) -> list[dict[str, str]]:
         return msgs
     if "instruction" not in rec.fields and "output" not in rec.fields:
         raise rec.error("expected Alpaca fields 'instruction'/'output' or a 'messages' list")
-    instruction, inp, output = _string(rec, "instruction"), _string(rec, "input", False), _string(rec, "output")
+    instruction, inp, output = (
+        _string(rec, "instruction"),
+        _string(rec, "input", False),
+        _string(rec, "output"),
+    )
     user = instruction + ("\n\n" + inp if inp else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 

@@ -37,7 +37,9 @@ def render_messages(messages: list[dict], template: TemplateConfig) -> tuple[str
     prompt, pending_user = system, None
     for m in turns[:-1]:
         if m["role"] == "user":
-            pending_user = m["content"] if pending_user is None else pending_user + "\n" + m["content"]
+            pending_user = (
+                m["content"] if pending_user is None else pending_user + "\n" + m["content"]
+            )
         else:
             prompt += render_plain_prompt(pending_user or "", "", template)
             prompt += render_plain_response(m["content"], template) + "\n\n"

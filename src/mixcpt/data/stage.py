@@ -54,7 +54,9 @@ class TokenizedSource:
     weight: float
     tokens_path: Path
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    pool_path: Path | None = None  # rendered samples, one JSON row per document (instructions, preferences)
+    pool_path: Path | None = (
+        None  # rendered samples, one JSON row per document (instructions, preferences)
+    )
 
     @property
     def offsets(self) -> np.ndarray:
@@ -64,7 +66,9 @@ class TokenizedSource:
         return np.memmap(self.tokens_path, dtype=np.int32, mode="r")
 
 
-def _render(group: str, rec, src: SourceConfig, cfg: Config, doc_id: str) -> tuple[str, dict | None]:
+def _render(
+    group: str, rec, src: SourceConfig, cfg: Config, doc_id: str
+) -> tuple[str, dict | None]:
     """(plain text of the document, pool row or None) for one record of a source."""
     if group == "domain":
         return domain_text(rec, src.text_field), None
@@ -73,23 +77,38 @@ def _render(group: str, rec, src: SourceConfig, cfg: Config, doc_id: str) -> tup
         messages = instruction_messages(rec)
         alpaca = alpaca_fields(rec)
         if alpaca:
-            prompt, response = render_plain_prompt(alpaca[0], alpaca[1], template), render_plain_response(
-                alpaca[2], template
+            prompt, response = (
+                render_plain_prompt(alpaca[0], alpaca[1], template),
+                render_plain_response(alpaca[2], template),
             )
         else:
             prompt, response = render_messages(messages, template)
-        row = {"id": doc_id, "source": src.label, "messages": messages, "plain_prompt": prompt,
-               "plain_response": response}
+        row = {
+            "id": doc_id,
+            "source": src.label,
+            "messages": messages,
+            "plain_prompt": prompt,
+            "plain_response": response,
+        }
         return prompt + response, row
     prompt_msgs, chosen, rejected = preference_fields(rec)
-    prompt, response = render_messages([*prompt_msgs, {"role": "assistant", "content": chosen}], template)
-    row = {"id": doc_id, "source": src.label, "messages": prompt_msgs, "chosen": chosen, "rejected": rejected,
-           "plain_prompt": prompt}
+    prompt, response = render_messages(
+        [*prompt_msgs, {"role": "assistant", "content": chosen}], template
+    )
+    row = {
+        "id": doc_id,
+        "source": src.label,
+        "messages": prompt_msgs,
+        "chosen": chosen,
+        "rejected": rejected,
+        "plain_prompt": prompt,
+    }
     return prompt + response, row
 
 
-def _tokenize_source(group: str, src: SourceConfig, label: str, cfg: Config, tokenizer, work: Path
-                     ) -> TokenizedSource:
+def _tokenize_source(
+    group: str, src: SourceConfig, label: str, cfg: Config, tokenizer, work: Path
+) -> TokenizedSource:
     """Pass 1 for one source: every document rendered, tokenised (BOS as the tokenizer adds it,
     EOS appended) and appended to `work/<label>.tokens`."""
     out = TokenizedSource(group, label, src.weight, work / f"{label}.tokens")
@@ -99,7 +118,11 @@ def _tokenize_source(group: str, src: SourceConfig, label: str, cfg: Config, tok
     batch: list[str] = []
     eos = tokenizer.eos_token_id
     with open(out.tokens_path, "wb") as tok_f, ExitStack() as stack:
-        pool_f = stack.enter_context(open(out.pool_path, "w", encoding="utf-8")) if out.pool_path else None
+        pool_f = (
+            stack.enter_context(open(out.pool_path, "w", encoding="utf-8"))
+            if out.pool_path
+            else None
+        )
 
         def flush() -> None:
             for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
@@ -108,8 +131,12 @@ def _tokenize_source(group: str, src: SourceConfig, label: str, cfg: Config, tok
                 lengths.append(len(arr))
             batch.clear()
 
-        for rec in tqdm(read_records(src), desc=f"tokenise {group}/{label}", unit="doc", leave=False):
-            text, row = _render(group, rec, src, cfg, f"{group}/{label}/{len(lengths) + len(batch)}")
+        for rec in tqdm(
+            read_records(src), desc=f"tokenise {group}/{label}", unit="doc", leave=False
+        ):
+            text, row = _render(
+                group, rec, src, cfg, f"{group}/{label}/{len(lengths) + len(batch)}"
+            )
             if row is not None:
                 pool_f.write(json.dumps(row, ensure_ascii=False) + "\n")
             batch.append(text)
@@ -121,8 +148,15 @@ def _tokenize_source(group: str, src: SourceConfig, label: str, cfg: Config, tok
     return out
 
 
-def _pack(order: np.ndarray, sources: list[TokenizedSource], block_size: int, pad_id: int, folder: Path,
-          fingerprint: str, desc: str) -> dict:
+def _pack(
+    order: np.ndarray,
+    sources: list[TokenizedSource],
+    block_size: int,
+    pad_id: int,
+    folder: Path,
+    fingerprint: str,
+    desc: str,
+) -> dict:
     """Pass 2: write the documents of `order` ([n, 2] rows of (source, doc)) into blocks.
 
     Position ids restart at every document start and every block start; the tail of the last
@@ -132,26 +166,41 @@ def _pack(order: np.ndarray, sources: list[TokenizedSource], block_size: int, pa
     n_tokens = int(lengths.sum())
     n_blocks = max(1, -(-n_tokens // block_size))
     folder.mkdir(parents=True)
-    ids = open_memmap(folder / "input_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size))
-    pos = open_memmap(folder / "position_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size))
+    ids = open_memmap(
+        folder / "input_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
+    )
+    pos = open_memmap(
+        folder / "position_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
+    )
     flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
     token_maps = [s.tokens() for s in sources]
     offsets = [s.offsets for s in sources]
     cursor = 0
-    for (s, d), n in tqdm(zip(order, lengths), total=len(order), desc=desc, unit="doc", leave=False):
+    for (s, d), n in tqdm(
+        zip(order, lengths), total=len(order), desc=desc, unit="doc", leave=False
+    ):
         start = offsets[s][d]
-        flat_ids[cursor:cursor + n] = token_maps[s][start:start + n]
+        flat_ids[cursor : cursor + n] = token_maps[s][start : start + n]
         idx = np.arange(cursor, cursor + n)
         # the position restarts at this document's start or at the start of the block, whichever is later
-        flat_pos[cursor:cursor + n] = idx - np.maximum(cursor, idx - idx % block_size)
+        flat_pos[cursor : cursor + n] = idx - np.maximum(cursor, idx - idx % block_size)
         cursor += n
     flat_ids[cursor:] = pad_id
     flat_pos[cursor:] = np.arange(flat_pos.size - cursor)
     ids.flush(), pos.flush()
-    meta = {"n_blocks": n_blocks, "block_size": block_size, "n_tokens": n_tokens, "pad_token_id": int(pad_id),
-            "fingerprint": fingerprint}
+    meta = {
+        "n_blocks": n_blocks,
+        "block_size": block_size,
+        "n_tokens": n_tokens,
+        "pad_token_id": int(pad_id),
+        "fingerprint": fingerprint,
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    return {"n_tokens": n_tokens, "n_blocks": n_blocks, "padding_share": 1 - n_tokens / (n_blocks * block_size)}
+    return {
+        "n_tokens": n_tokens,
+        "n_blocks": n_blocks,
+        "padding_share": 1 - n_tokens / (n_blocks * block_size),
+    }
 
 
 def data_fingerprint(cfg: Config, tokenizer_path: str) -> str:
@@ -187,9 +236,13 @@ def run_data(cfg: Config, run: RunDir) -> dict:
     tokenizer_path = cfg.model.tokenizer or base_model_path(cfg.model, run.base)
     fingerprint = data_fingerprint(cfg, tokenizer_path)
     stats_path = run.data / "data_stats.json"
-    if (run.data / "fingerprint").is_file() and (run.data / "fingerprint").read_text() == fingerprint:
+    if (run.data / "fingerprint").is_file() and (
+        run.data / "fingerprint"
+    ).read_text() == fingerprint:
         stats = json.loads(stats_path.read_text())
-        if "data" not in run.read_results():  # a run killed between the rename and the results update
+        if (
+            "data" not in run.read_results()
+        ):  # a run killed between the rename and the results update
             _record(run, stats)
         return stats
 
@@ -201,15 +254,32 @@ def run_data(cfg: Config, run: RunDir) -> dict:
         sources: list[TokenizedSource] = []
         for group in GROUPS:
             for i, src in enumerate(getattr(cfg.data, group)):
-                label = src.label if all(src.label != s.label for s in sources) else f"{src.label}-{group}{i}"
+                label = (
+                    src.label
+                    if all(src.label != s.label for s in sources)
+                    else f"{src.label}-{group}{i}"
+                )
                 sources.append(_tokenize_source(group, src, label, cfg, tokenizer, work))
         tokenize_s = time.perf_counter() - t0
         available = int(sum(s.lengths.sum() for s in sources))
 
-        plan = plan_mixture([s.lengths for s in sources], [s.weight for s in sources], cfg.seed,
-                            cfg.data.total_tokens, cfg.data.oversample, [s.label for s in sources])
-        mix = _pack(plan.order, sources, cfg.data.block_size, tokenizer.pad_token_id, tmp / "mix", fingerprint,
-                    "pack D_MIX")
+        plan = plan_mixture(
+            [s.lengths for s in sources],
+            [s.weight for s in sources],
+            cfg.seed,
+            cfg.data.total_tokens,
+            cfg.data.oversample,
+            [s.label for s in sources],
+        )
+        mix = _pack(
+            plan.order,
+            sources,
+            cfg.data.block_size,
+            tokenizer.pad_token_id,
+            tmp / "mix",
+            fingerprint,
+            "pack D_MIX",
+        )
         drawn = plan.drawn_tokens([s.lengths for s in sources])
         total_drawn = sum(drawn)
         total_weight = sum(s.weight for s in sources)
@@ -229,11 +299,25 @@ def run_data(cfg: Config, run: RunDir) -> dict:
 
         # D_K for the traditional arm: every domain document once, in a seeded order
         domain_ids = [i for i, s in enumerate(sources) if s.group == "domain"]
-        domain_order = np.concatenate([np.stack([np.full(len(sources[i].lengths), i),
-                                                 np.arange(len(sources[i].lengths))], axis=1) for i in domain_ids])
+        domain_order = np.concatenate(
+            [
+                np.stack(
+                    [np.full(len(sources[i].lengths), i), np.arange(len(sources[i].lengths))],
+                    axis=1,
+                )
+                for i in domain_ids
+            ]
+        )
         domain_order = domain_order[np.random.default_rng(cfg.seed).permutation(len(domain_order))]
-        domain = _pack(domain_order, sources, cfg.data.block_size, tokenizer.pad_token_id, tmp / "domain",
-                       fingerprint, "pack D_K")
+        domain = _pack(
+            domain_order,
+            sources,
+            cfg.data.block_size,
+            tokenizer.pad_token_id,
+            tmp / "domain",
+            fingerprint,
+            "pack D_K",
+        )
 
         # the pool: the general samples that made it into D_MIX, each once, in source order
         (tmp / "pool").mkdir()

@@ -46,10 +46,26 @@ class BaseRecipe:
 # Chosen by experiment (1 CPU thread): depth matters more than width for recalling a fact from a
 # multi-token name; hidden 64 x 4 layers beat 128 x 4 at a third of the cost.
 RECIPES = {
-    "default": BaseRecipe(vocab_size=2048, hidden=64, layers=4, heads=4, block_size=128, epochs=40,
-                          batch_size=16, learning_rate=5e-3),
-    "quick": BaseRecipe(vocab_size=1024, hidden=64, layers=4, heads=4, block_size=128, epochs=20,
-                        batch_size=16, learning_rate=5e-3),
+    "default": BaseRecipe(
+        vocab_size=2048,
+        hidden=64,
+        layers=4,
+        heads=4,
+        block_size=128,
+        epochs=40,
+        batch_size=16,
+        learning_rate=5e-3,
+    ),
+    "quick": BaseRecipe(
+        vocab_size=1024,
+        hidden=64,
+        layers=4,
+        heads=4,
+        block_size=128,
+        epochs=20,
+        batch_size=16,
+        learning_rate=5e-3,
+    ),
 }
 
 
@@ -57,8 +73,9 @@ def _read_texts(path: Path, key: str = "text") -> list[str]:
     return [json.loads(line)[key] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _pack_epochs(docs: list[list[int]], eos_id: int, block_size: int, epochs: int, seed: int
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+def _pack_epochs(
+    docs: list[list[int]], eos_id: int, block_size: int, epochs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Each epoch's documents in a fresh shuffled order, joined with EOS, cut into blocks.
 
     Returns (input_ids [n_blocks, block_size], position_ids [n_blocks, block_size] restarting at 0
@@ -75,7 +92,11 @@ def _pack_epochs(docs: list[list[int]], eos_id: int, block_size: int, epochs: in
     n_blocks = -(-n_tokens // block_size)
     pad = n_blocks * block_size - n_tokens
     shape = (n_blocks, block_size)
-    return (np.array(ids + [eos_id] * pad).reshape(shape), np.array(pos + list(range(pad))).reshape(shape), n_tokens)
+    return (
+        np.array(ids + [eos_id] * pad).reshape(shape),
+        np.array(pos + list(range(pad))).reshape(shape),
+        n_tokens,
+    )
 
 
 def _fingerprint(world: WorldFiles, recipe: BaseRecipe, seed: int) -> str:
@@ -102,33 +123,78 @@ def build_base_model(world: WorldFiles, out: Path, seed: int = 0, size: str = "d
     pretrain = _read_texts(world.general_pretrain)
     # The tokenizer sees the domain text too, so that planet names split into sensible pieces
     # (as a real base model's tokenizer covers words it was never trained to know facts about).
-    instructions = [render_plain(json.loads(line)) for line in world.instructions.read_text("utf-8").splitlines()]
-    tokenizer = train_bpe_tokenizer(pretrain + _read_texts(world.domain) + instructions, vocab_size=recipe.vocab_size)
+    instructions = [
+        render_plain(json.loads(line))
+        for line in world.instructions.read_text("utf-8").splitlines()
+    ]
+    tokenizer = train_bpe_tokenizer(
+        pretrain + _read_texts(world.domain) + instructions, vocab_size=recipe.vocab_size
+    )
     docs = tokenizer(pretrain, add_special_tokens=True)["input_ids"]  # each starts with BOS
-    blocks, positions, n_tokens = _pack_epochs(docs, tokenizer.eos_token_id, recipe.block_size, recipe.epochs, seed)
+    blocks, positions, n_tokens = _pack_epochs(
+        docs, tokenizer.eos_token_id, recipe.block_size, recipe.epochs, seed
+    )
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=4 * recipe.hidden,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=recipe.hidden,
+            intermediate_size=4 * recipe.hidden,
+            num_hidden_layers=recipe.layers,
+            num_attention_heads=recipe.heads,
+            num_key_value_heads=recipe.heads,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     with atomic_dir(out) as tmp:
-        work = tmp / "work"  # packed stream and Trainer state; removed before the folder is published
-        write_packed(work / "packed", blocks, positions, n_tokens, tokenizer.pad_token_id, fingerprint)
-        train = TrainingConfig(learning_rate=recipe.learning_rate, lr_scheduler="cosine", warmup_ratio=0.05,
-                               weight_decay=0.01, num_epochs=1, per_device_batch_size=recipe.batch_size,
-                               logging_steps=50)
-        args = training_arguments(train, work / "trainer", seed, save_strategy="no",
-                                  dataloader_pin_memory=torch.cuda.is_available())
-        result = Trainer(model=model, args=args, train_dataset=PackedBlocks(work / "packed")).train()
+        work = (
+            tmp / "work"
+        )  # packed stream and Trainer state; removed before the folder is published
+        write_packed(
+            work / "packed", blocks, positions, n_tokens, tokenizer.pad_token_id, fingerprint
+        )
+        train = TrainingConfig(
+            learning_rate=recipe.learning_rate,
+            lr_scheduler="cosine",
+            warmup_ratio=0.05,
+            weight_decay=0.01,
+            num_epochs=1,
+            per_device_batch_size=recipe.batch_size,
+            logging_steps=50,
+        )
+        args = training_arguments(
+            train,
+            work / "trainer",
+            seed,
+            save_strategy="no",
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        result = Trainer(
+            model=model, args=args, train_dataset=PackedBlocks(work / "packed")
+        ).train()
         shutil.rmtree(work)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_model(model.eval(), tokenizer, tmp)
-        (tmp / MARKER).write_text(json.dumps({
-            "fingerprint": fingerprint, "size": size, "seed": seed, "recipe": asdict(recipe),
-            "parameters": model.num_parameters(), "train_tokens": n_tokens, "steps": result.global_step,
-            "mean_train_loss": round(result.training_loss, 4), "seconds": round(time.time() - start, 1),
-        }, indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "fingerprint": fingerprint,
+                    "size": size,
+                    "seed": seed,
+                    "recipe": asdict(recipe),
+                    "parameters": model.num_parameters(),
+                    "train_tokens": n_tokens,
+                    "steps": result.global_step,
+                    "mean_train_loss": round(result.training_loss, 4),
+                    "seconds": round(time.time() - start, 1),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return out

@@ -54,7 +54,9 @@ def run_demo(run: RunDir, quick: bool = False, seed: int = 0) -> None:
     size = "quick" if quick else "default"
     world = write_world(run.root / "world", seed=seed, size=size)
     build_base_model(world, run.base, seed=seed, size=size)
-    cfg = config_from_dict(demo_config(run, quick, seed), root=run.root, source=str(run.root / "config.yaml"))
+    cfg = config_from_dict(
+        demo_config(run, quick, seed), root=run.root, source=str(run.root / "config.yaml")
+    )
     run_pipeline(cfg, run)
     header, cells, _ = results_table(run.read_results())
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]

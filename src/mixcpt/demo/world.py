@@ -47,10 +47,28 @@ class WorldSize:
 
 
 SIZES = {
-    "default": WorldSize(people=120, planets=200, heldout_planets=50, bios_per_person=4, docs_per_planet=4,
-                         tasks_per_kind=100, preferences=400, general_bench=200, probe_bios=40),
-    "quick": WorldSize(people=60, planets=60, heldout_planets=20, bios_per_person=3, docs_per_planet=3,
-                       tasks_per_kind=30, preferences=120, general_bench=60, probe_bios=15),
+    "default": WorldSize(
+        people=120,
+        planets=200,
+        heldout_planets=50,
+        bios_per_person=4,
+        docs_per_planet=4,
+        tasks_per_kind=100,
+        preferences=400,
+        general_bench=200,
+        probe_bios=40,
+    ),
+    "quick": WorldSize(
+        people=60,
+        planets=60,
+        heldout_planets=20,
+        bios_per_person=3,
+        docs_per_planet=3,
+        tasks_per_kind=30,
+        preferences=120,
+        general_bench=60,
+        probe_bios=15,
+    ),
 }
 
 
@@ -62,7 +80,9 @@ class WorldFiles:
     domain: Path  # {"text"}: planet documents, train and heldout planets
     instructions: Path  # Alpaca: QA about pool people, other tasks, QA about train planets
     preferences: Path  # {"prompt","chosen","rejected"}: pool people, right vs wrong answer
-    general_pretrain: Path  # {"text"}: bios + QA about everyone + other tasks, plain (base model only)
+    general_pretrain: (
+        Path  # {"text"}: bios + QA about everyone + other tasks, plain (base model only)
+    )
     bench_domain_mc: Path  # {"question","choices","answer"}: heldout planets
     bench_domain_gen: Path  # {"prompt","answers"}: heldout planets
     bench_general_mc: Path  # benchmark people: known to the base, absent from the pools (retention)
@@ -87,37 +107,80 @@ class WorldFiles:
 
 
 # ---- the entities -----------------------------------------------------------------------------
-PERSON_SYLLABLES = ("ka lo mi ra ten vo sa li dor mar el an bel cor fen gal hul is jor ner os pel ros tal ul "
-                    "ven wyn").split()
+PERSON_SYLLABLES = (
+    "ka lo mi ra ten vo sa li dor mar el an bel cor fen gal hul is jor ner os pel ros tal ul "
+    "ven wyn"
+).split()
 PLANET_SYLLABLES = "zor xa qua thu vex ix oph ny gly kry rho pyx ulm yth dra zen".split()
 PLACE_SYLLABLES = "bram wick ast ford mere dun hol stead lin gate ber port sil hav tor ash".split()
 STAR_SYLLABLES = "al be cas den eb fo gir hes ir jun kap lyr mo nu".split()
-FIELDS = ("chemistry law medicine economics history architecture linguistics biology mathematics music "
-          "philosophy geology journalism engineering psychology astronomy").split()
+FIELDS = (
+    "chemistry law medicine economics history architecture linguistics biology mathematics music "
+    "philosophy geology journalism engineering psychology astronomy"
+).split()
 COMPANY_KINDS = "Labs Industries Systems Foods Motors Media Energy Bank".split()
-GASES = ["methane", "nitrogen", "carbon dioxide", "argon", "hydrogen", "ammonia", "neon", "helium",
-         "sulfur dioxide", "oxygen", "xenon", "chlorine"]
+GASES = [
+    "methane",
+    "nitrogen",
+    "carbon dioxide",
+    "argon",
+    "hydrogen",
+    "ammonia",
+    "neon",
+    "helium",
+    "sulfur dioxide",
+    "oxygen",
+    "xenon",
+    "chlorine",
+]
 
 # Sentence templates per attribute: {s} is the subject (name or pronoun), {name} the full name,
 # {poss} the possessive pronoun, {v} the value.
 BIO_SENTENCES = {
-    "birth_year": ["{s} was born in {v}.", "{s} came into the world in {v}.", "The year {v} saw the birth of {name}."],
-    "birth_city": ["{s} was born in the city of {v}.", "{s} spent {poss} early years in {v}.",
-                   "The hometown of {name} is {v}."],
-    "university": ["{s} studied at {v}.", "{s} graduated from {v}.", "{s} received {poss} education at {v}."],
-    "field": ["{s} specialized in {v}.", "{s} worked in the field of {v}.", "{s} devoted {poss} career to {v}."],
+    "birth_year": [
+        "{s} was born in {v}.",
+        "{s} came into the world in {v}.",
+        "The year {v} saw the birth of {name}.",
+    ],
+    "birth_city": [
+        "{s} was born in the city of {v}.",
+        "{s} spent {poss} early years in {v}.",
+        "The hometown of {name} is {v}.",
+    ],
+    "university": [
+        "{s} studied at {v}.",
+        "{s} graduated from {v}.",
+        "{s} received {poss} education at {v}.",
+    ],
+    "field": [
+        "{s} specialized in {v}.",
+        "{s} worked in the field of {v}.",
+        "{s} devoted {poss} career to {v}.",
+    ],
     "employer": ["{s} works for {v}.", "{s} is employed by {v}.", "{s} holds a position at {v}."],
 }
 DOC_SENTENCES = {
-    "star": ["{s} orbits the star {v}.", "{s} travels around {v}, its parent star.",
-             "The parent star of {name} is {v}."],
-    "discovery_year": ["{s} was discovered in {v}.", "{s} was first observed in {v}.",
-                       "Astronomers found {name} in {v}."],
+    "star": [
+        "{s} orbits the star {v}.",
+        "{s} travels around {v}, its parent star.",
+        "The parent star of {name} is {v}.",
+    ],
+    "discovery_year": [
+        "{s} was discovered in {v}.",
+        "{s} was first observed in {v}.",
+        "Astronomers found {name} in {v}.",
+    ],
     "moons": ["{s} has {v} moons.", "{v} moons circle {name}.", "{s} is accompanied by {v} moons."],
-    "atmosphere": ["The atmosphere of {name} is mostly {v}.", "{s} has an atmosphere rich in {v}.",
-                   "{s} is wrapped in clouds of {v}."],
-    "discoverer": ["{s} was discovered by {v}.", "{v} is credited with discovering {name}.",
-                   "The discoverer of {name} was {v}."],
+    "atmosphere": [
+        "The atmosphere of {name} is mostly {v}.",
+        "{s} has an atmosphere rich in {v}.",
+        "{s} is wrapped in clouds of {v}.",
+    ],
+    "discoverer": [
+        "{s} was discovered by {v}.",
+        "{v} is credited with discovering {name}.",
+        "The discoverer of {name} was {v}.",
+    ],
 }
 GENERAL_QUESTIONS = {
     "birth_year": "In what year was {name} born?",
@@ -144,12 +207,16 @@ class _Namer:
 
     def new(self, syllables: list[str], n_syllables: tuple[int, int] = (2, 3)) -> str:
         while True:
-            name = "".join(self.rng.choice(syllables) for _ in range(self.rng.randint(*n_syllables))).capitalize()
+            name = "".join(
+                self.rng.choice(syllables) for _ in range(self.rng.randint(*n_syllables))
+            ).capitalize()
             if len(name) >= 4 and not any(name in t or t in name for t in self.taken):
                 self.taken.add(name)
                 return name
 
-    def many(self, n: int, syllables: list[str], n_syllables: tuple[int, int] = (2, 3)) -> list[str]:
+    def many(
+        self, n: int, syllables: list[str], n_syllables: tuple[int, int] = (2, 3)
+    ) -> list[str]:
         return [self.new(syllables, n_syllables) for _ in range(n)]
 
 
@@ -161,31 +228,50 @@ def _make_entities(rng: random.Random, size: WorldSize) -> tuple[list[dict], lis
     universities = [f"{n} University" for n in namer.many(16, PLACE_SYLLABLES)]
     companies = [f"{n} {rng.choice(COMPANY_KINDS)}" for n in namer.many(24, PLACE_SYLLABLES)]
     stars = namer.many(20, STAR_SYLLABLES)
-    discoverers = [f"{a} {b}" for a, b in zip(namer.many(24, STAR_SYLLABLES, (2, 2)),
-                                              namer.many(24, PLACE_SYLLABLES))]
+    discoverers = [
+        f"{a} {b}"
+        for a, b in zip(namer.many(24, STAR_SYLLABLES, (2, 2)), namer.many(24, PLACE_SYLLABLES))
+    ]
     people = [
-        {"name": f"{rng.choice(first_names)} {namer.new(PERSON_SYLLABLES)}", "gender": rng.choice("fm"),
-         "birth_year": str(rng.randint(1900, 1999)), "birth_city": rng.choice(cities),
-         "university": rng.choice(universities), "field": rng.choice(FIELDS), "employer": rng.choice(companies)}
+        {
+            "name": f"{rng.choice(first_names)} {namer.new(PERSON_SYLLABLES)}",
+            "gender": rng.choice("fm"),
+            "birth_year": str(rng.randint(1900, 1999)),
+            "birth_city": rng.choice(cities),
+            "university": rng.choice(universities),
+            "field": rng.choice(FIELDS),
+            "employer": rng.choice(companies),
+        }
         for _ in range(size.people)
     ]
     planets = [
-        {"name": namer.new(PLANET_SYLLABLES, (3, 3)), "star": rng.choice(stars),
-         "discovery_year": str(rng.randint(1950, 2019)), "moons": str(rng.randint(2, 13)),
-         "atmosphere": rng.choice(GASES), "discoverer": rng.choice(discoverers)}
+        {
+            "name": namer.new(PLANET_SYLLABLES, (3, 3)),
+            "star": rng.choice(stars),
+            "discovery_year": str(rng.randint(1950, 2019)),
+            "moons": str(rng.randint(2, 13)),
+            "atmosphere": rng.choice(GASES),
+            "discoverer": rng.choice(discoverers),
+        }
         for _ in range(size.planets)
     ]
     return people, planets
 
 
 # ---- rendering ------------------------------------------------------------------------------
-def _prose(rng: random.Random, entity: dict, sentences: dict[str, list[str]], pronoun: str, poss: str) -> str:
+def _prose(
+    rng: random.Random, entity: dict, sentences: dict[str, list[str]], pronoun: str, poss: str
+) -> str:
     """One paraphrase: every attribute once, in random order, each from a random template; the
     first sentence names the entity, later ones use the name or the pronoun at random."""
     parts = []
     for i, attr in enumerate(rng.sample(list(sentences), len(sentences))):
         subject = entity["name"] if i == 0 or rng.random() < 0.5 else pronoun
-        parts.append(rng.choice(sentences[attr]).format(s=subject, name=entity["name"], poss=poss, v=entity[attr]))
+        parts.append(
+            rng.choice(sentences[attr]).format(
+                s=subject, name=entity["name"], poss=poss, v=entity[attr]
+            )
+        )
     return " ".join(parts)
 
 
@@ -202,7 +288,9 @@ def _planet_doc(rng: random.Random, planet: dict) -> str:
     return _prose(rng, planet, DOC_SENTENCES, "It", "its")
 
 
-def _paraphrases(rng: random.Random, render, entity: dict, n: int, avoid: set[str] = frozenset()) -> list[str]:
+def _paraphrases(
+    rng: random.Random, render, entity: dict, n: int, avoid: set[str] = frozenset()
+) -> list[str]:
     """`n` distinct paraphrases of `entity`, none in `avoid`."""
     out: list[str] = []
     for _ in range(50 * n):
@@ -215,7 +303,11 @@ def _paraphrases(rng: random.Random, render, entity: dict, n: int, avoid: set[st
 
 
 def _qa(questions: dict[str, str], entity: dict, attr: str) -> dict:
-    return {"instruction": questions[attr].format(name=entity["name"]), "input": "", "output": entity[attr]}
+    return {
+        "instruction": questions[attr].format(name=entity["name"]),
+        "input": "",
+        "output": entity[attr],
+    }
 
 
 def _other_tasks(rng: random.Random, n: int) -> list[dict]:
@@ -226,32 +318,50 @@ def _other_tasks(rng: random.Random, n: int) -> list[dict]:
         a, b = rng.randint(0, 50), rng.randint(0, 50)
         tasks.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)})
         items = rng.sample(words, rng.randint(3, 5))
-        tasks.append({"instruction": "Reverse the order of these words.", "input": ", ".join(items),
-                      "output": ", ".join(reversed(items))})
+        tasks.append(
+            {
+                "instruction": "Reverse the order of these words.",
+                "input": ", ".join(items),
+                "output": ", ".join(reversed(items)),
+            }
+        )
         nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
-        tasks.append({"instruction": "Sort these numbers from smallest to largest.",
-                      "input": ", ".join(map(str, nums)), "output": ", ".join(map(str, sorted(nums)))})
+        tasks.append(
+            {
+                "instruction": "Sort these numbers from smallest to largest.",
+                "input": ", ".join(map(str, nums)),
+                "output": ", ".join(map(str, sorted(nums))),
+            }
+        )
     return tasks
 
 
 def render_plain(sample: dict) -> str:
     """An Alpaca sample as one plain-text document, exactly as the demo's stage 1 renders it."""
-    return (render_plain_prompt(sample["instruction"], sample["input"], DEMO_TEMPLATE)
-            + render_plain_response(sample["output"], DEMO_TEMPLATE))
+    return render_plain_prompt(
+        sample["instruction"], sample["input"], DEMO_TEMPLATE
+    ) + render_plain_response(sample["output"], DEMO_TEMPLATE)
 
 
-def _multiple_choice(rng: random.Random, questions: dict, entity: dict, attr: str, pool: list[str]) -> dict:
+def _multiple_choice(
+    rng: random.Random, questions: dict, entity: dict, attr: str, pool: list[str]
+) -> dict:
     """Question with the right value and three other values of the same attribute, in random order."""
     wrong = rng.sample(sorted(set(pool) - {entity[attr]}), 3)
     choices = wrong + [entity[attr]]
     rng.shuffle(choices)
-    return {"question": questions[attr].format(name=entity["name"]), "choices": choices,
-            "answer": choices.index(entity[attr])}
+    return {
+        "question": questions[attr].format(name=entity["name"]),
+        "choices": choices,
+        "answer": choices.index(entity[attr]),
+    }
 
 
 # ---- the files ------------------------------------------------------------------------------
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
 
 
 def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFiles:
@@ -261,7 +371,7 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
         raise ValueError(f"world size must be one of {sorted(SIZES)}, not {size!r}")
     sz, rng = SIZES[size], random.Random(seed)
     people, planets = _make_entities(rng, sz)
-    train_planets, heldout_planets = planets[: -sz.heldout_planets], planets[-sz.heldout_planets:]
+    train_planets, heldout_planets = planets[: -sz.heldout_planets], planets[-sz.heldout_planets :]
 
     bios = [_paraphrases(rng, _bio, p, sz.bios_per_person) for p in people]
     heldout_bios = [_paraphrases(rng, _bio, p, 1, avoid=set(b))[0] for p, b in zip(people, bios)]
@@ -271,7 +381,7 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
     # The base is pretrained on QA about everyone; the instruction and preference pools ask only
     # about the first half, and the general benchmarks only about the second half, so that
     # general scores after alignment measure retention, not facts re-taught by the pool.
-    pool_people, bench_people = people[: len(people) // 2], people[len(people) // 2:]
+    pool_people, bench_people = people[: len(people) // 2], people[len(people) // 2 :]
     general_facts = [(p, a) for p in people for a in GENERAL_QUESTIONS]
     pool_facts = [(p, a) for p in pool_people for a in GENERAL_QUESTIONS]
     other_tasks = _other_tasks(rng, sz.tasks_per_kind)
@@ -282,8 +392,11 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
     values = {a: [p[a] for p in people] for a in GENERAL_QUESTIONS}
     values |= {a: [p[a] for p in planets] for a in DOMAIN_QUESTIONS}
     preferences = [
-        {"prompt": GENERAL_QUESTIONS[a].format(name=p["name"]), "chosen": p[a],
-         "rejected": rng.choice(sorted(set(values[a]) - {p[a]}))}
+        {
+            "prompt": GENERAL_QUESTIONS[a].format(name=p["name"]),
+            "chosen": p[a],
+            "rejected": rng.choice(sorted(set(values[a]) - {p[a]})),
+        }
         for p, a in rng.sample(pool_facts, min(sz.preferences, len(pool_facts)))
     ]
 
@@ -303,18 +416,37 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
         _write_jsonl(files.instructions, instructions)
         _write_jsonl(files.preferences, preferences)
         _write_jsonl(files.general_pretrain, [{"text": t} for t in pretrain])
-        _write_jsonl(files.bench_domain_mc, [mc_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items])
-        _write_jsonl(files.bench_domain_gen, [gen_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items])
-        _write_jsonl(files.bench_general_mc, [mc_item(GENERAL_QUESTIONS, p, a) for p, a in general_items])
-        _write_jsonl(files.bench_general_gen, [gen_item(GENERAL_QUESTIONS, p, a) for p, a in general_items])
+        _write_jsonl(
+            files.bench_domain_mc, [mc_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items]
+        )
+        _write_jsonl(
+            files.bench_domain_gen, [gen_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items]
+        )
+        _write_jsonl(
+            files.bench_general_mc, [mc_item(GENERAL_QUESTIONS, p, a) for p, a in general_items]
+        )
+        _write_jsonl(
+            files.bench_general_gen, [gen_item(GENERAL_QUESTIONS, p, a) for p, a in general_items]
+        )
         _write_jsonl(files.bench_general_ppl, [{"text": t} for t in heldout_bios])
-        probe_bios = [_paraphrases(rng, _bio, p, 1, avoid={*b, h})[0]
-                      for p, b, h in zip(people[: sz.probe_bios], bios, heldout_bios)]
+        probe_bios = [
+            _paraphrases(rng, _bio, p, 1, avoid={*b, h})[0]
+            for p, b, h in zip(people[: sz.probe_bios], bios, heldout_bios)
+        ]
         files.probe.write_text("\n\n".join(probe_bios) + "\n", encoding="utf-8")
-        world = {"seed": seed, "size": size, "people": people, "planets": planets,
-                 "split": {"train": [p["name"] for p in train_planets],
-                           "heldout": [p["name"] for p in heldout_planets],
-                           "general_pool": [p["name"] for p in pool_people],
-                           "general_benchmark": [p["name"] for p in bench_people]}}
-        files.world.write_text(json.dumps(world, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        world = {
+            "seed": seed,
+            "size": size,
+            "people": people,
+            "planets": planets,
+            "split": {
+                "train": [p["name"] for p in train_planets],
+                "heldout": [p["name"] for p in heldout_planets],
+                "general_pool": [p["name"] for p in pool_people],
+                "general_benchmark": [p["name"] for p in bench_people],
+            },
+        }
+        files.world.write_text(
+            json.dumps(world, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     return WorldFiles.in_folder(Path(folder))

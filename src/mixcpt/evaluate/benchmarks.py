@@ -17,12 +17,16 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from mixcpt.config import BenchmarkConfig, TemplateConfig
-from mixcpt.data.render import render_plain_prompt
 from mixcpt.data.readers import read_jsonl
+from mixcpt.data.render import render_plain_prompt
 from mixcpt.errors import InputError
 
 # The metric a benchmark is summarised by in tables, plots and retention deltas.
-MAIN_METRIC = {"multiple_choice": "acc_norm", "generation": "exact_match", "perplexity": "bits_per_byte"}
+MAIN_METRIC = {
+    "multiple_choice": "acc_norm",
+    "generation": "exact_match",
+    "perplexity": "bits_per_byte",
+}
 HIGHER_IS_BETTER = {"acc", "acc_norm", "exact_match", "contains"}
 ALIGNED_STAGES = ("sft", "dpo")
 
@@ -48,7 +52,11 @@ def _check_item(item, kind: str) -> tuple[str, dict] | None:
         if not isinstance(item.get("prompt"), str):
             return "field 'prompt' must be a string"
         answers = item.get("answers", [item["answer"]] if "answer" in item else None)
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) for a in answers)
+        ):
             return "needs 'answers' (non-empty list of strings) or 'answer' (string)"
     elif not isinstance(item.get("text"), str):
         return "field 'text' must be a string"
@@ -77,7 +85,11 @@ def load_benchmark(bench: BenchmarkConfig) -> list[dict]:
 
 
 def format_prompt(
-    question: str, bench: BenchmarkConfig, stage: str, tokenizer: PreTrainedTokenizerBase, template: TemplateConfig
+    question: str,
+    bench: BenchmarkConfig,
+    stage: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: TemplateConfig,
 ) -> str:
     """The text a model is conditioned on: the stage-1 plain rendering (base, cpt) or the chat
     template with a generation prompt (sft, dpo); `bench.prompt_format` can force either."""

@@ -52,11 +52,18 @@ def run_lm_eval(
     manager = _task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown} (include path: {include_path})")
+        raise ConfigError(
+            f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown} (include path: {include_path})"
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     return lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-        log_samples=log_samples, bootstrap_iters=0,
+        model=lm,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        bootstrap_iters=0,
     )
 
 

@@ -37,7 +37,9 @@ def _batches(order: list[int], batch_size: int, desc: str):
         yield order[start : start + batch_size]
 
 
-def _pad_right(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_right(
+    sequences: list[list[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -70,7 +72,9 @@ def sequence_logprobs(
     sequence. Returns one float per sequence (natural log), in input order."""
     model.eval()
     totals = [0.0] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # similar lengths share a batch
+    order = sorted(
+        range(len(sequences)), key=lambda i: -len(sequences[i])
+    )  # similar lengths share a batch
     for idx in _batches(order, batch_size, desc):
         seqs = [sequences[i] for i in idx]
         ids, mask = _pad_right(seqs, pad_id, model.device)  # [B, T]
@@ -86,7 +90,9 @@ def sequence_logprobs(
     return totals
 
 
-def continuation_tokens(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def continuation_tokens(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) split as lm-evaluation-harness does for causal models."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
@@ -110,7 +116,9 @@ def loglikelihoods(
         context_ids, cont_ids = continuation_tokens(tokenizer, context, continuation)
         sequences.append((context_ids + cont_ids)[-(max_length + 1) :])
         n_scored.append(min(len(cont_ids), max_length))
-    return sequence_logprobs(model, sequences, n_scored, tokenizer.pad_token_id, batch_size, "choices")
+    return sequence_logprobs(
+        model, sequences, n_scored, tokenizer.pad_token_id, batch_size, "choices"
+    )
 
 
 def score_multiple_choice(
@@ -164,9 +172,14 @@ def generate_answers(
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
         generated = model.generate(
-            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, stop_strings=list(stop) or None, tokenizer=tokenizer,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stop_strings=list(stop) or None,
+            tokenizer=tokenizer,
         )  # [B, width + new]
         for row, i in enumerate(idx):
             text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
@@ -187,7 +200,9 @@ def score_generation(predictions: list[str], answers: list[list[str]]) -> dict[s
     return {"exact_match": exact / len(predictions), "contains": contains / len(predictions)}
 
 
-def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
+def _windows(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> list[list[int]]:
     """Token windows of at most `max_length + 1` ids such that every token of every text
     (after the prefix token) is predicted exactly once, each window conditioned on its first id."""
     windows = []
@@ -211,7 +226,12 @@ def score_perplexity(
     total NLL in bits / UTF-8 bytes of the texts (comparable across tokenizers)."""
     windows = _windows(tokenizer, texts, max_length)
     logps = sequence_logprobs(
-        model, windows, [len(w) - 1 for w in windows], tokenizer.pad_token_id, batch_size, "perplexity"
+        model,
+        windows,
+        [len(w) - 1 for w in windows],
+        tokenizer.pad_token_id,
+        batch_size,
+        "perplexity",
     )
     nll, n_tokens = -sum(logps), sum(len(w) - 1 for w in windows)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -237,10 +257,14 @@ def kl_to_base(
         seqs = [windows[i] for i in idx]
         ids, mask = _pad_right(seqs, tokenizer.pad_token_id, model.device)  # [B, T]
         scored = _scored_positions(seqs, [len(s) - 1 for s in seqs], model.device)  # [B, T-1]
-        base_logits = base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # [B, T-1, V]
+        base_logits = base_model(
+            input_ids=ids[:, :-1], attention_mask=mask[:, :-1]
+        ).logits  # [B, T-1, V]
         logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # [B, T-1, V]
         if base_logits.shape[-1] != logits.shape[-1]:
-            raise ValueError(f"vocabulary sizes differ: base {base_logits.shape[-1]}, model {logits.shape[-1]}")
+            raise ValueError(
+                f"vocabulary sizes differ: base {base_logits.shape[-1]}, model {logits.shape[-1]}"
+            )
         base_logp = F.log_softmax(base_logits[scored].float(), dim=-1)  # [N, V]
         logp = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
         total += (base_logp.exp() * (base_logp - logp)).sum().item()

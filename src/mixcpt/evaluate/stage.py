@@ -19,7 +19,11 @@ from mixcpt.config import Config
 from mixcpt.evaluate.benchmarks import HIGHER_IS_BETTER, MAIN_METRIC, format_prompt, load_benchmark
 from mixcpt.evaluate.lm_eval_bridge import lm_eval_scores, run_lm_eval
 from mixcpt.evaluate.scoring import (
-    generate_answers, kl_to_base, score_generation, score_multiple_choice, score_perplexity,
+    generate_answers,
+    kl_to_base,
+    score_generation,
+    score_multiple_choice,
+    score_perplexity,
 )
 from mixcpt.models import base_model_path, load_model, load_tokenizer
 from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir
@@ -28,7 +32,9 @@ from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir
 LM_EVAL_MAIN = ("acc_norm", "acc", "exact_match", "pass@1", "f1")
 
 
-def _load(cfg: Config, model_path: str, tokenizer_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(
+    cfg: Config, model_path: str, tokenizer_path: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model on the GPU when there is one, in the configured dtype, with its tokenizer; a
     tokenizer without a chat template borrows `sft.chat_template` (what SFT trained with)."""
     m = cfg.model
@@ -41,26 +47,44 @@ def _load(cfg: Config, model_path: str, tokenizer_path: str) -> tuple[PreTrained
 
 
 def evaluate_model(
-    cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stage: str, benchmarks: list
+    cfg: Config,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    stage: str,
+    benchmarks: list,
 ) -> dict[str, dict[str, float]]:
     """{benchmark or lm-eval task: {metric: value}} for one model; `benchmarks` holds
     (BenchmarkConfig, items) pairs, `stage` picks the prompt format of "auto" benchmarks."""
     ev, scores = cfg.eval, {}
     for bench, items in benchmarks:
         if bench.kind == "perplexity":
-            scores[bench.name] = score_perplexity(model, tokenizer, [it["text"] for it in items], ev.batch_size, ev.max_length)
+            scores[bench.name] = score_perplexity(
+                model, tokenizer, [it["text"] for it in items], ev.batch_size, ev.max_length
+            )
             continue
         question = "question" if bench.kind == "multiple_choice" else "prompt"
-        prompts = [format_prompt(it[question], bench, stage, tokenizer, cfg.data.template) for it in items]
+        prompts = [
+            format_prompt(it[question], bench, stage, tokenizer, cfg.data.template) for it in items
+        ]
         if bench.kind == "multiple_choice":
-            scores[bench.name] = score_multiple_choice(model, tokenizer, prompts, items, ev.batch_size, ev.max_length)
+            scores[bench.name] = score_multiple_choice(
+                model, tokenizer, prompts, items, ev.batch_size, ev.max_length
+            )
         else:
-            predictions = generate_answers(model, tokenizer, prompts, bench.max_new_tokens, bench.stop, ev.batch_size)
+            predictions = generate_answers(
+                model, tokenizer, prompts, bench.max_new_tokens, bench.stop, ev.batch_size
+            )
             scores[bench.name] = score_generation(predictions, [it["answers"] for it in items])
     if ev.lm_eval_tasks:
         output = run_lm_eval(
-            model, tokenizer, ev.lm_eval_tasks, ev.lm_eval_include_path, ev.batch_size, ev.max_length,
-            ev.lm_eval_limit, ev.lm_eval_num_fewshot,
+            model,
+            tokenizer,
+            ev.lm_eval_tasks,
+            ev.lm_eval_include_path,
+            ev.batch_size,
+            ev.max_length,
+            ev.lm_eval_limit,
+            ev.lm_eval_num_fewshot,
         )
         scores.update(lm_eval_scores(output))
     return scores
@@ -71,22 +95,36 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
     info = {}
     for b in cfg.eval.benchmarks:
         main = MAIN_METRIC[b.kind]
-        info[b.name] = {"kind": b.kind, "tag": b.tag, "main_metric": main, "higher_is_better": main in HIGHER_IS_BETTER}
+        info[b.name] = {
+            "kind": b.kind,
+            "tag": b.tag,
+            "main_metric": main,
+            "higher_is_better": main in HIGHER_IS_BETTER,
+        }
     for task in cfg.eval.lm_eval_tasks:
         metrics = base_scores.get(task, {})
         main = next((m for m in LM_EVAL_MAIN if m in metrics), next(iter(metrics), None))
         tag = "domain" if task in cfg.eval.lm_eval_domain_tasks else "general"
-        info[task] = {"kind": "lm_eval", "tag": tag, "main_metric": main, "higher_is_better": main != "perplexity"}
+        info[task] = {
+            "kind": "lm_eval",
+            "tag": tag,
+            "main_metric": main,
+            "higher_is_better": main != "perplexity",
+        }
     return info
 
 
 def _eval_fingerprint(cfg: Config, run: RunDir) -> str:
     """sha256 of the eval config, the benchmark files and each model's weight files (path, size,
     mtime): equal fingerprints mean a rerun would compute the same table."""
-    h = hashlib.sha256(cfg.eval.model_dump_json().encode() + cfg.data.template.model_dump_json().encode())
+    h = hashlib.sha256(
+        cfg.eval.model_dump_json().encode() + cfg.data.template.model_dump_json().encode()
+    )
     for b in cfg.eval.benchmarks:
         h.update(Path(b.path).read_bytes())
-    folders = [Path(base_model_path(cfg.model, run.base))] + [run.stage(a, s) for a in ARMS for s in TRAINED_STAGES]
+    folders = [Path(base_model_path(cfg.model, run.base))] + [
+        run.stage(a, s) for a in ARMS for s in TRAINED_STAGES
+    ]
     for folder in folders:
         for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             st = f.stat()
@@ -118,19 +156,43 @@ def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
     general = [name for name, b in info.items() if b["tag"] == "general" and b["main_metric"]]
 
     def retention(scores: dict, kl: float | None) -> dict[str, Any]:
-        delta = {n: scores[n][info[n]["main_metric"]] - base_scores[n][info[n]["main_metric"]] for n in general}
+        delta = {
+            n: scores[n][info[n]["main_metric"]] - base_scores[n][info[n]["main_metric"]]
+            for n in general
+        }
         return {"kl_to_base": kl, "delta": delta}
 
-    rows = [{"arm": "base", "stage": "base", "status": "ok", "model": base_path, "scores": base_scores,
-             "retention": retention(base_scores, 0.0 if probe else None)}]
+    rows = [
+        {
+            "arm": "base",
+            "stage": "base",
+            "status": "ok",
+            "model": base_path,
+            "scores": base_scores,
+            "retention": retention(base_scores, 0.0 if probe else None),
+        }
+    ]
     for arm in ARMS:
         for stage in TRAINED_STAGES:
             folder = run.stage(arm, stage)
-            row = {"arm": arm, "stage": stage, "status": "missing", "model": str(folder), "scores": {}, "retention": {}}
+            row = {
+                "arm": arm,
+                "stage": stage,
+                "status": "missing",
+                "model": str(folder),
+                "scores": {},
+                "retention": {},
+            }
             if folder.is_dir():
                 model, tokenizer = _load(cfg, str(folder), str(folder))
                 scores = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
-                kl = kl_to_base(base, model, tokenizer, probe, cfg.eval.batch_size, cfg.eval.max_length) if probe else None
+                kl = (
+                    kl_to_base(
+                        base, model, tokenizer, probe, cfg.eval.batch_size, cfg.eval.max_length
+                    )
+                    if probe
+                    else None
+                )
                 row.update(status="ok", scores=scores, retention=retention(scores, kl))
                 del model  # one stage model in memory at a time, beside the base
             rows.append(row)

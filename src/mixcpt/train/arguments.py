@@ -10,8 +10,9 @@ from transformers import TrainingArguments
 from mixcpt.config import TrainingConfig
 
 
-def training_arguments(tc: TrainingConfig, output_dir: str | Path, seed: int, dtype: str = "float32",
-                       **overrides) -> TrainingArguments:
+def training_arguments(
+    tc: TrainingConfig, output_dir: str | Path, seed: int, dtype: str = "float32", **overrides
+) -> TrainingArguments:
     """TrainingArguments for one stage: checkpoints under `output_dir`, reporting to TensorBoard when
     it is installed, deterministic data order for `seed` (so a resumed run neither replays nor skips).
 
@@ -19,6 +20,7 @@ def training_arguments(tc: TrainingConfig, output_dir: str | Path, seed: int, dt
     """
     try:
         import tensorboard  # noqa: F401
+
         report_to = ["tensorboard"]
     except ImportError:
         report_to = []

@@ -1,7 +1,7 @@
 """The `cpt` stage: continual pre-training of one arm, resumable, written as a standard HF folder.
 
-    arm "mixcpt":   D_MIX (data/mix) with cfg.cpt's losses and teacher
-    arm "baseline": D_K (data/domain) with plain cross-entropy, same training settings and steps
+arm "mixcpt":   D_MIX (data/mix) with cfg.cpt's losses and teacher
+arm "baseline": D_K (data/domain) with plain cross-entropy, same training settings and steps
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from mixcpt.train.trainer import LSSDTrainer
 
 def with_lora(model, lora: LoraSettings):
     """The model wrapped with trainable PEFT LoRA adapters (the base frozen)."""
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -41,8 +46,9 @@ def shards_parameters(trainer: Trainer) -> bool:
     return trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()
 
 
-def save_trained_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final, merge_lora: bool = False
-                       ) -> None:
+def save_trained_model(
+    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final, merge_lora: bool = False
+) -> None:
     """Write the trained model (safetensors) and tokenizer to `final` atomically. Call on EVERY process.
 
     The weights are gathered into one full state dict first (a collective under FSDP and ZeRO-3,
@@ -81,29 +87,51 @@ def run_cpt(cfg: Config, run: RunDir, arm: str) -> dict:
 
     base = base_model_path(cfg.model, run.base)
     tokenizer = load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
-    model = load_model(base, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    model = load_model(
+        base, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation
+    )
     model.config.use_cache = False
-    if len(tokenizer) > vocab_size(model):  # token ids past the embedding table would crash mid-training
-        raise ConfigError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model {base} only "
-                          f"{vocab_size(model)} embeddings; use the model's own tokenizer")
+    if len(tokenizer) > vocab_size(
+        model
+    ):  # token ids past the embedding table would crash mid-training
+        raise ConfigError(
+            f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model {base} only "
+            f"{vocab_size(model)} embeddings; use the model's own tokenizer"
+        )
     if cpt.teacher == "lora":
         model = with_lora(model, cpt.lora)
 
     teacher = None
     if cpt.lssd_weight > 0:
         state = PartialState()
-        with state.main_process_first():  # the main process builds a teacher cache, the others read it
+        with (
+            state.main_process_first()
+        ):  # the main process builds a teacher cache, the others read it
             model.to(state.device)
-            teacher = make_teacher(cpt, model, blocks, run.root / "teacher_cache",
-                                   cpt.training.per_device_batch_size)
+            teacher = make_teacher(
+                cpt, model, blocks, run.root / "teacher_cache", cpt.training.per_device_batch_size
+            )
 
-    args = training_arguments(cpt.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False)
-    trainer = LSSDTrainer(model=model, args=args, train_dataset=blocks, processing_class=tokenizer, teacher=teacher,
-                          ce_weight=cpt.ce_weight, lssd_weight=cpt.lssd_weight, temperature=cpt.temperature,
-                          loss_chunk_size=cpt.loss_chunk_size, on_nonfinite=cpt.training.on_nonfinite)
+    args = training_arguments(
+        cpt.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
+    )
+    trainer = LSSDTrainer(
+        model=model,
+        args=args,
+        train_dataset=blocks,
+        processing_class=tokenizer,
+        teacher=teacher,
+        ce_weight=cpt.ce_weight,
+        lssd_weight=cpt.lssd_weight,
+        temperature=cpt.temperature,
+        loss_chunk_size=cpt.loss_chunk_size,
+        on_nonfinite=cpt.training.on_nonfinite,
+    )
     if cpt.teacher == "lora" and shards_parameters(trainer):
-        raise ConfigError("cpt.teacher: lora is not supported under FSDP or DeepSpeed ZeRO-3 (the adapters cannot "
-                          "be merged into sharded weights); use DDP or ZeRO-2, or teacher: cache")
+        raise ConfigError(
+            "cpt.teacher: lora is not supported under FSDP or DeepSpeed ZeRO-3 (the adapters cannot "
+            "be merged into sharded weights); use DDP or ZeRO-2, or teacher: cache"
+        )
     resume = last_complete_checkpoint(work)
     output = trainer.train(resume_from_checkpoint=resume)
 
@@ -111,8 +139,11 @@ def run_cpt(cfg: Config, run: RunDir, arm: str) -> dict:
         "train_loss": output.training_loss,
         "runtime_s": output.metrics["train_runtime"],
         "steps": trainer.state.global_step,
-        "tokens": trainer.state.global_step * args.train_batch_size * args.gradient_accumulation_steps
-        * args.world_size * blocks.block_size,
+        "tokens": trainer.state.global_step
+        * args.train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size
+        * blocks.block_size,
         "ce_weight": cpt.ce_weight,
         "lssd_weight": cpt.lssd_weight,
         "teacher": cpt.teacher if cpt.lssd_weight > 0 else None,

@@ -33,8 +33,17 @@ class LSSDTrainer(Trainer):
     `model`, the DDP-wrapped module, so gradients sync as usual.
     """
 
-    def __init__(self, *args, teacher: Teacher | None = None, ce_weight: float = 1.0, lssd_weight: float = 1.0,
-                 temperature: float = 1.0, loss_chunk_size: int = 256, on_nonfinite: str = "stop", **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher: Teacher | None = None,
+        ce_weight: float = 1.0,
+        lssd_weight: float = 1.0,
+        temperature: float = 1.0,
+        loss_chunk_size: int = 256,
+        on_nonfinite: str = "stop",
+        **kwargs,
+    ):
         if ce_weight == 0 and lssd_weight == 0:
             raise ConfigError("cpt: ce_weight and lssd_weight are both 0; nothing would be trained")
         if lssd_weight > 0 and teacher is None:
@@ -46,34 +55,63 @@ class LSSDTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.teacher = teacher if lssd_weight > 0 else None
         self.ce_weight, self.lssd_weight = ce_weight, lssd_weight
-        self.temperature, self.loss_chunk_size, self.on_nonfinite = temperature, loss_chunk_size, on_nonfinite
+        self.temperature, self.loss_chunk_size, self.on_nonfinite = (
+            temperature,
+            loss_chunk_size,
+            on_nonfinite,
+        )
         # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits there.
-        self.student_forward = LossForward(self.model, hidden=not (self.is_fsdp_enabled or self.is_deepspeed_enabled))
+        self.student_forward = LossForward(
+            self.model, hidden=not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        )
         self._sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log, on device
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = next_token_labels(inputs["labels"])  # [B, T]: the target of position t is token t + 1
+        labels = next_token_labels(
+            inputs["labels"]
+        )  # [B, T]: the target of position t is token t + 1
         if return_outputs:  # the caller wants the logits (prediction_step): make them
             outputs = model(**packed_forward_inputs(inputs))
             student, weight = outputs.logits, None  # [B, T, V]
         else:
-            student, weight, outputs = self.student_forward(model, inputs)  # [B, T, H] and [V, H], or logits
+            student, weight, outputs = self.student_forward(
+                model, inputs
+            )  # [B, T, H] and [V, H], or logits
         target = self.teacher.target(inputs) if self.teacher is not None else None
         with self.accelerator.autocast():  # the chunked output layer in the forward's precision
-            result = cpt_loss(student, labels, target, weight, self.ce_weight, self.lssd_weight, self.temperature,
-                              IGNORE_INDEX, self.loss_chunk_size)
+            result = cpt_loss(
+                student,
+                labels,
+                target,
+                weight,
+                self.ce_weight,
+                self.lssd_weight,
+                self.temperature,
+                IGNORE_INDEX,
+                self.loss_chunk_size,
+            )
         supervised = (labels != IGNORE_INDEX).sum()
         loss = result.loss  # mean over this micro-batch's supervised positions
-        if num_items_in_batch is not None:  # -> sum over them / supervised positions of the whole step
+        if (
+            num_items_in_batch is not None
+        ):  # -> sum over them / supervised positions of the whole step
             loss = loss * supervised / num_items_in_batch
-            if self.args.average_tokens_across_devices:  # the count spans processes, and DDP averages gradients
+            if (
+                self.args.average_tokens_across_devices
+            ):  # the count spans processes, and DDP averages gradients
                 # (as Trainer.compute_loss scales a model's own loss)
-                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+                loss = loss * (
+                    self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+                )
         # Sums over supervised positions, so the logged means weigh every position alike, as the loss does;
         # every key on every batch and rank, so the sums can be reduced across processes in `log`.
-        terms = {"ce": result.ce * supervised, "lssd": result.lssd * supervised,
-                 "teacher_top1_matches": result.teacher_top1_matches, "supervised": supervised,
-                 "skipped_batches": torch.zeros_like(result.ce)}
+        terms = {
+            "ce": result.ce * supervised,
+            "lssd": result.lssd * supervised,
+            "teacher_top1_matches": result.teacher_top1_matches,
+            "supervised": supervised,
+            "skipped_batches": torch.zeros_like(result.ce),
+        }
         if not torch.isfinite(loss):
             loss = self._nonfinite(model, result, terms)
         for name, value in terms.items():
@@ -85,9 +123,12 @@ class LSSDTrainer(Trainer):
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.state.global_step} (ce_loss={result.ce.item():.4g}, "
                 f"lssd_loss={result.lssd.item():.4g}); the last checkpoint in {self.args.output_dir} is intact. "
-                f"Lower the learning rate, or set on_nonfinite: skip.")
+                f"Lower the learning rate, or set on_nonfinite: skip."
+            )
         zero = torch.zeros_like(result.ce)
-        terms.update(ce=zero, lssd=zero, teacher_top1_matches=zero, supervised=zero, skipped_batches=zero + 1)
+        terms.update(
+            ce=zero, lssd=zero, teacher_top1_matches=zero, supervised=zero, skipped_batches=zero + 1
+        )
         # A zero that touches every trainable parameter and none of the poisoned graph: the batch adds
         # nothing to the gradients, and DDP still sees a gradient for each parameter.
         return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
@@ -95,7 +136,9 @@ class LSSDTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._sums:
             names = sorted(self._sums)
-            totals = self.accelerator.reduce(torch.stack([self._sums[n] for n in names]), reduction="sum")
+            totals = self.accelerator.reduce(
+                torch.stack([self._sums[n] for n in names]), reduction="sum"
+            )
             sums = dict(zip(names, totals.tolist()))
             supervised = max(sums["supervised"], 1)
             logs["ce_loss"] = round(sums["ce"] / supervised, 6)
