@@ -1,36 +1,14 @@
-"""LSSD and the chunked losses against naive float64 per-position references (design §1, §4, §9)."""
+"""The paper's equations (`mixcpt.losses`) against an explicit float64 loop over positions
+(design §1, §4, §9). tests/train/test_fused_loss.py ties the training path to these."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from mixcpt import lssd_cpu_kernel
-from mixcpt.losses import (
-    SwappedTeacher,
-    SwappedTopK,
-    cpt_loss,
-    cross_entropy,
-    logit_swap,
-    lssd_loss,
-    lssd_loss_from_hidden,
-    lssd_loss_topk,
-    max_with_index,
-    next_token_labels,
-    swap_topk_ids,
-)
+from mixcpt.losses import cross_entropy, logit_swap, lssd_loss, next_token_labels
 
 IGNORE = -100
-
-
-@pytest.fixture(autouse=True, params=["fused CPU kernel", "eager"])
-def lssd_path(request, monkeypatch):
-    """Every test runs on both of SwappedTeacher's paths: the C kernel (float32 on the CPU, where it
-    builds) and the eager PyTorch one (GPUs, other dtypes, no compiler)."""
-    if request.param == "eager":
-        monkeypatch.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
-    return request.param
 
 
 def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):
@@ -42,60 +20,22 @@ def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):
     return student, teacher, labels
 
 
-def swapped_target(teacher_row, y, temperature):
-    """q = softmax(z' / T) in float64, z' the row with z[y] and z[argmax z] exchanged (design §1)."""
-    z = teacher_row.double().clone()
-    m = int(z.argmax())
-    z[y], z[m] = z[m].item(), z[y].item()
-    return torch.softmax(z / temperature, -1)
-
-
-def mean_over_supervised(labels, kl_at):
-    """Explicit loop over positions: the mean of kl_at(b, t, y) [float64 scalar] where labels[b, t] = y
-    is supervised."""
-    kls = [
-        kl_at(b, t, int(labels[b, t]))
-        for b in range(labels.shape[0])
-        for t in range(labels.shape[1])
-        if int(labels[b, t]) != IGNORE
-    ]
+def loop_reference_lssd(student, teacher, labels, temperature):
+    """Design §1 written out one position at a time, in float64: exchange z[y] and z[argmax z],
+    q = softmax(z' / T), p = softmax(s / T), mean of sum q (log q - log p)."""
+    kls = []
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            y = int(labels[b, t])
+            if y == IGNORE:
+                continue
+            z = teacher[b, t].double().clone()
+            m = int(z.argmax())
+            z[y], z[m] = z[m].item(), z[y].item()
+            q = torch.softmax(z / temperature, -1)
+            log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
+            kls.append((q * (q.log() - log_p)).sum())
     return torch.stack(kls).mean()
-
-
-def reference_lssd(student, teacher, labels, temperature):
-    """The equations of design §1 written out, in float64."""
-
-    def kl_at(b, t, y):
-        q = swapped_target(teacher[b, t], y, temperature)
-        log_p = torch.log_softmax(student[b, t].double() / temperature, -1)
-        return (q * (q.log() - log_p)).sum()
-
-    return mean_over_supervised(labels, kl_at)
-
-
-def reference_topk(student, teacher, labels, temperature, k):
-    """Bucketed KL of design §9: top-k of the swapped teacher's probabilities plus one tail bucket."""
-
-    def kl_at(b, t, y):
-        q = swapped_target(teacher[b, t], y, temperature)
-        p = torch.softmax(student[b, t].double() / temperature, -1)
-        top = q.topk(k).indices
-        tail = torch.ones_like(q, dtype=torch.bool)
-        tail[top] = False
-        qs = torch.cat([q[top], q[tail].sum(0, keepdim=True)])
-        ps = torch.cat([p[top], p[tail].sum(0, keepdim=True)])
-        keep = qs > 0
-        return (qs[keep] * (qs[keep].log() - ps[keep].log())).sum()
-
-    return mean_over_supervised(labels, kl_at)
-
-
-def teacher_topk(teacher, k, temperature):
-    """What the cache stores: top-k log-probs at T, their ids, and the log of the remaining mass."""
-    log_q = torch.log_softmax(teacher.double() / temperature, -1)
-    values, ids = log_q.topk(k, dim=-1)
-    tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return ids, values, tail
 
 
 # ---- logit_swap ---------------------------------------------------------------------------
@@ -117,55 +57,26 @@ def test_logit_swap_leaves_rows_where_the_label_already_is_the_argmax():
     assert torch.equal(logit_swap(teacher, labels), teacher)
 
 
-def test_swap_topk_ids_matches_the_top_k_of_the_swapped_logits():
-    _, teacher, labels = random_case(V=50, n_ignored=0)
-    k = 6
-    ids = swap_topk_ids(teacher.topk(k, -1).indices, labels)
-    expected = logit_swap(teacher, labels).topk(k, -1).indices
-    assert torch.equal(ids.sort(-1).values, expected.sort(-1).values)
-    assert torch.equal(ids[..., 0], labels)
-
-
-# ---- max_with_index ------------------------------------------------------------------------
-@pytest.mark.parametrize("V", [384, 100])  # two-level (128 divides V), and the fallback
-def test_max_with_index_gives_the_first_maximum_as_argmax_does_even_with_ties(V):
-    g = torch.Generator().manual_seed(V)
-    z = torch.randint(
-        -3, 4, (64, V), generator=g
-    ).float()  # small integers: many rows tie at their maximum
-    z[0, [5, V - 1]] = 9.0  # a tie across the first and last blocks
-    values, index = max_with_index(z)
-    first = torch.tensor(
-        [int(np.argmax(row)) for row in z.numpy()]
-    )  # numpy documents "first occurrence"
-    assert torch.equal(index, first)
-    assert torch.equal(values, z.amax(-1))
-    assert index[0] == 5
-
-
 # ---- lssd_loss ----------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-@pytest.mark.parametrize("V,chunk_size", [(37, 4), (50, 7), (13, 1024), (256, 8)])
-def test_lssd_loss_matches_the_naive_reference_in_value_and_gradient(temperature, V, chunk_size):
-    student, teacher, labels = random_case(V=V, seed=V)
-    if V == 256:  # two-level top-1 (128 divides V); rounded logits tie at the top as bf16 ones do
-        teacher = teacher.round()
+def test_lssd_loss_is_the_loop_over_positions_in_value_and_gradient(temperature):
+    student, teacher, labels = random_case(seed=1)
     student.requires_grad_()
-    loss = lssd_loss(student, teacher, labels, temperature=temperature, chunk_size=chunk_size)
+    loss = lssd_loss(student, teacher, labels, temperature)
     loss.backward()
-
     student64 = student.detach().double().requires_grad_()
-    expected = reference_lssd(student64, teacher, labels, temperature)
+    expected = loop_reference_lssd(student64, teacher, labels, temperature)
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
 
 
-def test_lssd_loss_passes_gradcheck():
-    student, teacher, labels = random_case(B=2, T=3, V=5, n_ignored=1)
-    student = student.double().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda s: lssd_loss(s, teacher.double(), labels, temperature=1.5, chunk_size=2), (student,)
+def test_lssd_loss_in_float64_equals_the_loop_to_rounding():
+    student, teacher, labels = random_case(seed=2)
+    got = lssd_loss(student.double(), teacher.double(), labels, 1.5)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(
+        loop_reference_lssd(student, teacher, labels, 1.5).item(), abs=1e-12
     )
 
 
@@ -184,194 +95,26 @@ def test_lssd_loss_ignores_masked_positions_entirely():
     assert lssd_loss(changed, teacher, labels).item() == pytest.approx(
         lssd_loss(student, teacher, labels).item()
     )
-    all_ignored = torch.full_like(labels, IGNORE)
-    assert lssd_loss(student, teacher, all_ignored).item() == 0.0
+    assert lssd_loss(student, teacher, torch.full_like(labels, IGNORE)).item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lssd_loss_accumulates_low_precision_inputs_in_float32(dtype):
+def test_lssd_loss_takes_low_precision_inputs_to_float32(dtype):
     student, teacher, labels = random_case()
     s, t = student.to(dtype), teacher.to(dtype)
-    loss = lssd_loss(s, t, labels, chunk_size=4)
+    loss = lssd_loss(s, t, labels)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(lssd_loss(s.float(), t.float(), labels).item(), abs=1e-5)
-    s.requires_grad_()
-    lssd_loss(s, t, labels).backward()
-    assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
 
 
-def test_lssd_loss_from_hidden_matches_logits_in_value_and_gradients():
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 6, 8, generator=g).requires_grad_()
-    weight = torch.randn(29, 8, generator=g).requires_grad_()
-    _, teacher, labels = random_case(B=2, T=6, V=29)
-    loss = lssd_loss_from_hidden(hidden, weight, teacher, labels, temperature=2.0, chunk_size=5)
-    grads = torch.autograd.grad(loss, (hidden, weight))
-    expected = lssd_loss(hidden @ weight.T, teacher, labels, temperature=2.0)
-    expected_grads = torch.autograd.grad(expected, (hidden, weight))
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-# ---- lssd_loss_topk (the cache's target) ---------------------------------------------------
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_lssd_loss_topk_with_the_whole_vocabulary_is_exact(temperature):
-    student, teacher, labels = random_case(V=23)
-    ids, values, tail = teacher_topk(teacher, 23, temperature)
-    got = lssd_loss_topk(
-        student, ids, values.float(), tail.float(), labels, temperature, chunk_size=5
-    )
-    assert got.item() == pytest.approx(
-        lssd_loss(student, teacher, labels, temperature).item(), abs=1e-5
-    )
-
-
-@pytest.mark.parametrize("k", [1, 4, 10])
-def test_lssd_loss_topk_is_the_documented_bucketed_kl_and_a_lower_bound(k):
-    student, teacher, labels = random_case(V=31, seed=k)
-    student.requires_grad_()
-    ids, values, tail = teacher_topk(teacher, k, 1.5)
-    got = lssd_loss_topk(
-        student, ids, values.float(), tail.float(), labels, temperature=1.5, chunk_size=4
-    )
-    got.backward()
-    student64 = student.detach().double().requires_grad_()
-    expected = reference_topk(student64, teacher, labels, 1.5, k)
-    expected.backward()
-    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
-    torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
-    assert got.item() <= lssd_loss(student, teacher, labels, temperature=1.5).item() + 1e-6
-
-
-def test_lssd_loss_topk_stays_finite_when_the_student_leaves_no_mass_outside_the_top_k():
-    """Found in a real run: a student that puts all its float32 mass on the teacher's top-k made
-    log(1 - p(top-k)) -inf and the loss inf, although the teacher keeps some mass in its tail."""
-    student, teacher, labels = random_case(V=31, seed=5)
-    ids, values, tail = teacher_topk(teacher, 4, 1.0)
-    peaked = (
-        torch.full_like(student, -60.0).scatter(-1, ids, 40.0).requires_grad_()
-    )  # p(top-k) == 1 in float32
-    loss = lssd_loss_topk(peaked, ids, values.float(), tail.float(), labels, chunk_size=4)
-    loss.backward()
-    assert torch.isfinite(loss) and loss.item() > 0  # the tail's missing mass is still penalised
-    assert torch.isfinite(peaked.grad).all()
-
-
-# ---- cross_entropy -----------------------------------------------------------------------
+# ---- cross_entropy, next_token_labels --------------------------------------------------------
 def test_cross_entropy_matches_torch():
     student, _, labels = random_case(V=41)
     expected = torch.nn.functional.cross_entropy(
         student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE
     )
-    assert cross_entropy(student, labels, chunk_size=3).item() == pytest.approx(
-        expected.item(), abs=1e-5
-    )
-
-
-# ---- cpt_loss: CE and LSSD fused in one pass ------------------------------------------------
-def reference_cpt(student, teacher, labels, temperature, ce_weight, lssd_weight):
-    """ce_weight * CE + lssd_weight * LSSD the plain way, in float64."""
-    ce = torch.nn.functional.cross_entropy(
-        student.double().flatten(0, 1), labels.flatten(), ignore_index=IGNORE
-    )
-    return ce_weight * ce + lssd_weight * reference_lssd(student, teacher, labels, temperature)
-
-
-@pytest.mark.parametrize(
-    "temperature,ce_weight,lssd_weight", [(1.0, 1.0, 1.0), (2.0, 0.5, 2.0), (0.7, 1.0, 0.0)]
-)
-@pytest.mark.parametrize("from_hidden", [False, True])
-def test_cpt_loss_matches_the_reference_in_value_and_gradients(
-    temperature, ce_weight, lssd_weight, from_hidden
-):
-    g = torch.Generator().manual_seed(11)
-    B, T, H, V = (
-        3,
-        7,
-        8,
-        37,
-    )  # 16 supervised positions, chunks of 5: the last chunk is short; 37 % 5 != 0
-    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, requires_grad=True)
-    _, teacher, labels = random_case(B, T, V, seed=4)
-    student = hidden if from_hidden else (hidden @ weight.T).detach().requires_grad_()
-    got = cpt_loss(
-        student,
-        labels,
-        SwappedTeacher(teacher),
-        weight if from_hidden else None,
-        ce_weight,
-        lssd_weight,
-        temperature,
-        chunk_size=5,
-    )
-    got.loss.backward()
-
-    hidden64, weight64 = (
-        hidden.detach().double().requires_grad_(),
-        weight.detach().double().requires_grad_(),
-    )
-    expected = reference_cpt(
-        hidden64 @ weight64.T, teacher, labels, temperature, ce_weight, lssd_weight
-    )
-    expected.backward()
-    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    if from_hidden:
-        torch.testing.assert_close(hidden.grad.double(), hidden64.grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(weight.grad.double(), weight64.grad, atol=1e-5, rtol=1e-5)
-    else:
-        logits64 = (hidden64 @ weight64.T).detach().requires_grad_()
-        reference_cpt(logits64, teacher, labels, temperature, ce_weight, lssd_weight).backward()
-        torch.testing.assert_close(student.grad.double(), logits64.grad, atol=1e-5, rtol=0)
-    assert got.ce.item() == pytest.approx(cross_entropy(hidden @ weight.T, labels).item(), abs=1e-5)
-    assert got.lssd.item() == pytest.approx(
-        lssd_loss(hidden @ weight.T, teacher, labels, temperature).item(), abs=1e-5
-    )
-    keep = labels != IGNORE
-    assert got.teacher_top1_matches.item() == (teacher.argmax(-1) == labels)[keep].sum().item()
-
-
-def test_cpt_loss_with_a_teacher_given_by_hidden_states_equals_the_one_given_by_logits():
-    g = torch.Generator().manual_seed(5)
-    teacher_hidden, teacher_weight = (
-        torch.randn(2, 9, 6, generator=g),
-        torch.randn(23, 6, generator=g),
-    )
-    student, _, labels = random_case(2, 9, 23, seed=6)
-    from_logits = cpt_loss(
-        student, labels, SwappedTeacher(teacher_hidden @ teacher_weight.T), chunk_size=4
-    )
-    from_hidden = cpt_loss(
-        student, labels, SwappedTeacher(teacher_hidden, teacher_weight), chunk_size=4
-    )
-    for got, want in zip(from_hidden, from_logits):
-        assert got.item() == pytest.approx(want.item(), abs=1e-5)
-
-
-def test_cpt_loss_against_a_top_k_target_sums_ce_and_the_bucketed_kl():
-    student, teacher, labels = random_case(V=31, seed=8)
-    student.requires_grad_()
-    ids, values, tail = teacher_topk(teacher, 6, 1.0)
-    got = cpt_loss(student, labels, SwappedTopK(ids, values.float(), tail.float()), chunk_size=4)
-    got.loss.backward()
-    student2 = student.detach().clone().requires_grad_()
-    expected = cross_entropy(student2, labels) + lssd_loss_topk(
-        student2, ids, values.float(), tail.float(), labels
-    )
-    expected.backward()
-    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    torch.testing.assert_close(student.grad, student2.grad, atol=1e-6, rtol=1e-5)
-
-
-def test_cpt_loss_without_a_target_is_plain_cross_entropy():
-    student, _, labels = random_case(V=19)
-    got = cpt_loss(student, labels, None, lssd_weight=5.0)
-    expected = torch.nn.functional.cross_entropy(
-        student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE
-    )
-    assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    assert got.lssd.item() == 0.0
+    assert cross_entropy(student, labels).item() == pytest.approx(expected.item(), abs=1e-5)
+    assert cross_entropy(student, torch.full_like(labels, IGNORE)).item() == 0.0
 
 
 def test_next_token_labels_shift_left_and_ignore_the_last_position():

@@ -1,35 +1,40 @@
-"""The paper's equations (design.md §1, §4).
+"""The paper's equations (design.md §1, §4), one function each, as the paper writes them.
 
-LSSD (logit swap self-distillation): at every supervised position, with teacher logits z, label y
-and teacher top-1 m, the target is q = softmax(swap(z) / T) where swap exchanges z[y] and z[m];
-the loss is the mean over supervised positions of KL(q || p), p = softmax(student / T).
+Logits are [B, T, V] and labels [B, T], already shifted: labels[t] is the target of logits[t];
+positions whose label is `ignore_index` contribute nothing. With teacher logits z, label y and
+the teacher's top-1 m = argmax z, at every supervised position:
 
-Stage 1's loss `ce_weight * CE + lssd_weight * LSSD` is computed by one fused pass (`cpt_loss`):
-ignored positions are dropped first, then per chunk of positions the student's log-softmax is taken
-once and gives both terms and their gradient, in closed form (as fused linear-cross-entropy
-kernels do). The student (and the teacher) may be given as hidden states with their output layer,
-so their full-vocabulary logits never exist; either way only one chunk's float32 [chunk, V]
-tensors live at a time.
+    z'      = z with z'[y] = z[m] and z'[m] = z[y]          logit_swap
+    q       = softmax(z' / T)                               the LSSD target
+    p       = softmax(s / T)                                the student
+    L_LSSD  = mean KL(q || p) = mean sum_v q_v (log q_v - log p_v)   lssd_loss
+    L_CE    = mean -log softmax(s)[y]                       cross_entropy
+    L_CPT   = ce_weight * L_CE + lssd_weight * L_LSSD       stage 1's loss
+    L_DPO   = -log sigmoid(beta * ((pc - rc) - (pr - rr)))  dpo_loss
+
+These functions hold whole [N, V] float32 tensors and are the definitions. Training computes the
+same L_CPT a chunk of positions at a time, from hidden states, with the gradient in closed form
+(`mixcpt.train.fused_loss.cpt_loss`, and a C kernel on the CPU); tests/train/test_fused_loss.py
+holds that path equal to these definitions in value and gradient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
-from mixcpt import lssd_cpu_kernel
-
-IGNORE_INDEX = -100
+from mixcpt.data.packing import IGNORE_INDEX
 
 
-# ---- logit swap -------------------------------------------------------------------------
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32 for the softmax; float32 and float64 (exact references) stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def logit_swap(
     teacher_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """z' = z with z'[y] = z[m] and z'[m] = z[y], m = argmax z, y = the label (design §1).
+    """z' = z with z'[y] = z[m] and z'[m] = z[y], m = argmax z, y = the label.
 
     teacher_logits [..., V], labels [...]. Returns a new tensor of the same shape and dtype: each
     row is a permutation of the original whose argmax is the label. Rows whose label already is the
@@ -37,401 +42,54 @@ def logit_swap(
     """
     top1 = teacher_logits.argmax(-1, keepdim=True)  # [..., 1] m
     label = labels.unsqueeze(-1)  # [..., 1] y
-    label = torch.where(
-        label == ignore_index, top1, label
-    )  # swapping m with itself changes nothing
+    label = torch.where(label == ignore_index, top1, label)  # swapping m with itself: no change
     z_top1 = teacher_logits.gather(-1, top1)  # [..., 1] z[m]
     z_label = teacher_logits.gather(-1, label)  # [..., 1] z[y]
     return teacher_logits.scatter(-1, top1, z_label).scatter(-1, label, z_top1)
 
 
-def swap_topk_ids(topk_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The logit swap on a teacher's top-k list: y and m = topk_ids[..., 0] exchange logits, which is
-    the same as exchanging their slots. When y is outside the top-k, y takes slot 0 and m moves to
-    the tail with y's old logit, so the tail's probability mass is unchanged.
-
-    topk_ids [..., k] (slot 0 = the teacher's top-1), labels [...] (supervised positions only).
-    Returns the swapped ids [..., k]; each slot keeps its log-probability.
-    """
-    label = labels.unsqueeze(-1).to(topk_ids.dtype)  # [..., 1]
-    ids = torch.where(topk_ids == label, topk_ids[..., :1], topk_ids)  # y's slot (if any) gets m
-    return torch.cat([label, ids[..., 1:]], dim=-1)  # slot 0 gets y
-
-
-def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """labels [B, T] -> [B, T] whose position t holds token t + 1 (the last position is ignored), so
-    logits and hidden states are used unsliced: slicing them would copy them, and their gradient."""
-    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-
-
-# ---- LSSD targets: what a teacher gives the loss, per position ---------------------------
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> float32 for accumulation; float32 and float64 (exact references) stay."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _rows(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.arange(n, device=like.device)
-
-
-def max_with_index(z: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """z [c, V] -> (z[m] [c], m [c]), m the first index of each row's maximum, as `z.max(-1)` gives.
-
-    In two levels, because max-with-index is a slow scalar loop on CPU (~4x a vectorised `amax`):
-    the maximum of every `block` columns, the first block holding the row's maximum, then the
-    first index inside that block. Falls back to `z.max(-1)` when `block` does not divide V.
-    """
-    c, v = z.shape
-    if v % block:
-        return z.max(-1)
-    blocks = z.reshape(c, v // block, block)  # [c, V/block, block]
-    z_top1, first_block = blocks.amax(-1).max(-1)  # [c], [c]
-    return z_top1, first_block * block + blocks[_rows(c, z), first_block].argmax(-1)
-
-
-@dataclass
-class SwappedTeacher:
-    """The LSSD target from the teacher's whole distribution: `rows` are its logits [B, T, V], or its
-    final hidden states [B, T, H] when `output_weight` [V, H] is given (then its logits are made a
-    chunk at a time). Not differentiated."""
-
-    rows: torch.Tensor
-    output_weight: torch.Tensor | None = None
-
-    def per_position(self) -> tuple[torch.Tensor, ...]:
-        return (self.rows,)
-
-    def chunk(
-        self,
-        log_p: torch.Tensor,
-        grad: torch.Tensor,
-        q_scale: float,
-        labels: torch.Tensor,
-        rows: torch.Tensor,
-        temperature: float,
-    ):
-        """For one chunk: the student's log_p [c, V] at temperature T, `grad` [c, V] holding its p = exp(log_p),
-        labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into p - q_scale * q' (q' the
-        swapped target) and returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
-        z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
-        z = _float32(z) if temperature == 1 else _float32(z) / temperature
-        if lssd_cpu_kernel.applies(
-            z, log_p, grad
-        ):  # the same, fused a row at a time (CPU, float32)
-            return lssd_cpu_kernel.swapped_target(z, log_p, grad, q_scale, labels)
-        z_top1, top1 = max_with_index(z)  # [c] z[m] and m
-        q = torch.softmax(z, dim=-1)  # [c, V]; its log is never made: log q = z - lse
-        i = _rows(len(labels), q)
-        lse = z_top1 - q[i, top1].log()  # [c] q[m] = 1 / sum exp(z - z[m]) >= 1 / V: no underflow
-        # sum q log q = sum q z - lse sum q (sum q is 1 only to rounding, which would show at float32),
-        # the same for the swapped q'
-        neg_entropy = torch.vdot(q.flatten(), z.flatten()) - torch.vdot(lse, q.sum(-1))
-        # The swap permutes each row of q, so the softmax need not be redone: only q[y] and q[m] trade
-        # places (in place, on [c] entries instead of copying [c, V] logits twice).
-        q_label, q_top1 = q[i, labels], q[i, top1]
-        q[i, top1], q[i, labels] = q_label, q_top1
-        grad.sub_(q, alpha=q_scale)
-        return neg_entropy - torch.vdot(q.flatten(), log_p.flatten()), (top1 == labels).sum()
-
-
-@dataclass
-class SwappedTopK:
-    """The LSSD target from a teacher known by its top-k (the `cache` teacher, design §6, §9):
-    ids [B, T, k] most likely first, their log-probabilities `logprobs` [B, T, k] at temperature T
-    (normalised over the whole vocabulary), and `tail` [B, T] the log of the remaining mass (-inf
-    when k = V). The swap moves the label into slot 0 (`swap_topk_ids`); the tail keeps its mass.
-
-    The approximation: the KL is taken between q and p *coarsened* to k + 1 buckets, the k swapped
-    top tokens and one tail bucket with all other tokens. It equals the true KL when k = V and is a
-    lower bound otherwise; it constrains the student's total tail mass, not its shape inside the
-    tail (its gradient spreads the tail mass like the student's own tail).
-    """
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    tail: torch.Tensor
-
-    def per_position(self) -> tuple[torch.Tensor, ...]:
-        return self.ids, self.logprobs, self.tail
-
-    def chunk(
-        self,
-        log_p: torch.Tensor,
-        grad: torch.Tensor,
-        q_scale: float,
-        labels: torch.Tensor,
-        ids: torch.Tensor,
-        logprobs: torch.Tensor,
-        tail: torch.Tensor,
-        temperature: float,
-    ):
-        """As `SwappedTeacher.chunk`, with the chunk's ids, logprobs [c, k] and tail [c]. The target
-        whose KL gradient is the bucketed one is q on the swapped top-k, and q_tail spread over the
-        other tokens in proportion to the student's p; nothing [c, V] is allocated, and `grad` takes
-        one pass (a per-row scale) plus a scatter into the top-k slots."""
-        swapped = swap_topk_ids(ids.long(), labels)  # [c, k]
-        log_q, log_p_top = _float32(logprobs), log_p.gather(-1, swapped)  # [c, k]
-        q = log_q.exp()
-        kl = (q * (log_q - log_p_top)).sum()
-        tail_share = torch.zeros_like(
-            q[:, 0]
-        )  # [c] q_tail / p_tail, the target's scale of p in the tail
-        if swapped.shape[-1] < log_p.shape[-1]:  # with k == V there is no tail
-            # [c] log(1 - p(top-k)) without a [c, V] pass. When the student puts (nearly) all its mass on
-            # the top-k, float32 rounding makes 1 - p(top-k) zero or negative: the floor keeps the
-            # loss and its gradient finite (the tail term is then underestimated, never infinite).
-            p_tail = -torch.expm1(log_p_top.logsumexp(-1))
-            log_p_tail = torch.log(p_tail.clamp_min(torch.finfo(torch.float32).eps))
-            log_q_tail = _float32(tail)
-            kl = (
-                kl
-                + torch.where(
-                    log_q_tail > float("-inf"), log_q_tail.exp() * (log_q_tail - log_p_tail), 0.0
-                ).sum()
-            )
-            tail_share = (log_q_tail - log_p_tail).exp()
-        # target = tail_share * p everywhere, but q in the top-k slots: grad = p * (1 - q_scale * tail_share)
-        # per row, then the top-k slots corrected by q_scale * (tail_share * p - q)
-        grad.mul_((1 - q_scale * tail_share).unsqueeze(-1))
-        grad.scatter_add_(-1, swapped, q_scale * (tail_share.unsqueeze(-1) * log_p_top.exp() - q))
-        return kl, (ids[:, 0] == labels).sum()
-
-
-# ---- the fused loss ---------------------------------------------------------------------
-class CPTLoss(NamedTuple):
-    loss: torch.Tensor  # ce_weight * ce + lssd_weight * lssd, differentiable
-    ce: torch.Tensor  # mean cross-entropy over supervised positions (detached)
-    lssd: torch.Tensor  # mean LSSD KL (detached; 0 without a target)
-    teacher_top1_matches: (
-        torch.Tensor
-    )  # supervised positions where the teacher's top-1 is the label
-
-
-class _FusedCPTLoss(torch.autograd.Function):
-    """Over the supervised positions (b, t), a chunk at a time: student logits s = rows[b, t] (or
-    rows[b, t] @ weight.T), log p = log_softmax(s), and
-
-        ce   = -log p[y]                          d/ds = p - onehot(y)
-        lssd = KL(q' || p_T), p_T = softmax(s/T)  d/ds = (p_T - q') / T
-
-    Gradients are formed in closed form in the forward pass and stored (the size of `rows`, not of
-    the logits when rows are hidden states); backward only scales them. Differentiable in rows and
-    weight only.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        rows,
-        weight,
-        labels,
-        target,
-        ce_weight,
-        lssd_weight,
-        temperature,
-        ignore_index,
-        chunk_size,
-    ):
-        keep_b, keep_t = (labels != ignore_index).nonzero(as_tuple=True)  # [N] supervised positions
-        n = max(len(keep_b), 1)
-        teacher_data = target.per_position() if target is not None else ()
-        need_rows, need_weight = (
-            ctx.needs_input_grad[0],
-            weight is not None and ctx.needs_input_grad[1],
-        )
-        grad_rows = torch.zeros_like(rows) if need_rows else None
-        grad_weight = (
-            torch.zeros_like(weight, dtype=_float32(weight).dtype) if need_weight else None
-        )
-        sums = torch.zeros(
-            3, dtype=_float32(rows).dtype, device=rows.device
-        )  # ce, kl, top-1 matches
-        ce_scale, lssd_scale = (
-            ce_weight / n,
-            lssd_weight / n / temperature,
-        )  # d(mean loss)/ds factors
-        # d loss / ds = scale * g, g = p - lssd_share * q' - ce_share * onehot(y) at T = 1; g is built in place
-        # in p's memory and `scale` is applied by the output layer's matmuls, sparing a [c, V] pass.
-        scale = ce_scale + (lssd_scale if target is not None else 0.0)
-        ce_share, lssd_share = (ce_scale / scale, lssd_scale / scale) if scale else (0.0, 0.0)
-        for start in range(0, len(keep_b), chunk_size):
-            b, t = keep_b[start : start + chunk_size], keep_t[start : start + chunk_size]  # [c]
-            x, y = rows[b, t], labels[b, t]  # [c, V|H], [c]
-            s = _float32(x if weight is None else x @ weight.T)  # [c, V] student logits
-            log_p = F.log_softmax(s, dim=-1)  # [c, V]
-            i = _rows(len(y), log_p)
-            sums[0] -= log_p[i, y].sum()
-            grad = log_p.exp()  # p
-            if target is not None:
-                teacher_chunk = [d[b, t] for d in teacher_data]
-                if temperature == 1:  # p_T = p: the target makes p - lssd_share * q'
-                    kl, top1 = target.chunk(
-                        log_p, grad, lssd_share, y, *teacher_chunk, temperature=temperature
-                    )
-                else:  # the target makes p_T - q' in p_T's memory; then g = lssd_share * (p_T - q') + ce_share * p
-                    log_p_t = F.log_softmax(s / temperature, dim=-1)
-                    grad_t = log_p_t.exp()  # p_T
-                    kl, top1 = target.chunk(
-                        log_p_t, grad_t, 1.0, y, *teacher_chunk, temperature=temperature
-                    )
-                    grad = grad_t.mul_(lssd_share).add_(grad, alpha=ce_share)
-                sums[1] += kl
-                sums[2] += top1
-            grad[i, y] -= ce_share
-            if need_rows:  # scaled in float32, then cast to rows' dtype
-                grad_x = (
-                    grad if weight is None else _float32(grad.to(weight.dtype) @ weight)
-                )  # [c, V|H]
-                grad_rows[b, t] = grad_x.mul_(scale).to(rows.dtype)
-            if (
-                need_weight
-            ):  # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
-                # (under autocast the out-of-place matmul keeps the autocast precision)
-                if grad_weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
-                    grad_weight.addmm_(grad.T, x, alpha=scale)
-                else:
-                    grad_weight.add_(grad.to(x.dtype).T @ x, alpha=scale)
-        ctx.save_for_backward(
-            grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype)
-        )
-        ce, lssd, matches = sums[0] / n, sums[1] / n, sums[2].long()
-        ctx.mark_non_differentiable(ce, lssd, matches)
-        return ce_weight * ce + lssd_weight * lssd, ce, lssd, matches
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None, None)
-
-
-def cpt_loss(
-    student: torch.Tensor,
-    labels: torch.Tensor,
-    target: SwappedTeacher | SwappedTopK | None = None,
-    output_weight: torch.Tensor | None = None,
-    ce_weight: float = 1.0,
-    lssd_weight: float = 1.0,
-    temperature: float = 1.0,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 256,
-) -> CPTLoss:
-    """Stage 1's loss `ce_weight * L_CE + lssd_weight * L_LSSD` in one chunked pass (design §1).
-
-    student: logits [B, T, V], or final hidden states [B, T, H] with the output layer's
-    `output_weight` [V, H] (a plain bias-free linear layer); labels [B, T], already shifted (labels[t]
-    is the target of position t; `ignore_index` where nothing is supervised); target: the teacher's
-    (`SwappedTeacher`, `SwappedTopK`) for the same positions, or None for plain CE (lssd_weight then
-    unused). CE is at temperature 1, LSSD at `temperature`. Returns `CPTLoss`; means over supervised
-    positions, float32 (float64 for float64 inputs), 0 when none is supervised.
-
-    `chunk_size` positions per chunk. On CPU keep chunk * V * 4 bytes well under 32 MB: larger
-    temporaries are fresh mmap'd pages from the allocator each time, and faulting them in cost more
-    than the arithmetic (8k vocabulary, 4.9M-parameter model: with 1,024 positions a plain step took
-    ~8% and an online-LSSD step ~15% longer than with 256).
-    """
-    if target is None:
-        lssd_weight = 0.0
-    loss, ce, lssd, matches = _FusedCPTLoss.apply(
-        student,
-        output_weight,
-        labels,
-        target,
-        ce_weight,
-        lssd_weight,
-        temperature,
-        ignore_index,
-        chunk_size,
-    )
-    return CPTLoss(loss, ce, lssd, matches)
-
-
-# ---- the paper's losses one at a time (design §4) -----------------------------------------
 def lssd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 256,
 ) -> torch.Tensor:
     """L_LSSD = mean over supervised positions of KL(softmax(swap(z) / T) || softmax(s / T)).
 
-    student_logits, teacher_logits [B, T, V]; labels [B, T], already shifted (labels[t] is the
-    target of logits[t]). Returns a scalar (float32, float64 for float64 inputs), differentiable in
-    the student logits; 0 when no position is supervised.
+    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar (float32, float64
+    for float64 inputs), differentiable in the student logits; 0 when nothing is supervised.
     """
-    return cpt_loss(
-        student_logits,
-        labels,
-        SwappedTeacher(teacher_logits),
-        None,
-        0.0,
-        1.0,
-        temperature,
-        ignore_index,
-        chunk_size,
-    ).loss
-
-
-def lssd_loss_from_hidden(
-    student_hidden: torch.Tensor,
-    output_weight: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """`lssd_loss` with student logits = student_hidden @ output_weight.T made chunk by chunk, so the
-    student's full logits never exist. student_hidden [B, T, H]; output_weight [V, H];
-    teacher_logits [B, T, V]; labels [B, T]. Differentiable in the hidden states and the weight."""
-    return cpt_loss(
-        student_hidden,
-        labels,
-        SwappedTeacher(teacher_logits),
-        output_weight,
-        0.0,
-        1.0,
-        temperature,
-        ignore_index,
-        chunk_size,
-    ).loss
-
-
-def lssd_loss_topk(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    tail_logprob: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """LSSD against a teacher known only by its top-k: the bucketed KL documented in `SwappedTopK`.
-    topk_ids, topk_logprobs [B, T, k]; tail_logprob [B, T]; student_logits [B, T, V]; labels [B, T].
-    Returns a scalar, mean over supervised positions, differentiable in the student logits."""
-    target = SwappedTopK(topk_ids, topk_logprobs, tail_logprob)
-    return cpt_loss(
-        student_logits, labels, target, None, 0.0, 1.0, temperature, ignore_index, chunk_size
-    ).loss
+    supervised = labels != ignore_index  # [B, T]
+    z_swapped = logit_swap(teacher_logits, labels, ignore_index)[supervised]  # [N, V] z'
+    log_q = F.log_softmax(as_float32(z_swapped) / temperature, dim=-1)  # [N, V] log q
+    log_p = F.log_softmax(as_float32(student_logits[supervised]) / temperature, dim=-1)  # [N, V]
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # [N] KL(q || p), the q log q term included
+    return kl.sum() / max(len(kl), 1)
 
 
 def cross_entropy(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 256,
+    student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """L_CE = mean over supervised positions of -log softmax(s)[y], chunked like `lssd_loss`.
-    student_logits [B, T, V]; labels [B, T], already shifted. Returns a scalar."""
-    return cpt_loss(
-        student_logits, labels, None, None, 1.0, 0.0, 1.0, ignore_index, chunk_size
-    ).loss
+    """L_CE = mean over supervised positions of -log softmax(s)[y].
+
+    student_logits [B, T, V]; labels [B, T]. Returns a scalar; 0 when nothing is supervised.
+    """
+    supervised = labels != ignore_index  # [B, T]
+    log_p = F.log_softmax(as_float32(student_logits[supervised]), dim=-1)  # [N, V]
+    nll = -log_p.gather(-1, labels[supervised].unsqueeze(-1)).squeeze(-1)  # [N]
+    return nll.sum() / max(len(nll), 1)
+
+
+def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels [B, T] -> [B, T] whose position t holds token t + 1 (the last position is ignored),
+    so logits and hidden states are used unsliced: slicing them would copy them and their
+    gradient."""
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
 def dpo_loss(
-    policy_chosen_logps: torch.Tensor,  # [B] sum of log p(chosen response | prompt) under the policy
+    policy_chosen_logps: torch.Tensor,  # [B] sum of log p(chosen response | prompt), the policy
     policy_rejected_logps: torch.Tensor,  # [B]
     ref_chosen_logps: torch.Tensor,  # [B] the same under the frozen reference
     ref_rejected_logps: torch.Tensor,  # [B]

@@ -3,9 +3,8 @@
 The chunked loss makes and frees a few [chunk, V] float32 temporaries per chunk (8 MB each at 256
 positions and an 8k vocabulary). With glibc's defaults those come back as fresh pages from the
 kernel nearly every time: blocks this size are mmap'd, or the heap top is trimmed on free, and a
-fresh page is zeroed on first touch. On the 2-core benchmark machine that cost 20k-50k page faults
-per step, 7% of a plain CE step and 10% of an online-LSSD step (`benchmarks/lssd_step.py`).
-Keeping blocks up to 32 MB on the heap and the freed heap top mapped removes them: the process
+fresh page is zeroed on first touch: tens of thousands of page faults per training step, a
+measurable share of the step (benchmarks/RESULTS.md, "Page faults"). Keeping blocks up to 32 MB on the heap and the freed heap top mapped removes them: the process
 keeps up to 1 GB of freed memory for reuse, as jemalloc and tcmalloc (which PyTorch's CPU tuning
 guide recommends preloading) do by design.
 

@@ -11,14 +11,20 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Trainer,
 )
 
+from mixcpt.atomic import atomic_dir
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
 from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
-from mixcpt.rundir import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output layer (what its logits' last dimension will be)."""
+    return int(model.get_output_embeddings().weight.shape[0])
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -103,3 +109,25 @@ def save_model(
     """Write a standard HF folder (config, safetensors weights, tokenizer) loadable by from_pretrained."""
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
+
+
+def save_trained_model(
+    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final, merge_lora: bool = False
+) -> None:
+    """Write the trained model (safetensors) and tokenizer to `final` atomically. Call on EVERY process.
+
+    The weights are gathered into one full state dict first (a collective under FSDP and ZeRO-3,
+    where each process holds a shard; a plain `state_dict()` otherwise), then the main process
+    writes them. `merge_lora` folds PEFT adapters into the weights (DDP/ZeRO-2 only: there each
+    process holds the whole model).
+    """
+    state_dict = None if merge_lora else trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.is_world_process_zero():
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if merge_lora:
+            trained = trained.merge_and_unload()  # a plain model folder, loadable without PEFT
+        trained.config.use_cache = True  # for whoever generates with the saved model
+        with atomic_dir(final) as tmp:
+            trained.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+    trainer.accelerator.wait_for_everyone()

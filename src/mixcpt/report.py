@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mixcpt.atomic import write_text_atomic  # noqa: E402
 from mixcpt.rundir import RunDir  # noqa: E402
 
 STAGE_ORDER = ("base", "cpt", "sft", "dpo")
@@ -247,12 +247,6 @@ def _md_table(header: list[str], cells: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(run: RunDir) -> tuple[Path, Path]:
     """Write `report.html` and `report.md` into the run folder from its results.json; return both paths."""
     results = run.read_results()
@@ -324,6 +318,6 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
 
     html_path, md_path = run.root / "report.html", run.root / "report.md"
     run.root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(html_path, page)
-    _write_atomic(md_path, "\n".join(md))
+    write_text_atomic(html_path, page)
+    write_text_atomic(md_path, "\n".join(md))
     return html_path, md_path

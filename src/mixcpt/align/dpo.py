@@ -16,22 +16,22 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from mixcpt.align.encoding import (
+from mixcpt.align.samples import usable_rows
+from mixcpt.config import Config
+from mixcpt.losses import dpo_loss
+from mixcpt.models import load_model, load_tokenizer
+from mixcpt.responses import (
     encode_chat,
     ensure_chat_template,
     features,
     fit_to_length,
     pad_batch,
     response_logps,
-    score_features,
+    score_responses,
 )
-from mixcpt.align.samples import usable_rows
-from mixcpt.align.stage import log_history_metrics, recorded_metrics, require_model, train_and_save
-from mixcpt.config import Config
-from mixcpt.losses import dpo_loss
-from mixcpt.models import load_model, load_tokenizer
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
+from mixcpt.train.resumable import train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,15 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
 
 
 def pair_features(rows: list[dict], tokenizer, max_length: int, source: str) -> list[dict]:
-    """Per preference row: {"chosen": features, "rejected": features}, both through the chat template,
-    sharing one prompt that is left-truncated so that the longer response fits."""
-    encoded = []
-    for row in rows:
-        prompt, chosen = encode_chat(tokenizer, row["messages"], row["chosen"])
-        _, rejected = encode_chat(tokenizer, row["messages"], row["rejected"])
-        encoded.append((prompt, [chosen, rejected]))
+    """Per preference row: {"chosen": features, "rejected": features}, both through the chat
+    template, their prompts left-truncated alike so that the longer response fits."""
+    encoded = [
+        [encode_chat(tokenizer, row["messages"], row[side]) for side in ("chosen", "rejected")]
+        for row in rows
+    ]
     return [
-        {"chosen": features(p, c), "rejected": features(p, r)}
-        for p, (c, r) in fit_to_length(encoded, max_length, source)
+        {"chosen": features(*chosen), "rejected": features(*rejected)}
+        for chosen, rejected in fit_to_length(encoded, max_length, source)
     ]
 
 
@@ -69,7 +68,7 @@ def precompute_reference(
 ) -> None:
     """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`) to each pair.
     Under DDP every process scores all pairs: the result is the same everywhere and needs no gather."""
-    sums, _ = score_features(
+    sums, _ = score_responses(
         model,
         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
         batch_size,
@@ -135,17 +134,17 @@ class DPOTrainer(Trainer):
 
 
 def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
-    """DPO of `arm` from its SFT model: "mixcpt" on the selected preference pairs, "baseline" on the full
-    pool. Saves `run.stage(arm, "dpo")`; returns the metrics recorded in results.json."""
+    """DPO of `arm` from its SFT model: "mixcpt" on the selected preference pairs, "baseline" on
+    the full pool. Saves `run.stage(arm, "dpo")`; returns the metrics recorded in results.json."""
     key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
     if final.exists():
-        return recorded_metrics(run, key)
+        return run.recorded_metrics(key)
     data_path = (
         run.selection / "preferences.jsonl"
         if arm == "mixcpt"
         else run.data / "pool" / "preferences.jsonl"
     )
-    start = require_model(run.stage(arm, "sft"), "sft")
+    start = run.finished_model(arm, "sft")
     tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
     ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
 
@@ -198,3 +197,11 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
         }
 
     return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of)
+
+
+def log_history_metrics(log_history: list[dict], names: tuple[str, ...]) -> dict:
+    """The last logged value of each of `names` (absent names are left out)."""
+    last = {}
+    for entry in log_history:
+        last.update({k: entry[k] for k in names if k in entry})
+    return last

@@ -13,22 +13,22 @@ import logging
 import math
 import random
 
-import torch
+from accelerate import PartialState
 
-from mixcpt.align.encoding import (
+from mixcpt.align.samples import read_samples, usable_indices, write_samples
+from mixcpt.atomic import atomic_dir
+from mixcpt.config import Config, TemplateConfig
+from mixcpt.data.render import render_plain_response
+from mixcpt.models import load_model, load_tokenizer
+from mixcpt.responses import (
     encode_chat,
     encode_plain,
     ensure_chat_template,
     features,
     fit_to_length,
-    score_features,
+    score_responses,
 )
-from mixcpt.align.samples import read_samples, usable_indices, write_samples
-from mixcpt.align.stage import recorded_metrics, require_model
-from mixcpt.config import Config, TemplateConfig
-from mixcpt.data.render import render_plain_response
-from mixcpt.models import load_model, load_tokenizer
-from mixcpt.rundir import RunDir, atomic_dir
+from mixcpt.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ def mean_response_nll(
     model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: Config, desc: str
 ) -> tuple[list[float], list[int]]:
     """Mean NLL of each response given its prompt (response tokens only) and the response token count."""
-    fitted = fit_to_length([(p, [r]) for p, r in pairs], cfg.select.max_length, desc)
-    rows = [features(p, rs[0]) for p, rs in fitted]
-    sums, counts = score_features(model, rows, cfg.select.batch_size, tokenizer.pad_token_id, desc)
+    fitted = fit_to_length([[pair] for pair in pairs], cfg.select.max_length, desc)
+    rows = [features(*sample[0]) for sample in fitted]
+    sums, counts = score_responses(model, rows, cfg.select.batch_size, tokenizer.pad_token_id, desc)
     return [-s / n for s, n in zip(sums, counts)], counts
 
 
@@ -137,15 +137,15 @@ def run_select(cfg: Config, run: RunDir) -> dict:
     kind, score, nll, n_response_tokens, selected). Returns the summary recorded in results.json."""
     key = "mixcpt/select"
     if run.selection.exists():
-        return recorded_metrics(run, key)
-    model_dir = require_model(run.stage("mixcpt", "cpt"), "cpt")
+        return run.recorded_metrics(key)
+    model_dir = run.finished_model("mixcpt", "cpt")
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if cfg.select.score == "fas":
         ensure_chat_template(tokenizer, cfg.sft.chat_template, model_dir)
     model = load_model(
         model_dir, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation
     )
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(PartialState().device)
 
     summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}
     selected, records = {}, []

@@ -5,7 +5,7 @@ IGNORE_INDEX, and the model's own loss then averages over response tokens (norma
 gradient-accumulation steps by the Trainer). No subclass is needed. TRL's SFTTrainer was not
 used because it truncates the whole sequence (keep_start; keep_end is deprecated), while we
 must cut the prompt from the left and keep the response, and it would add a second
-tokenisation path beside the one selection and DPO share (mixcpt.align.encoding).
+tokenisation path beside the one selection, DPO and evaluation share (mixcpt.responses).
 """
 
 from __future__ import annotations
@@ -14,44 +14,40 @@ from functools import partial
 
 from transformers import Trainer
 
-from mixcpt.align.encoding import (
-    encode_chat,
-    ensure_chat_template,
-    features,
-    fit_to_length,
-    pad_batch,
-)
 from mixcpt.align.samples import usable_rows
-from mixcpt.align.stage import recorded_metrics, require_model, train_and_save
 from mixcpt.config import Config
 from mixcpt.models import load_model, load_tokenizer
+from mixcpt.responses import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
+from mixcpt.train.resumable import train_and_save
 
 
 def sft_features(
     rows: list[dict], tokenizer, max_length: int, source: str
 ) -> list[dict[str, list[int]]]:
-    """input_ids/labels per instruction row through the chat template; prompt tokens labelled IGNORE_INDEX."""
+    """`features` (input_ids, labels) per instruction row through the chat template; prompt
+    tokens labelled IGNORE_INDEX."""
     encoded = [
-        encode_chat(tokenizer, row["messages"][:-1], row["messages"][-1]["content"]) for row in rows
+        [encode_chat(tokenizer, row["messages"][:-1], row["messages"][-1]["content"])]
+        for row in rows
     ]
-    fitted = fit_to_length([(p, [r]) for p, r in encoded], max_length, source)
-    return [features(p, rs[0]) for p, rs in fitted]
+    return [features(*sample[0]) for sample in fit_to_length(encoded, max_length, source)]
 
 
 def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
-    """SFT of `arm`: "mixcpt" on the selected instructions from its stage-1 model, "baseline" on the full
-    pool from its CPT model. Saves `run.stage(arm, "sft")`; returns the metrics recorded in results.json."""
+    """SFT of `arm`: "mixcpt" on the selected instructions from its stage-1 model, "baseline" on
+    the full pool from its CPT model. Saves `run.stage(arm, "sft")`; returns the metrics recorded
+    in results.json."""
     key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
     if final.exists():
-        return recorded_metrics(run, key)
+        return run.recorded_metrics(key)
     data_path = (
         run.selection / "instructions.jsonl"
         if arm == "mixcpt"
         else run.data / "pool" / "instructions.jsonl"
     )
-    start = require_model(run.stage(arm, "cpt"), "cpt")
+    start = run.finished_model(arm, "cpt")
     tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
     ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
 

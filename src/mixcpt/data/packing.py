@@ -8,7 +8,7 @@ Only the tail of the last block is padding (flat index >= n_tokens); its labels 
 Position ids that restart per document, with no attention mask and no KV cache, make transformers
 build a block-diagonal causal mask (masking_utils.find_packed_sequence_indices), so tokens do not
 attend across document boundaries in models that support it (Llama, Qwen, Mistral, ...); the
-training and teacher forwards pass exactly that (`teachers.packed_forward_inputs`).
+training and teacher forwards pass exactly that (`mixcpt.train.forward.packed_forward_inputs`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ class PackedBlocks(Dataset):
             "position_ids": torch.from_numpy(np.array(self.position_ids[i], dtype=np.int64)),
             "labels": labels,
         }
+
+
+class IndexedBlocks(PackedBlocks):
+    """`PackedBlocks` whose items also carry `block_index`, the block's row in the teacher cache."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**super().__getitem__(i), "block_index": i}
 
 
 def write_packed(

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from mixcpt.atomic import atomic_dir, write_json_atomic
 from mixcpt.config import Config, SourceConfig
 from mixcpt.data.mixture import plan_mixture
 from mixcpt.data.readers import (
@@ -40,7 +41,7 @@ from mixcpt.data.readers import (
 )
 from mixcpt.data.render import render_messages, render_plain_prompt, render_plain_response
 from mixcpt.models import base_model_path, load_tokenizer
-from mixcpt.rundir import RunDir, atomic_dir, write_json_atomic
+from mixcpt.rundir import RunDir
 
 GROUPS = ("domain", "instructions", "preferences")
 

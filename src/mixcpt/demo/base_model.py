@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
+from mixcpt.atomic import atomic_dir
 from mixcpt.config import TrainingConfig
 from mixcpt.data.packing import PackedBlocks, write_packed
 from mixcpt.demo.tokenizer import train_bpe_tokenizer
 from mixcpt.demo.world import WorldFiles, render_plain
 from mixcpt.models import save_model
-from mixcpt.rundir import atomic_dir
 from mixcpt.train.arguments import training_arguments
 
 MARKER = "mixcpt_base.json"

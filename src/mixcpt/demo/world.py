@@ -22,9 +22,9 @@ import random
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mixcpt.atomic import atomic_dir
 from mixcpt.config import TemplateConfig
 from mixcpt.data.render import render_plain_prompt, render_plain_response
-from mixcpt.rundir import atomic_dir
 
 # The stage-1 plain rendering the demo config uses, so the base is pretrained on QA in the very
 # format that stage 1 and the plain-prompt evaluation will show it.

@@ -1,10 +1,10 @@
 """Scoring an in-memory causal LM: multiple choice by log-likelihood, greedy generation with
 exact match, perplexity and bits per byte, and KL(base || model) for retention.
 
-Log-likelihoods follow lm-evaluation-harness exactly, so both agree on the same model:
-the context's trailing whitespace moves to the continuation, context + continuation is
-tokenised as one string, and the continuation's tokens are whatever follows the context's own
-tokenisation. `acc_norm` divides each choice's log-likelihood by its length in characters.
+Log-likelihoods follow lm-evaluation-harness: the context's trailing whitespace moves to the
+continuation, and context + continuation is tokenised as one string; the continuation's tokens
+are those that end past the context (`mixcpt.responses`, shared with selection and training).
+`acc_norm` divides each choice's log-likelihood by its length in characters.
 """
 
 from __future__ import annotations
@@ -17,14 +17,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.evaluate.benchmarks import normalize_answer
+from mixcpt.responses import (
+    encode_split,
+    features,
+    fit_to_length,
+    pad_batch,
+    score_responses,
+    special_tokens_wanted,
+)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids with the tokenizer's special tokens, unless `text` already starts with BOS
-    (a rendered chat template does), so BOS is never doubled."""
-    bos = tokenizer.bos_token
-    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+    """Token ids of `text`, BOS added unless the text already starts with it."""
+    return tokenizer.encode(text, add_special_tokens=special_tokens_wanted(tokenizer, text))
 
 
 def _prefix_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -37,69 +44,17 @@ def _batches(order: list[int], batch_size: int, desc: str):
         yield order[start : start + batch_size]
 
 
-def _pad_right(
-    sequences: list[list[int]], pad_id: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _scored_positions(sequences: list[list[int]], n_scored: list[int], device) -> torch.Tensor:
-    """[B, T-1] bool: position t (predicting token t+1) is scored when t+1 is among the last
-    n_scored tokens of its sequence."""
-    width = max(len(s) for s in sequences) - 1
-    scored = torch.zeros(len(sequences), width, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(sequences, n_scored)):
-        scored[i, len(s) - 1 - n : len(s) - 1] = True
-    return scored.to(device)
-
-
-@torch.inference_mode()
-def sequence_logprobs(
-    model: PreTrainedModel,
-    sequences: list[list[int]],
-    n_scored: list[int],
-    pad_id: int,
-    batch_size: int = 8,
-    desc: str = "log-likelihood",
-) -> list[float]:
-    """Sum of log p(token | tokens before it) over the last `n_scored[i]` tokens of each
-    sequence. Returns one float per sequence (natural log), in input order."""
-    model.eval()
-    totals = [0.0] * len(sequences)
-    order = sorted(
-        range(len(sequences)), key=lambda i: -len(sequences[i])
-    )  # similar lengths share a batch
-    for idx in _batches(order, batch_size, desc):
-        seqs = [sequences[i] for i in idx]
-        ids, mask = _pad_right(seqs, pad_id, model.device)  # [B, T]
-        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # [B, T-1, V]
-        scored = _scored_positions(seqs, [n_scored[i] for i in idx], model.device)  # [B, T-1]
-        # log-softmax only where a token is scored: never [B, T, V] in float32
-        logp = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
-        token_logp = logp.gather(-1, ids[:, 1:][scored].unsqueeze(-1)).squeeze(-1)  # [N]
-        row = scored.nonzero()[:, 0]  # [N] row of each scored token
-        sums = torch.zeros(len(idx), device=model.device).index_add_(0, row, token_logp)
-        for i, s in zip(idx, sums.tolist()):
-            totals[i] = s
-    return totals
-
-
 def continuation_tokens(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) split as lm-evaluation-harness does for causal models."""
+    """(context ids, continuation ids) with lm-evaluation-harness's whitespace rule: the
+    context's trailing whitespace moves to the continuation; then the whole string is tokenised
+    once and split at the context's end (`responses.encode_split`)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = encode(tokenizer, context + continuation)
-    context_ids = encode(tokenizer, context)
-    return context_ids, whole[len(context_ids) :]
+    add_special = special_tokens_wanted(tokenizer, context)
+    return encode_split(tokenizer, context, continuation, add_special)
 
 
 def loglikelihoods(
@@ -111,14 +66,10 @@ def loglikelihoods(
 ) -> list[float]:
     """log p(continuation | context) for each (context, continuation) pair; the context is
     left-truncated so the model sees at most `max_length` tokens."""
-    sequences, n_scored = [], []
-    for context, continuation in requests:
-        context_ids, cont_ids = continuation_tokens(tokenizer, context, continuation)
-        sequences.append((context_ids + cont_ids)[-(max_length + 1) :])
-        n_scored.append(min(len(cont_ids), max_length))
-    return sequence_logprobs(
-        model, sequences, n_scored, tokenizer.pad_token_id, batch_size, "choices"
-    )
+    encoded = [[continuation_tokens(tokenizer, *request)] for request in requests]
+    rows = [features(*sample[0]) for sample in fit_to_length(encoded, max_length, "choices")]
+    sums, _ = score_responses(model, rows, batch_size, tokenizer.pad_token_id, "choices")
+    return sums
 
 
 def score_multiple_choice(
@@ -200,18 +151,16 @@ def score_generation(predictions: list[str], answers: list[list[str]]) -> dict[s
     return {"exact_match": exact / len(predictions), "contains": contains / len(predictions)}
 
 
-def _windows(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
-) -> list[list[int]]:
-    """Token windows of at most `max_length + 1` ids such that every token of every text
-    (after the prefix token) is predicted exactly once, each window conditioned on its first id."""
+def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[dict]:
+    """`features` rows of at most `max_length` ids such that every token of every text (after
+    the prefix token) is predicted exactly once, each window conditioned on its first id."""
     windows = []
     for text in texts:
         ids = encode(tokenizer, text)
         if not ids or ids[0] != _prefix_id(tokenizer):
             ids = [_prefix_id(tokenizer)] + ids
-        for start in range(1, len(ids), max_length):
-            windows.append(ids[start - 1 : start + max_length])
+        for start in range(1, len(ids), max_length - 1):
+            windows.append(features(ids[start - 1 : start], ids[start : start + max_length - 1]))
     return windows
 
 
@@ -225,15 +174,10 @@ def score_perplexity(
     """Corpus-level `perplexity` = exp(total NLL / predicted tokens) and `bits_per_byte` =
     total NLL in bits / UTF-8 bytes of the texts (comparable across tokenizers)."""
     windows = _windows(tokenizer, texts, max_length)
-    logps = sequence_logprobs(
-        model,
-        windows,
-        [len(w) - 1 for w in windows],
-        tokenizer.pad_token_id,
-        batch_size,
-        "perplexity",
+    logps, counts = score_responses(
+        model, windows, batch_size, tokenizer.pad_token_id, "perplexity"
     )
-    nll, n_tokens = -sum(logps), sum(len(w) - 1 for w in windows)
+    nll, n_tokens = -sum(logps), sum(counts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / n_bytes}
 
@@ -247,26 +191,25 @@ def kl_to_base(
     batch_size: int = 8,
     max_length: int = 1024,
 ) -> float:
-    """Mean over predicted tokens of KL(p_base || p_model) = sum_v p_base (log p_base - log p_model):
-    how far the stage model's next-token distributions moved from the base on general text."""
+    """Mean over predicted tokens of KL(p_base || p_model) = sum_v p_base (log p_base - log
+    p_model): how far the stage model's next-token distributions moved from the base on general
+    text."""
     base_model.eval()
     model.eval()
     windows = _windows(tokenizer, texts, max_length)
     total, count = 0.0, 0
     for idx in _batches(list(range(len(windows))), batch_size, "KL to base"):
-        seqs = [windows[i] for i in idx]
-        ids, mask = _pad_right(seqs, tokenizer.pad_token_id, model.device)  # [B, T]
-        scored = _scored_positions(seqs, [len(s) - 1 for s in seqs], model.device)  # [B, T-1]
-        base_logits = base_model(
-            input_ids=ids[:, :-1], attention_mask=mask[:, :-1]
-        ).logits  # [B, T-1, V]
-        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # [B, T-1, V]
+        batch = pad_batch([windows[i] for i in idx], tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        scored = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts t + 1
+        base_logits, logits = base_model(**inputs).logits, model(**inputs).logits  # [B, T, V]
         if base_logits.shape[-1] != logits.shape[-1]:
             raise ValueError(
                 f"vocabulary sizes differ: base {base_logits.shape[-1]}, model {logits.shape[-1]}"
             )
-        base_logp = F.log_softmax(base_logits[scored].float(), dim=-1)  # [N, V]
-        logp = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
+        base_logp = F.log_softmax(base_logits[:, :-1][scored].float(), dim=-1)  # [N, V]
+        logp = F.log_softmax(logits[:, :-1][scored].float(), dim=-1)  # [N, V]
         total += (base_logp.exp() * (base_logp - logp)).sum().item()
         count += int(scored.sum())
     return total / count

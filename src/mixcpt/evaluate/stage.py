@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
+from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.config import Config
@@ -39,7 +39,7 @@ def _load(
     tokenizer without a chat template borrows `sft.chat_template` (what SFT trained with)."""
     m = cfg.model
     model = load_model(model_path, m.dtype, m.trust_remote_code, m.attn_implementation)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model.to(PartialState().device).eval()
     tokenizer = load_tokenizer(tokenizer_path, m.trust_remote_code)
     if tokenizer.chat_template is None and cfg.sft.chat_template:
         tokenizer.chat_template = cfg.sft.chat_template

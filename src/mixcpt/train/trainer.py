@@ -10,8 +10,10 @@ import torch
 from transformers import Trainer
 
 from mixcpt.errors import ConfigError
-from mixcpt.losses import IGNORE_INDEX, cpt_loss, next_token_labels
-from mixcpt.teachers import LossForward, Teacher, packed_forward_inputs
+from mixcpt.losses import IGNORE_INDEX, next_token_labels
+from mixcpt.train.forward import LossForward, packed_forward_inputs
+from mixcpt.train.fused_loss import cpt_loss
+from mixcpt.train.teachers import Teacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -27,9 +29,9 @@ class LSSDTrainer(Trainer):
     last checkpoint intact; "skip" gives the batch zero gradient). Logs `ce_loss`, `lssd_loss` and
     `teacher_top1_match` (share of supervised positions where the teacher's top-1 was the label).
 
-    Both terms come from one fused chunked pass (`losses.cpt_loss`) over the student's final hidden
+    Both terms come from one fused chunked pass (`fused_loss.cpt_loss`) over the student's final hidden
     states and output layer, so the student's [B, T, V] logits are never made (see
-    `teachers.LossForward` for when it falls back to logits). The forward still goes through
+    `forward.LossForward` for when it falls back to logits). The forward still goes through
     `model`, the DDP-wrapped module, so gradients sync as usual.
     """
 

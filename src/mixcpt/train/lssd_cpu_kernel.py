@@ -1,10 +1,10 @@
 """The fused CPU kernel for the LSSD target (`lssd_cpu_kernel.c`), built on first use.
 
-`losses.SwappedTeacher.chunk` calls `swapped_target` when `applies` says so (CPU, float32,
+`fused_loss.SwappedTeacher.chunk` calls `swapped_target` when `applies` says so (CPU, float32,
 contiguous), and otherwise runs its eager PyTorch code, which is also the reference the tests hold
-the kernel to. On the 2-core benchmark machine the kernel does a [256, 8192] chunk's teacher work
-in ~0.8 ms instead of ~2.3 ms, which took an online-LSSD step from 1.41x to 1.35x a plain CE step
-(medians, `benchmarks/lssd_step.py`, benchmarks/RESULTS.md).
+the kernel to. Why a kernel: eager PyTorch makes five or six passes over a [chunk, V] tensor that
+has left the cache; the kernel does all of them a row at a time while the row is in L1/L2
+(timings in benchmarks/RESULTS.md).
 
 The C source is compiled once per source, compiler and CPU (`-march=native`) with the system C
 compiler (`$CC`, else `cc`) into `$XDG_CACHE_HOME/mixcpt/kernels` (default `~/.cache`), written
@@ -63,7 +63,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler (CC, cc) found: LSSD uses its eager CPU path (slower)")
         return None
-    source = resources.files("mixcpt").joinpath(SOURCE).read_bytes()
+    source = resources.files("mixcpt.train").joinpath(SOURCE).read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
         key = hashlib.sha256(
@@ -124,7 +124,7 @@ def applies(z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor) -> bool:
 def swapped_target(
     z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `losses.SwappedTeacher.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad holding
+    """As `fused_loss.SwappedTeacher.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad holding
     p, turned in place into p - q_scale * q'), labels [c] in [0, V). Returns (sum over rows of
     KL(q' || p) in log_p's dtype, teacher top-1 matches)."""
     rows, v = z.shape

@@ -1,0 +1,66 @@
+"""The forward pass of stage 1's student and teacher over a packed batch.
+
+Packed blocks hold several documents; position ids restart at each, and transformers then masks
+attention block-diagonally (see `mixcpt.data.packing`). The vocabulary-wide loss wants the
+model's final hidden states and output layer rather than its [B, T, V] logits, so that
+`fused_loss.cpt_loss` can make the logits a chunk of positions at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_forward_inputs(inputs: dict[str, torch.Tensor]) -> dict:
+    """The forward arguments of a packed batch: input ids and position ids, no attention mask (position
+    ids restart per document, so transformers masks block-diagonally), and no KV cache, without which
+    transformers skips that packed-sequence detection whatever `config.use_cache` says (with a cache,
+    documents in a block would attend to each other)."""
+    return {
+        "input_ids": inputs["input_ids"],
+        "position_ids": inputs["position_ids"],
+        "use_cache": False,
+    }
+
+
+class LossForward:
+    """Runs a causal LM on a packed batch for a vocabulary-wide loss, from its final hidden states
+    when that is exact, so its [B, T, V] logits are never made.
+
+    `model` is what the forward goes through (for the student, the DDP-wrapped module, so gradients
+    sync); `unwrapped` is the bare model. The hidden path is taken when its output layer is a
+    bias-free `nn.Linear` with no softcap, and is checked on the first batch: the model's own logits
+    at the last position must be that layer applied to `hidden_states[-1]` (a scale after the
+    output layer, or a model ignoring `logits_to_keep`, fails it). Otherwise, or with
+    `hidden=False` (FSDP/DeepSpeed shard the weight outside forward), logits are used.
+    """
+
+    def __init__(self, unwrapped: torch.nn.Module, hidden: bool = True):
+        head = unwrapped.get_output_embeddings()
+        plain = type(head) is torch.nn.Linear and head.bias is None
+        softcap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
+        self.head = head if hidden and plain and not softcap else None
+        self.checked = False
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H] with
+        the weight [V, H], or logits [B, T, V] with None."""
+        batch = packed_forward_inputs(inputs)
+        if self.head is not None:
+            outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
+            hidden = outputs.hidden_states[-1]  # [B, T, H] the output layer's input
+            if self.checked or self._exact(hidden, outputs.logits):
+                self.checked = True
+                return hidden, self.head.weight, outputs
+            self.head = None
+        outputs = model(**batch)
+        return outputs.logits, None, outputs
+
+    def _exact(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+        with torch.no_grad():
+            mine = self.head(hidden[:, -1:]).float()  # [B, 1, V]
+        logits = logits.float()
+        # loose enough for bf16 autocast, tight enough for any real scale of the logits
+        return mine.shape == logits.shape and torch.allclose(
+            mine, logits, rtol=1e-2, atol=1e-2 * logits.abs().max().item()
+        )

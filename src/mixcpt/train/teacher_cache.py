@@ -1,0 +1,237 @@
+"""The `cache` teacher (design §6, §9): the teacher's top-k log-probabilities over the packed
+D_MIX, computed once and memory-mapped, so stage 1 carries no teacher model at all.
+
+Layout (`RunDir.root / "teacher_cache"`), per block and shifted position t (the prediction of
+token t + 1), P = block_size - 1:
+    ids.npy       int32        [n_blocks, P, k]  the teacher's top-k tokens, most likely first
+    logprobs.npy  float16/32   [n_blocks, P, k]  their log-probabilities at temperature T
+    tail.npy      float32      [n_blocks, P]     log of the remaining mass (-inf when k = V)
+    meta.json     what the cache is keyed on (`cache_key`): the packed data's fingerprint, a hash
+                  of the teacher's weights, k, T, dtype, vocabulary and shapes
+    progress.json {"blocks_done": n}: building resumes from there after an interruption
+The swap is applied at training time, from the labels (`fused_loss.swap_topk_ids`): it only
+exchanges the label's and the top-1's slots, and leaves the tail's mass unchanged, so nothing
+about the label has to be stored. With k < V the loss is the bucketed KL documented in
+`fused_loss.SwappedTopK`; with k = V it is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mixcpt.atomic import write_json_atomic
+from mixcpt.data.packing import PackedBlocks
+from mixcpt.errors import ConfigError
+from mixcpt.models import vocab_size
+from mixcpt.train.forward import LossForward
+from mixcpt.train.fused_loss import SwappedTopK
+from mixcpt.train.teachers import Teacher
+
+CACHE_FILES = ("ids.npy", "logprobs.npy", "tail.npy")
+
+
+def teacher_weights_hash(model: torch.nn.Module) -> str:
+    """blake2b of every tensor of the model's state dict (name, dtype, shape and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _mismatch(folder: Path, found: dict, wanted: dict) -> ConfigError:
+    diffs = ", ".join(
+        f"{k}: cache {found.get(k)!r} vs now {wanted[k]!r}"
+        for k in wanted
+        if found.get(k) != wanted[k]
+    )
+    return ConfigError(
+        f"{folder}: the teacher cache does not match this run ({diffs}); it was built from other "
+        f"data or another teacher. Delete the folder to rebuild it."
+    )
+
+
+class CachedTeacher(Teacher):
+    """Reads a complete teacher cache (memory-mapped); checks it against the training data's
+    fingerprint, the student's vocabulary and the temperature."""
+
+    def __init__(
+        self, folder: str | Path, fingerprint: str, student_vocab_size: int, temperature: float
+    ):
+        self.folder = Path(folder)
+        if not (self.folder / "meta.json").exists():
+            raise ConfigError(f"{self.folder}: no teacher cache here")
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        if self.meta["vocab_size"] != student_vocab_size:
+            raise ConfigError(
+                f"{self.folder}: the cached teacher's vocabulary has "
+                f"{self.meta['vocab_size']} tokens, the student's {student_vocab_size}; "
+                "LSSD needs the same vocabulary"
+            )
+        wanted = {"fingerprint": fingerprint, "temperature": temperature}
+        if any(self.meta[k] != v for k, v in wanted.items()):
+            raise _mismatch(self.folder, self.meta, wanted)
+        done = json.loads((self.folder / "progress.json").read_text())["blocks_done"]
+        if done < self.meta["n_blocks"]:
+            raise ConfigError(
+                f"{self.folder}: the teacher cache is incomplete "
+                f"({done}/{self.meta['n_blocks']} blocks)"
+            )
+        self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")  # [n_blocks, P, k]
+        self.logprobs = np.load(self.folder / "logprobs.npy", mmap_mode="r")  # [n_blocks, P, k]
+        self.tail = np.load(self.folder / "tail.npy", mmap_mode="r")  # [n_blocks, P]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes the cache holds per training token: k ids, k log-probabilities and the tail."""
+        return int(self.ids[0, 0].nbytes + self.logprobs[0, 0].nbytes + self.tail[0, :1].nbytes)
+
+    def target(self, inputs):
+        rows = inputs["block_index"].cpu().numpy()
+        device = inputs["input_ids"].device
+
+        def load(array: np.ndarray) -> torch.Tensor:
+            # [B, P, ...] -> [B, P + 1, ...]: the last position predicts nothing
+            x = torch.from_numpy(array[rows]).to(device)
+            return torch.cat([x, x[:, -1:]], dim=1)
+
+        return SwappedTopK(load(self.ids), load(self.logprobs), load(self.tail))
+
+
+def top_k_logprobs(
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    k: int,
+    temperature: float,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k at temperature T, a chunk of positions at a time, so only one chunk's
+    float32 [chunk, V] logits exist (at 128k vocabulary and 8 x 4k positions the whole batch's
+    would be 16 GB per copy).
+
+    rows: hidden states [N, H] with the output layer's `weight` [V, H], or logits [N, V] with None.
+    Returns (log-probabilities [N, k] most likely first, their ids [N, k], the log of the remaining
+    mass [N], -inf when k = V), float32 and int64."""
+    values, ids, tails = [], [], []
+    for start in range(0, len(rows), chunk_size):
+        x = rows[start : start + chunk_size]
+        z = (x if weight is None else x @ weight.T).float()  # [c, V]
+        z = z if temperature == 1 else z / temperature
+        lse = z.logsumexp(-1)  # [c]
+        top_z, top_ids = z.topk(k, dim=-1)  # [c, k]
+        values.append(top_z - lse.unsqueeze(-1))
+        ids.append(top_ids)
+        tails.append(
+            z.scatter(-1, top_ids, float("-inf")).logsumexp(-1) - lse
+        )  # exact, even when it is tiny
+    return torch.cat(values), torch.cat(ids), torch.cat(tails)
+
+
+def cache_key(
+    model: torch.nn.Module, blocks: PackedBlocks, top_k: int, temperature: float, dtype: str
+) -> dict:
+    """What a cache is valid for: the packed data, the teacher's weights, k (capped at V), T,
+    the storage dtype and the shapes. A cache built for another key is refused, never mixed."""
+    return {
+        "fingerprint": blocks.meta["fingerprint"],
+        "teacher_hash": teacher_weights_hash(model),
+        "vocab_size": vocab_size(model),
+        "top_k": min(top_k, vocab_size(model)),
+        "temperature": temperature,
+        "dtype": dtype,
+        "n_blocks": len(blocks),
+        "block_size": blocks.block_size,
+    }
+
+
+def open_cache_files(folder: Path, key: dict) -> int:
+    """Create the cache's empty files for `key` in `folder`, or check that the cache already
+    there was built for `key`. Returns the number of blocks already done (0 for a new cache)."""
+    if (folder / "meta.json").exists():
+        found = json.loads((folder / "meta.json").read_text())
+        if found != key:
+            raise _mismatch(folder, found, key)
+        return json.loads((folder / "progress.json").read_text())["blocks_done"]
+    folder.mkdir(parents=True, exist_ok=True)
+    n_blocks, positions, k = key["n_blocks"], key["block_size"] - 1, key["top_k"]
+    shapes = {
+        "ids.npy": (np.int32, (n_blocks, positions, k)),
+        "logprobs.npy": (key["dtype"], (n_blocks, positions, k)),
+        "tail.npy": (np.float32, (n_blocks, positions)),
+    }
+    for name, (np_dtype, shape) in shapes.items():
+        np.lib.format.open_memmap(folder / name, mode="w+", dtype=np_dtype, shape=shape).flush()
+    write_json_atomic(folder / "progress.json", {"blocks_done": 0})
+    write_json_atomic(folder / "meta.json", key)  # last: a cache with meta.json has all its files
+    return 0
+
+
+def build_teacher_cache(
+    model: torch.nn.Module,
+    blocks: PackedBlocks,
+    folder: str | Path,
+    top_k: int,
+    temperature: float,
+    batch_size: int = 8,
+    dtype: str = "float16",
+    chunk_size: int = 256,
+) -> CachedTeacher:
+    """Compute the teacher's top-k log-probabilities over every block of `blocks` into `folder`
+    (layout in the module docstring) and return the `CachedTeacher` reading it.
+
+    Runs `model` without grad on its current device, `batch_size` blocks at a time, with a
+    progress bar; the output layer is applied `chunk_size` positions at a time (`top_k_logprobs`).
+    Resumes a partial cache built for the same key; an existing cache with another key (other
+    data, other teacher weights, k, T or dtype) is a `ConfigError`. k is capped at V.
+    """
+    folder = Path(folder)
+    key = cache_key(model, blocks, top_k, temperature, dtype)
+    done = open_cache_files(folder, key)
+    arrays = [np.load(folder / name, mmap_mode="r+") for name in CACHE_FILES]  # ids, logprobs, tail
+    was_training = model.training
+    model.eval()
+    forward = LossForward(model)
+    bar = tqdm(total=len(blocks), initial=done, desc="teacher cache", unit="block")
+    with bar, torch.no_grad():
+        for start in range(done, len(blocks), batch_size):
+            rows = range(start, min(start + batch_size, len(blocks)))
+            top_logq, top_ids, tail_logq = teacher_top_k(
+                model, forward, blocks, rows, key, chunk_size
+            )
+            for array, values in zip(arrays, (top_ids, top_logq, tail_logq)):
+                array[start : rows.stop] = values.cpu().numpy()
+                array.flush()
+            write_json_atomic(folder / "progress.json", {"blocks_done": rows.stop})
+            bar.update(len(rows))
+    model.train(was_training)
+    return CachedTeacher(folder, key["fingerprint"], key["vocab_size"], temperature)
+
+
+def teacher_top_k(
+    model: torch.nn.Module,
+    forward: LossForward,
+    blocks: PackedBlocks,
+    rows: range,
+    key: dict,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k over blocks `rows`: (log-probabilities [b, P, k], ids [b, P, k], log
+    tail mass [b, P]), P = block_size - 1 predicted positions per block."""
+    device = next(model.parameters()).device
+    batch = [blocks[i] for i in rows]
+    inputs = {
+        name: torch.stack([b[name] for b in batch]).to(device)
+        for name in ("input_ids", "position_ids")
+    }
+    teacher_rows, weight, _ = forward(model, inputs)  # [b, P + 1, H] and [V, H], or logits
+    top_logq, top_ids, tail_logq = top_k_logprobs(
+        teacher_rows[:, :-1].flatten(0, 1), weight, key["top_k"], key["temperature"], chunk_size
+    )  # [b * P, k], [b * P, k], [b * P]
+    shape = (len(batch), key["block_size"] - 1)
+    return top_logq.view(*shape, -1), top_ids.view(*shape, -1), tail_logq.view(shape)

@@ -1,0 +1,75 @@
+"""Where the LSSD teacher's logits come from (design §6).
+
+The teacher is the model as it was before stage 1. Three sources, one interface
+(`Teacher.target`), chosen by `cpt.teacher`:
+
+- `online`: a frozen deep copy of the base model, run without grad beside the student;
+- `lora`:   the student itself with its LoRA adapters disabled (no second copy in memory);
+- `cache`:  the teacher's top-k log-probabilities, computed once over the packed D_MIX and kept
+            on disk, so training carries no teacher model at all (`teacher_cache`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from mixcpt.errors import ConfigError
+from mixcpt.models import vocab_size
+from mixcpt.train.forward import LossForward
+from mixcpt.train.fused_loss import SwappedTeacher, SwappedTopK
+
+
+class Teacher:
+    """A source of LSSD targets."""
+
+    def target(self, inputs: dict[str, torch.Tensor]) -> SwappedTeacher | SwappedTopK:
+        """The LSSD target of a batch (`inputs` as the dataset gives them, on the student's device):
+        position t holds the teacher's prediction of token t + 1, as the student's rows do."""
+        raise NotImplementedError
+
+
+class OnlineTeacher(Teacher):
+    """A frozen deep copy of `teacher_model` (eval mode, no grad), moved to the student's device on
+    first use. It is not part of the trained model, so DDP/FSDP never wrap it. Its logits are made
+    a chunk at a time inside the loss, in its own dtype (from its hidden states, see `LossForward`)."""
+
+    def __init__(self, teacher_model: torch.nn.Module, student_vocab_size: int):
+        if vocab_size(teacher_model) != student_vocab_size:
+            raise ConfigError(
+                f"cpt.teacher: the teacher's vocabulary has {vocab_size(teacher_model)} tokens, "
+                f"the student's {student_vocab_size}; LSSD needs the same vocabulary"
+            )
+        self.model = copy.deepcopy(teacher_model).eval().requires_grad_(False)
+        self.forward = LossForward(self.model)
+
+    def target(self, inputs):
+        self.model.to(inputs["input_ids"].device)  # a no-op after the first batch
+        with torch.no_grad():
+            rows, weight, _ = self.forward(self.model, inputs)
+        return SwappedTeacher(rows, weight)
+
+
+class LoraTeacher(Teacher):
+    """The PEFT-wrapped student with its adapters disabled: exactly the frozen base model."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise ConfigError("cpt.teacher: lora needs the student wrapped with PEFT LoRA adapters")
+        self.peft_model = peft_model
+        # An adapted output layer is not a plain nn.Linear: then the teacher gives logits.
+        self.forward = LossForward(peft_model)
+
+    def target(self, inputs):
+        # The adapter layers are toggled on the tuner (`base_model`) directly: PeftModel.disable_adapter()
+        # would also walk every parameter (get_model_status) on each step, for a warning only.
+        tuner = self.peft_model.base_model
+        # The unwrapped PEFT model, not the DDP wrapper: no gradient flows, no sync needed.
+        with torch.no_grad():
+            tuner.disable_adapter_layers()
+            try:
+                rows, weight, _ = self.forward(self.peft_model, inputs)
+            finally:
+                tuner.enable_adapter_layers()
+        return SwappedTeacher(rows, weight)
