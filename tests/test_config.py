@@ -1,6 +1,9 @@
-import pytest
+import typing
 
-from mixcpt.config import load_config
+import pytest
+from pydantic import BaseModel
+
+from mixcpt.config import Config, load_config
 from mixcpt.errors import ConfigError
 
 
@@ -48,7 +51,8 @@ def test_minimal_config_gets_defaults_and_absolute_paths(corpus):
             "cpt.teacher: Input should be 'online', 'lora' or 'cache'",
         ),
         (
-            "model: {path: m}\ndata: {domain: [{path: d.txt}]}\ncpt: {ce_weight: 0, lssd_weight: 0}\n",
+            "model: {path: m}\ndata: {domain: [{path: d.txt}]}\n"
+            "cpt: {ce_weight: 0, lssd_weight: 0}\n",
             "both 0",
         ),
         (
@@ -69,3 +73,30 @@ def test_bad_config_names_the_key(corpus, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(corpus, text))
     assert message in str(err.value)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation names, directly or inside list[...], X | None, unions."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _config_keys(model: type[BaseModel], prefix: str = "") -> dict[str, str | None]:
+    """{dotted key: description} of every field reachable from `model` (list items: no index)."""
+    keys = {}
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        keys[key] = field.description
+        for sub in _models_in(field.annotation):
+            keys.update(_config_keys(sub, key + "."))
+    return keys
+
+
+def test_every_config_key_has_a_description():
+    keys = _config_keys(Config)
+    # the walk reaches nested models, through lists and defaults alike
+    assert {"seed", "cpt.lora.r", "dpo.training.learning_rate", "data.domain.path"} <= set(keys)
+    assert "eval.benchmarks.stop" in keys
+    missing = [key for key, description in keys.items() if not (description or "").strip()]
+    assert not missing, f"{len(missing)} config keys have no description: {', '.join(missing)}"
