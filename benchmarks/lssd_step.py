@@ -25,11 +25,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
-from mixcpt import lssd_cpu_kernel
 from mixcpt.config import TrainingConfig
 from mixcpt.data.packing import write_packed
 from mixcpt.malloc_tuning import keep_freed_memory
-from mixcpt.teachers import IndexedBlocks, LoraTeacher, OnlineTeacher, build_teacher_cache
+from mixcpt.data.packing import IndexedBlocks
+from mixcpt.train import lssd_cpu_kernel
+from mixcpt.train.teacher_cache import build_teacher_cache
+from mixcpt.train.teachers import LoraTeacher, OnlineTeacher
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.trainer import LSSDTrainer
 

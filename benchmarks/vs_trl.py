@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from mixcpt.teachers import OnlineTeacher
+from mixcpt.train.teachers import OnlineTeacher
 from mixcpt.train.trainer import LSSDTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))

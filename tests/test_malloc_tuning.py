@@ -17,7 +17,7 @@ from mixcpt.malloc_tuning import keep_freed_memory
 # warm-up (seen: one 8 MB block in some runs) faults in fresh pages once, which is not what is measured.
 STEPS = """
 import resource, torch
-from mixcpt.losses import SwappedTeacher, cpt_loss
+from mixcpt.train.fused_loss import SwappedTeacher, cpt_loss
 from mixcpt.malloc_tuning import keep_freed_memory
 keep_freed_memory()
 g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from mixcpt.align.dpo import pair_collate, pair_features, run_dpo
-from mixcpt.align.encoding import score_features
+from mixcpt.responses import score_responses
 from mixcpt.losses import dpo_loss
 from mixcpt.models import load_model, load_tokenizer
 
@@ -36,7 +36,7 @@ def test_pair_collate_puts_chosen_rows_first(tiny_tokenizer, pool_rows):
 
 def margins(folder, pairs, pad_token_id) -> torch.Tensor:
     """log p(chosen) - log p(rejected) per pair under the model in `folder`."""
-    sums, _ = score_features(
+    sums, _ = score_responses(
         load_model(folder),
         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
         4,

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from mixcpt.align.encoding import fit_to_length
 from mixcpt.align.select import choose, run_select
 from mixcpt.models import load_model, load_tokenizer
 
@@ -131,19 +130,3 @@ def test_fas_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
     for r in records.values():
         if "skipped" not in r:
             assert r["score"] == pytest.approx(r["nll_chat"] / r["nll"])
-
-
-def test_long_prompts_are_cut_from_the_left_keeping_the_response(caplog):
-    prompt, response = list(range(100, 120)), [1, 2, 3]
-    with caplog.at_level(logging.WARNING):
-        fitted = fit_to_length(
-            [(prompt, [response]), ([7, 8], [response])], max_length=8, source="pool"
-        )
-    assert fitted == [(prompt[-5:], [response]), ([7, 8], [response])]
-    assert (
-        "pool: 1 of 2 prompts longer than max_length=8 were truncated from the left" in caplog.text
-    )
-    # A response longer than max_length keeps its start and one prompt token.
-    assert fit_to_length([(prompt, [list(range(10))])], 8, "pool") == [
-        (prompt[-1:], [list(range(7))])
-    ]

@@ -4,7 +4,7 @@ import logging
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from mixcpt.align.encoding import pad_batch
+from mixcpt.responses import pad_batch
 from mixcpt.align.sft import run_sft, sft_features
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
@@ -100,7 +100,7 @@ def test_rerun_resumes_from_the_last_checkpoint(cfg, run, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        "mixcpt.align.stage.save_trained_model", interrupted
+        "mixcpt.train.resumable.save_trained_model", interrupted
     )  # killed after training, before saving
     with pytest.raises(KeyboardInterrupt):
         run_sft(cfg, run, "baseline")

@@ -11,8 +11,10 @@ import torch
 from mixcpt.config import TrainingConfig
 from mixcpt.data.packing import write_packed
 from mixcpt.errors import ConfigError
-from mixcpt.losses import SwappedTeacher, lssd_loss
-from mixcpt.teachers import IndexedBlocks, OnlineTeacher, Teacher
+from mixcpt.data.packing import IndexedBlocks
+from mixcpt.losses import lssd_loss
+from mixcpt.train.fused_loss import SwappedTeacher
+from mixcpt.train.teachers import OnlineTeacher, Teacher
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.trainer import LSSDTrainer, NonFiniteLossError
 

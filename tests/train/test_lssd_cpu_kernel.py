@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixcpt import lssd_cpu_kernel
-from mixcpt.losses import SwappedTeacher, logit_swap
+from mixcpt.losses import logit_swap
+from mixcpt.train import lssd_cpu_kernel
+from mixcpt.train.fused_loss import SwappedTeacher
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None, reason="no C compiler on this machine"

@@ -12,16 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mixcpt.data.packing import write_packed
 from mixcpt.errors import ConfigError
-from mixcpt.losses import cpt_loss, lssd_loss_topk, next_token_labels
-from mixcpt.teachers import (
-    CachedTeacher,
-    IndexedBlocks,
-    LoraTeacher,
-    LossForward,
-    OnlineTeacher,
-    build_teacher_cache,
-    top_k_logprobs,
-)
+from mixcpt.data.packing import IndexedBlocks
+from mixcpt.losses import next_token_labels
+from mixcpt.train.forward import LossForward
+from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
+from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache, top_k_logprobs
+from mixcpt.train.teachers import LoraTeacher, OnlineTeacher
 
 V, BLOCK = 400, 16
 
