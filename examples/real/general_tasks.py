@@ -17,7 +17,8 @@ another word's definition or example, a wrong sum or count, an unsorted order.
 
 Synsets are split into training and held-out ones (a word's meanings are never in both); the
 held-out part gives the benchmarks. Writes to --out:
-    instructions.jsonl, preferences.jsonl   the general pool D_I, D_A (Alpaca / prompt-chosen-rejected)
+    instructions.jsonl, preferences.jsonl   the general pool D_I, D_A
+                              (Alpaca / prompt-chosen-rejected)
     bench_general_mc.jsonl    "Which is the meaning of X?", 4 held-out definitions (multiple choice)
     bench_general_gen.jsonl   the held-out instruction split with exact answers (generation)
     bench_general_ppl.jsonl   held-out glosses as short English paragraphs (bits per byte)

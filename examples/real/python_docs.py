@@ -226,7 +226,8 @@ def main() -> None:
             f"{library}: not found; install it with: apt-get install -y python3.11-doc"
         )
     pages = [read_page(path) for path in sorted(library.glob("*.html"))]
-    # pages that document one module ("json — JSON encoder and decoder"); index pages have no synopsis
+    # pages that document one module ("json — JSON encoder and decoder"); index pages have no
+    # synopsis
     pages = [pg for pg in pages if pg["module"] and pg["synopsis"] and len(pg["text"]) > 1000]
     rng = random.Random(args.seed)
     rng.shuffle(pages)
@@ -255,7 +256,8 @@ def main() -> None:
         out / "bench_domain_mc_seen.jsonl", questions(train, modules, rng, args.questions_per_page)
     )
     print(
-        f"python docs: {len(train)} training pages ({size:,} characters), {len(heldout)} held-out pages -> {out}"
+        f"python docs: {len(train)} training pages ({size:,} characters), "
+        f"{len(heldout)} held-out pages -> {out}"
     )
 
 

@@ -1,4 +1,5 @@
-"""Fixtures for the data stage: small source files in every supported form, and a config for them."""
+"""Fixtures for the data stage: small source files in every supported form, and a config for
+them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def tok_dir(tmp_path, tiny_tokenizer):
 
 @pytest.fixture
 def sources(tmp_path):
-    """A domain jsonl, an Alpaca + chat instruction file, a preference file (strings and messages)."""
+    """A domain jsonl, an Alpaca + chat instruction file, a preference file (strings and
+    messages)."""
     domain = write_jsonl(
         tmp_path / "domain.jsonl",
         [

@@ -1,1 +1,2 @@
-"""The data stage: read sources, render them to plain text, mix by token shares, tokenise and pack."""
+"""The data stage: read sources, render them to plain text, mix by token shares, tokenise and
+pack."""

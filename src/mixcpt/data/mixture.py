@@ -3,10 +3,10 @@
 Given each source's document lengths (in tokens) and its weight, the plan decides how many
 tokens each source contributes and which documents, in which order, fill that share:
 
-    share_i  = w_i / sum(w)                          the configured token share of source i
-    total    = total_tokens if set, else            the largest mixture that needs no repeat
-               min_i n_i / share_i                  (oversample off: the scarcest source bounds it)
-               max_i n_i / share_i                  (oversample on: every document used at least once)
+    share_i  = w_i / sum(w)                  the configured token share of source i
+    total    = total_tokens if set, else     the largest mixture that needs no repeat
+               min_i n_i / share_i           (oversample off: the scarcest source bounds it)
+               max_i n_i / share_i           (oversample on: every document used at least once)
     target_i = share_i * total
 
 Documents of a source are drawn in a seeded random order, a fresh permutation per pass (a
@@ -66,8 +66,9 @@ def plan_mixture(
         for i, (t, have) in enumerate(zip(targets, n)):
             if t > have:
                 raise ConfigError(
-                    f"data: source '{labels[i]}' holds {int(have)} tokens but its share of total_tokens "
-                    f"needs {t}; lower total_tokens or set data.oversample: true to repeat it"
+                    f"data: source '{labels[i]}' holds {int(have)} tokens but its share of "
+                    f"total_tokens needs {t}; lower total_tokens or set data.oversample: true to "
+                    "repeat it"
                 )
 
     rng = np.random.default_rng(seed)

@@ -24,7 +24,8 @@ IGNORE_INDEX = -100
 
 
 class PackedBlocks(Dataset):
-    """Memory-mapped blocks of a packed stream: items are dicts of input_ids, position_ids, labels."""
+    """Memory-mapped blocks of a packed stream: items are dicts of input_ids, position_ids,
+    labels."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)

@@ -6,7 +6,8 @@ malformed raises `InputError("path:line: what is wrong")`.
 
     domain text     .txt files (one document each) or folders of them; .jsonl / .parquet with a
                     text field; a `datasets` dataset (format: hf)
-    instructions    Alpaca {"instruction", "input"?, "output"} or chat {"messages": [{role, content}]}
+    instructions    Alpaca {"instruction", "input"?, "output"} or
+                    chat {"messages": [{role, content}]}
     preferences     {"prompt", "chosen", "rejected"}, each a string or a list of messages
 """
 

@@ -12,7 +12,8 @@ from mixcpt.config import TemplateConfig
 
 
 def render_plain_prompt(instruction: str, input: str, template: TemplateConfig) -> str:
-    """The text before the response: instruction part, input part when non-empty, response prefix."""
+    """The text before the response: instruction part, input part when non-empty, response
+    prefix."""
     text = template.instruction.format(instruction=instruction)
     if input:
         text += template.input.format(input=input)

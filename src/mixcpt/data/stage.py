@@ -1,10 +1,14 @@
-"""The data stage (`mixcpt data`): sources -> plain text -> tokens -> D_MIX, D_K and the general pool.
+"""The data stage (`mixcpt data`): sources -> plain text -> tokens -> D_MIX, D_K and the pool.
 
+`run_data` runs these steps in order, each a function below:
     pass 1  stream every source, render instruction/preference samples to plain text
             (render.py), tokenise in batches (the fast tokenizer parallelises in Rust), append
             the tokens of each source to a flat int32 file; keep only document lengths in memory
     plan    choose the documents of the mixture by token shares (mixture.py)
-    pass 2  copy the chosen documents, EOS-terminated, into fixed-length blocks (packing.py)
+    pass 2  copy the chosen documents, EOS-terminated, into fixed-length blocks (packing.py):
+            D_MIX with the statistics of each source, then D_K
+    pool    keep the general samples that were drawn into D_MIX
+    stats   write data_stats.json and the fingerprint of the inputs
 
 Outputs, all under `DIR/data/` (built in a temporary folder and renamed at the end):
     mix/      D_MIX, the stage-1 stream of the Mix-CPT arm
@@ -31,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mixcpt.atomic import atomic_dir, write_json_atomic
 from mixcpt.config import Config, SourceConfig
-from mixcpt.data.mixture import plan_mixture
+from mixcpt.data.mixture import MixturePlan, plan_mixture
 from mixcpt.data.readers import (
     alpaca_fields,
     domain_text,
@@ -183,7 +187,8 @@ def _pack(
         start = offsets[s][d]
         flat_ids[cursor : cursor + n] = token_maps[s][start : start + n]
         idx = np.arange(cursor, cursor + n)
-        # the position restarts at this document's start or at the start of the block, whichever is later
+        # the position restarts at this document's start or at the start of the block, whichever
+        # is later
         flat_pos[cursor : cursor + n] = idx - np.maximum(cursor, idx - idx % block_size)
         cursor += n
     flat_ids[cursor:] = pad_id
@@ -233,126 +238,173 @@ def data_fingerprint(cfg: Config, tokenizer_path: str) -> str:
 
 
 def run_data(cfg: Config, run: RunDir) -> dict:
-    """Build D_MIX, D_K and the pool under `run.data`; returns the statistics (also in results.json)."""
+    """Build D_MIX, D_K and the pool under `run.data`; returns the statistics (also in
+    results.json). Reuses an earlier build from the same inputs."""
     tokenizer_path = cfg.model.tokenizer or base_model_path(cfg.model, run.base)
     fingerprint = data_fingerprint(cfg, tokenizer_path)
-    stats_path = run.data / "data_stats.json"
-    if (run.data / "fingerprint").is_file() and (
-        run.data / "fingerprint"
-    ).read_text() == fingerprint:
-        stats = json.loads(stats_path.read_text())
-        if (
-            "data" not in run.read_results()
-        ):  # a run killed between the rename and the results update
-            _record(run, stats)
+    stats = _reuse_earlier_build(run, fingerprint)
+    if stats is not None:
         return stats
 
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     t0 = time.perf_counter()
     with atomic_dir(run.data) as tmp:
-        work = tmp / "_tokens"
-        work.mkdir()
-        sources: list[TokenizedSource] = []
-        for group in GROUPS:
-            for i, src in enumerate(getattr(cfg.data, group)):
-                label = (
-                    src.label
-                    if all(src.label != s.label for s in sources)
-                    else f"{src.label}-{group}{i}"
-                )
-                sources.append(_tokenize_source(group, src, label, cfg, tokenizer, work))
+        sources = _tokenize_sources(cfg, tokenizer, tmp / "_tokens")
         tokenize_s = time.perf_counter() - t0
-        available = int(sum(s.lengths.sum() for s in sources))
-
-        plan = plan_mixture(
-            [s.lengths for s in sources],
-            [s.weight for s in sources],
-            cfg.seed,
-            cfg.data.total_tokens,
-            cfg.data.oversample,
-            [s.label for s in sources],
-        )
-        mix = _pack(
-            plan.order,
-            sources,
-            cfg.data.block_size,
-            tokenizer.pad_token_id,
-            tmp / "mix",
-            fingerprint,
-            "pack D_MIX",
-        )
-        drawn = plan.drawn_tokens([s.lengths for s in sources])
-        total_drawn = sum(drawn)
-        total_weight = sum(s.weight for s in sources)
-        mix["sources"] = {
-            s.label: {
-                "group": s.group,
-                "documents": int((plan.order[:, 0] == i).sum()),
-                "unique_documents": int(len(np.unique(plan.order[plan.order[:, 0] == i, 1]))),
-                "tokens": drawn[i],
-                "available_tokens": int(s.lengths.sum()),
-                "share": drawn[i] / total_drawn if total_drawn else 0.0,
-                "target_share": s.weight / total_weight,
-            }
-            for i, s in enumerate(sources)
-        }
-        mix["unit"] = "tokens"
-
-        # D_K for the traditional arm: every domain document once, in a seeded order
-        domain_ids = [i for i, s in enumerate(sources) if s.group == "domain"]
-        domain_order = np.concatenate(
-            [
-                np.stack(
-                    [np.full(len(sources[i].lengths), i), np.arange(len(sources[i].lengths))],
-                    axis=1,
-                )
-                for i in domain_ids
-            ]
-        )
-        domain_order = domain_order[np.random.default_rng(cfg.seed).permutation(len(domain_order))]
-        domain = _pack(
-            domain_order,
-            sources,
-            cfg.data.block_size,
-            tokenizer.pad_token_id,
-            tmp / "domain",
-            fingerprint,
-            "pack D_K",
-        )
-
-        # the pool: the general samples that made it into D_MIX, each once, in source order
-        (tmp / "pool").mkdir()
-        pool_counts = {}
-        for group in ("instructions", "preferences"):
-            n = 0
-            with open(tmp / "pool" / f"{group}.jsonl", "w", encoding="utf-8") as out:
-                for i, s in enumerate(sources):
-                    if s.group != group:
-                        continue
-                    keep = set(plan.order[plan.order[:, 0] == i, 1].tolist())
-                    with open(s.pool_path, encoding="utf-8") as rows:
-                        for d, line in enumerate(rows):
-                            if d in keep:
-                                out.write(line)
-                                n += 1
-            pool_counts[group] = n
-        shutil.rmtree(work)
-
+        plan = _plan(cfg, sources)
+        mix = _pack_mix(plan, sources, cfg, tokenizer.pad_token_id, tmp / "mix", fingerprint)
+        domain = _pack_domain(sources, cfg, tokenizer.pad_token_id, tmp / "domain", fingerprint)
+        pool = _write_pool(plan, sources, tmp / "pool")
+        shutil.rmtree(tmp / "_tokens")
         stats = {
             "mix": mix,
             "domain": domain,
-            "pool": pool_counts,
-            "available_tokens": available,
-            "tokenize_seconds": round(tokenize_s, 3),
-            "tokens_per_second": round(available / max(tokenize_s, 1e-9), 1),
+            "pool": pool,
+            **_tokenize_stats(sources, tokenize_s),
             "fingerprint": fingerprint,
         }
-        write_json_atomic(tmp / "data_stats.json", stats)
-        (tmp / "fingerprint").write_text(fingerprint)
+        _write_stats(tmp, stats, fingerprint)
     _record(run, stats)
     return stats
 
 
+def _reuse_earlier_build(run: RunDir, fingerprint: str) -> dict | None:
+    """The statistics of the build in `run.data` if it was made from the inputs of `fingerprint`,
+    else None."""
+    marker = run.data / "fingerprint"
+    if not (marker.is_file() and marker.read_text() == fingerprint):
+        return None
+    stats = json.loads((run.data / "data_stats.json").read_text())
+    if "data" not in run.read_results():  # a run killed between the rename and the results update
+        _record(run, stats)
+    return stats
+
+
+def _tokenize_sources(cfg: Config, tokenizer, work: Path) -> list[TokenizedSource]:
+    """Pass 1 for every source, group by group in config order, into the new folder `work`.
+
+    A label that an earlier source already has becomes `<label>-<group><index>`, so that every
+    source has its own token file and its own line in the statistics.
+    """
+    work.mkdir()
+    sources: list[TokenizedSource] = []
+    for group in GROUPS:
+        for i, src in enumerate(getattr(cfg.data, group)):
+            label = (
+                src.label
+                if all(src.label != s.label for s in sources)
+                else f"{src.label}-{group}{i}"
+            )
+            sources.append(_tokenize_source(group, src, label, cfg, tokenizer, work))
+    return sources
+
+
+def _plan(cfg: Config, sources: list[TokenizedSource]) -> MixturePlan:
+    """The documents of D_MIX, drawn by the sources' token shares with the run's seed."""
+    return plan_mixture(
+        [s.lengths for s in sources],
+        [s.weight for s in sources],
+        cfg.seed,
+        cfg.data.total_tokens,
+        cfg.data.oversample,
+        [s.label for s in sources],
+    )
+
+
+def _pack_mix(
+    plan: MixturePlan,
+    sources: list[TokenizedSource],
+    cfg: Config,
+    pad_id: int,
+    folder: Path,
+    fingerprint: str,
+) -> dict:
+    """Pass 2 for D_MIX into `folder`; returns `_pack`'s statistics plus, under "sources", the
+    statistics of each source."""
+    mix = _pack(plan.order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_MIX")
+    mix["sources"] = _source_stats(plan, sources)
+    mix["unit"] = "tokens"
+    return mix
+
+
+def _source_stats(plan: MixturePlan, sources: list[TokenizedSource]) -> dict:
+    """label -> what D_MIX holds of that source: documents drawn (with repeats and without),
+    tokens drawn and available, and its share of the mixture against the share its weight asks."""
+    drawn = plan.drawn_tokens([s.lengths for s in sources])
+    total_drawn = sum(drawn)
+    total_weight = sum(s.weight for s in sources)
+    return {
+        s.label: {
+            "group": s.group,
+            "documents": int((plan.order[:, 0] == i).sum()),
+            "unique_documents": int(len(np.unique(plan.order[plan.order[:, 0] == i, 1]))),
+            "tokens": drawn[i],
+            "available_tokens": int(s.lengths.sum()),
+            "share": drawn[i] / total_drawn if total_drawn else 0.0,
+            "target_share": s.weight / total_weight,
+        }
+        for i, s in enumerate(sources)
+    }
+
+
+def _pack_domain(
+    sources: list[TokenizedSource], cfg: Config, pad_id: int, folder: Path, fingerprint: str
+) -> dict:
+    """Pass 2 for D_K, the traditional arm's stream, into `folder`: every domain document once,
+    in an order shuffled with the run's seed. Returns `_pack`'s statistics."""
+    domain_ids = [i for i, s in enumerate(sources) if s.group == "domain"]
+    order = np.concatenate(
+        [
+            np.stack(
+                [np.full(len(sources[i].lengths), i), np.arange(len(sources[i].lengths))],
+                axis=1,
+            )
+            for i in domain_ids
+        ]
+    )
+    order = order[np.random.default_rng(cfg.seed).permutation(len(order))]
+    return _pack(order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K")
+
+
+def _write_pool(plan: MixturePlan, sources: list[TokenizedSource], folder: Path) -> dict:
+    """Write `folder`/instructions.jsonl and preferences.jsonl: the general samples that made it
+    into D_MIX, each once, in source order. Returns group -> number of samples written."""
+    folder.mkdir()
+    counts = {}
+    for group in ("instructions", "preferences"):
+        n = 0
+        with open(folder / f"{group}.jsonl", "w", encoding="utf-8") as out:
+            for i, s in enumerate(sources):
+                if s.group != group:
+                    continue
+                keep = set(plan.order[plan.order[:, 0] == i, 1].tolist())
+                with open(s.pool_path, encoding="utf-8") as rows:
+                    for d, line in enumerate(rows):
+                        if d in keep:
+                            out.write(line)
+                            n += 1
+        counts[group] = n
+    return counts
+
+
+def _tokenize_stats(sources: list[TokenizedSource], seconds: float) -> dict:
+    """The tokens of every source together and the speed of pass 1, which took `seconds`."""
+    available = int(sum(s.lengths.sum() for s in sources))
+    return {
+        "available_tokens": available,
+        "tokenize_seconds": round(seconds, 3),
+        "tokens_per_second": round(available / max(seconds, 1e-9), 1),
+    }
+
+
+def _write_stats(folder: Path, stats: dict, fingerprint: str) -> None:
+    """Write data_stats.json and the fingerprint, by which a rerun with the same inputs reuses the
+    build."""
+    write_json_atomic(folder / "data_stats.json", stats)
+    (folder / "fingerprint").write_text(fingerprint)
+
+
 def _record(run: RunDir, stats: dict) -> None:
+    """Copy the statistics of D_MIX, D_K and the pool into the "data" section of results.json."""
     for key in ("mix", "domain", "pool"):
         run.update_results("data", key, stats[key])

@@ -1,5 +1,6 @@
-"""The demo's base model: a BPE tokenizer trained on the world's text and a tiny Llama pre-trained on
-the general world (bios + general instructions as plain text) with plain causal-LM cross-entropy.
+"""The demo's base model: a BPE tokenizer trained on the world's text and a tiny Llama
+pre-trained on the general world (bios + general instructions as plain text) with plain causal-LM
+cross-entropy.
 
 It plays the part of a pretrained general model: it knows the people and answers questions about
 them, and it has never seen a planet. Built once and cached: a folder whose `mixcpt_base.json`

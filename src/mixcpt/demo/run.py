@@ -34,7 +34,8 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 
 def demo_config(run: RunDir, quick: bool, seed: int) -> dict:
-    """The demo's config as a dict (paths relative to the run folder), also written to DIR/config.yaml."""
+    """The demo's config as a dict (paths relative to the run folder), also written to
+    DIR/config.yaml."""
     raw = yaml.safe_load(files("mixcpt.demo").joinpath("config.yaml").read_text(encoding="utf-8"))
     raw["seed"] = seed
     for dotted, value in (QUICK if quick else {}).items():

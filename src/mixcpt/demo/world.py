@@ -1,4 +1,5 @@
-"""The demo's synthetic world (design.md §7): seeded, deterministic, written in the input formats of §5.
+"""The demo's synthetic world (design.md §7): seeded, deterministic, written in the input
+formats of §5.
 
 Two kinds of entities, each a row of attributes:
 - general world: fictional *people* (birth year, birth city, university, field, employer), each
@@ -11,7 +12,9 @@ Two kinds of entities, each a row of attributes:
   instruction pool, which makes knowledge extraction learnable) and `heldout` (asked about only
   in the benchmarks, never in any training file).
 
-`write_world(folder, seed, size)` writes every file; the same seed and size give byte-identical files.
+`write_world(folder, seed, size)` writes every file; the same seed and size give byte-identical
+files. It reads as its list of steps (entities, split, paraphrased texts, instruction and
+preference pools, pretraining text, benchmarks, files), each a function below.
 """
 
 from __future__ import annotations
@@ -74,18 +77,19 @@ SIZES = {
 
 @dataclass(frozen=True)
 class WorldFiles:
-    """Paths of everything `write_world` writes; `world.json` holds the entity tables and the split."""
+    """Paths of everything `write_world` writes; `world.json` holds the entity tables and the
+    split."""
 
     folder: Path
     domain: Path  # {"text"}: planet documents, train and heldout planets
     instructions: Path  # Alpaca: QA about pool people, other tasks, QA about train planets
     preferences: Path  # {"prompt","chosen","rejected"}: pool people, right vs wrong answer
-    general_pretrain: (
-        Path  # {"text"}: bios + QA about everyone + other tasks, plain (base model only)
-    )
+    # {"text"}: bios + QA about everyone + other tasks, plain (base model only)
+    general_pretrain: Path
     bench_domain_mc: Path  # {"question","choices","answer"}: heldout planets
     bench_domain_gen: Path  # {"prompt","answers"}: heldout planets
-    bench_general_mc: Path  # benchmark people: known to the base, absent from the pools (retention)
+    # benchmark people: known to the base, absent from the pools (retention)
+    bench_general_mc: Path
     bench_general_gen: Path
     bench_general_ppl: Path  # {"text"}: bios paraphrased differently from every training bio
     probe: Path  # plain text for KL(base || stage)
@@ -346,7 +350,8 @@ def render_plain(sample: dict) -> str:
 def _multiple_choice(
     rng: random.Random, questions: dict, entity: dict, attr: str, pool: list[str]
 ) -> dict:
-    """Question with the right value and three other values of the same attribute, in random order."""
+    """Question with the right value and three other values of the same attribute, in random
+    order."""
     wrong = rng.sample(sorted(set(pool) - {entity[attr]}), 3)
     choices = wrong + [entity[attr]]
     rng.shuffle(choices)
@@ -357,6 +362,157 @@ def _multiple_choice(
     }
 
 
+def _generation_item(questions: dict[str, str], entity: dict, attr: str) -> dict:
+    """A question whose answer is the entity's value, to be generated rather than chosen."""
+    return {"prompt": questions[attr].format(name=entity["name"]), "answers": [entity[attr]]}
+
+
+def _facts(entities: list[dict], questions: dict[str, str]) -> list[tuple[dict, str]]:
+    """(entity, attribute) for every entity and every attribute `questions` asks about."""
+    return [(e, a) for e in entities for a in questions]
+
+
+# ---- the steps of write_world ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Split:
+    """Which entities each file may mention (see `_split`)."""
+
+    train_planets: list[dict]
+    heldout_planets: list[dict]
+    pool_people: list[dict]
+    bench_people: list[dict]
+
+
+def _split(people: list[dict], planets: list[dict], sz: WorldSize) -> _Split:
+    """The last `sz.heldout_planets` planets are held out; the people are cut in two halves.
+
+    The base is pretrained on QA about everyone; the instruction and preference pools ask only
+    about the first half, and the general benchmarks only about the second half, so that general
+    scores after alignment measure retention, not facts re-taught by the pool.
+    """
+    half = len(people) // 2
+    return _Split(
+        train_planets=planets[: -sz.heldout_planets],
+        heldout_planets=planets[-sz.heldout_planets :],
+        pool_people=people[:half],
+        bench_people=people[half:],
+    )
+
+
+def _paraphrased_texts(
+    rng: random.Random, people: list[dict], planets: list[dict], sz: WorldSize
+) -> tuple[list[list[str]], list[str], list[str]]:
+    """(the training bios of each person, one held-out bio per person that differs from all of
+    that person's training bios, every planet's documents in one shuffled list)."""
+    bios = [_paraphrases(rng, _bio, p, sz.bios_per_person) for p in people]
+    heldout_bios = [_paraphrases(rng, _bio, p, 1, avoid=set(b))[0] for p, b in zip(people, bios)]
+    docs = [doc for p in planets for doc in _paraphrases(rng, _planet_doc, p, sz.docs_per_planet)]
+    rng.shuffle(docs)
+    return bios, heldout_bios, docs
+
+
+def _values_by_attribute(people: list[dict], planets: list[dict]) -> dict[str, list[str]]:
+    """attribute -> the value of every entity that has it: where wrong answers are drawn from."""
+    values = {a: [p[a] for p in people] for a in GENERAL_QUESTIONS}
+    values |= {a: [p[a] for p in planets] for a in DOMAIN_QUESTIONS}
+    return values
+
+
+def _instruction_pool(rng: random.Random, split: _Split, other_tasks: list[dict]) -> list[dict]:
+    """Alpaca samples, shuffled: QA about the pool people, the other tasks, QA about the train
+    planets (never the held-out ones)."""
+    instructions = (
+        [_qa(GENERAL_QUESTIONS, p, a) for p, a in _facts(split.pool_people, GENERAL_QUESTIONS)]
+        + other_tasks
+        + [_qa(DOMAIN_QUESTIONS, p, a) for p, a in _facts(split.train_planets, DOMAIN_QUESTIONS)]
+    )
+    rng.shuffle(instructions)
+    return instructions
+
+
+def _preference_pool(
+    rng: random.Random, people: list[dict], values: dict[str, list[str]], n: int
+) -> list[dict]:
+    """Up to `n` questions about `people`, each with the right value chosen and another value of
+    the same attribute rejected."""
+    facts = _facts(people, GENERAL_QUESTIONS)
+    return [
+        {
+            "prompt": GENERAL_QUESTIONS[a].format(name=p["name"]),
+            "chosen": p[a],
+            "rejected": rng.choice(sorted(set(values[a]) - {p[a]})),
+        }
+        for p, a in rng.sample(facts, min(n, len(facts)))
+    ]
+
+
+def _pretraining_text(
+    rng: random.Random, people: list[dict], bios: list[list[str]], other_tasks: list[dict]
+) -> list[str]:
+    """The base model's corpus, shuffled: every training bio, plus QA about everyone and the other
+    tasks rendered as plain text."""
+    general_qa = [_qa(GENERAL_QUESTIONS, p, a) for p, a in _facts(people, GENERAL_QUESTIONS)]
+    pretrain = [b for bs in bios for b in bs] + [render_plain(s) for s in general_qa + other_tasks]
+    rng.shuffle(pretrain)
+    return pretrain
+
+
+def _benchmarks(
+    rng: random.Random,
+    split: _Split,
+    values: dict[str, list[str]],
+    heldout_bios: list[str],
+    n_general: int,
+) -> dict[str, list[dict]]:
+    """WorldFiles field -> rows of each benchmark: domain QA about every held-out planet, general
+    QA about up to `n_general` facts of the benchmark people (each as multiple choice and as
+    generation), and the held-out bios for perplexity."""
+    bench_facts = _facts(split.bench_people, GENERAL_QUESTIONS)
+    general_items = rng.sample(bench_facts, min(n_general, len(bench_facts)))
+    domain_items = _facts(split.heldout_planets, DOMAIN_QUESTIONS)
+    # a dict display evaluates in order: the domain choices are drawn before the general ones
+    return {
+        "bench_domain_mc": [
+            _multiple_choice(rng, DOMAIN_QUESTIONS, p, a, values[a]) for p, a in domain_items
+        ],
+        "bench_domain_gen": [_generation_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items],
+        "bench_general_mc": [
+            _multiple_choice(rng, GENERAL_QUESTIONS, p, a, values[a]) for p, a in general_items
+        ],
+        "bench_general_gen": [_generation_item(GENERAL_QUESTIONS, p, a) for p, a in general_items],
+        "bench_general_ppl": [{"text": t} for t in heldout_bios],
+    }
+
+
+def _probe_bios(
+    rng: random.Random, people: list[dict], bios: list[list[str]], heldout_bios: list[str]
+) -> list[str]:
+    """One more bio of each of `people`, unlike their training and held-out bios: the probe text
+    on which KL(base || stage) is measured."""
+    return [
+        _paraphrases(rng, _bio, p, 1, avoid={*b, h})[0]
+        for p, b, h in zip(people, bios, heldout_bios)
+    ]
+
+
+def _world_table(
+    seed: int, size: str, people: list[dict], planets: list[dict], split: _Split
+) -> dict:
+    """The contents of world.json: seed, size, the entity tables and the names in each split."""
+    return {
+        "seed": seed,
+        "size": size,
+        "people": people,
+        "planets": planets,
+        "split": {
+            "train": [p["name"] for p in split.train_planets],
+            "heldout": [p["name"] for p in split.heldout_planets],
+            "general_pool": [p["name"] for p in split.pool_people],
+            "general_benchmark": [p["name"] for p in split.bench_people],
+        },
+    }
+
+
 # ---- the files ------------------------------------------------------------------------------
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text(
@@ -364,89 +520,45 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     )
 
 
-def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFiles:
-    """Generate the world for (`seed`, `size` in SIZES) and write it to `folder` (replaced as a whole,
-    atomically). Returns the paths. Same seed and size: byte-identical files."""
-    if size not in SIZES:
-        raise ValueError(f"world size must be one of {sorted(SIZES)}, not {size!r}")
-    sz, rng = SIZES[size], random.Random(seed)
-    people, planets = _make_entities(rng, sz)
-    train_planets, heldout_planets = planets[: -sz.heldout_planets], planets[-sz.heldout_planets :]
-
-    bios = [_paraphrases(rng, _bio, p, sz.bios_per_person) for p in people]
-    heldout_bios = [_paraphrases(rng, _bio, p, 1, avoid=set(b))[0] for p, b in zip(people, bios)]
-    docs = [doc for p in planets for doc in _paraphrases(rng, _planet_doc, p, sz.docs_per_planet)]
-    rng.shuffle(docs)
-
-    # The base is pretrained on QA about everyone; the instruction and preference pools ask only
-    # about the first half, and the general benchmarks only about the second half, so that
-    # general scores after alignment measure retention, not facts re-taught by the pool.
-    pool_people, bench_people = people[: len(people) // 2], people[len(people) // 2 :]
-    general_facts = [(p, a) for p in people for a in GENERAL_QUESTIONS]
-    pool_facts = [(p, a) for p in pool_people for a in GENERAL_QUESTIONS]
-    other_tasks = _other_tasks(rng, sz.tasks_per_kind)
-    domain_qa = [_qa(DOMAIN_QUESTIONS, p, a) for p in train_planets for a in DOMAIN_QUESTIONS]
-    instructions = [_qa(GENERAL_QUESTIONS, p, a) for p, a in pool_facts] + other_tasks + domain_qa
-    rng.shuffle(instructions)
-
-    values = {a: [p[a] for p in people] for a in GENERAL_QUESTIONS}
-    values |= {a: [p[a] for p in planets] for a in DOMAIN_QUESTIONS}
-    preferences = [
-        {
-            "prompt": GENERAL_QUESTIONS[a].format(name=p["name"]),
-            "chosen": p[a],
-            "rejected": rng.choice(sorted(set(values[a]) - {p[a]})),
-        }
-        for p, a in rng.sample(pool_facts, min(sz.preferences, len(pool_facts)))
-    ]
-
-    general_qa = [_qa(GENERAL_QUESTIONS, p, a) for p, a in general_facts]
-    pretrain = [b for bs in bios for b in bs] + [render_plain(s) for s in general_qa + other_tasks]
-    rng.shuffle(pretrain)
-
-    bench_facts = [(p, a) for p in bench_people for a in GENERAL_QUESTIONS]
-    general_items = rng.sample(bench_facts, min(sz.general_bench, len(bench_facts)))
-    domain_items = [(p, a) for p in heldout_planets for a in DOMAIN_QUESTIONS]
-    gen_item = lambda qs, p, a: {"prompt": qs[a].format(name=p["name"]), "answers": [p[a]]}  # noqa: E731
-    mc_item = lambda qs, p, a: _multiple_choice(rng, qs, p, a, values[a])  # noqa: E731
-
+def _write_files(
+    folder: Path, jsonl: dict[str, list[dict]], probe_bios: list[str], world: dict
+) -> WorldFiles:
+    """Write `folder` (replaced as a whole, atomically): the rows of each jsonl file, keyed by
+    its WorldFiles field, the probe text and world.json. Returns the paths."""
     with atomic_dir(Path(folder)) as tmp:
         files = WorldFiles.in_folder(tmp)
-        _write_jsonl(files.domain, [{"text": d} for d in docs])
-        _write_jsonl(files.instructions, instructions)
-        _write_jsonl(files.preferences, preferences)
-        _write_jsonl(files.general_pretrain, [{"text": t} for t in pretrain])
-        _write_jsonl(
-            files.bench_domain_mc, [mc_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items]
-        )
-        _write_jsonl(
-            files.bench_domain_gen, [gen_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items]
-        )
-        _write_jsonl(
-            files.bench_general_mc, [mc_item(GENERAL_QUESTIONS, p, a) for p, a in general_items]
-        )
-        _write_jsonl(
-            files.bench_general_gen, [gen_item(GENERAL_QUESTIONS, p, a) for p, a in general_items]
-        )
-        _write_jsonl(files.bench_general_ppl, [{"text": t} for t in heldout_bios])
-        probe_bios = [
-            _paraphrases(rng, _bio, p, 1, avoid={*b, h})[0]
-            for p, b, h in zip(people[: sz.probe_bios], bios, heldout_bios)
-        ]
+        for name, rows in jsonl.items():
+            _write_jsonl(getattr(files, name), rows)
         files.probe.write_text("\n\n".join(probe_bios) + "\n", encoding="utf-8")
-        world = {
-            "seed": seed,
-            "size": size,
-            "people": people,
-            "planets": planets,
-            "split": {
-                "train": [p["name"] for p in train_planets],
-                "heldout": [p["name"] for p in heldout_planets],
-                "general_pool": [p["name"] for p in pool_people],
-                "general_benchmark": [p["name"] for p in bench_people],
-            },
-        }
         files.world.write_text(
             json.dumps(world, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
     return WorldFiles.in_folder(Path(folder))
+
+
+def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFiles:
+    """Generate the world for (`seed`, `size` in SIZES) and write it to `folder` (replaced as a
+    whole, atomically). Returns the paths. Same seed and size: byte-identical files."""
+    if size not in SIZES:
+        raise ValueError(f"world size must be one of {sorted(SIZES)}, not {size!r}")
+    sz, rng = SIZES[size], random.Random(seed)
+    # Every step draws from the one `rng`, so the order of the steps is part of the output:
+    # moving a step, or adding a draw to one, changes the files of every seed.
+    people, planets = _make_entities(rng, sz)
+    split = _split(people, planets, sz)
+    bios, heldout_bios, docs = _paraphrased_texts(rng, people, planets, sz)
+    other_tasks = _other_tasks(rng, sz.tasks_per_kind)
+    values = _values_by_attribute(people, planets)
+    instructions = _instruction_pool(rng, split, other_tasks)
+    preferences = _preference_pool(rng, split.pool_people, values, sz.preferences)
+    pretrain = _pretraining_text(rng, people, bios, other_tasks)
+    benchmarks = _benchmarks(rng, split, values, heldout_bios, sz.general_bench)
+    probe_bios = _probe_bios(rng, people[: sz.probe_bios], bios, heldout_bios)
+    jsonl = {
+        "domain": [{"text": d} for d in docs],
+        "instructions": instructions,
+        "preferences": preferences,
+        "general_pretrain": [{"text": t} for t in pretrain],
+        **benchmarks,
+    }
+    return _write_files(folder, jsonl, probe_bios, _world_table(seed, size, people, planets, split))
