@@ -3,7 +3,7 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from mixcpt.config import Config, load_config
+from mixcpt.config import Config, hub_references, load_config
 from mixcpt.errors import ConfigError
 
 
@@ -100,3 +100,14 @@ def test_every_config_key_has_a_description():
     assert "eval.benchmarks.stop" in keys
     missing = [key for key, description in keys.items() if not (description or "").strip()]
     assert not missing, f"{len(missing)} config keys have no description: {', '.join(missing)}"
+
+
+def test_hub_references_decide_whether_a_run_may_go_online(corpus):
+    """The CLI runs offline exactly when this list is empty (mixcpt.cli)."""
+    (corpus / "model").mkdir()
+    local = "model: {path: model}\ndata: {domain: [{path: d.txt}]}\n"
+    assert hub_references(load_config(write(corpus, local))) == []
+    hub_model = "model: {path: some-org/some-model}\ndata: {domain: [{path: d.txt}]}\n"
+    assert hub_references(load_config(write(corpus, hub_model))) == ["some-org/some-model"]
+    hub_tasks = local + "eval: {lm_eval_tasks: [arc_easy]}\n"
+    assert hub_references(load_config(write(corpus, hub_tasks))) == ["lm-eval task arc_easy"]

@@ -4,8 +4,13 @@
     mixcpt run CONFIG --output DIR              every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
 
-Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything else
-(a non-finite training loss is one line too; other failures show their traceback).
+Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything
+else (a non-finite training loss is one line too; other failures show their traceback).
+
+Offline unless the config needs the hub (design.md §9): the demo, and any config whose model,
+tokenizer, data and lm-eval tasks are all local, run with HF_HUB_OFFLINE=1 and
+HF_DATASETS_OFFLINE=1, so nothing waits on or reaches the network; a config that names a hub id
+leaves them as the user set them. Telemetry is always off.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-# Offline and quiet by default (design.md §9): a hub id in a config still works when the user
-# unsets these, but nothing reaches the network behind the user's back.
+# Before anything imports huggingface_hub, which reads these once, at import.
 for _var, _val in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "true")):
     os.environ.setdefault(_var, _val)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 from mixcpt.errors import UserError  # noqa: E402
 from mixcpt.pipeline import STAGES  # noqa: E402
@@ -58,13 +63,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    # Weight loading/saving bars of tiny files flood the terminal; the Trainer's own progress
-    # bars (tqdm, not transformers' wrapper) and ours stay.
-    hf_logging.disable_progress_bar()
     try:
         out = _output_dir(args.output)
+        # The config is read before the Hugging Face stack is imported: whether to go offline
+        # depends on it (see the module docstring).
+        from mixcpt.config import hub_references, load_config
+
+        cfg = load_config(args.config) if args.command != "demo" else None
+        if cfg is None or not hub_references(cfg):
+            for var, value in OFFLINE.items():
+                os.environ.setdefault(var, value)
+        from transformers.utils import logging as hf_logging
+
+        # Weight loading/saving bars of tiny files flood the terminal; the Trainer's own progress
+        # bars (tqdm, not transformers' wrapper) and ours stay.
+        hf_logging.disable_progress_bar()
         from mixcpt.rundir import RunDir
 
         run = RunDir(out)
@@ -73,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(run, quick=args.quick, seed=args.seed)
             return 0
-        from mixcpt.config import load_config
-
-        cfg = load_config(args.config)
         if args.command == "run":
             from mixcpt.pipeline import run_pipeline
 
@@ -92,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print("mixcpt: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:
-        # Training diverged: not the user's input (exit 1), but a known stop with its own advice, so one
-        # line, no traceback. The trainer module is only loaded when a training stage ran.
+        # Training diverged: not the user's input (exit 1), but a known stop with its own advice,
+        # so one line, no traceback. The trainer module is only loaded when a training stage ran.
         trainer = sys.modules.get("mixcpt.train.trainer")
         if trainer is not None and isinstance(err, trainer.NonFiniteLossError):
             print(f"mixcpt: error: {err}", file=sys.stderr)

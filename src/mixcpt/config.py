@@ -622,3 +622,16 @@ def load_config(path: str | Path) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     return config_from_dict(data, path.parent.resolve(), source=str(path))
+
+
+def hub_references(cfg: Config) -> list[str]:
+    """Every Hugging Face hub resource the config needs (model or tokenizer ids, `format: hf`
+    datasets, lm-eval tasks without a local include path): what is not a local path after
+    `load_config` resolved them. Empty when the whole run can work offline."""
+    names = [cfg.model.path, *([cfg.model.tokenizer] if cfg.model.tokenizer else [])]
+    for group in ("domain", "instructions", "preferences"):
+        names += [s.path for s in getattr(cfg.data, group) if s.format == "hf"]
+    needed = [name for name in names if not Path(name).exists()]
+    if cfg.eval.lm_eval_tasks and not cfg.eval.lm_eval_include_path:
+        needed += [f"lm-eval task {task}" for task in cfg.eval.lm_eval_tasks]
+    return needed

@@ -4,9 +4,10 @@ The chunked loss makes and frees a few [chunk, V] float32 temporaries per chunk 
 positions and an 8k vocabulary). With glibc's defaults those come back as fresh pages from the
 kernel nearly every time: blocks this size are mmap'd, or the heap top is trimmed on free, and a
 fresh page is zeroed on first touch: tens of thousands of page faults per training step, a
-measurable share of the step (benchmarks/RESULTS.md, "Page faults"). Keeping blocks up to 32 MB on the heap and the freed heap top mapped removes them: the process
-keeps up to 1 GB of freed memory for reuse, as jemalloc and tcmalloc (which PyTorch's CPU tuning
-guide recommends preloading) do by design.
+measurable share of the step (benchmarks/RESULTS.md, "Page faults"). Keeping blocks up to 32 MB on
+the heap and the freed heap top mapped removes them: the process keeps up to 1 GB of freed memory
+for reuse, as jemalloc and tcmalloc (which PyTorch's CPU tuning guide recommends preloading) do by
+design.
 
 Skipped when the C library is not glibc, when the user set MALLOC_MMAP_THRESHOLD_ or
 MALLOC_TRIM_THRESHOLD_ themselves, or with MIXCPT_MALLOC_TUNING=0.

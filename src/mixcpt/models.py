@@ -71,16 +71,17 @@ def base_model_path(model_cfg: ModelConfig, run_base: Path) -> str:
     return str(run_base) if run_base.exists() else model_cfg.path
 
 
-GGUF_SOURCE = "gguf_source.json"  # in a base folder converted from GGUF: which file, so a changed config is caught
+# In a base folder converted from GGUF: which file, so that a changed config is caught.
+GGUF_SOURCE = "gguf_source.json"
 
 
 def ensure_base_model(model_cfg: ModelConfig, run_base: Path) -> None:
     """Make the base model of a GGUF config (`model.gguf_file`) an HF folder at `run_base`, once.
 
     Call before the first stage: every stage then reads `base_model_path(...)`, which prefers
-    `run_base`. A no-op without `gguf_file`, and when `run_base` already holds this GGUF's conversion.
-    Raises `ConfigError` when the GGUF file or its package is missing, transformers cannot load it,
-    or `run_base` holds another model (a run folder belongs to one base model).
+    `run_base`. A no-op without `gguf_file`, and when `run_base` already holds this GGUF's
+    conversion. Raises `ConfigError` when the GGUF file or its package is missing, transformers
+    cannot load it, or `run_base` holds another model (a run folder belongs to one base model).
     """
     if not model_cfg.gguf_file:
         return
@@ -91,7 +92,8 @@ def ensure_base_model(model_cfg: ModelConfig, run_base: Path) -> None:
         recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
         if recorded != source:
             raise ConfigError(
-                f"model.gguf_file: {run_base} holds another base model ({recorded or 'not from GGUF'}); "
+                f"model.gguf_file: {run_base} holds another base model "
+                f"({recorded or 'not from GGUF'}); "
                 f"use a new --output folder for {gguf_path}"
             )
         return
@@ -106,7 +108,8 @@ def ensure_base_model(model_cfg: ModelConfig, run_base: Path) -> None:
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path
 ) -> None:
-    """Write a standard HF folder (config, safetensors weights, tokenizer) loadable by from_pretrained."""
+    """Write a standard HF folder (config, safetensors weights, tokenizer) loadable by
+    `from_pretrained`."""
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
 
@@ -114,7 +117,8 @@ def save_model(
 def save_trained_model(
     trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final, merge_lora: bool = False
 ) -> None:
-    """Write the trained model (safetensors) and tokenizer to `final` atomically. Call on EVERY process.
+    """Write the trained model (safetensors) and tokenizer to `final` atomically. Call on EVERY
+    process.
 
     The weights are gathered into one full state dict first (a collective under FSDP and ZeRO-3,
     where each process holds a shard; a plain `state_dict()` otherwise), then the main process

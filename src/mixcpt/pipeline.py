@@ -27,14 +27,14 @@ def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> N
 
     from mixcpt.malloc_tuning import keep_freed_memory
 
-    keep_freed_memory()  # chunk-sized temporaries are reused, not faulted in afresh (see its module)
+    # chunk-sized temporaries are reused, not faulted in afresh (see its module)
+    keep_freed_memory()
     state = PartialState()
     if state.is_main_process:
         from mixcpt.models import ensure_base_model
 
-        ensure_base_model(
-            cfg.model, run.base
-        )  # a GGUF base is converted once into run.base; else a no-op
+        # a GGUF base is converted once into run.base; else a no-op
+        ensure_base_model(cfg.model, run.base)
     state.wait_for_everyone()
     if stage in SINGLE_PROCESS and not state.is_main_process:
         state.wait_for_everyone()

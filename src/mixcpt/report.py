@@ -30,9 +30,10 @@ ARM_STYLE = {
 }
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
-       color: #222; line-height: 1.45; padding: 0 1rem; }
-h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; }
+h2 { font-size: 1.25rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
@@ -83,7 +84,8 @@ def _axis(benchmarks: dict, tag: str) -> tuple[list[str], str]:
         return better, f"mean {tag} score (higher is better)"
     return (
         list(tagged),
-        f"mean {tag} {', '.join(sorted({tagged[n]['main_metric'] for n in tagged}))} (lower is better)",
+        f"mean {tag} {', '.join(sorted({tagged[n]['main_metric'] for n in tagged}))} "
+        "(lower is better)",
     )
 
 
@@ -248,7 +250,8 @@ def _md_table(header: list[str], cells: list[list[str]]) -> str:
 
 
 def write_report(run: RunDir) -> tuple[Path, Path]:
-    """Write `report.html` and `report.md` into the run folder from its results.json; return both paths."""
+    """Write `report.html` and `report.md` into the run folder from its results.json; return both
+    paths."""
     results = run.read_results()
     header, cells, missing = results_table(results)
     mix_header, mix_cells = mixture_table(results)
@@ -259,8 +262,8 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
             "Domain versus general",
             plot_domain_vs_general(results),
             "needs domain and general benchmarks evaluated",
-            "<p class='note'>Each axis averages the main score of the benchmarks with that tag (the "
-            "accuracy-type ones when there are any). Up and right is better.</p>",
+            "<p class='note'>Each axis averages the main score of the benchmarks with that tag "
+            "(the accuracy-type ones when there are any). Up and right is better.</p>",
         ),
         ("Training loss", plot_losses(results), "no training stage has logged a loss yet", ""),
         (
@@ -278,8 +281,8 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         _html_table(header, cells, missing)
         if cells
         else f"<p class='note'>{html.escape(no_eval)}</p>",
-        "<p class='note'>Main metric per benchmark; KL to base is the mean per-token KL(base || stage) "
-        "on the general probe text (lower = more retained).</p>",
+        "<p class='note'>Main metric per benchmark; KL to base is the mean per-token "
+        "KL(base || stage) on the general probe text (lower = more retained).</p>",
         "<h2>Retention</h2>",
         _html_table(*ret) if ret[1] else "<p class='note'>No trained stage evaluated yet.</p>",
         "<p class='note'>Change of each general benchmark's main score against the base model "

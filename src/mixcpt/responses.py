@@ -71,7 +71,8 @@ def ensure_chat_template(
     tokenizer: PreTrainedTokenizerBase, configured: str | None, model_dir: Path
 ) -> None:
     """Give `tokenizer` a chat template: its own when it has one, else `configured` (set on the
-    tokenizer so that it is saved with the stage's model). Raises ConfigError when neither exists."""
+    tokenizer so that it is saved with the stage's model). Raises ConfigError when neither
+    exists."""
     if tokenizer.chat_template:
         return
     if not configured:
@@ -138,7 +139,8 @@ def fit_to_length(
 
 
 def features(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list[int]]:
-    """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the ids on the response."""
+    """input_ids = prompt + response; labels = IGNORE_INDEX on the prompt, the ids on the
+    response."""
     return {
         "input_ids": prompt_ids + response_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,

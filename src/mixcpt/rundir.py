@@ -2,7 +2,8 @@
 
     DIR/data/{mix,domain,pool}/   D_MIX, the baseline's D_K stream, the general pool (data stage)
     DIR/base/                     the base model when mixcpt had to build or convert it (demo, GGUF)
-    DIR/<arm>/<stage>/            HF model folders: arm in {mixcpt, baseline}, stage in {cpt, sft, dpo}
+    DIR/<arm>/<stage>/            HF model folders: arm in {mixcpt, baseline},
+                                  stage in {cpt, sft, dpo}
     DIR/mixcpt/selection/         the k selected samples and every sample's score
     DIR/.work/<arm>-<stage>/      Trainer checkpoints of a stage in progress (resume reads them)
     DIR/results.json              every stage's metrics, updated by write-then-rename
@@ -49,7 +50,8 @@ class RunDir:
         return self.root / "results.json"
 
     def stage(self, arm: str, stage: str) -> Path:
-        """Final HF model folder of `stage` ("cpt", "sft", "dpo") in `arm` ("mixcpt", "baseline")."""
+        """Final HF model folder of `stage` ("cpt", "sft", "dpo") in `arm` ("mixcpt",
+        "baseline")."""
         assert arm in ARMS and stage in TRAINED_STAGES, (arm, stage)
         return self.root / arm / stage
 

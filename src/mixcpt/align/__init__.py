@@ -1,1 +1,2 @@
-"""Stage 2, format alignment: select k samples of the general pool by perplexity, then SFT and DPO."""
+"""Stage 2, format alignment: select k samples of the general pool by perplexity, then SFT and
+DPO."""

@@ -54,9 +54,8 @@ def pair_features(rows: list[dict], tokenizer, max_length: int, source: str) -> 
 def pair_collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One padded batch of 2B rows, the B chosen sequences first, then the B rejected ones, so the
     policy scores both sides in a single forward; precomputed reference log-probs ride along."""
-    batch = pad_batch(
-        [r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_token_id
-    )  # [2B, T]
+    # [2B, T]
+    batch = pad_batch([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_token_id)
     if "ref_chosen_logps" in rows[0]:
         batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])  # [B]
         batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])  # [B]
@@ -66,8 +65,9 @@ def pair_collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 def precompute_reference(
     model: PreTrainedModel, pairs: list[dict], batch_size: int, pad_token_id: int
 ) -> None:
-    """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`) to each pair.
-    Under DDP every process scores all pairs: the result is the same everywhere and needs no gather."""
+    """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`) to each
+    pair. Under DDP every process scores all pairs: the result is the same everywhere and needs no
+    gather."""
     sums, _ = score_responses(
         model,
         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],

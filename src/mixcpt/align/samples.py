@@ -1,7 +1,9 @@
 """The general pool's samples on disk (JSONL) and the checks that decide whether one is usable.
 
-Instruction rows: {"id", "source", "messages" (last turn from the assistant), "plain_prompt", "plain_response"}.
-Preference rows: {"id", "source", "messages" (prompt turns, last from the user), "chosen", "rejected", "plain_prompt"}.
+Instruction rows: {"id", "source", "messages" (last turn from the assistant), "plain_prompt",
+                   "plain_response"}.
+Preference rows:  {"id", "source", "messages" (prompt turns, last from the user), "chosen",
+                   "rejected", "plain_prompt"}.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def write_samples(path: Path, rows: list[dict]) -> None:
 
 def skip_reason(row: dict, kind: str) -> str | None:
     """Why a sample cannot be trained on (None when it can): an empty response, or a preference
-    pair whose chosen and rejected responses are identical (no preference signal, zero DPO gradient)."""
+    pair whose chosen and rejected responses are identical (no preference signal, zero DPO
+    gradient)."""
     if kind == "instruction":
         return "empty response" if not row["messages"][-1]["content"].strip() else None
     if not row["chosen"].strip() or not row["rejected"].strip():

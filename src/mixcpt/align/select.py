@@ -1,4 +1,5 @@
-"""Stage 2a: score the general pool with the stage-1 model and keep k samples of each kind (design §1).
+"""Stage 2a: score the general pool with the stage-1 model and keep k samples of each kind (design
+§1).
 
 Scores (lower = easier for the stage-1 model):
 - ppl: exp(mean NLL of the response tokens given the prompt), plain stage-1 rendering;
@@ -38,7 +39,8 @@ KINDS = {"instruction": "instructions.jsonl", "preference": "preferences.jsonl"}
 def plain_and_chat(
     row: dict, kind: str, template: TemplateConfig
 ) -> tuple[tuple[str, str], tuple[list[dict], str]]:
-    """((plain prompt, plain response), (chat prompt messages, response)) of an instruction sample or
+    """((plain prompt, plain response), (chat prompt messages, response)) of an instruction sample
+    or
     of a preference pair's chosen side; the plain texts are those of the stage-1 stream."""
     if kind == "instruction":
         return (row["plain_prompt"], row["plain_response"]), (
@@ -54,7 +56,8 @@ def plain_and_chat(
 def mean_response_nll(
     model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: Config, desc: str
 ) -> tuple[list[float], list[int]]:
-    """Mean NLL of each response given its prompt (response tokens only) and the response token count."""
+    """Mean NLL of each response given its prompt (response tokens only), and the number of
+    response tokens."""
     fitted = fit_to_length([[pair] for pair in pairs], cfg.select.max_length, desc)
     rows = [features(*sample[0]) for sample in fitted]
     sums, counts = score_responses(model, rows, cfg.select.batch_size, tokenizer.pad_token_id, desc)
@@ -62,7 +65,8 @@ def mean_response_nll(
 
 
 def choose(scores: dict[int, float], k: int, strategy: str, seed: int) -> set[int]:
-    """Indices of the k lowest (easiest), highest (hardest) or k random (seeded) scores; ties by index."""
+    """Indices of the k lowest (easiest), highest (hardest) or k random (seeded) scores; ties
+    broken by index."""
     if strategy == "random":
         return set(random.Random(seed).sample(sorted(scores), min(k, len(scores))))
     sign = 1 if strategy == "easiest" else -1
@@ -72,7 +76,8 @@ def choose(scores: dict[int, float], k: int, strategy: str, seed: int) -> set[in
 def select_kind(
     model, tokenizer, rows: list[dict], kind: str, cfg: Config
 ) -> tuple[list[dict], list[dict], dict]:
-    """Score and select one pool. Returns (selected rows in pool order, one record per row, summary)."""
+    """Score and select one pool. Returns (selected rows in pool order, one record per row,
+    summary)."""
     usable, skipped = usable_indices(rows, kind, f"{kind} pool")
     plain = [
         encode_plain(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[0])
@@ -132,9 +137,10 @@ def select_kind(
 
 
 def run_select(cfg: Config, run: RunDir) -> dict:
-    """Score the pool under `run.stage("mixcpt", "cpt")` and write `run.selection/` with the selected
-    instructions.jsonl and preferences.jsonl (rows unchanged) and selection.jsonl (every sample's id,
-    kind, score, nll, n_response_tokens, selected). Returns the summary recorded in results.json."""
+    """Score the pool under `run.stage("mixcpt", "cpt")` and write `run.selection/` with the
+    selected instructions.jsonl and preferences.jsonl (rows unchanged) and selection.jsonl (every
+    sample's id, kind, score, nll, n_response_tokens, selected). Returns the summary recorded in
+    results.json."""
     key = "mixcpt/select"
     if run.selection.exists():
         return run.recorded_metrics(key)

@@ -28,9 +28,8 @@ from mixcpt.errors import ConfigError
 @dataclass
 class MixturePlan:
     targets: list[int]  # tokens wanted per source
-    order: (
-        np.ndarray
-    )  # [n_docs_drawn, 2] int64 rows of (source index, document index), stream order
+    # [n_docs_drawn, 2] int64 rows of (source index, document index), stream order
+    order: np.ndarray
 
     def drawn_tokens(self, lengths: list[np.ndarray]) -> list[int]:
         """Tokens actually drawn per source."""

@@ -153,9 +153,8 @@ def build_base_model(world: WorldFiles, out: Path, seed: int = 0, size: str = "d
         )
     )
     with atomic_dir(out) as tmp:
-        work = (
-            tmp / "work"
-        )  # packed stream and Trainer state; removed before the folder is published
+        # packed stream and Trainer state; removed before the folder is published
+        work = tmp / "work"
         write_packed(
             work / "packed", blocks, positions, n_tokens, tokenizer.pad_token_id, fingerprint
         )

@@ -3,7 +3,6 @@ evaluate them, all on the CPU in minutes with nothing downloaded (design.md §7)
 
 from __future__ import annotations
 
-import os
 import time
 from importlib.resources import files
 
@@ -50,7 +49,6 @@ def run_demo(run: RunDir, quick: bool = False, seed: int = 0) -> None:
     Every step is cached in the run folder, so a rerun (or a rerun after an interruption)
     continues where it stopped. Prints the results table at the end.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     start = time.time()
     size = "quick" if quick else "default"
     world = write_world(run.root / "world", seed=seed, size=size)

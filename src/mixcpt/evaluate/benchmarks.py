@@ -108,6 +108,7 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lowercase, strip punctuation, drop articles, collapse whitespace."""
+    """SQuAD-style normalisation: lowercase, strip punctuation, drop articles, collapse
+    whitespace."""
     text = text.lower().translate(_PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())

@@ -22,7 +22,8 @@ def _import_lm_eval():
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise ImportError(
-            f"eval.lm_eval_tasks needs lm-evaluation-harness ({err}); install it with `pip install mixcpt[eval]`"
+            f"eval.lm_eval_tasks needs lm-evaluation-harness ({err}); "
+            "install it with `pip install mixcpt[eval]`"
         ) from err
     return lm_eval, HFLM, TaskManager
 

@@ -122,6 +122,7 @@ def generate_answers(
         for row, i in enumerate(idx):
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
+        # [B, width + new]
         generated = model.generate(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
@@ -131,7 +132,7 @@ def generate_answers(
             eos_token_id=tokenizer.eos_token_id,
             stop_strings=list(stop) or None,
             tokenizer=tokenizer,
-        )  # [B, width + new]
+        )
         for row, i in enumerate(idx):
             text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
             for s in stop:

@@ -13,8 +13,9 @@ from mixcpt.config import TrainingConfig
 def training_arguments(
     tc: TrainingConfig, output_dir: str | Path, seed: int, dtype: str = "float32", **overrides
 ) -> TrainingArguments:
-    """TrainingArguments for one stage: checkpoints under `output_dir`, reporting to TensorBoard when
-    it is installed, deterministic data order for `seed` (so a resumed run neither replays nor skips).
+    """TrainingArguments for one stage: checkpoints under `output_dir`, reporting to TensorBoard
+    when it is installed, deterministic data order for `seed` (so a resumed run neither replays nor
+    skips).
 
     `overrides` are passed through for stage-specific settings (e.g. remove_unused_columns).
     """
@@ -45,9 +46,11 @@ def training_arguments(
         data_seed=seed,
         report_to=report_to,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing on the CPU
-        # On a machine with no accelerator, accelerate joins a torchrun/accelerate launch only when told
-        # the run is on the CPU; without this each process would silently train alone (gloo DDP).
+        # pinning warns and does nothing on the CPU
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # On a machine with no accelerator, accelerate joins a torchrun/accelerate launch only when
+        # told the run is on the CPU; without this each process would silently train alone (gloo
+        # DDP).
         use_cpu=not torch.accelerator.is_available(),
         disable_tqdm=False,
     )

@@ -12,10 +12,10 @@ import torch
 
 
 def packed_forward_inputs(inputs: dict[str, torch.Tensor]) -> dict:
-    """The forward arguments of a packed batch: input ids and position ids, no attention mask (position
-    ids restart per document, so transformers masks block-diagonally), and no KV cache, without which
-    transformers skips that packed-sequence detection whatever `config.use_cache` says (with a cache,
-    documents in a block would attend to each other)."""
+    """The forward arguments of a packed batch: input ids and position ids, no attention mask
+    (position ids restart per document, so transformers masks block-diagonally), and no KV cache,
+    without which transformers skips that packed-sequence detection whatever `config.use_cache` says
+    (with a cache, documents in a block would attend to each other)."""
     return {
         "input_ids": inputs["input_ids"],
         "position_ids": inputs["position_ids"],
@@ -43,8 +43,8 @@ class LossForward:
         self.checked = False
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
-        """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H] with
-        the weight [V, H], or logits [B, T, V] with None."""
+        """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H]
+        with the weight [V, H], or logits [B, T, V] with None."""
         batch = packed_forward_inputs(inputs)
         if self.head is not None:
             outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)

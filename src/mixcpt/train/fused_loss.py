@@ -1,7 +1,8 @@
 """Stage 1's loss computed a chunk of positions at a time: the same function as
 `mixcpt.losses` defines, computed another way (tests/train/test_fused_loss.py ties the two).
 
-    cpt_loss(...) == ce_weight * losses.cross_entropy(s, y) + lssd_weight * losses.lssd_loss(s, z, y)
+    cpt_loss(s, y, z, ce_weight, lssd_weight)
+        == ce_weight * losses.cross_entropy(s, y) + lssd_weight * losses.lssd_loss(s, z, y)
 
 Why another way: at a 128k vocabulary and 8 x 4k positions the definitions' float32 [N, V]
 tensors are 16 GB each, and a naive step holds several of them for the student and the teacher.
@@ -65,9 +66,9 @@ def max_with_index(z: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, tor
 
 @dataclass
 class SwappedTeacher:
-    """The LSSD target from the teacher's whole distribution: `rows` are its logits [B, T, V], or its
-    final hidden states [B, T, H] when `output_weight` [V, H] is given (then its logits are made a
-    chunk at a time). Not differentiated."""
+    """The LSSD target from the teacher's whole distribution: `rows` are its logits [B, T, V], or
+    its final hidden states [B, T, H] when `output_weight` [V, H] is given (then its logits are
+    made a chunk at a time). Not differentiated."""
 
     rows: torch.Tensor
     output_weight: torch.Tensor | None = None
@@ -84,24 +85,24 @@ class SwappedTeacher:
         rows: torch.Tensor,
         temperature: float,
     ):
-        """For one chunk: the student's log_p [c, V] at temperature T, `grad` [c, V] holding its p = exp(log_p),
-        labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into p - q_scale * q' (q' the
-        swapped target) and returns (sum over rows of KL(q' || p), teacher top-1 matches)."""
+        """For one chunk: the student's log_p [c, V] at temperature T, `grad` [c, V] holding its
+        p = exp(log_p), labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into
+        p - q_scale * q' (q' the swapped target) and returns (sum over rows of KL(q' || p), teacher
+        top-1 matches)."""
         z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
         z = as_float32(z) if temperature == 1 else as_float32(z) / temperature
-        if lssd_cpu_kernel.applies(
-            z, log_p, grad
-        ):  # the same, fused a row at a time (CPU, float32)
+        # the same, fused a row at a time (CPU, float32)
+        if lssd_cpu_kernel.applies(z, log_p, grad):
             return lssd_cpu_kernel.swapped_target(z, log_p, grad, q_scale, labels)
         z_top1, top1 = max_with_index(z)  # [c] z[m] and m
         q = torch.softmax(z, dim=-1)  # [c, V]; its log is never made: log q = z - lse
         i = _rows(len(labels), q)
         lse = z_top1 - q[i, top1].log()  # [c] q[m] = 1 / sum exp(z - z[m]) >= 1 / V: no underflow
-        # sum q log q = sum q z - lse sum q (sum q is 1 only to rounding, which would show at float32),
-        # the same for the swapped q'
+        # sum q log q = sum q z - lse sum q (sum q is 1 only to rounding, which would show at
+        # float32), the same for the swapped q'
         neg_entropy = torch.vdot(q.flatten(), z.flatten()) - torch.vdot(lse, q.sum(-1))
-        # The swap permutes each row of q, so the softmax need not be redone: only q[y] and q[m] trade
-        # places (in place, on [c] entries instead of copying [c, V] logits twice).
+        # The swap permutes each row of q, so the softmax need not be redone: only q[y] and q[m]
+        # trade places (in place, on [c] entries instead of copying [c, V] logits twice).
         q_label, q_top1 = q[i, labels], q[i, top1]
         q[i, top1], q[i, labels] = q_label, q_top1
         grad.sub_(q, alpha=q_scale)
@@ -147,13 +148,13 @@ class SwappedTopK:
         log_q, log_p_top = as_float32(logprobs), log_p.gather(-1, swapped)  # [c, k]
         q = log_q.exp()
         kl = (q * (log_q - log_p_top)).sum()
-        tail_share = torch.zeros_like(
-            q[:, 0]
-        )  # [c] q_tail / p_tail, the target's scale of p in the tail
+        # [c] q_tail / p_tail, the target's scale of p in the tail
+        tail_share = torch.zeros_like(q[:, 0])
         if swapped.shape[-1] < log_p.shape[-1]:  # with k == V there is no tail
-            # [c] log(1 - p(top-k)) without a [c, V] pass. When the student puts (nearly) all its mass on
-            # the top-k, float32 rounding makes 1 - p(top-k) zero or negative: the floor keeps the
-            # loss and its gradient finite (the tail term is then underestimated, never infinite).
+            # [c] log(1 - p(top-k)) without a [c, V] pass. When the student puts (nearly) all its
+            # mass on the top-k, float32 rounding makes 1 - p(top-k) zero or negative: the floor
+            # keeps the loss and its gradient finite (the tail term is then underestimated, never
+            # infinite).
             p_tail = -torch.expm1(log_p_top.logsumexp(-1))
             log_p_tail = torch.log(p_tail.clamp_min(torch.finfo(torch.float32).eps))
             log_q_tail = as_float32(tail)
@@ -164,8 +165,8 @@ class SwappedTopK:
                 ).sum()
             )
             tail_share = (log_q_tail - log_p_tail).exp()
-        # target = tail_share * p everywhere, but q in the top-k slots: grad = p * (1 - q_scale * tail_share)
-        # per row, then the top-k slots corrected by q_scale * (tail_share * p - q)
+        # target = tail_share * p everywhere, but q in the top-k slots: grad = p * (1 - q_scale *
+        # tail_share) per row, then the top-k slots corrected by q_scale * (tail_share * p - q)
         grad.mul_((1 - q_scale * tail_share).unsqueeze(-1))
         grad.scatter_add_(-1, swapped, q_scale * (tail_share.unsqueeze(-1) * log_p_top.exp() - q))
         return kl, (ids[:, 0] == labels).sum()
@@ -176,9 +177,8 @@ class CPTLoss(NamedTuple):
     loss: torch.Tensor  # ce_weight * ce + lssd_weight * lssd, differentiable
     ce: torch.Tensor  # mean cross-entropy over supervised positions (detached)
     lssd: torch.Tensor  # mean LSSD KL (detached; 0 without a target)
-    teacher_top1_matches: (
-        torch.Tensor
-    )  # supervised positions where the teacher's top-1 is the label
+    # supervised positions where the teacher's top-1 is the label
+    teacher_top1_matches: torch.Tensor
 
 
 class _FusedCPTLoss(torch.autograd.Function):
@@ -217,15 +217,13 @@ class _FusedCPTLoss(torch.autograd.Function):
         grad_weight = (
             torch.zeros_like(weight, dtype=as_float32(weight).dtype) if need_weight else None
         )
-        sums = torch.zeros(
-            3, dtype=as_float32(rows).dtype, device=rows.device
-        )  # ce, kl, top-1 matches
-        ce_scale, lssd_scale = (
-            ce_weight / n,
-            lssd_weight / n / temperature,
-        )  # d(mean loss)/ds factors
-        # d loss / ds = scale * g, g = p - lssd_share * q' - ce_share * onehot(y) at T = 1; g is built in place
-        # in p's memory and `scale` is applied by the output layer's matmuls, sparing a [c, V] pass.
+        # ce, kl, top-1 matches
+        sums = torch.zeros(3, dtype=as_float32(rows).dtype, device=rows.device)
+        # d(mean loss)/ds factors
+        ce_scale, lssd_scale = (ce_weight / n, lssd_weight / n / temperature)
+        # d loss / ds = scale * g, g = p - lssd_share * q' - ce_share * onehot(y) at T = 1; g is
+        # built in place in p's memory and `scale` is applied by the output layer's matmuls, sparing
+        # a [c, V] pass.
         scale = ce_scale + (lssd_scale if target is not None else 0.0)
         ce_share, lssd_share = (ce_scale / scale, lssd_scale / scale) if scale else (0.0, 0.0)
         for start in range(0, len(keep_b), chunk_size):
@@ -242,7 +240,9 @@ class _FusedCPTLoss(torch.autograd.Function):
                     kl, top1 = target.chunk(
                         log_p, grad, lssd_share, y, *teacher_chunk, temperature=temperature
                     )
-                else:  # the target makes p_T - q' in p_T's memory; then g = lssd_share * (p_T - q') + ce_share * p
+                else:
+                    # the target makes p_T - q' in p_T's memory;
+                    # then g = lssd_share * (p_T - q') + ce_share * p
                     log_p_t = F.log_softmax(s / temperature, dim=-1)
                     grad_t = log_p_t.exp()  # p_T
                     kl, top1 = target.chunk(
@@ -253,13 +253,11 @@ class _FusedCPTLoss(torch.autograd.Function):
                 sums[2] += top1
             grad[i, y] -= ce_share
             if need_rows:  # scaled in float32, then cast to rows' dtype
-                grad_x = (
-                    grad if weight is None else as_float32(grad.to(weight.dtype) @ weight)
-                )  # [c, V|H]
+                # [c, V|H]
+                grad_x = grad if weight is None else as_float32(grad.to(weight.dtype) @ weight)
                 grad_rows[b, t] = grad_x.mul_(scale).to(rows.dtype)
-            if (
-                need_weight
-            ):  # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
+            # [V, H] += scale * g.T @ x, accumulated by the matmul itself where dtypes allow
+            if need_weight:
                 # (under autocast the out-of-place matmul keeps the autocast precision)
                 if grad_weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
                     grad_weight.addmm_(grad.T, x, alpha=scale)
@@ -293,11 +291,12 @@ def cpt_loss(
     the value of `losses.cross_entropy` and `losses.lssd_loss`, and their gradient.
 
     student: logits [B, T, V], or final hidden states [B, T, H] with the output layer's
-    `output_weight` [V, H] (a plain bias-free linear layer); labels [B, T], already shifted (labels[t]
-    is the target of position t; `ignore_index` where nothing is supervised); target: the teacher's
-    (`SwappedTeacher`, `SwappedTopK`) for the same positions, or None for plain CE (lssd_weight then
-    unused). CE is at temperature 1, LSSD at `temperature`. Returns `CPTLoss`; means over supervised
-    positions, float32 (float64 for float64 inputs), 0 when none is supervised.
+    `output_weight` [V, H] (a plain bias-free linear layer); labels [B, T], already shifted
+    (labels[t] is the target of position t; `ignore_index` where nothing is supervised); target: the
+    teacher's (`SwappedTeacher`, `SwappedTopK`) for the same positions, or None for plain CE
+    (lssd_weight then unused). CE is at temperature 1, LSSD at `temperature`. Returns `CPTLoss`;
+    means over supervised positions, float32 (float64 for float64 inputs), 0 when none is
+    supervised.
 
     `chunk_size` positions per chunk. On the CPU keep chunk * V * 4 bytes well under 32 MB:
     larger temporaries are fresh pages from the allocator each time, and faulting them in costs

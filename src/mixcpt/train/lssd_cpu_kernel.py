@@ -34,9 +34,8 @@ log = logging.getLogger(__name__)
 SOURCE = "lssd_cpu_kernel.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine() in ("x86_64", "AMD64"):
-    FLAGS.append(
-        "-mprefer-vector-width=512"
-    )  # use AVX-512 where there is one (gcc and clang default to 256-bit)
+    # use AVX-512 where there is one (gcc and clang default to 256-bit)
+    FLAGS.append("-mprefer-vector-width=512")
 
 
 def cache_folder() -> Path:
@@ -124,9 +123,9 @@ def applies(z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor) -> bool:
 def swapped_target(
     z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `fused_loss.SwappedTeacher.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad holding
-    p, turned in place into p - q_scale * q'), labels [c] in [0, V). Returns (sum over rows of
-    KL(q' || p) in log_p's dtype, teacher top-1 matches)."""
+    """As `fused_loss.SwappedTeacher.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad
+    holding p, turned in place into p - q_scale * q'), labels [c] in [0, V). Returns (sum over rows
+    of KL(q' || p) in log_p's dtype, teacher top-1 matches)."""
     rows, v = z.shape
     labels = labels.to(torch.int64).contiguous()
     if rows and (labels.min() < 0 or labels.max() >= v):  # the kernel indexes with them unchecked

@@ -127,9 +127,8 @@ def top_k_logprobs(
         top_z, top_ids = z.topk(k, dim=-1)  # [c, k]
         values.append(top_z - lse.unsqueeze(-1))
         ids.append(top_ids)
-        tails.append(
-            z.scatter(-1, top_ids, float("-inf")).logsumexp(-1) - lse
-        )  # exact, even when it is tiny
+        # exact, even when it is tiny
+        tails.append(z.scatter(-1, top_ids, float("-inf")).logsumexp(-1) - lse)
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
 
 
@@ -230,8 +229,9 @@ def teacher_top_k(
         for name in ("input_ids", "position_ids")
     }
     teacher_rows, weight, _ = forward(model, inputs)  # [b, P + 1, H] and [V, H], or logits
+    # [b * P, k], [b * P, k], [b * P]
     top_logq, top_ids, tail_logq = top_k_logprobs(
         teacher_rows[:, :-1].flatten(0, 1), weight, key["top_k"], key["temperature"], chunk_size
-    )  # [b * P, k], [b * P, k], [b * P]
+    )
     shape = (len(batch), key["block_size"] - 1)
     return top_logq.view(*shape, -1), top_ids.view(*shape, -1), tail_logq.view(shape)

@@ -33,7 +33,8 @@ class Teacher:
 class OnlineTeacher(Teacher):
     """A frozen deep copy of `teacher_model` (eval mode, no grad), moved to the student's device on
     first use. It is not part of the trained model, so DDP/FSDP never wrap it. Its logits are made
-    a chunk at a time inside the loss, in its own dtype (from its hidden states, see `LossForward`)."""
+    a chunk at a time inside the loss, in its own dtype (from its hidden states, see
+    `LossForward`)."""
 
     def __init__(self, teacher_model: torch.nn.Module, student_vocab_size: int):
         if vocab_size(teacher_model) != student_vocab_size:
@@ -62,8 +63,9 @@ class LoraTeacher(Teacher):
         self.forward = LossForward(peft_model)
 
     def target(self, inputs):
-        # The adapter layers are toggled on the tuner (`base_model`) directly: PeftModel.disable_adapter()
-        # would also walk every parameter (get_model_status) on each step, for a warning only.
+        # The adapter layers are toggled on the tuner (`base_model`) directly:
+        # PeftModel.disable_adapter() would also walk every parameter (get_model_status) on each
+        # step, for a warning only.
         tuner = self.peft_model.base_model
         # The unwrapped PEFT model, not the DDP wrapper: no gradient flows, no sync needed.
         with torch.no_grad():

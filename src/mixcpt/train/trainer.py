@@ -29,10 +29,10 @@ class LSSDTrainer(Trainer):
     last checkpoint intact; "skip" gives the batch zero gradient). Logs `ce_loss`, `lssd_loss` and
     `teacher_top1_match` (share of supervised positions where the teacher's top-1 was the label).
 
-    Both terms come from one fused chunked pass (`fused_loss.cpt_loss`) over the student's final hidden
-    states and output layer, so the student's [B, T, V] logits are never made (see
-    `forward.LossForward` for when it falls back to logits). The forward still goes through
-    `model`, the DDP-wrapped module, so gradients sync as usual.
+    Both terms come from one fused chunked pass (`fused_loss.cpt_loss`) over the student's final
+    hidden states and output layer, so the student's [B, T, V] logits are never made (see
+    `forward.LossForward` for when it falls back to logits). The forward still goes through `model`,
+    the DDP-wrapped module, so gradients sync as usual.
     """
 
     def __init__(
@@ -51,9 +51,10 @@ class LSSDTrainer(Trainer):
         if lssd_weight > 0 and teacher is None:
             raise ValueError("LSSDTrainer: lssd_weight > 0 needs a teacher")
         super().__init__(*args, **kwargs)
-        # Have Trainer count the supervised positions of each optimizer step (`num_items_in_batch`, over every
-        # micro-batch of gradient accumulation and every process) whatever the model's forward accepts:
-        # compute_loss normalises by it, so micro-batches with more padding weigh less, as in one big batch.
+        # Have Trainer count the supervised positions of each optimizer step (`num_items_in_batch`,
+        # over every micro-batch of gradient accumulation and every process) whatever the model's
+        # forward accepts: compute_loss normalises by it, so micro-batches with more padding weigh
+        # less, as in one big batch.
         self.model_accepts_loss_kwargs = True
         self.teacher = teacher if lssd_weight > 0 else None
         self.ce_weight, self.lssd_weight = ce_weight, lssd_weight
@@ -62,23 +63,22 @@ class LSSDTrainer(Trainer):
             loss_chunk_size,
             on_nonfinite,
         )
-        # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits there.
+        # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits
+        # there.
         self.student_forward = LossForward(
             self.model, hidden=not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         )
         self._sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log, on device
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = next_token_labels(
-            inputs["labels"]
-        )  # [B, T]: the target of position t is token t + 1
+        # [B, T]: the target of position t is token t + 1
+        labels = next_token_labels(inputs["labels"])
         if return_outputs:  # the caller wants the logits (prediction_step): make them
             outputs = model(**packed_forward_inputs(inputs))
             student, weight = outputs.logits, None  # [B, T, V]
         else:
-            student, weight, outputs = self.student_forward(
-                model, inputs
-            )  # [B, T, H] and [V, H], or logits
+            # [B, T, H] and [V, H], or logits
+            student, weight, outputs = self.student_forward(model, inputs)
         target = self.teacher.target(inputs) if self.teacher is not None else None
         with self.accelerator.autocast():  # the chunked output layer in the forward's precision
             result = cpt_loss(
@@ -94,19 +94,18 @@ class LSSDTrainer(Trainer):
             )
         supervised = (labels != IGNORE_INDEX).sum()
         loss = result.loss  # mean over this micro-batch's supervised positions
-        if (
-            num_items_in_batch is not None
-        ):  # -> sum over them / supervised positions of the whole step
+        # -> sum over them / supervised positions of the whole step
+        if num_items_in_batch is not None:
             loss = loss * supervised / num_items_in_batch
-            if (
-                self.args.average_tokens_across_devices
-            ):  # the count spans processes, and DDP averages gradients
+            # the count spans processes, and DDP averages gradients
+            if self.args.average_tokens_across_devices:
                 # (as Trainer.compute_loss scales a model's own loss)
                 loss = loss * (
                     self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
                 )
-        # Sums over supervised positions, so the logged means weigh every position alike, as the loss does;
-        # every key on every batch and rank, so the sums can be reduced across processes in `log`.
+        # Sums over supervised positions, so the logged means weigh every position alike, as the
+        # loss does; every key on every batch and rank, so the sums can be reduced across processes
+        # in `log`.
         terms = {
             "ce": result.ce * supervised,
             "lssd": result.lssd * supervised,
@@ -123,16 +122,17 @@ class LSSDTrainer(Trainer):
     def _nonfinite(self, model, result, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.on_nonfinite == "stop":
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.global_step} (ce_loss={result.ce.item():.4g}, "
-                f"lssd_loss={result.lssd.item():.4g}); the last checkpoint in {self.args.output_dir} is intact. "
+                f"non-finite loss at step {self.state.global_step} "
+                f"(ce_loss={result.ce.item():.4g}, lssd_loss={result.lssd.item():.4g}); "
+                f"the last checkpoint in {self.args.output_dir} is intact. "
                 f"Lower the learning rate, or set on_nonfinite: skip."
             )
         zero = torch.zeros_like(result.ce)
         terms.update(
             ce=zero, lssd=zero, teacher_top1_matches=zero, supervised=zero, skipped_batches=zero + 1
         )
-        # A zero that touches every trainable parameter and none of the poisoned graph: the batch adds
-        # nothing to the gradients, and DDP still sees a gradient for each parameter.
+        # A zero that touches every trainable parameter and none of the poisoned graph: the batch
+        # adds nothing to the gradients, and DDP still sees a gradient for each parameter.
         return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
