@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mixcpt.config import Config
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
+from mixcpt.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,13 @@ def encode_plain(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str)
     (special tokens as the tokenizer adds them, EOS appended), split at the prompt."""
     prompt_ids, response_ids = encode_split(tokenizer, prompt, response, add_special_tokens=True)
     return prompt_ids, response_ids + [tokenizer.eos_token_id]
+
+
+def chat_tokenizer(cfg: Config, folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder`, with a chat template (`ensure_chat_template`)."""
+    tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
+    ensure_chat_template(tokenizer, cfg.sft.chat_template, folder)
+    return tokenizer
 
 
 def ensure_chat_template(

@@ -16,13 +16,13 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from mixcpt.align.samples import usable_rows
+from mixcpt.align.samples import alignment_rows
 from mixcpt.config import Config
 from mixcpt.losses import dpo_loss
-from mixcpt.models import load_model, load_tokenizer
+from mixcpt.models import load_model
 from mixcpt.responses import (
+    chat_tokenizer,
     encode_chat,
-    ensure_chat_template,
     features,
     fit_to_length,
     pad_batch,
@@ -139,18 +139,10 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
     key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
     if final.exists():
         return run.recorded_metrics(key)
-    data_path = (
-        run.selection / "preferences.jsonl"
-        if arm == "mixcpt"
-        else run.data / "pool" / "preferences.jsonl"
-    )
     start = run.finished_model(arm, "sft")
-    tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
-    ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
-
-    train_set = pair_features(
-        usable_rows(data_path, "preference"), tokenizer, cfg.dpo.max_length, str(data_path)
-    )
+    tokenizer = chat_tokenizer(cfg, start)
+    rows, path = alignment_rows(run, arm, "preference")
+    train_set = pair_features(rows, tokenizer, cfg.dpo.max_length, str(path))
 
     load = partial(
         load_model,

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from mixcpt.data.readers import read_jsonl
 from mixcpt.errors import InputError
+from mixcpt.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+POOL_FILES = {"instruction": "instructions.jsonl", "preference": "preferences.jsonl"}
 LAST_ROLE = {"instruction": "assistant", "preference": "user"}
 REQUIRED_FIELDS = {
     "instruction": ("id", "messages", "plain_prompt", "plain_response"),
@@ -110,3 +112,10 @@ def usable_rows(path: Path, kind: str) -> list[dict]:
     if not usable:
         raise InputError(path, None, f"no usable {kind} samples to train on")
     return [rows[i] for i in usable]
+
+
+def alignment_rows(run: RunDir, arm: str, kind: str) -> tuple[list[dict], Path]:
+    """The usable samples of `kind` that `arm` aligns on (Mix-CPT: its selection; the baseline:
+    the whole pool), and the file they came from."""
+    path = (run.selection if arm == "mixcpt" else run.data / "pool") / POOL_FILES[kind]
+    return usable_rows(path, kind), path

@@ -16,7 +16,7 @@ import random
 
 from accelerate import PartialState
 
-from mixcpt.align.samples import read_samples, usable_indices, write_samples
+from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write_samples
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config, TemplateConfig
 from mixcpt.data.render import render_plain_response
@@ -32,8 +32,6 @@ from mixcpt.responses import (
 from mixcpt.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-KINDS = {"instruction": "instructions.jsonl", "preference": "preferences.jsonl"}
 
 
 def plain_and_chat(
@@ -155,7 +153,7 @@ def run_select(cfg: Config, run: RunDir) -> dict:
 
     summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}
     selected, records = {}, []
-    for kind, name in KINDS.items():
+    for kind, name in POOL_FILES.items():
         rows = read_samples(run.data / "pool" / name, kind)
         selected[name], kind_records, summary[f"{kind}s"] = select_kind(
             model, tokenizer, rows, kind, cfg

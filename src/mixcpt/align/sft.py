@@ -14,10 +14,10 @@ from functools import partial
 
 from transformers import Trainer
 
-from mixcpt.align.samples import usable_rows
+from mixcpt.align.samples import alignment_rows
 from mixcpt.config import Config
-from mixcpt.models import load_model, load_tokenizer
-from mixcpt.responses import encode_chat, ensure_chat_template, features, fit_to_length, pad_batch
+from mixcpt.models import load_model
+from mixcpt.responses import chat_tokenizer, encode_chat, features, fit_to_length, pad_batch
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save
@@ -42,18 +42,10 @@ def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
     key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
     if final.exists():
         return run.recorded_metrics(key)
-    data_path = (
-        run.selection / "instructions.jsonl"
-        if arm == "mixcpt"
-        else run.data / "pool" / "instructions.jsonl"
-    )
     start = run.finished_model(arm, "cpt")
-    tokenizer = load_tokenizer(start, cfg.model.trust_remote_code)
-    ensure_chat_template(tokenizer, cfg.sft.chat_template, start)
-
-    train_set = sft_features(
-        usable_rows(data_path, "instruction"), tokenizer, cfg.sft.max_length, str(data_path)
-    )
+    tokenizer = chat_tokenizer(cfg, start)
+    rows, path = alignment_rows(run, arm, "instruction")
+    train_set = sft_features(rows, tokenizer, cfg.sft.max_length, str(path))
 
     model = load_model(
         start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation

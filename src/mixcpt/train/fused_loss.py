@@ -181,6 +181,14 @@ class CPTLoss(NamedTuple):
     teacher_top1_matches: torch.Tensor
 
 
+class LossSettings(NamedTuple):
+    ce_weight: float
+    lssd_weight: float
+    temperature: float
+    ignore_index: int
+    chunk_size: int  # supervised positions per chunk
+
+
 class _FusedCPTLoss(torch.autograd.Function):
     """Over the supervised positions (b, t), a chunk at a time: student logits s = rows[b, t] (or
     rows[b, t] @ weight.T), log p = log_softmax(s), and
@@ -194,18 +202,8 @@ class _FusedCPTLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        rows,
-        weight,
-        labels,
-        target,
-        ce_weight,
-        lssd_weight,
-        temperature,
-        ignore_index,
-        chunk_size,
-    ):
+    def forward(ctx, rows, weight, labels, target, settings: LossSettings):
+        ce_weight, lssd_weight, temperature, ignore_index, chunk_size = settings
         keep_b, keep_t = (labels != ignore_index).nonzero(as_tuple=True)  # [N] supervised positions
         n = max(len(keep_b), 1)
         teacher_data = target.per_position() if target is not None else ()
@@ -273,7 +271,7 @@ class _FusedCPTLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def cpt_loss(
@@ -304,17 +302,8 @@ def cpt_loss(
     """
     if target is None:
         lssd_weight = 0.0
-    loss, ce, lssd, matches = _FusedCPTLoss.apply(
-        student,
-        output_weight,
-        labels,
-        target,
-        ce_weight,
-        lssd_weight,
-        temperature,
-        ignore_index,
-        chunk_size,
-    )
+    settings = LossSettings(ce_weight, lssd_weight, temperature, ignore_index, chunk_size)
+    loss, ce, lssd, matches = _FusedCPTLoss.apply(student, output_weight, labels, target, settings)
     return CPTLoss(loss, ce, lssd, matches)
 
 
