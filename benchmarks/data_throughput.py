@@ -21,7 +21,8 @@ from mixcpt.rundir import RunDir
 
 
 def generate(folder: Path, megabytes: float, seed: int = 0) -> None:
-    """A domain corpus of about `megabytes` MB, plus instructions and preferences of a tenth of that."""
+    """A domain corpus of about `megabytes` MB, plus instructions and preferences of a tenth
+    of that."""
     rng = np.random.default_rng(seed)
     syllables = [
         "ka",

@@ -4,7 +4,8 @@ Both take the student's final hidden states [N, H] and output layer [V, H] (trai
 teacher's hidden states and output layer (frozen), as the trainer does, at a large vocabulary:
 - naive: full logits of both, logit swap, log-softmax of both, KL, autograd backward (the way a
   TRL-style distillation loss is written), in float32;
-- chunked: `mixcpt.train.fused_loss.cpt_loss` (ce_weight 0, so LSSD alone) with `--chunk` positions per chunk.
+- chunked: `mixcpt.train.fused_loss.cpt_loss` (ce_weight 0, so LSSD alone) with `--chunk`
+  positions per chunk.
 
 How memory is measured (CPU): each variant runs in its own fresh process; after its inputs exist,
 the process resets its peak resident set size (`/proc/self/clear_refs` "5") and reads VmHWM after

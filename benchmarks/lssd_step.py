@@ -4,7 +4,7 @@ One full optimizer step per variant (LSSDTrainer.training_step = compute_loss + 
 optimizer step), every variant on its own copy of the same Llama built from config and the same
 batch, interleaved round by round after warm-up; the figures are medians. Prints one JSON line.
 
-    python benchmarks/lssd_step.py                          # CPU: ~5M params, 8k vocab, 8 x 256, fp32
+    python benchmarks/lssd_step.py                        # CPU: ~5M params, 8k vocab, 8 x 256, fp32
     python benchmarks/lssd_step.py --device cuda --dtype bfloat16 --vocab 32000 --hidden 896 \
         --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --seq 1024   # ~0.5B, reports MFU
 """
@@ -26,13 +26,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from mixcpt.config import TrainingConfig
-from mixcpt.data.packing import write_packed
+from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.malloc_tuning import keep_freed_memory
-from mixcpt.data.packing import IndexedBlocks
 from mixcpt.train import lssd_cpu_kernel
+from mixcpt.train.arguments import training_arguments
 from mixcpt.train.teacher_cache import build_teacher_cache
 from mixcpt.train.teachers import LoraTeacher, OnlineTeacher
-from mixcpt.train.arguments import training_arguments
 from mixcpt.train.trainer import LSSDTrainer
 
 
@@ -64,7 +63,8 @@ def random_blocks(folder: Path, a) -> IndexedBlocks:
 
 
 def flops_per_step(model: torch.nn.Module, tokens: int, a) -> float:
-    """6 x (parameters without the input embedding) x tokens + causal attention (PaLM appendix B)."""
+    """6 x (parameters without the input embedding) x tokens + causal attention (PaLM
+    appendix B)."""
     n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     return 6 * n * tokens + 6 * a.layers * a.hidden * a.seq * tokens
 
@@ -115,7 +115,8 @@ def training_args(a, output_dir: Path):
 
 
 def timed_step(trainer: Trainer, inputs: dict[str, torch.Tensor], device: torch.device) -> float:
-    """Seconds of one optimizer step: compute_loss + backward (Trainer.training_step), then the update."""
+    """Seconds of one optimizer step: compute_loss + backward (Trainer.training_step), then
+    the update."""
     if trainer.optimizer is None:
         trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = (

@@ -31,7 +31,8 @@ except ImportError:  # TRL missing: nothing to compare with
 
 
 class GKDStyleTrainer(Trainer):
-    """TRL GKD's supervised distillation step: KL(teacher || student) on full logits, online teacher."""
+    """TRL GKD's supervised distillation step: KL(teacher || student) on full logits, online
+    teacher."""
 
     def __init__(self, *args, teacher_model, **kwargs):
         super().__init__(*args, **kwargs)

@@ -32,7 +32,8 @@ def tiny_tokenizer():
 def make_tiny_llama(
     vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for `seed`."""
+    """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for
+    `seed`."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,

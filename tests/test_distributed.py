@@ -1,4 +1,5 @@
-"""Stage 1 under DDP: two processes on the CPU (gloo) follow the one-process run with the same global batch.
+"""Stage 1 under DDP: two processes on the CPU (gloo) follow the one-process run with the same
+global batch.
 
 `torchrun --nproc_per_node 2 -m mixcpt.cli cpt` with 2 blocks per process is compared with one
 process of 4 blocks per step: the same blocks reach each optimizer step (the sampler shards the
@@ -26,8 +27,8 @@ BLOCK_SIZE, N_BLOCKS, STEPS = 32, 16, 4  # 4 steps of 4 blocks: one epoch, every
 
 
 def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
-    """A config file and a run folder whose data stage is done: N_BLOCKS blocks of seeded tokens, the
-    last one holding 3 tokens and then padding."""
+    """A config file and a run folder whose data stage is done: N_BLOCKS blocks of seeded
+    tokens, the last one holding 3 tokens and then padding."""
     (tmp_path / "domain.txt").write_text(
         "unused: the packed stream below stands for the data stage's output"
     )

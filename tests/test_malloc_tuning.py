@@ -12,9 +12,10 @@ import pytest
 
 from mixcpt.malloc_tuning import keep_freed_memory
 
-# Steps of the chunked LSSD loss (8 MB [256, 8192] temporaries per chunk); prints the page faults per
-# step in steady state: the fewest of three 3-step windows, since a heap that grows once more after the
-# warm-up (seen: one 8 MB block in some runs) faults in fresh pages once, which is not what is measured.
+# Steps of the chunked LSSD loss (8 MB [256, 8192] temporaries per chunk); prints the page faults
+# per step in steady state: the fewest of three 3-step windows, since a heap that grows once more
+# after the warm-up (seen: one 8 MB block in some runs) faults in fresh pages once, which is not
+# what is measured.
 STEPS = """
 import resource, torch
 from mixcpt.train.fused_loss import SwappedTeacher, cpt_loss
@@ -53,8 +54,8 @@ def faults_per_step(**env: str) -> float:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 def test_tuned_malloc_reuses_freed_temporaries_instead_of_faulting_in_fresh_pages():
     tuned, default = faults_per_step(), faults_per_step(MIXCPT_MALLOC_TUNING="0")
-    # measured on the development machine: 0 tuned vs 8,500-13,000 with glibc's defaults (14,000-19,000 on
-    # the eager path, MIXCPT_CPU_KERNEL=0, where tuned runs gave 0 and once 680)
+    # measured on the development machine: 0 tuned vs 8,500-13,000 with glibc's defaults
+    # (14,000-19,000 on the eager path, MIXCPT_CPU_KERNEL=0, where tuned runs gave 0 and once 680)
     assert tuned < 0.1 * default, (tuned, default)
 
 

@@ -36,9 +36,9 @@ def _row(arm, stage, domain, general, kl, status="ok"):
 
 
 def synthetic_results() -> dict:
-    log = lambda scale: [
+    log = lambda scale: [  # noqa: E731
         {"step": s, "loss": scale / s, "learning_rate": 1e-4} for s in range(1, 30)
-    ]  # noqa: E731
+    ]
     return {
         "data": {
             "mix": {

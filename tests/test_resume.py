@@ -25,8 +25,8 @@ from mixcpt.cli import main
 from mixcpt.data.packing import write_packed
 
 # Runs `mixcpt.cli.main(argv)` after slowing PATCHED ("module:attribute.path") by SLOW_S seconds per
-# call and writing the call count to PROGRESS (environment variables), so that a test can kill it at a
-# known point; with NAN_FROM=n, PATCHED (a layer's forward) returns NaN from its n-th call on.
+# call and writing the call count to PROGRESS (environment variables), so that a test can kill it at
+# a known point; with NAN_FROM=n, PATCHED (a layer's forward) returns NaN from its n-th call on.
 WRAPPER = """
 import os, sys, time, importlib
 module, path = os.environ["PATCHED"].split(":")  # e.g. mixcpt.data.stage:_render
@@ -100,7 +100,8 @@ CPT_STEPS, SAVE_STEPS = 8, 3
 
 @pytest.fixture
 def cpt_setup(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """(argv of `mixcpt cpt` for an output folder, that folder's maker): a run whose data stage is done."""
+    """(argv of `mixcpt cpt` for an output folder, that folder's maker): a run whose data stage
+    is done."""
     (tmp_path / "domain.txt").write_text(
         "unused: the packed stream below stands for the data stage's output"
     )
@@ -128,7 +129,8 @@ def cpt_setup(tmp_path, tiny_model_dir, tiny_tokenizer):
 
     def make(name: str):
         out = tmp_path / name
-        # 12 blocks, 2 per step: 8 steps cross an epoch boundary, so resuming must also restore the sampler
+        # 12 blocks, 2 per step: 8 steps cross an epoch boundary, so resuming must also restore
+        # the sampler
         write_packed(
             out / "data" / "mix", ids, np.tile(np.arange(32), (12, 1)), ids.size, 0, "synthetic"
         )
@@ -166,8 +168,9 @@ def test_cpt_killed_mid_training_resumes_to_the_uninterrupted_weights(cpt_setup,
 
 
 def test_a_partial_checkpoint_is_never_resumed_from(cpt_setup):
-    """A save cut short (killed, disk full) leaves checkpoint-N without trainer_state.json: the rerun
-    resumes from the previous complete checkpoint and still ends with the uninterrupted weights."""
+    """A save cut short (killed, disk full) leaves checkpoint-N without trainer_state.json: the
+    rerun resumes from the previous complete checkpoint and still ends with the uninterrupted
+    weights."""
     argv, clean = cpt_setup("clean")
     assert main(argv) == 0
     expected = load_file(clean / "mixcpt" / "cpt" / "model.safetensors")

@@ -1,4 +1,5 @@
-"""A run folder with a tiny stage-1 model and a small general pool, as the data and cpt stages leave it."""
+"""A run folder with a tiny stage-1 model and a small general pool, as the data and cpt stages
+leave it."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def write_jsonl(path, rows):
 
 @pytest.fixture
 def pool_rows():
-    """(instruction rows, preference rows); one empty instruction response, one identical preference pair."""
+    """(instruction rows, preference rows); one empty instruction response, one identical
+    preference pair."""
     instructions = [instruction_row(i, q, a) for i, (q, a) in enumerate(QA)]
     instructions.append(instruction_row(len(QA), "Say nothing.", ""))
     preferences = [preference_row(i, q, a, QA[(i + 3) % len(QA)][1]) for i, (q, a) in enumerate(QA)]
@@ -67,7 +69,8 @@ def pool_rows():
 
 @pytest.fixture
 def make_cfg(tmp_path, tiny_model_dir):
-    """make_cfg(select={...}, ...) -> Config of a tiny run; keyword sections update the defaults below."""
+    """make_cfg(select={...}, ...) -> Config of a tiny run; keyword sections update the
+    defaults below."""
     return lambda **sections: tiny_config(tmp_path, tiny_model_dir, **sections)
 
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from mixcpt.align.dpo import pair_collate, pair_features, run_dpo
-from mixcpt.responses import score_responses
 from mixcpt.losses import dpo_loss
 from mixcpt.models import load_model, load_tokenizer
+from mixcpt.responses import score_responses
 
 
 def test_dpo_loss_matches_the_closed_form():

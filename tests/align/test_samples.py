@@ -16,8 +16,14 @@ from mixcpt.errors import InputError
             "missing field(s) plain_prompt, plain_response",
         ),
         (
-            '{"id": "x", "messages": [{"role": "user", "content": "q"}], "plain_prompt": "", "plain_response": ""}',
-            "the last message is from 'user'; instruction samples must end with one from 'assistant'",
+            (
+                '{"id": "x", "messages": [{"role": "user", "content": "q"}], '
+                '"plain_prompt": "", "plain_response": ""}'
+            ),
+            (
+                "the last message is from 'user'; "
+                "instruction samples must end with one from 'assistant'"
+            ),
         ),
     ],
 )

@@ -4,10 +4,10 @@ import logging
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from mixcpt.responses import pad_batch
 from mixcpt.align.sft import run_sft, sft_features
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
+from mixcpt.responses import pad_batch
 
 
 def test_sft_labels_mask_exactly_the_prompt(tiny_tokenizer, pool_rows):

@@ -1,5 +1,6 @@
-"""Every malformed file and config of cases.yaml stops the CLI with exit code 2, one clear line naming
-the file (and line or key), no traceback, and no half-written output folder (design.md §3, §5)."""
+"""Every malformed file and config of cases.yaml stops the CLI with exit code 2, one clear line
+naming the file (and line or key), no traceback, and no half-written output folder (design.md §3,
+§5)."""
 
 from __future__ import annotations
 

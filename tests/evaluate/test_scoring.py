@@ -55,7 +55,7 @@ def test_multiple_choice_picks_highest_direct_loglikelihood(tiny_model, tiny_tok
         tiny_model, tiny_tokenizer, requests, batch_size=3
     )  # mixed lengths share batches
 
-    expected, acc, acc_norm, k = [], 0, 0, 0
+    expected, acc, acc_norm = [], 0, 0
     for prompt, item in zip(prompts, ITEMS):
         context = tiny_tokenizer(prompt).input_ids
         lls = []

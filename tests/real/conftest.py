@@ -23,8 +23,8 @@ GGUF_NAMES = {
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp stores q/k rows interleaved for its rotary kernel (convert_hf_to_gguf.py's permute);
-    transformers undoes this when it loads a GGUF."""
+    """llama.cpp stores q/k rows interleaved for its rotary kernel (convert_hf_to_gguf.py's
+    permute); transformers undoes this when it loads a GGUF."""
     return (
         w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
         .swapaxes(1, 2)

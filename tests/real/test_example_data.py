@@ -22,7 +22,8 @@ SPHINX_PAGE = """<html><head><script>var x = 1;</script></head><body>
 <h1><code>json</code> — JSON encoder and decoder<a class="headerlink" href="#m">¶</a></h1>
 <p>Encode   and
 decode JSON.</p>
-<dl class="py function"><dt class="sig sig-object py" id="json.dumps">json.dumps(obj)<a class="headerlink" href="#d">¶</a></dt>
+<dl class="py function"><dt class="sig sig-object py" id="json.dumps">json.dumps(obj)\
+<a class="headerlink" href="#d">¶</a></dt>
 <dd><p>Serialize <em>obj</em>.</p></dd></dl>
 <div class="highlight"><pre><span>&gt;&gt;&gt; </span>json.dumps([1,  2])
 '[1, 2]'
@@ -65,7 +66,8 @@ def test_module_questions_have_the_right_answer_among_other_modules():
 
 WORDNET_NOUN = (
     "  1 This software and database is being provided to you, the LICENSEE\n"
-    "00005930 03 n 02 dwarf 0 midget 0 001 @ 00004475 n 0000 | a plant or animal that is atypically small; "
+    "00005930 03 n 02 dwarf 0 midget 0 001 @ 00004475 n 0000 | "
+    "a plant or animal that is atypically small; "
     '"the dwarf grew slowly"  \n'
 )
 

@@ -31,7 +31,8 @@ def test_converted_folder_is_the_same_model_and_tokenizer(tiny_gguf, tiny_tokeni
     )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
-    # every token keeps its id (transformers' GGUF reader may add a GPT-2 `<|endoftext|>` when a file lacks one)
+    # every token keeps its id (transformers' GGUF reader may add a GPT-2 `<|endoftext|>` when a
+    # file lacks one)
     assert tiny_tokenizer.get_vocab().items() <= tokenizer.get_vocab().items()
     assert (tokenizer.bos_token, tokenizer.eos_token) == (
         tiny_tokenizer.bos_token,

@@ -1,4 +1,5 @@
-"""A run folder as the data stage leaves it (packed D_MIX and D_K, a tiny base model), for stage-1 tests."""
+"""A run folder as the data stage leaves it (packed D_MIX and D_K, a tiny base model), for stage-1
+tests."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ BLOCK_SIZE = 32
 
 
 def pack(tokenizer, texts, folder, fingerprint, block_size=BLOCK_SIZE) -> PackedBlocks:
-    """Documents joined with EOS, positions restarting per document, cut into blocks (last one padded)."""
+    """Documents joined with EOS, positions restarting per document, cut into blocks (last one
+    padded)."""
     ids, positions = [], []
     for text in texts:
         doc = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
@@ -42,7 +44,8 @@ def pack(tokenizer, texts, folder, fingerprint, block_size=BLOCK_SIZE) -> Packed
 
 @pytest.fixture
 def cpt_run(tmp_path, tiny_tokenizer, tiny_model):
-    """(make_config(**cpt_overrides), RunDir) with data/mix (domain + general), data/domain and base/."""
+    """(make_config(**cpt_overrides), RunDir) with data/mix (domain + general), data/domain and
+    base/."""
     run = RunDir(tmp_path / "run")
     pack(
         tiny_tokenizer,

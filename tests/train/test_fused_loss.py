@@ -67,7 +67,8 @@ def mean_over_supervised(labels, kl_at):
 
 
 def reference_topk(student, teacher, labels, temperature, k):
-    """Bucketed KL of design §9: top-k of the swapped teacher's probabilities plus one tail bucket."""
+    """Bucketed KL of design §9: top-k of the swapped teacher's probabilities plus one tail
+    bucket."""
 
     def kl_at(b, t, y):
         q = torch.softmax(logit_swap(teacher[b, t].double(), torch.tensor(y)) / temperature, -1)
@@ -118,7 +119,7 @@ def test_max_with_index_gives_the_first_maximum_as_argmax_does_even_with_ties(V)
     assert index[0] == 5
 
 
-# ---- L_LSSD through the fused path ----------------------------------------------------------------------------
+# ---- L_LSSD through the fused path ---------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("V,chunk_size", [(37, 4), (50, 7), (13, 1024), (256, 8)])
 def test_lssd_loss_matches_the_naive_reference_in_value_and_gradient(temperature, V, chunk_size):

@@ -120,7 +120,8 @@ def test_a_failing_build_falls_back_to_the_eager_path_and_leaves_nothing_behind(
 ):
     fake = tmp_path / "cc"
     fake.write_text(
-        "#!/bin/sh\n[ \"$1\" = --version ] && echo fake && exit 0\necho 'error: broken' >&2\nexit 1\n"
+        '#!/bin/sh\n[ "$1" = --version ] && echo fake && exit 0\n'
+        "echo 'error: broken' >&2\nexit 1\n"
     )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))

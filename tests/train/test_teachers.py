@@ -10,9 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mixcpt.data.packing import write_packed
+from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
-from mixcpt.data.packing import IndexedBlocks
 from mixcpt.losses import next_token_labels
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
@@ -23,7 +22,8 @@ V, BLOCK = 400, 16
 
 
 def make_tiny_llama(vocab_size, seed=0):
-    """A random Llama of about 30k parameters (as tests/conftest.py builds, with the vocabulary and seed given)."""
+    """A random Llama of about 30k parameters (as tests/conftest.py builds, with the vocabulary
+    and seed given)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -267,8 +267,9 @@ class ScaledLlama(LlamaForCausalLM):
 def test_teachers_keep_packed_documents_apart_even_when_the_config_enables_the_kv_cache(
     blocks, teacher_model
 ):
-    """A model straight from from_pretrained has use_cache=True, with which transformers would let the
-    documents of a packed block attend to each other; the teachers' forward turns the cache off."""
+    """A model straight from from_pretrained has use_cache=True, with which transformers would let
+    the documents of a packed block attend to each other; the teachers' forward turns the cache
+    off."""
     teacher_model.config.use_cache = True
     block = batch_of(blocks, [0])
     start = int((block["position_ids"][0, 1:] == 0).nonzero()[0]) + 1  # the second document

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from mixcpt.config import TrainingConfig
-from mixcpt.data.packing import write_packed
+from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
-from mixcpt.data.packing import IndexedBlocks
 from mixcpt.losses import lssd_loss
+from mixcpt.train.arguments import training_arguments
 from mixcpt.train.fused_loss import SwappedTeacher
 from mixcpt.train.teachers import OnlineTeacher, Teacher
-from mixcpt.train.arguments import training_arguments
 from mixcpt.train.trainer import LSSDTrainer, NonFiniteLossError
 
 from .conftest import DOMAIN, HELD_OUT, pack
@@ -153,9 +152,9 @@ def test_packed_documents_do_not_attend_to_each_other(
 
 
 def test_gradient_accumulation_weighs_every_supervised_position_equally(tiny_model, tmp_path):
-    """Two micro-batches of 2 blocks (gradient accumulation) train exactly as one batch of 4, even when
-    a block is mostly padding: the loss is normalised by the supervised positions of the whole step,
-    not averaged per micro-batch."""
+    """Two micro-batches of 2 blocks (gradient accumulation) train exactly as one batch of 4, even
+    when a block is mostly padding: the loss is normalised by the supervised positions of the whole
+    step, not averaged per micro-batch."""
     V = tiny_model.config.vocab_size
     ids = np.random.default_rng(0).integers(3, V, size=(8, 16))
     write_packed(
@@ -178,8 +177,8 @@ def test_gradient_accumulation_weighs_every_supervised_position_equally(tiny_mod
             lr_scheduler="constant",
             save_steps=1000,
         )
-        # SGD, so the weights show the gradients themselves: Adam's first steps divide each gradient by its
-        # own size, which turns float rounding in near-zero entries into visible differences.
+        # SGD, so the weights show the gradients themselves: Adam's first steps divide each gradient
+        # by its own size, which turns float rounding in near-zero entries into visible differences.
         args = training_arguments(
             tc, tmp_path / f"out-{batch_size}", seed=0, remove_unused_columns=False, optim="sgd"
         )
