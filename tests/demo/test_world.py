@@ -5,14 +5,8 @@ from dataclasses import fields
 import pytest
 
 from mixcpt.data.render import render_plain_prompt, render_plain_response
-from mixcpt.demo.world import (
-    DEMO_TEMPLATE,
-    DOMAIN_QUESTIONS,
-    GENERAL_QUESTIONS,
-    WorldFiles,
-    render_plain,
-    write_world,
-)
+from mixcpt.demo.entities import DEMO_TEMPLATE, DOMAIN_QUESTIONS, GENERAL_QUESTIONS, render_plain
+from mixcpt.demo.world import WorldFiles, write_world
 
 
 def read_jsonl(path):

@@ -14,11 +14,14 @@ training and teacher forwards pass exactly that (`mixcpt.train.forward.packed_fo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100
 
@@ -58,6 +61,77 @@ class IndexedBlocks(PackedBlocks):
         return {**super().__getitem__(i), "block_index": i}
 
 
+@dataclass
+class TokenizedSource:
+    """One source after the data stage's pass 1: its tokens on disk (int32, documents one after
+    the other, each ending in EOS) and the length of each document."""
+
+    group: str
+    label: str
+    weight: float
+    tokens_path: Path
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # rendered samples, one JSON row per document (instructions, preferences)
+    pool_path: Path | None = None
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.tokens_path, dtype=np.int32, mode="r")
+
+
+def pack_documents(
+    order: np.ndarray,
+    sources: list[TokenizedSource],
+    block_size: int,
+    pad_id: int,
+    folder: Path,
+    fingerprint: str,
+    desc: str,
+) -> dict:
+    """Write the documents of `order` ([n, 2] rows of (source index, document index)) into
+    fixed-length blocks in `folder`, in the layout `PackedBlocks` reads.
+
+    Position ids restart at every document start and every block start; the tail of the last
+    block is padding. Returns {"n_tokens", "n_blocks", "padding_share"}.
+    """
+    lengths = np.asarray([sources[s].lengths[d] for s, d in order], dtype=np.int64)
+    n_tokens = int(lengths.sum())
+    n_blocks = max(1, -(-n_tokens // block_size))
+    folder.mkdir(parents=True)
+    ids = open_memmap(
+        folder / "input_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
+    )
+    pos = open_memmap(
+        folder / "position_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
+    )
+    flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
+    token_maps = [s.tokens() for s in sources]
+    offsets = [s.offsets for s in sources]
+    cursor = 0
+    for (s, d), n in tqdm(
+        zip(order, lengths), total=len(order), desc=desc, unit="doc", leave=False
+    ):
+        start = offsets[s][d]
+        flat_ids[cursor : cursor + n] = token_maps[s][start : start + n]
+        idx = np.arange(cursor, cursor + n)
+        # the position restarts at this document's start or at the start of the block, whichever
+        # is later
+        flat_pos[cursor : cursor + n] = idx - np.maximum(cursor, idx - idx % block_size)
+        cursor += n
+    flat_ids[cursor:] = pad_id
+    flat_pos[cursor:] = np.arange(flat_pos.size - cursor)
+    ids.flush(), pos.flush()
+    _write_meta(folder, n_blocks, block_size, n_tokens, pad_id, fingerprint)
+    return {
+        "n_tokens": n_tokens,
+        "n_blocks": n_blocks,
+        "padding_share": 1 - n_tokens / (n_blocks * block_size),
+    }
+
+
 def write_packed(
     folder: Path,
     blocks: np.ndarray,
@@ -70,11 +144,17 @@ def write_packed(
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "input_ids.npy", blocks.astype(np.int32, copy=False))
     np.save(folder / "position_ids.npy", positions.astype(np.int32, copy=False))
+    _write_meta(folder, *blocks.shape, n_tokens, pad_token_id, fingerprint)
+
+
+def _write_meta(
+    folder: Path, n_blocks: int, block_size: int, n_tokens: int, pad_id: int, fingerprint: str
+) -> None:
     meta = {
-        "n_blocks": int(blocks.shape[0]),
-        "block_size": int(blocks.shape[1]),
+        "n_blocks": int(n_blocks),
+        "block_size": int(block_size),
         "n_tokens": int(n_tokens),
-        "pad_token_id": int(pad_token_id),
+        "pad_token_id": int(pad_id),
         "fingerprint": fingerprint,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))

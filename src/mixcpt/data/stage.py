@@ -26,16 +26,15 @@ import json
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from mixcpt.atomic import atomic_dir, write_json_atomic
 from mixcpt.config import Config, SourceConfig
 from mixcpt.data.mixture import MixturePlan, plan_mixture
+from mixcpt.data.packing import TokenizedSource, pack_documents
 from mixcpt.data.readers import (
     alpaca_fields,
     domain_text,
@@ -48,27 +47,6 @@ from mixcpt.models import base_model_path, load_tokenizer
 from mixcpt.rundir import RunDir
 
 GROUPS = ("domain", "instructions", "preferences")
-
-
-@dataclass
-class TokenizedSource:
-    """One source after pass 1: its tokens on disk and the length of each document."""
-
-    group: str
-    label: str
-    weight: float
-    tokens_path: Path
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    pool_path: Path | None = (
-        None  # rendered samples, one JSON row per document (instructions, preferences)
-    )
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-
-    def tokens(self) -> np.ndarray:
-        return np.memmap(self.tokens_path, dtype=np.int32, mode="r")
 
 
 def _render(
@@ -151,62 +129,6 @@ def _tokenize_source(
             flush()
     out.lengths = np.asarray(lengths, dtype=np.int64)
     return out
-
-
-def _pack(
-    order: np.ndarray,
-    sources: list[TokenizedSource],
-    block_size: int,
-    pad_id: int,
-    folder: Path,
-    fingerprint: str,
-    desc: str,
-) -> dict:
-    """Pass 2: write the documents of `order` ([n, 2] rows of (source, doc)) into blocks.
-
-    Position ids restart at every document start and every block start; the tail of the last
-    block is padding. Returns {"n_tokens", "n_blocks", "padding_share"}.
-    """
-    lengths = np.asarray([sources[s].lengths[d] for s, d in order], dtype=np.int64)
-    n_tokens = int(lengths.sum())
-    n_blocks = max(1, -(-n_tokens // block_size))
-    folder.mkdir(parents=True)
-    ids = open_memmap(
-        folder / "input_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
-    )
-    pos = open_memmap(
-        folder / "position_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
-    )
-    flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
-    token_maps = [s.tokens() for s in sources]
-    offsets = [s.offsets for s in sources]
-    cursor = 0
-    for (s, d), n in tqdm(
-        zip(order, lengths), total=len(order), desc=desc, unit="doc", leave=False
-    ):
-        start = offsets[s][d]
-        flat_ids[cursor : cursor + n] = token_maps[s][start : start + n]
-        idx = np.arange(cursor, cursor + n)
-        # the position restarts at this document's start or at the start of the block, whichever
-        # is later
-        flat_pos[cursor : cursor + n] = idx - np.maximum(cursor, idx - idx % block_size)
-        cursor += n
-    flat_ids[cursor:] = pad_id
-    flat_pos[cursor:] = np.arange(flat_pos.size - cursor)
-    ids.flush(), pos.flush()
-    meta = {
-        "n_blocks": n_blocks,
-        "block_size": block_size,
-        "n_tokens": n_tokens,
-        "pad_token_id": int(pad_id),
-        "fingerprint": fingerprint,
-    }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    return {
-        "n_tokens": n_tokens,
-        "n_blocks": n_blocks,
-        "padding_share": 1 - n_tokens / (n_blocks * block_size),
-    }
 
 
 def data_fingerprint(cfg: Config, tokenizer_path: str) -> str:
@@ -319,9 +241,11 @@ def _pack_mix(
     folder: Path,
     fingerprint: str,
 ) -> dict:
-    """Pass 2 for D_MIX into `folder`; returns `_pack`'s statistics plus, under "sources", the
-    statistics of each source."""
-    mix = _pack(plan.order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_MIX")
+    """Pass 2 for D_MIX into `folder`; returns `pack_documents`'s statistics plus, under
+    "sources", the statistics of each source."""
+    mix = pack_documents(
+        plan.order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_MIX"
+    )
     mix["sources"] = _source_stats(plan, sources)
     mix["unit"] = "tokens"
     return mix
@@ -351,7 +275,7 @@ def _pack_domain(
     sources: list[TokenizedSource], cfg: Config, pad_id: int, folder: Path, fingerprint: str
 ) -> dict:
     """Pass 2 for D_K, the traditional arm's stream, into `folder`: every domain document once,
-    in an order shuffled with the run's seed. Returns `_pack`'s statistics."""
+    in an order shuffled with the run's seed. Returns `pack_documents`'s statistics."""
     domain_ids = [i for i, s in enumerate(sources) if s.group == "domain"]
     order = np.concatenate(
         [
@@ -363,7 +287,9 @@ def _pack_domain(
         ]
     )
     order = order[np.random.default_rng(cfg.seed).permutation(len(order))]
-    return _pack(order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K")
+    return pack_documents(
+        order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K"
+    )
 
 
 def _write_pool(plan: MixturePlan, sources: list[TokenizedSource], folder: Path) -> dict:

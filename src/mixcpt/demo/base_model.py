@@ -24,8 +24,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import TrainingConfig
 from mixcpt.data.packing import PackedBlocks, write_packed
+from mixcpt.demo.entities import render_plain
 from mixcpt.demo.tokenizer import train_bpe_tokenizer
-from mixcpt.demo.world import WorldFiles, render_plain
+from mixcpt.demo.world import WorldFiles
 from mixcpt.models import save_model
 from mixcpt.train.arguments import training_arguments
 

@@ -1,0 +1,159 @@
+"""The run configuration: one YAML file validated into typed, frozen-by-convention objects.
+
+Configs are data. Every key has a type, a default where one is sensible, and a description;
+an unknown key, a wrong type or a value out of range is a `ConfigError` that names the key.
+Relative paths are resolved against the folder of the YAML file.
+
+One module per part of the run: `data` (model, sources, rendering), `training` (Trainer settings,
+stage 1), `alignment` (selection, SFT, DPO, the baseline arm), `evaluation`; this module holds the
+whole `Config` and reads it from YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from mixcpt.config.alignment import BaselineConfig, DPOConfig, SelectConfig, SFTConfig
+from mixcpt.config.base import Strict
+from mixcpt.config.data import DataConfig, ModelConfig, SourceConfig, TemplateConfig
+from mixcpt.config.evaluation import BenchmarkConfig, EvalConfig
+from mixcpt.config.training import CPTConfig, LoraSettings, TrainingConfig
+from mixcpt.errors import ConfigError
+
+__all__ = [
+    "BaselineConfig",
+    "BenchmarkConfig",
+    "CPTConfig",
+    "Config",
+    "DPOConfig",
+    "DataConfig",
+    "EvalConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "SFTConfig",
+    "SelectConfig",
+    "SourceConfig",
+    "TemplateConfig",
+    "TrainingConfig",
+    "config_from_dict",
+    "hub_references",
+    "load_config",
+]
+
+
+class Config(Strict):
+    seed: int = Field(
+        0,
+        description="Seed of the mixture's draw and order, D_K's order, random selection and "
+        "TrainingArguments seed/data_seed. Changing it rebuilds the data.",
+    )
+    model: ModelConfig = Field(description="The base model both arms start from.")
+    data: DataConfig = Field(description="Sources, mixture and packing of the data stage.")
+    cpt: CPTConfig = Field(
+        default_factory=CPTConfig, description="Stage 1: continual pre-training."
+    )
+    select: SelectConfig = Field(
+        default_factory=SelectConfig,
+        description="Stage 2a: choosing the mixcpt arm's samples from the general pool.",
+    )
+    sft: SFTConfig = Field(
+        default_factory=SFTConfig, description="Stage 2b: supervised fine-tuning."
+    )
+    dpo: DPOConfig = Field(
+        default_factory=DPOConfig,
+        description="Stage 2c: DPO on preference pairs, the SFT model as reference.",
+    )
+    baseline: BaselineConfig = Field(
+        default_factory=BaselineConfig,
+        description="The traditional arm trained beside Mix-CPT for comparison.",
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="Benchmarks, lm-eval tasks and retention probe of the eval stage.",
+    )
+
+
+def _resolve_paths(cfg: Config, root: Path) -> None:
+    """Make relative paths absolute against `root` and check that local inputs exist."""
+
+    def local(p: str, key: str, must_exist: bool = True) -> str:
+        path = Path(p).expanduser()
+        path = path if path.is_absolute() else root / path
+        if must_exist and not path.exists():
+            raise ConfigError(f"{key}: path does not exist: {path}")
+        return str(path)
+
+    looks_local = lambda p: p.startswith((".", "/", "~")) or (root / p).exists()  # noqa: E731
+    if looks_local(cfg.model.path):
+        cfg.model.path = local(cfg.model.path, "model.path")
+    if cfg.model.tokenizer and looks_local(cfg.model.tokenizer):
+        cfg.model.tokenizer = local(cfg.model.tokenizer, "model.tokenizer")
+    for group in ("domain", "instructions", "preferences"):
+        for i, src in enumerate(getattr(cfg.data, group)):
+            if src.format != "hf" or looks_local(src.path):
+                src.path = local(src.path, f"data.{group}[{i}].path")
+    for i, b in enumerate(cfg.eval.benchmarks):
+        b.path = local(b.path, f"eval.benchmarks[{i}].path")
+    if cfg.eval.probe:
+        cfg.eval.probe = local(cfg.eval.probe, "eval.probe")
+    if cfg.eval.lm_eval_include_path:
+        cfg.eval.lm_eval_include_path = local(
+            cfg.eval.lm_eval_include_path, "eval.lm_eval_include_path"
+        )
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted key and what is allowed."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def config_from_dict(data: dict, root: Path, source: str = "<config>") -> Config:
+    """Validate a plain dict into a `Config`; relative paths resolve against `root`.
+
+    Raises `ConfigError` naming the key for any schema problem or missing file.
+    """
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+    _resolve_paths(cfg, root)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML run config. Raises `ConfigError` (exit code 2) on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return config_from_dict(data, path.parent.resolve(), source=str(path))
+
+
+def hub_references(cfg: Config) -> list[str]:
+    """Every Hugging Face hub resource the config needs (model or tokenizer ids, `format: hf`
+    datasets, lm-eval tasks without a local include path): what is not a local path after
+    `load_config` resolved them. Empty when the whole run can work offline."""
+    names = [cfg.model.path, *([cfg.model.tokenizer] if cfg.model.tokenizer else [])]
+    for group in ("domain", "instructions", "preferences"):
+        names += [s.path for s in getattr(cfg.data, group) if s.format == "hf"]
+    needed = [name for name in names if not Path(name).exists()]
+    if cfg.eval.lm_eval_tasks and not cfg.eval.lm_eval_include_path:
+        needed += [f"lm-eval task {task}" for task in cfg.eval.lm_eval_tasks]
+    return needed

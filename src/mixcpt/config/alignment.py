@@ -1,0 +1,96 @@
+"""Stage 2, format alignment, and the traditional arm (`select:`, `sft:`, `dpo:`, `baseline:`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mixcpt.config.base import Strict
+from mixcpt.config.training import TrainingConfig
+
+
+class SelectConfig(Strict):
+    """Stage 2a: choose the k samples of the general pool to align on."""
+
+    k: int = Field(
+        1000,
+        ge=1,
+        description="Samples kept of the instruction pool and of the preference pool (each); "
+        "more than a pool holds keeps all of it.",
+    )
+    score: Literal["ppl", "fas"] = Field(
+        "ppl",
+        description="ppl: exp(mean response NLL) under the plain stage-1 rendering; fas: mean "
+        "response NLL through the chat template / the same under the plain rendering. Lower is "
+        "easier; a preference pair is scored by its chosen response.",
+    )
+    strategy: Literal["easiest", "hardest", "random"] = Field(
+        "easiest",
+        description="Keep the k lowest scores (easiest), the k highest (hardest), or k at random "
+        "(seeded by `seed`).",
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per forward pass while scoring.")
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description="Most tokens of prompt + response while scoring; longer prompts are "
+        "truncated from the left.",
+    )
+
+
+class SFTConfig(Strict):
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description="Most tokens of prompt + response per sample; longer prompts are truncated "
+        "from the left (a response longer than max_length - 1 is cut on the right).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template when the tokenizer has none (its own always wins); "
+        "used by fas selection, SFT, DPO and chat-format evaluation.",
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Training settings of SFT, both arms."
+    )
+
+
+class DPOConfig(Strict):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO beta in -log sigmoid(beta * (chosen - rejected log-ratio to the "
+        "reference)): higher keeps the policy closer to the reference. 0.1 is usual.",
+    )
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description="Most tokens of prompt + response for both sides of a pair; the shared "
+        "prompt is truncated from the left so that the longer response fits.",
+    )
+    precompute_ref: bool = Field(
+        True,
+        description="Compute reference log-probs once before training; no reference model kept. "
+        "false: a frozen copy of the SFT model scores every batch (twice the model memory).",
+    )
+    training: TrainingConfig = Field(
+        default_factory=lambda: TrainingConfig(learning_rate=5e-7),
+        description="Training settings of DPO, both arms. learning_rate is 5e-7 only when this "
+        "key is left out; a `training` mapping starts from the 2e-5 default.",
+    )
+
+
+class BaselineConfig(Strict):
+    """The traditional recipe, trained beside Mix-CPT for comparison."""
+
+    enabled: bool = Field(
+        True,
+        description="Also train the baseline arm: CPT on D_K with plain cross-entropy, then SFT "
+        "on the whole instruction pool (and DPO, see `dpo`). Off: only the mixcpt arm.",
+    )
+    dpo: bool = Field(
+        True,
+        description="Also run DPO on the full preference pool after SFT (when data.preferences "
+        "is set).",
+    )
