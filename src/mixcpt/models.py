@@ -65,6 +65,13 @@ def load_model(
         raise
 
 
+def model_from(settings: ModelConfig, path: str | Path) -> PreTrainedModel:
+    """`load_model` of `path` with the run's `model:` settings (dtype, remote code, attention)."""
+    return load_model(
+        path, settings.dtype, settings.trust_remote_code, settings.attn_implementation
+    )
+
+
 def base_model_path(model_cfg: ModelConfig, run_base: Path) -> str:
     """Where the base model is read from: the run's own `base/` folder when mixcpt built or
     converted one there (demo, GGUF), else the configured path or hub id."""

@@ -69,7 +69,9 @@ def test_kernel_matches_the_eager_path_and_a_float64_reference(V, monkeypatch):
     kl64 = (q64 * (q64.log() - log_p.double())).sum()
     assert matches.item() == eager_matches.item() == (z.argmax(-1) == labels).sum().item() >= 16
     assert kl.item() == pytest.approx(kl64.item(), rel=1e-6)
-    assert eager_kl.item() == pytest.approx(kl64.item(), rel=1e-5)
+    # The eager path sums the KL's terms in float32 over the whole chunk: 2e-5 to 5e-5 relative
+    # error here, depending on the CPU's vector width (benchmarks/RESULTS.md, fourth pass).
+    assert eager_kl.item() == pytest.approx(kl64.item(), rel=1e-4)
     torch.testing.assert_close(grad.double(), log_p.double().exp() - 0.7 * q64, atol=1e-7, rtol=0)
     torch.testing.assert_close(
         grad, eager_grad, atol=1e-5, rtol=0

@@ -16,12 +16,11 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from mixcpt.align.samples import alignment_rows
+from mixcpt.align.samples import alignment_inputs
 from mixcpt.config import Config
 from mixcpt.losses import dpo_loss
-from mixcpt.models import load_model
+from mixcpt.models import model_from
 from mixcpt.responses import (
-    chat_tokenizer,
     encode_chat,
     features,
     fit_to_length,
@@ -139,18 +138,10 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
     key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
     if final.exists():
         return run.recorded_metrics(key)
-    start = run.finished_model(arm, "sft")
-    tokenizer = chat_tokenizer(cfg, start)
-    rows, path = alignment_rows(run, arm, "preference")
+    start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "sft", "preference")
     train_set = pair_features(rows, tokenizer, cfg.dpo.max_length, str(path))
 
-    load = partial(
-        load_model,
-        start,
-        cfg.model.dtype,
-        cfg.model.trust_remote_code,
-        cfg.model.attn_implementation,
-    )
+    load = partial(model_from, cfg.model, start)
     model, ref_model = load(), None
     args = training_arguments(
         cfg.dpo.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False

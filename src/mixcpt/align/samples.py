@@ -13,8 +13,12 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
+from mixcpt.config import Config
 from mixcpt.data.readers import read_jsonl
 from mixcpt.errors import InputError
+from mixcpt.responses import chat_tokenizer
 from mixcpt.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -114,8 +118,12 @@ def usable_rows(path: Path, kind: str) -> list[dict]:
     return [rows[i] for i in usable]
 
 
-def alignment_rows(run: RunDir, arm: str, kind: str) -> tuple[list[dict], Path]:
-    """The usable samples of `kind` that `arm` aligns on (Mix-CPT: its selection; the baseline:
-    the whole pool), and the file they came from."""
+def alignment_inputs(
+    cfg: Config, run: RunDir, arm: str, previous: str, kind: str
+) -> tuple[Path, PreTrainedTokenizerBase, list[dict], Path]:
+    """What an alignment stage of `arm` starts from: the model folder of its `previous` stage and
+    that model's chat tokenizer, then the usable samples of `kind` it aligns on (Mix-CPT: its
+    selection; the baseline: the whole pool) and the file they came from."""
+    start = run.finished_model(arm, previous)
     path = (run.selection if arm == "mixcpt" else run.data / "pool") / POOL_FILES[kind]
-    return usable_rows(path, kind), path
+    return start, chat_tokenizer(cfg, start), usable_rows(path, kind), path

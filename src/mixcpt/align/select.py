@@ -20,7 +20,7 @@ from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config, TemplateConfig
 from mixcpt.data.render import render_plain_response
-from mixcpt.models import load_model, load_tokenizer
+from mixcpt.models import load_tokenizer, model_from
 from mixcpt.responses import (
     encode_chat,
     encode_plain,
@@ -146,9 +146,7 @@ def run_select(cfg: Config, run: RunDir) -> dict:
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if cfg.select.score == "fas":
         ensure_chat_template(tokenizer, cfg.sft.chat_template, model_dir)
-    model = load_model(
-        model_dir, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation
-    )
+    model = model_from(cfg.model, model_dir)
     model.to(PartialState().device)
 
     summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}

@@ -14,10 +14,10 @@ from functools import partial
 
 from transformers import Trainer
 
-from mixcpt.align.samples import alignment_rows
+from mixcpt.align.samples import alignment_inputs
 from mixcpt.config import Config
-from mixcpt.models import load_model
-from mixcpt.responses import chat_tokenizer, encode_chat, features, fit_to_length, pad_batch
+from mixcpt.models import model_from
+from mixcpt.responses import encode_chat, features, fit_to_length, pad_batch
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save
@@ -42,14 +42,10 @@ def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
     key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
     if final.exists():
         return run.recorded_metrics(key)
-    start = run.finished_model(arm, "cpt")
-    tokenizer = chat_tokenizer(cfg, start)
-    rows, path = alignment_rows(run, arm, "instruction")
+    start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "cpt", "instruction")
     train_set = sft_features(rows, tokenizer, cfg.sft.max_length, str(path))
 
-    model = load_model(
-        start, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation
-    )
+    model = model_from(cfg.model, start)
     args = training_arguments(
         cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
     )

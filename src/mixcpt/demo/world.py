@@ -55,30 +55,16 @@ class WorldSize:
     probe_bios: int
 
 
+# fmt: off
 SIZES = {
-    "default": WorldSize(
-        people=120,
-        planets=200,
-        heldout_planets=50,
-        bios_per_person=4,
-        docs_per_planet=4,
-        tasks_per_kind=100,
-        preferences=400,
-        general_bench=200,
-        probe_bios=40,
-    ),
-    "quick": WorldSize(
-        people=60,
-        planets=60,
-        heldout_planets=20,
-        bios_per_person=3,
-        docs_per_planet=3,
-        tasks_per_kind=30,
-        preferences=120,
-        general_bench=60,
-        probe_bios=15,
-    ),
+    "default": WorldSize(people=120, planets=200, heldout_planets=50, bios_per_person=4,
+                         docs_per_planet=4, tasks_per_kind=100, preferences=400, general_bench=200,
+                         probe_bios=40),
+    "quick": WorldSize(people=60, planets=60, heldout_planets=20, bios_per_person=3,
+                       docs_per_planet=3, tasks_per_kind=30, preferences=120, general_bench=60,
+                       probe_bios=15),
 }
+# fmt: on
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from mixcpt.evaluate.scoring import (
     score_multiple_choice,
     score_perplexity,
 )
-from mixcpt.models import base_model_path, load_model, load_tokenizer
+from mixcpt.models import base_model_path, load_tokenizer, model_from
 from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir
 
 # lm-eval tasks report many metrics; the first of these present is the one tables show
@@ -38,7 +38,7 @@ def _load(
     """Model on the GPU when there is one, in the configured dtype, with its tokenizer; a
     tokenizer without a chat template borrows `sft.chat_template` (what SFT trained with)."""
     m = cfg.model
-    model = load_model(model_path, m.dtype, m.trust_remote_code, m.attn_implementation)
+    model = model_from(m, model_path)
     model.to(PartialState().device).eval()
     tokenizer = load_tokenizer(tokenizer_path, m.trust_remote_code)
     if tokenizer.chat_template is None and cfg.sft.chat_template:

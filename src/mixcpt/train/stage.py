@@ -17,7 +17,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from mixcpt.config import Config, CPTConfig, LoraSettings
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
 from mixcpt.errors import ConfigError, InputError
-from mixcpt.models import base_model_path, load_model, load_tokenizer, vocab_size
+from mixcpt.models import base_model_path, load_tokenizer, model_from, vocab_size
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save
@@ -85,7 +85,7 @@ def load_student(
     base = base_model_path(cfg.model, run.base)
     tokenizer = load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     m = cfg.model
-    model = load_model(base, m.dtype, m.trust_remote_code, m.attn_implementation)
+    model = model_from(m, base)
     model.config.use_cache = False
     if len(tokenizer) > vocab_size(model):  # ids past the embedding table crash mid-training
         raise ConfigError(
