@@ -39,7 +39,7 @@ def test_mixcpt_arm_trains_saves_a_plain_model_and_records_metrics(cpt_run):
 def test_baseline_arm_is_plain_cross_entropy_on_the_domain_stream(cpt_run, monkeypatch):
     make_config, run = cpt_run
     monkeypatch.setattr(
-        stage, "make_teacher", lambda *a, **k: pytest.fail("the baseline must not build a teacher")
+        stage, "load_teacher", lambda *a, **k: pytest.fail("the baseline must not build a teacher")
     )
     metrics = run_cpt(make_config(), run, "baseline")
     assert metrics["lssd_weight"] == 0 and metrics["teacher"] is None
