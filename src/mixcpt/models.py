@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -11,13 +12,15 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
 )
 
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
 from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
+
+if TYPE_CHECKING:  # importing the Trainer costs a second; the data stage never needs it
+    from transformers import Trainer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

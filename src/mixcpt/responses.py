@@ -117,6 +117,21 @@ def encode_chat(
     return prompt_ids, response_ids
 
 
+def share_prompt(encodings: list[Encoded]) -> list[Encoded]:
+    """Encodings of one prompt with different responses (a DPO pair), re-split so that every
+    one has the same prompt ids: the longest common prefix of their whole-text ids, at most the
+    shortest prompt. Each is split on its own whole text, so a token straddling the prompt's end
+    can differ between them; the responses then start with that token, and both sides are scored
+    under the same conditioning."""
+    wholes = [prompt + response for prompt, response in encodings]
+    cut = min(len(prompt) for prompt, _ in encodings)
+    for i in range(cut):
+        if any(whole[i] != wholes[0][i] for whole in wholes):
+            cut = i
+            break
+    return [(whole[:cut], whole[cut:]) for whole in wholes]
+
+
 def fit_to_length(
     samples: list[list[Encoded]], max_length: int, source: str
 ) -> list[list[Encoded]]:
@@ -172,11 +187,12 @@ def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, 
 def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(label) over the labelled positions of each row, and their count.
 
-    logits [B, T, V], labels [B, T] unshifted (labels[t] is token t; logits[t] predicts token
-    t + 1). Returns (sum_logps [B] float32, n_tokens [B] long); differentiable in the logits.
-    Only labelled positions are taken to float32, never the whole [B, T, V].
+    logits [B, T, V] or [B, T-1, V] (the last position predicts nothing, so a forward may leave
+    it out), labels [B, T] unshifted (labels[t] is token t; logits[t] predicts token t + 1).
+    Returns (sum_logps [B] float32, n_tokens [B] long); differentiable in the logits. Only
+    labelled positions are taken to float32, never the whole [B, T, V].
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]  # [B, T-1, V], [B, T-1]
+    logits, labels = logits[:, : labels.shape[1] - 1], labels[:, 1:]  # [B, T-1, V], [B, T-1]
     scored = labels != IGNORE_INDEX  # [B, T-1]
     log_p = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
     token_logps = log_p.gather(-1, labels[scored].unsqueeze(-1)).squeeze(-1)  # [N]
@@ -196,7 +212,8 @@ def score_responses(
     """Per row of `features`: the summed log-prob of its labelled tokens and their count.
 
     Rows are batched longest first (less padding; the order changes no result) on the model's
-    device; results come back in the input order.
+    device; results come back in the input order. A row's last token is never fed: it predicts
+    nothing, so a row of n + 1 ids costs a forward over n positions.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -207,7 +224,8 @@ def score_responses(
         batch = {
             k: v.to(device) for k, v in pad_batch([rows[i] for i in idx], pad_token_id).items()
         }
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        inputs = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]  # [b, T-1]
+        logits = model(input_ids=inputs[0], attention_mask=inputs[1]).logits  # [b, T-1, V]
         batch_sums, batch_counts = response_logps(logits, batch["labels"])  # [b], [b]
         for i, s, n in zip(idx, batch_sums.tolist(), batch_counts.tolist()):
             sums[i], counts[i] = s, n

@@ -110,7 +110,7 @@ def test_without_a_compiler_the_eager_path_is_used_with_one_warning(
     fresh_library, monkeypatch, caplog
 ):
     monkeypatch.setenv("CC", "no-such-compiler")
-    with caplog.at_level(logging.WARNING, logger="mixcpt.lssd_cpu_kernel"):
+    with caplog.at_level(logging.WARNING, logger="mixcpt.train.lssd_cpu_kernel"):
         assert fresh_library() is None and fresh_library() is None
     assert len(caplog.records) == 1 and "eager" in caplog.text
     z, log_p, _ = chunk_case(rows=2, V=64)
@@ -127,7 +127,7 @@ def test_a_failing_build_falls_back_to_the_eager_path_and_leaves_nothing_behind(
     )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
-    with caplog.at_level(logging.WARNING, logger="mixcpt.lssd_cpu_kernel"):
+    with caplog.at_level(logging.WARNING, logger="mixcpt.train.lssd_cpu_kernel"):
         assert fresh_library() is None
     assert "error: broken" in caplog.text
     assert not list(lssd_cpu_kernel.cache_folder().iterdir())

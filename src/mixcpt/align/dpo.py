@@ -27,6 +27,7 @@ from mixcpt.responses import (
     pad_batch,
     response_logps,
     score_responses,
+    share_prompt,
 )
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
@@ -34,14 +35,16 @@ from mixcpt.train.resumable import train_and_save
 
 log = logging.getLogger(__name__)
 
+SIDES = ("chosen", "rejected")
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 def pair_features(rows: list[dict], tokenizer, max_length: int, source: str) -> list[dict]:
     """Per preference row: {"chosen": features, "rejected": features}, both through the chat
-    template, their prompts left-truncated alike so that the longer response fits."""
+    template with the same prompt ids (`share_prompt`), left-truncated alike so that the longer
+    response fits."""
     encoded = [
-        [encode_chat(tokenizer, row["messages"], row[side]) for side in ("chosen", "rejected")]
+        share_prompt([encode_chat(tokenizer, row["messages"], row[side]) for side in SIDES])
         for row in rows
     ]
     return [

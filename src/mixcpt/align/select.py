@@ -38,8 +38,7 @@ def plain_and_chat(
     row: dict, kind: str, template: TemplateConfig
 ) -> tuple[tuple[str, str], tuple[list[dict], str]]:
     """((plain prompt, plain response), (chat prompt messages, response)) of an instruction sample
-    or
-    of a preference pair's chosen side; the plain texts are those of the stage-1 stream."""
+    or of a preference pair's chosen side; the plain texts are those of the stage-1 stream."""
     if kind == "instruction":
         return (row["plain_prompt"], row["plain_response"]), (
             row["messages"][:-1],

@@ -147,13 +147,35 @@ def load_config(path: str | Path) -> Config:
 
 
 def hub_references(cfg: Config) -> list[str]:
-    """Every Hugging Face hub resource the config needs (model or tokenizer ids, `format: hf`
-    datasets, lm-eval tasks without a local include path): what is not a local path after
-    `load_config` resolved them. Empty when the whole run can work offline."""
+    """Every Hugging Face hub resource the config needs: model or tokenizer ids, `format: hf`
+    datasets and lm-eval tasks that are not local paths or local task files after `load_config`
+    resolved them. Empty when the whole run can work offline."""
     names = [cfg.model.path, *([cfg.model.tokenizer] if cfg.model.tokenizer else [])]
     for group in ("domain", "instructions", "preferences"):
         names += [s.path for s in getattr(cfg.data, group) if s.format == "hf"]
-    needed = [name for name in names if not Path(name).exists()]
-    if cfg.eval.lm_eval_tasks and not cfg.eval.lm_eval_include_path:
-        needed += [f"lm-eval task {task}" for task in cfg.eval.lm_eval_tasks]
+    local = lambda name: name.startswith("pkg://") or Path(name).exists()  # noqa: E731
+    needed = [name for name in names if not local(name)]
+    offline_tasks = _local_lm_eval_tasks(cfg.eval.lm_eval_include_path)
+    needed += [f"lm-eval task {t}" for t in cfg.eval.lm_eval_tasks if t not in offline_tasks]
     return needed
+
+
+# lm-eval task YAMLs whose `dataset_path` is one of these read local files (`data_files`).
+LOCAL_DATASET_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def _local_lm_eval_tasks(include_path: str | None) -> set[str]:
+    """Names of the tasks defined in `include_path` whose data is on disk: a local builder
+    (`dataset_path: json` with `data_files`, ...) or an existing folder."""
+    tasks = set()
+    for file in sorted(Path(include_path).rglob("*.yaml")) if include_path else []:
+        try:
+            spec = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue  # lm-eval reports its own task files' errors
+        if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
+            continue
+        source = str(spec.get("dataset_path", ""))
+        if source in LOCAL_DATASET_BUILDERS or (file.parent / source).exists():
+            tasks.add(spec["task"])
+    return tasks

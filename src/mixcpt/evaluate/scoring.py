@@ -67,7 +67,7 @@ def loglikelihoods(
     """log p(continuation | context) for each (context, continuation) pair; the context is
     left-truncated so the model sees at most `max_length` tokens."""
     encoded = [[continuation_tokens(tokenizer, *request)] for request in requests]
-    rows = [features(*sample[0]) for sample in fit_to_length(encoded, max_length, "choices")]
+    rows = [features(*sample[0]) for sample in fit_to_length(encoded, max_length + 1, "choices")]
     sums, _ = score_responses(model, rows, batch_size, tokenizer.pad_token_id, "choices")
     return sums
 
@@ -153,15 +153,16 @@ def score_generation(predictions: list[str], answers: list[list[str]]) -> dict[s
 
 
 def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[dict]:
-    """`features` rows of at most `max_length` ids such that every token of every text (after
-    the prefix token) is predicted exactly once, each window conditioned on its first id."""
+    """`features` rows of at most `max_length + 1` ids (the model sees `max_length` of them, as in
+    lm-evaluation-harness's rolling windows) such that every token of every text (after the
+    prefix token) is predicted exactly once, each window conditioned on its first id."""
     windows = []
     for text in texts:
         ids = encode(tokenizer, text)
         if not ids or ids[0] != _prefix_id(tokenizer):
             ids = [_prefix_id(tokenizer)] + ids
-        for start in range(1, len(ids), max_length - 1):
-            windows.append(features(ids[start - 1 : start], ids[start : start + max_length - 1]))
+        for start in range(1, len(ids), max_length):
+            windows.append(features(ids[start - 1 : start], ids[start : start + max_length]))
     return windows
 
 
@@ -202,15 +203,19 @@ def kl_to_base(
     for idx in _batches(list(range(len(windows))), batch_size, "KL to base"):
         batch = pad_batch([windows[i] for i in idx], tokenizer.pad_token_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # the last id predicts nothing: the models see at most max_length positions
+        inputs = {
+            "input_ids": batch["input_ids"][:, :-1],
+            "attention_mask": batch["attention_mask"][:, :-1],
+        }
         scored = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]: position t predicts t + 1
-        base_logits, logits = base_model(**inputs).logits, model(**inputs).logits  # [B, T, V]
+        base_logits, logits = base_model(**inputs).logits, model(**inputs).logits  # [B, T-1, V]
         if base_logits.shape[-1] != logits.shape[-1]:
             raise ValueError(
                 f"vocabulary sizes differ: base {base_logits.shape[-1]}, model {logits.shape[-1]}"
             )
-        base_logp = F.log_softmax(base_logits[:, :-1][scored].float(), dim=-1)  # [N, V]
-        logp = F.log_softmax(logits[:, :-1][scored].float(), dim=-1)  # [N, V]
+        base_logp = F.log_softmax(base_logits[scored].float(), dim=-1)  # [N, V]
+        logp = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
         total += (base_logp.exp() * (base_logp - logp)).sum().item()
         count += int(scored.sum())
     return total / count

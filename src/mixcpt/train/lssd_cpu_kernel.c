@@ -1,5 +1,5 @@
 /* The LSSD target's vocabulary-wide work for one chunk of positions, fused, on the CPU
-   (losses.SwappedTeacher.chunk; design.md §1). Built and loaded by lssd_cpu_kernel.py.
+   (fused_loss.SwappedTeacher.chunk; design.md §1). Built and loaded by lssd_cpu_kernel.py.
 
    For each row r of a chunk (one supervised position), with z the teacher's logits [V], y the label,
    m the first index of z's maximum, q = softmax(z) and q' = q with q[y] and q[m] exchanged (the logit
