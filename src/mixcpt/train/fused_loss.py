@@ -52,7 +52,7 @@ def _rows(n: int, like: torch.Tensor) -> torch.Tensor:
 def max_with_index(z: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """z [c, V] -> (z[m] [c], m [c]), m the first index of each row's maximum, as `z.max(-1)` gives.
 
-    In two levels, because max-with-index is a slow scalar loop on CPU (~4x a vectorised `amax`):
+    In two levels, because max-with-index is a slow scalar loop on the CPU (benchmarks/RESULTS.md):
     the maximum of every `block` columns, the first block holding the row's maximum, then the
     first index inside that block. Falls back to `z.max(-1)` when `block` does not divide V.
     """
