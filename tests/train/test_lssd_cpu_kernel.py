@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mixcpt.losses import logit_swap
 from mixcpt.train import lssd_cpu_kernel
-from mixcpt.train.fused_loss import SwappedTeacher
+from mixcpt.train.fused_loss import StudentChunk, SwappedTeacher
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None, reason="no C compiler on this machine"
@@ -43,9 +43,8 @@ def eager_chunk(z, log_p, labels, q_scale, monkeypatch):
     grad = log_p.exp()
     with monkeypatch.context() as m:
         m.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
-        kl, matches = SwappedTeacher(z).chunk(
-            log_p, grad, q_scale, labels, z.clone(), temperature=1.0
-        )
+        student = StudentChunk(log_p, grad, q_scale, labels)
+        kl, matches = SwappedTeacher(z).chunk(student, z.clone(), temperature=1.0)
     return grad, kl, matches
 
 

@@ -64,6 +64,15 @@ def max_with_index(z: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, tor
     return z_top1, first_block * block + blocks[_rows(c, z), first_block].argmax(-1)
 
 
+class StudentChunk(NamedTuple):
+    """The student's side of one chunk of c supervised positions, as a target's `chunk` takes it."""
+
+    log_p: torch.Tensor  # [c, V] log-softmax of the student's logits at temperature T
+    grad: torch.Tensor  # [c, V] holding p = exp(log_p); the target subtracts q_scale * q' from it
+    q_scale: float
+    labels: torch.Tensor  # [c]
+
+
 @dataclass
 class SwappedTeacher:
     """The LSSD target from the teacher's whole distribution: `rows` are its logits [B, T, V], or
@@ -76,19 +85,11 @@ class SwappedTeacher:
     def per_position(self) -> tuple[torch.Tensor, ...]:
         return (self.rows,)
 
-    def chunk(
-        self,
-        log_p: torch.Tensor,
-        grad: torch.Tensor,
-        q_scale: float,
-        labels: torch.Tensor,
-        rows: torch.Tensor,
-        temperature: float,
-    ):
-        """For one chunk: the student's log_p [c, V] at temperature T, `grad` [c, V] holding its
-        p = exp(log_p), labels [c], the teacher's rows [c, V|H]. Turns `grad` in place into
-        p - q_scale * q' (q' the swapped target) and returns (sum over rows of KL(q' || p), teacher
-        top-1 matches)."""
+    def chunk(self, student: StudentChunk, rows: torch.Tensor, temperature: float):
+        """For one chunk of positions: the `student` side and the teacher's rows [c, V|H]. Turns
+        `student.grad` in place into p - q_scale * q' (q' the swapped target) and returns (sum over
+        rows of KL(q' || p), teacher top-1 matches)."""
+        log_p, grad, q_scale, labels = student
         z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
         z = as_float32(z) if temperature == 1 else as_float32(z) / temperature
         # the same, fused a row at a time (CPU, float32)
@@ -131,10 +132,7 @@ class SwappedTopK:
 
     def chunk(
         self,
-        log_p: torch.Tensor,
-        grad: torch.Tensor,
-        q_scale: float,
-        labels: torch.Tensor,
+        student: StudentChunk,
         ids: torch.Tensor,
         logprobs: torch.Tensor,
         tail: torch.Tensor,
@@ -144,6 +142,7 @@ class SwappedTopK:
         whose KL gradient is the bucketed one is q on the swapped top-k, and q_tail spread over the
         other tokens in proportion to the student's p; nothing [c, V] is allocated, and `grad` takes
         one pass (a per-row scale) plus a scatter into the top-k slots."""
+        log_p, grad, q_scale, labels = student
         swapped = swap_topk_ids(ids.long(), labels)  # [c, k]
         log_q, log_p_top = as_float32(logprobs), log_p.gather(-1, swapped)  # [c, k]
         q = log_q.exp()
@@ -235,17 +234,15 @@ class _FusedCPTLoss(torch.autograd.Function):
             if target is not None:
                 teacher_chunk = [d[b, t] for d in teacher_data]
                 if temperature == 1:  # p_T = p: the target makes p - lssd_share * q'
-                    kl, top1 = target.chunk(
-                        log_p, grad, lssd_share, y, *teacher_chunk, temperature=temperature
-                    )
+                    student = StudentChunk(log_p, grad, lssd_share, y)
+                    kl, top1 = target.chunk(student, *teacher_chunk, temperature=temperature)
                 else:
                     # the target makes p_T - q' in p_T's memory;
                     # then g = lssd_share * (p_T - q') + ce_share * p
                     log_p_t = F.log_softmax(s / temperature, dim=-1)
                     grad_t = log_p_t.exp()  # p_T
-                    kl, top1 = target.chunk(
-                        log_p_t, grad_t, 1.0, y, *teacher_chunk, temperature=temperature
-                    )
+                    student = StudentChunk(log_p_t, grad_t, 1.0, y)
+                    kl, top1 = target.chunk(student, *teacher_chunk, temperature=temperature)
                     grad = grad_t.mul_(lssd_share).add_(grad, alpha=ce_share)
                 sums[1] += kl
                 sums[2] += top1
