@@ -3,6 +3,7 @@
     mixcpt demo --output DIR [--quick]          the embedded synthetic-knowledge demo, end to end
     mixcpt run CONFIG --output DIR              every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
+    mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
 
 Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything
 else (a non-finite training loss is one line too; other failures show their traceback).
@@ -11,6 +12,11 @@ Offline unless the config needs the hub (design.md §9): the demo, and any confi
 tokenizer, data and lm-eval tasks are all local, run with HF_HUB_OFFLINE=1 and
 HF_DATASETS_OFFLINE=1, so nothing waits on or reaches the network; a config that names a hub id
 leaves them as the user set them. Telemetry is always off.
+
+`run` and the stage commands reuse every output built from the same inputs and rebuild the others
+with everything after them, one line per stage and arm saying which and why (mixcpt.fingerprints);
+`run --force STAGE` and `STAGE --force` rebuild that stage even when it is current. `status` runs
+nothing: it compares the run folder with DIR/config.yaml (the demo writes it) or `--config`.
 """
 
 from __future__ import annotations
@@ -58,11 +64,53 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--arm", choices=["mixcpt", "baseline"], help="only this arm (default: every arm)"
             )
+        if name == "run":
+            sp.add_argument(
+                "--force",
+                choices=STAGES,
+                metavar="STAGE",
+                help="rebuild this stage even when its output is current (and so every later one)",
+            )
+        else:
+            sp.add_argument(
+                "--force", action="store_true", help="rebuild even when the output is current"
+            )
+    status = sub.add_parser("status", help="say which stages are done, stale or missing")
+    status.add_argument("dir", help="run folder")
+    status.add_argument("--config", help="the run's config (default: DIR/config.yaml)")
     return p
+
+
+def _status(args: argparse.Namespace) -> int:
+    """`mixcpt status`: one line per stage and arm; nothing is run or written (but the cache of
+    file hashes)."""
+    from mixcpt.config import load_config
+    from mixcpt.fingerprints import status_lines
+    from mixcpt.rundir import RunDir
+
+    try:
+        folder = Path(args.dir)
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such run folder")
+        config = Path(args.config) if args.config else folder / "config.yaml"
+        if not args.config and not config.is_file():
+            raise UserError(
+                f"{folder}: no config.yaml in the run folder; name the config it runs with: "
+                f"mixcpt status {folder} --config CONFIG"
+            )
+        lines = status_lines(load_config(config), RunDir(folder))
+    except UserError as err:
+        print(f"mixcpt: error: {err}", file=sys.stderr)
+        return 2
+    print(f"mixcpt status: {folder} (config {config})")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "status":  # reads only: no output folder to make, nothing to import
+        return _status(args)
     try:
         out = _output_dir(args.output)
         # The config is read before the Hugging Face stack is imported: whether to go offline
@@ -89,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from mixcpt.pipeline import run_pipeline
 
-            run_pipeline(cfg, run)
+            run_pipeline(cfg, run, args.force)
         else:
             from mixcpt.pipeline import run_stage
 
-            run_stage(args.command, cfg, run, getattr(args, "arm", None))
+            run_stage(args.command, cfg, run, getattr(args, "arm", None), args.force)
         return 0
     except UserError as err:
         print(f"mixcpt: error: {err}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -14,10 +14,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mixcpt.atomic import atomic_dir
+from mixcpt.atomic import atomic_dir, write_json_atomic
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
 from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
+from mixcpt.rundir import base_model_path as base_model_path  # it lives with the run's layout
 
 if TYPE_CHECKING:  # importing the Trainer costs a second; the data stage never needs it
     from transformers import Trainer
@@ -75,12 +76,6 @@ def model_from(settings: ModelConfig, path: str | Path) -> PreTrainedModel:
     )
 
 
-def base_model_path(model_cfg: ModelConfig, run_base: Path) -> str:
-    """Where the base model is read from: the run's own `base/` folder when mixcpt built or
-    converted one there (demo, GGUF), else the configured path or hub id."""
-    return str(run_base) if run_base.exists() else model_cfg.path
-
-
 # In a base folder converted from GGUF: which file, so that a changed config is caught.
 GGUF_SOURCE = "gguf_source.json"
 
@@ -125,10 +120,14 @@ def save_model(
 
 
 def save_trained_model(
-    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, final, merge_lora: bool = False
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    final,
+    merge_lora: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the trained model (safetensors) and tokenizer to `final` atomically. Call on EVERY
-    process.
+    """Write the trained model (safetensors), tokenizer and the `extra` JSON files (name ->
+    object) to `final` atomically. Call on EVERY process.
 
     The weights are gathered into one full state dict first (a collective under FSDP and ZeRO-3,
     where each process holds a shard; a plain `state_dict()` otherwise), then the main process
@@ -144,4 +143,6 @@ def save_trained_model(
         with atomic_dir(final) as tmp:
             trained.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+            for name, obj in (extra or {}).items():
+                write_json_atomic(tmp / name, obj)
     trainer.accelerator.wait_for_everyone()

@@ -1,10 +1,12 @@
-"""The stages in order, for both arms. Each stage skips work already done, so rerunning the
-pipeline after an interruption resumes where it stopped (a stage in progress resumes from its
-last checkpoint)."""
+"""The stages in order, for both arms. Each stage reuses an output built from the same inputs and
+rebuilds one whose inputs changed, with everything after it (mixcpt.fingerprints), so rerunning
+the pipeline after an interruption resumes where it stopped (a stage in progress resumes from its
+last checkpoint) and rerunning it after a config change redoes exactly what the change affects."""
 
 from __future__ import annotations
 
-from mixcpt.config import Config
+from mixcpt.config import Config, CPTConfig
+from mixcpt.errors import ConfigError
 from mixcpt.rundir import RunDir
 
 STAGES = ("data", "cpt", "select", "sft", "dpo", "eval", "report")
@@ -15,16 +17,37 @@ def arms(cfg: Config) -> list[str]:
     return ["mixcpt", "baseline"] if cfg.baseline.enabled else ["mixcpt"]
 
 
+def stage_arms(cfg: Config, stage: str) -> list[str]:
+    """The arms that train `stage` ("cpt", "sft" or "dpo") under this config: DPO needs preference
+    data, and the baseline runs it only with `baseline.dpo`."""
+    if stage != "dpo":
+        return arms(cfg)
+    if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
+        return []
+    return [a for a in arms(cfg) if a == "mixcpt" or cfg.baseline.dpo]
+
+
+def arm_cpt_config(cfg: Config, arm: str) -> CPTConfig:
+    """cfg.cpt for "mixcpt"; for "baseline" the same settings with plain CE and no teacher."""
+    if arm == "mixcpt":
+        return cfg.cpt
+    return cfg.cpt.model_copy(update={"ce_weight": 1.0, "lssd_weight": 0.0})
+
+
 # Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main
 # process runs them while the others wait, instead of every process writing the same folders.
 SINGLE_PROCESS = ("data", "select", "eval", "report")
 
 
-def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> None:
-    """Run one stage (for `arm`, or every arm the stage applies to). Training stages run on every
-    process of a distributed launch; the others on the main process only."""
+def run_stage(
+    stage: str, cfg: Config, run: RunDir, arm: str | None = None, force: bool = False
+) -> None:
+    """Run one stage (for `arm`, or every arm the stage applies to); `force` rebuilds it even when
+    its output is current. Training stages run on every process of a distributed launch; the
+    others on the main process only."""
     from accelerate import PartialState
 
+    from mixcpt.fingerprints import assess
     from mixcpt.malloc_tuning import keep_freed_memory
 
     # chunk-sized temporaries are reused, not faulted in afresh (see its module)
@@ -35,56 +58,66 @@ def run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None = None) -> N
 
         # a GGUF base is converted once into run.base; else a no-op
         ensure_base_model(cfg.model, run.base)
+        # hashes every input file once (a large model takes a while), before the other processes
+        # of a launch read the same hashes from the cache
+        assess(cfg, run)
     state.wait_for_everyone()
     if stage in SINGLE_PROCESS and not state.is_main_process:
         state.wait_for_everyone()
         return
-    _run_stage(stage, cfg, run, arm)
+    _run_stage(stage, cfg, run, arm, force)
     if stage in SINGLE_PROCESS:
         state.wait_for_everyone()
 
 
-def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None) -> None:
+def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None, force: bool) -> None:
     # Imports are local so that `mixcpt data` does not pay for importing the training stack.
     if stage == "data":
         from mixcpt.data.stage import run_data
 
-        run_data(cfg, run)
+        run_data(cfg, run, force)
     elif stage == "cpt":
         from mixcpt.train.stage import run_cpt
 
-        for a in [arm] if arm else arms(cfg):
-            run_cpt(cfg, run, a)
+        for a in _chosen_arms(cfg, "cpt", arm):
+            run_cpt(cfg, run, a, force)
     elif stage == "select":
         from mixcpt.align.select import run_select
 
-        run_select(cfg, run)
+        run_select(cfg, run, force)
     elif stage == "sft":
         from mixcpt.align.sft import run_sft
 
-        for a in [arm] if arm else arms(cfg):
-            run_sft(cfg, run, a)
+        for a in _chosen_arms(cfg, "sft", arm):
+            run_sft(cfg, run, a, force)
     elif stage == "dpo":
         from mixcpt.align.dpo import run_dpo
 
-        if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
-            return
-        for a in [arm] if arm else arms(cfg):
-            if a == "mixcpt" or cfg.baseline.dpo:
-                run_dpo(cfg, run, a)
+        for a in _chosen_arms(cfg, "dpo", arm):
+            run_dpo(cfg, run, a, force)
     elif stage == "eval":
         from mixcpt.evaluate.stage import run_eval
 
-        run_eval(cfg, run)
+        run_eval(cfg, run, force)
     elif stage == "report":
-        from mixcpt.report import write_report
+        from mixcpt.report import run_report
 
-        write_report(run)
+        run_report(cfg, run, force)
     else:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 
-def run_pipeline(cfg: Config, run: RunDir) -> None:
-    """Every stage in order: data, stage 1 (both arms), selection, SFT, DPO, evaluation, report."""
+def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:
+    """The arms `stage` runs for: those it trains under this config, or `arm` alone (--arm)."""
+    if arm is not None and arm not in arms(cfg):
+        raise ConfigError(f"--arm {arm}: this config does not train that arm (baseline.enabled)")
+    return [a for a in stage_arms(cfg, stage) if arm in (None, a)]
+
+
+def run_pipeline(cfg: Config, run: RunDir, force: str | None = None) -> None:
+    """Every stage in order: data, stage 1 (both arms), selection, SFT, DPO, evaluation, report.
+
+    `force` names a stage to rebuild even when its output is current; the stages after it are
+    rebuilt too, since they read its new output."""
     for stage in STAGES:
-        run_stage(stage, cfg, run)
+        run_stage(stage, cfg, run, force=stage == force)

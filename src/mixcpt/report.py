@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mixcpt.atomic import write_text_atomic  # noqa: E402
+from mixcpt.config import Config  # noqa: E402
+from mixcpt.fingerprints import begin  # noqa: E402
 from mixcpt.rundir import RunDir  # noqa: E402
 
 STAGE_ORDER = ("base", "cpt", "sft", "dpo")
@@ -324,3 +326,13 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     write_text_atomic(html_path, page)
     write_text_atomic(md_path, "\n".join(md))
     return html_path, md_path
+
+
+def run_report(cfg: Config, run: RunDir, force: bool = False) -> tuple[Path, Path]:
+    """The report stage: `write_report`, unless the report there was made from the same outputs
+    (mixcpt.fingerprints) and not `force`; returns the two paths either way."""
+    record = begin(cfg, run, "report", force)
+    if record is not None:
+        write_report(run)
+        run.update_results("report", "fingerprint", record)
+    return run.root / "report.html", run.root / "report.md"

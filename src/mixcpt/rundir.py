@@ -9,21 +9,31 @@
     DIR/results.json              every stage's metrics, updated by write-then-rename
     DIR/report.{html,md}          the report
 
-A stage is done when its final folder exists: folders are built under a temporary name and
-renamed at the end, so a killed run never leaves a half-written folder that looks finished.
+Folders are built under a temporary name and renamed at the end, so a killed run never leaves a
+half-written folder that looks finished. Each output records what it was built from
+(mixcpt.fingerprints): a stage is done when that record matches the config.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixcpt.atomic import write_json_atomic
 from mixcpt.errors import InputError
 
+if TYPE_CHECKING:
+    from mixcpt.config import ModelConfig
+
 ARMS = ("mixcpt", "baseline")
 TRAINED_STAGES = ("cpt", "sft", "dpo")
+
+
+def base_model_path(model_cfg: ModelConfig, run_base: Path) -> str:
+    """Where the base model is read from: the run's own `base/` folder when mixcpt built or
+    converted one there (demo, GGUF), else the configured path or hub id."""
+    return str(run_base) if run_base.exists() else model_cfg.path
 
 
 class RunDir:
@@ -81,4 +91,16 @@ class RunDir:
         """Set `results[section][key] = value`, keeping everything else; atomic on disk."""
         results = self.read_results()
         results.setdefault(section, {})[key] = value
+        write_json_atomic(self.results_path, results)
+
+    def discard_results(self, section: str, key: str | None = None) -> None:
+        """Remove `results[section][key]`, or the whole section when `key` is None, keeping
+        everything else; atomic on disk, and nothing is written when there is nothing to remove."""
+        results = self.read_results()
+        if section not in results or (key is not None and key not in results[section]):
+            return
+        if key is None:
+            del results[section]
+        else:
+            del results[section][key]
         write_json_atomic(self.results_path, results)

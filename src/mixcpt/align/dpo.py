@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, Trainer
 
 from mixcpt.align.samples import alignment_inputs
 from mixcpt.config import Config
+from mixcpt.fingerprints import begin
 from mixcpt.losses import dpo_loss
 from mixcpt.models import model_from
 from mixcpt.responses import (
@@ -135,11 +136,13 @@ class DPOTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
+def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     """DPO of `arm` from its SFT model: "mixcpt" on the selected preference pairs, "baseline" on
-    the full pool. Saves `run.stage(arm, "dpo")`; returns the metrics recorded in results.json."""
+    the full pool. Saves `run.stage(arm, "dpo")`; returns the metrics recorded in results.json
+    (those of the existing folder when it was built from the same inputs and not `force`)."""
     key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
-    if final.exists():
+    record = begin(cfg, run, f"dpo/{arm}", force)
+    if record is None:
         return run.recorded_metrics(key)
     start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "sft", "preference")
     train_set = pair_features(rows, tokenizer, cfg.dpo.max_length, str(path))
@@ -182,7 +185,7 @@ def run_dpo(cfg: Config, run: RunDir, arm: str) -> dict:
             "log_history": history,
         }
 
-    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of)
+    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of, record=record)
 
 
 def log_history_metrics(log_history: list[dict], names: tuple[str, ...]) -> dict:

@@ -20,6 +20,7 @@ from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config, TemplateConfig
 from mixcpt.data.render import render_plain_response
+from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import load_tokenizer, model_from
 from mixcpt.responses import (
     encode_chat,
@@ -133,13 +134,15 @@ def select_kind(
     return [rows[i] for i in sorted(chosen)], records, summary
 
 
-def run_select(cfg: Config, run: RunDir) -> dict:
+def run_select(cfg: Config, run: RunDir, force: bool = False) -> dict:
     """Score the pool under `run.stage("mixcpt", "cpt")` and write `run.selection/` with the
     selected instructions.jsonl and preferences.jsonl (rows unchanged) and selection.jsonl (every
     sample's id, kind, score, nll, n_response_tokens, selected). Returns the summary recorded in
-    results.json."""
+    results.json (that of the existing selection when it was made from the same inputs and not
+    `force`)."""
     key = "mixcpt/select"
-    if run.selection.exists():
+    record = begin(cfg, run, "select", force)
+    if record is None:
         return run.recorded_metrics(key)
     model_dir = run.finished_model("mixcpt", "cpt")
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
@@ -160,5 +163,6 @@ def run_select(cfg: Config, run: RunDir) -> dict:
         for name, rows in selected.items():
             write_samples(tmp / name, rows)
         write_samples(tmp / "selection.jsonl", records)
+        write_record(tmp, record)
     run.update_results("stages", key, summary)
     return summary

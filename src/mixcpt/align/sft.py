@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from mixcpt.align.samples import alignment_inputs
 from mixcpt.config import Config
+from mixcpt.fingerprints import begin
 from mixcpt.models import model_from
 from mixcpt.responses import encode_chat, features, fit_to_length, pad_batch
 from mixcpt.rundir import RunDir
@@ -35,12 +36,14 @@ def sft_features(
     return [features(*sample[0]) for sample in fit_to_length(encoded, max_length, source)]
 
 
-def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
+def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     """SFT of `arm`: "mixcpt" on the selected instructions from its stage-1 model, "baseline" on
     the full pool from its CPT model. Saves `run.stage(arm, "sft")`; returns the metrics recorded
-    in results.json."""
+    in results.json (those of the existing folder when it was built from the same inputs and not
+    `force`)."""
     key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
-    if final.exists():
+    record = begin(cfg, run, f"sft/{arm}", force)
+    if record is None:
         return run.recorded_metrics(key)
     start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "cpt", "instruction")
     train_set = sft_features(rows, tokenizer, cfg.sft.max_length, str(path))
@@ -69,4 +72,5 @@ def run_sft(cfg: Config, run: RunDir, arm: str) -> dict:
             "log_history": trainer.state.log_history,
             "n_samples": len(train_set),
         },
+        record=record,
     )

@@ -8,20 +8,20 @@
     pass 2  copy the chosen documents, EOS-terminated, into fixed-length blocks (packing.py):
             D_MIX with the statistics of each source, then D_K
     pool    keep the general samples that were drawn into D_MIX
-    stats   write data_stats.json and the fingerprint of the inputs
+    stats   write data_stats.json and the fingerprint record of the inputs
 
 Outputs, all under `DIR/data/` (built in a temporary folder and renamed at the end):
     mix/      D_MIX, the stage-1 stream of the Mix-CPT arm
     domain/   D_K alone, every domain document once, for the traditional arm
     pool/     instructions.jsonl, preferences.jsonl: the general samples mixed into D_MIX,
               for selection and alignment (stage 2)
-    data_stats.json, fingerprint
-Rerunning with the same inputs (config, tokenizer and source contents hash) reuses the result.
+    data_stats.json, fingerprint.json
+Rerunning with the same inputs (data config, seed, tokenizer files and source contents; see
+mixcpt.stage_inputs) reuses the result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -43,6 +43,7 @@ from mixcpt.data.readers import (
     read_records,
 )
 from mixcpt.data.render import render_messages, render_plain_prompt, render_plain_response
+from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import base_model_path, load_tokenizer
 from mixcpt.rundir import RunDir
 
@@ -131,43 +132,15 @@ def _tokenize_source(
     return out
 
 
-def data_fingerprint(cfg: Config, tokenizer_path: str) -> str:
-    """sha256 of everything the data stage's output depends on: the data config, the seed, the
-    tokenizer files and the bytes of every source file."""
-    h = hashlib.sha256()
-    h.update(cfg.data.model_dump_json().encode())
-    h.update(str(cfg.seed).encode())
-
-    def add_file(p: Path) -> None:
-        h.update(str(p).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-
-    tok = Path(tokenizer_path)
-    for p in sorted(tok.glob("*")) if tok.is_dir() else []:
-        if p.is_file() and ("token" in p.name or p.name.endswith((".model", ".txt", ".tiktoken"))):
-            add_file(p)
-    for group in GROUPS:
-        for src in getattr(cfg.data, group):
-            root = Path(src.path)
-            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-            if src.format == "hf" and not root.exists():
-                h.update(f"hub:{src.path}:{src.split}".encode())
-            for p in files:
-                add_file(p)
-    return h.hexdigest()
-
-
-def run_data(cfg: Config, run: RunDir) -> dict:
+def run_data(cfg: Config, run: RunDir, force: bool = False) -> dict:
     """Build D_MIX, D_K and the pool under `run.data`; returns the statistics (also in
-    results.json). Reuses an earlier build from the same inputs."""
+    results.json). Reuses an earlier build from the same inputs, unless `force`."""
+    record = begin(cfg, run, "data", force)
+    if record is None:
+        return _earlier_build(run)
+    # the packed streams carry it: the teacher cache is keyed on it
+    fingerprint = record["fingerprint"]
     tokenizer_path = cfg.model.tokenizer or base_model_path(cfg.model, run.base)
-    fingerprint = data_fingerprint(cfg, tokenizer_path)
-    stats = _reuse_earlier_build(run, fingerprint)
-    if stats is not None:
-        return stats
-
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     t0 = time.perf_counter()
     with atomic_dir(run.data) as tmp:
@@ -185,17 +158,13 @@ def run_data(cfg: Config, run: RunDir) -> dict:
             **_tokenize_stats(sources, tokenize_s),
             "fingerprint": fingerprint,
         }
-        _write_stats(tmp, stats, fingerprint)
+        _write_stats(tmp, stats, record)
     _record(run, stats)
     return stats
 
 
-def _reuse_earlier_build(run: RunDir, fingerprint: str) -> dict | None:
-    """The statistics of the build in `run.data` if it was made from the inputs of `fingerprint`,
-    else None."""
-    marker = run.data / "fingerprint"
-    if not (marker.is_file() and marker.read_text() == fingerprint):
-        return None
+def _earlier_build(run: RunDir) -> dict:
+    """The statistics of the build in `run.data`, copied into results.json if missing there."""
     stats = json.loads((run.data / "data_stats.json").read_text())
     if "data" not in run.read_results():  # a run killed between the rename and the results update
         _record(run, stats)
@@ -323,11 +292,11 @@ def _tokenize_stats(sources: list[TokenizedSource], seconds: float) -> dict:
     }
 
 
-def _write_stats(folder: Path, stats: dict, fingerprint: str) -> None:
-    """Write data_stats.json and the fingerprint, by which a rerun with the same inputs reuses the
-    build."""
+def _write_stats(folder: Path, stats: dict, record: dict) -> None:
+    """Write data_stats.json and the fingerprint record, by which a rerun with the same inputs
+    reuses the build."""
     write_json_atomic(folder / "data_stats.json", stats)
-    (folder / "fingerprint").write_text(fingerprint)
+    write_record(folder, record)
 
 
 def _record(run: RunDir, stats: dict) -> None:

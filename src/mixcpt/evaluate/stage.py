@@ -2,13 +2,12 @@
 configured benchmark and lm-eval task, plus retention against the base model.
 
 Writes results["eval"]["rows"] (one row per arm and stage) and results["eval"]["benchmarks"]
-(kind, tag and main metric of each column). A stage whose folder does not exist is a row with
-status "missing", so a partial run still gets a table.
+(kind, tag and main metric of each column). A stage whose folder does not exist, or that this
+config does not train, is a row with status "missing", so a partial run still gets a table.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from mixcpt.evaluate.scoring import (
     score_multiple_choice,
     score_perplexity,
 )
+from mixcpt.fingerprints import begin, nodes
 from mixcpt.models import base_model_path, load_tokenizer, model_from
 from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir
 
@@ -114,38 +114,22 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
     return info
 
 
-def _eval_fingerprint(cfg: Config, run: RunDir) -> str:
-    """sha256 of the eval config, the benchmark files and each model's weight files (path, size,
-    mtime): equal fingerprints mean a rerun would compute the same table."""
-    h = hashlib.sha256(
-        cfg.eval.model_dump_json().encode() + cfg.data.template.model_dump_json().encode()
-    )
-    for b in cfg.eval.benchmarks:
-        h.update(Path(b.path).read_bytes())
-    folders = [Path(base_model_path(cfg.model, run.base))] + [
-        run.stage(a, s) for a in ARMS for s in TRAINED_STAGES
-    ]
-    for folder in folders:
-        for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-            st = f.stat()
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update(f"{folder}:{folder.is_dir()}".encode())
-    return h.hexdigest()
-
-
-def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
+def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     """Evaluate the base model and every stage folder of both arms; write and return
-    {"rows": [...], "benchmarks": {...}} (also stored as results["eval"]).
+    {"rows": [...], "benchmarks": {...}} (also stored as results["eval"]). The table recorded
+    is returned as it is when it was computed from the same inputs (models, benchmarks, settings;
+    mixcpt.fingerprints), unless `force`.
 
     Each row: {arm, stage, status ("ok" | "missing"), model (folder), scores {bench: {metric: v}},
     retention {kl_to_base, delta {general bench: main score - base's}}}.
     Raises `InputError` for a malformed benchmark file before any model is loaded.
     """
     benchmarks = [(b, load_benchmark(b)) for b in cfg.eval.benchmarks]
-    fingerprint = _eval_fingerprint(cfg, run)
-    done = run.read_results().get("eval", {})
-    if done.get("fingerprint") == fingerprint:  # same benchmarks, same model files: nothing to redo
+    record = begin(cfg, run, "eval", force)
+    if record is None:
+        done = run.read_results()["eval"]
         return {"rows": done["rows"], "benchmarks": done["benchmarks"]}
+    trained = set(nodes(cfg))  # a folder left by another config is not this run's
     probe = [Path(cfg.eval.probe).read_text(encoding="utf-8")] if cfg.eval.probe else None
 
     base_path = base_model_path(cfg.model, run.base)
@@ -183,7 +167,7 @@ def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
                 "scores": {},
                 "retention": {},
             }
-            if folder.is_dir():
+            if folder.is_dir() and f"{stage}/{arm}" in trained:
                 model, tokenizer = _load(cfg, str(folder), str(folder))
                 scores = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
                 kl = (
@@ -198,5 +182,5 @@ def run_eval(cfg: Config, run: RunDir) -> dict[str, Any]:
             rows.append(row)
     run.update_results("eval", "rows", rows)
     run.update_results("eval", "benchmarks", info)
-    run.update_results("eval", "fingerprint", fingerprint)
+    run.update_results("eval", "fingerprint", record)  # last: the table is complete
     return {"rows": rows, "benchmarks": info}

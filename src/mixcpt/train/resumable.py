@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.trainer_utils import TrainOutput
 
+from mixcpt.fingerprints import RECORD_FILE
 from mixcpt.models import save_trained_model
 from mixcpt.rundir import RunDir
 
@@ -48,11 +49,13 @@ def train_and_save(
     key: str,
     metrics_of: Callable[[TrainOutput], dict],
     merge_lora: bool = False,
+    record: dict | None = None,
 ) -> dict:
     """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
     record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key`, write the
-    model and tokenizer to `final` atomically (LoRA adapters merged with `merge_lora`), then
-    delete the checkpoints. Call on every process; returns the metrics.
+    model and tokenizer to `final` atomically (LoRA adapters merged with `merge_lora`, the
+    fingerprint `record` beside them), then delete the checkpoints. Call on every process;
+    returns the metrics.
 
     Metrics are recorded before the folder appears: a process killed in between leaves no folder,
     so the stage reruns (from its last checkpoint), and a finished stage always has its metrics.
@@ -62,7 +65,8 @@ def train_and_save(
     metrics = {**metrics_of(output), "resumed_from": resume}
     if trainer.is_world_process_zero():
         run.update_results("stages", key, metrics)
-    save_trained_model(trainer, tokenizer, final, merge_lora)
+    extra = {} if record is None else {RECORD_FILE: record}
+    save_trained_model(trainer, tokenizer, final, merge_lora, extra)
     if trainer.is_world_process_zero():
         shutil.rmtree(work, ignore_errors=True)
     return metrics

@@ -17,7 +17,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from mixcpt.config import Config, CPTConfig, LoraSettings
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
 from mixcpt.errors import ConfigError, InputError
+from mixcpt.fingerprints import begin
 from mixcpt.models import base_model_path, load_tokenizer, model_from, vocab_size
+from mixcpt.pipeline import arm_cpt_config
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save
@@ -26,16 +28,17 @@ from mixcpt.train.teachers import LoraTeacher, OnlineTeacher, Teacher
 from mixcpt.train.trainer import LSSDTrainer
 
 
-def run_cpt(cfg: Config, run: RunDir, arm: str) -> dict:
+def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     """Train stage 1 of `arm` ("mixcpt" or "baseline") and save `run.stage(arm, "cpt")`.
 
     Resumes from the last checkpoint in `run.work(arm, "cpt")`; skips (returning the recorded
-    metrics) when the final folder exists. With `cpt.teacher: lora` both arms train LoRA adapters,
-    merged into the weights before saving. Returns the metrics also written to results.json under
-    stages/<arm>/cpt.
+    metrics) when the final folder was built from the same inputs, unless `force`. With
+    `cpt.teacher: lora` both arms train LoRA adapters, merged into the weights before saving.
+    Returns the metrics also written to results.json under stages/<arm>/cpt.
     """
     key, final, work = f"{arm}/cpt", run.stage(arm, "cpt"), run.work(arm, "cpt")
-    if final.exists():
+    record = begin(cfg, run, f"cpt/{arm}", force)
+    if record is None:
         return run.recorded_metrics(key)
     cpt = arm_cpt_config(cfg, arm)
     blocks = training_blocks(run, arm)
@@ -59,14 +62,7 @@ def run_cpt(cfg: Config, run: RunDir, arm: str) -> dict:
         return metrics
 
     merge_lora = cpt.teacher == "lora"
-    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of, merge_lora)
-
-
-def arm_cpt_config(cfg: Config, arm: str) -> CPTConfig:
-    """cfg.cpt for "mixcpt"; for "baseline" the same settings with plain CE and no teacher."""
-    if arm == "mixcpt":
-        return cfg.cpt
-    return cfg.cpt.model_copy(update={"ce_weight": 1.0, "lssd_weight": 0.0})
+    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of, merge_lora, record)
 
 
 def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:
@@ -131,6 +127,7 @@ def load_teacher(
             cpt.training.per_device_batch_size,
             cpt.cache_dtype,
             cpt.loss_chunk_size,
+            replace_stale=True,  # a cache of other data, teacher or k: this rebuild replaces it
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +46,18 @@ def teacher_weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _mismatch(folder: Path, found: dict, wanted: dict) -> ConfigError:
-    diffs = ", ".join(
+def _differences(found: dict, wanted: dict) -> str:
+    return ", ".join(
         f"{k}: cache {found.get(k)!r} vs now {wanted[k]!r}"
         for k in wanted
         if found.get(k) != wanted[k]
     )
+
+
+def _mismatch(folder: Path, found: dict, wanted: dict) -> ConfigError:
     return ConfigError(
-        f"{folder}: the teacher cache does not match this run ({diffs}); it was built from other "
-        f"data or another teacher. Delete the folder to rebuild it."
+        f"{folder}: the teacher cache does not match this run ({_differences(found, wanted)}); "
+        f"it was built from other data or another teacher. Delete the folder to rebuild it."
     )
 
 
@@ -149,14 +153,19 @@ def cache_key(
     }
 
 
-def open_cache_files(folder: Path, key: dict) -> int:
+def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> int:
     """Create the cache's empty files for `key` in `folder`, or check that the cache already
-    there was built for `key`. Returns the number of blocks already done (0 for a new cache)."""
+    there was built for `key`; one built for another key is a `ConfigError`, or with
+    `replace_stale` deleted and started afresh. Returns the number of blocks already done (0 for
+    a new cache)."""
     if (folder / "meta.json").exists():
         found = json.loads((folder / "meta.json").read_text())
-        if found != key:
+        if found == key:
+            return json.loads((folder / "progress.json").read_text())["blocks_done"]
+        if not replace_stale:
             raise _mismatch(folder, found, key)
-        return json.loads((folder / "progress.json").read_text())["blocks_done"]
+        print(f"mixcpt: teacher cache: rebuilding ({_differences(found, key)})", flush=True)
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_blocks, positions, k = key["n_blocks"], key["block_size"] - 1, key["top_k"]
     shapes = {
@@ -180,6 +189,7 @@ def build_teacher_cache(
     batch_size: int = 8,
     dtype: str = "float16",
     chunk_size: int = 256,
+    replace_stale: bool = False,
 ) -> CachedTeacher:
     """Compute the teacher's top-k log-probabilities over every block of `blocks` into `folder`
     (layout in the module docstring) and return the `CachedTeacher` reading it.
@@ -187,11 +197,12 @@ def build_teacher_cache(
     Runs `model` without grad on its current device, `batch_size` blocks at a time, with a
     progress bar; the output layer is applied `chunk_size` positions at a time (`top_k_logprobs`).
     Resumes a partial cache built for the same key; an existing cache with another key (other
-    data, other teacher weights, k, T or dtype) is a `ConfigError`. k is capped at V.
+    data, other teacher weights, k, T or dtype) is a `ConfigError`, or with `replace_stale` (the
+    cpt stage, which owns the run's cache) rebuilt. k is capped at V.
     """
     folder = Path(folder)
     key = cache_key(model, blocks, top_k, temperature, dtype)
-    done = open_cache_files(folder, key)
+    done = open_cache_files(folder, key, replace_stale)
     arrays = [np.load(folder / name, mmap_mode="r+") for name in CACHE_FILES]  # ids, logprobs, tail
     was_training = model.training
     model.eval()

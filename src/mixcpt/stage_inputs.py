@@ -1,0 +1,255 @@
+"""What each output of a run depends on: the config keys that change it, and the contents of
+the files outside the run folder that it reads (mixcpt.fingerprints records them).
+
+Inputs are the settings that change an output. Performance knobs are not (batch sizes of scoring
+and evaluation, loss_chunk_size, tokenize_batch_size, gradient checkpointing, checkpoint and
+logging intervals, on_nonfinite, dpo.precompute_ref), nor is the number of processes (`mixcpt
+status` runs in one). Files (model, tokenizer, data sources, benchmarks, probe, lm-eval task
+folder) count by content, hashed once per size and modification time (`file_hash`); where they
+lie does not count. A hub id or pkg:// name stands for itself: a new hub revision goes unnoticed.
+
+No torch here, so that `mixcpt status` answers at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from mixcpt.atomic import write_json_atomic
+from mixcpt.config import Config
+from mixcpt.pipeline import arm_cpt_config
+from mixcpt.rundir import RunDir, base_model_path
+
+SOURCE_GROUPS = ("domain", "instructions", "preferences")
+# TrainingConfig keys that change how a stage runs, not what it produces
+TRAINING_KNOBS = {
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "gradient_checkpointing",
+    "on_nonfinite",
+}
+
+
+# ---- content hashes -----------------------------------------------------------------------
+
+# Hashes of files this large are kept across processes; smaller ones cost less to rehash than to
+# keep (a corpus of a million small files would make a huge cache).
+REMEMBER_MIN_BYTES = 1 << 20
+# A file modified this recently could change again within the clock's resolution without its
+# size or time changing, so its hash is not remembered (git's "racily clean" rule).
+RACY_SECONDS = 2.0
+_known: dict[str, list] | None = None  # absolute path -> [size, mtime_ns, hash]
+
+
+def _hash_cache_file() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mixcpt" / "file-hashes.json"
+
+
+def _known_hashes() -> dict[str, list]:
+    """The remembered hashes, read from disk on first use."""
+    global _known
+    if _known is None:
+        try:
+            _known = json.loads(_hash_cache_file().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            _known = None
+        if not isinstance(_known, dict):  # none yet, or unreadable: it is only a cache
+            _known = {}
+    return _known
+
+
+def file_hash(path: str | Path) -> str:
+    """The sha256 of the file's bytes, as "sha256:HEX". Remembered by (path, size, modification
+    time), on disk in ~/.cache/mixcpt/file-hashes.json for files of 1 MiB or more, so that a
+    16 GB model is read once, not at every command."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    known = _known_hashes()
+    hit = known.get(str(path))
+    if hit is not None and hit[:2] == stamp:
+        return hit[2]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    result = f"sha256:{digest.hexdigest()}"
+    if time.time() - stat.st_mtime > RACY_SECONDS:
+        known[str(path)] = [*stamp, result]
+        if stat.st_size >= REMEMBER_MIN_BYTES:
+            _save_known(known)
+    return result
+
+
+def _save_known(known: dict[str, list]) -> None:
+    """Write the remembered hashes of large files that still exist."""
+    keep = {p: v for p, v in known.items() if v[0] >= REMEMBER_MIN_BYTES and os.path.exists(p)}
+    try:
+        write_json_atomic(_hash_cache_file(), keep)
+    except OSError:  # a read-only home only costs hashing again next time
+        pass
+
+
+def tree_hash(name: str, keep=None) -> str:
+    """Content hash of a local file, or of the files under a local folder with their relative
+    names (hidden entries, and names `keep` rejects, left out). A name that is no local path (a
+    hub id, pkg://MODULE) stands for itself."""
+    root = Path(name)
+    if not root.exists():
+        return f"name:{name}"
+    if root.is_file():
+        return file_hash(root)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        if path.is_file() and not hidden and (keep is None or keep(path.name)):
+            digest.update(f"{rel.as_posix()}\0{file_hash(path)}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of a model folder belongs to the tokenizer (the data stage reads nothing
+    else of the model)."""
+    return "token" in name or "vocab" in name or name.endswith((".model", ".txt", ".tiktoken"))
+
+
+def flat(prefix: str, value) -> dict:
+    """A settings value as {dotted key: leaf}; lists of mappings (sources, benchmarks) become
+    key[i].field, other lists stay whole."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(flat(f"{prefix}.{key}", item))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flat(f"{prefix}[{i}]", item))
+        return out
+    return {prefix: value}
+
+
+# ---- what each output depends on ----------------------------------------------------------
+
+
+def _training(prefix: str, training) -> dict:
+    return flat(prefix, training.model_dump(mode="json", exclude=TRAINING_KNOBS))
+
+
+def _model_settings(cfg: Config) -> dict:
+    """How every stage loads a model (trust_remote_code changes nothing it computes)."""
+    return {
+        "model.dtype": cfg.model.dtype,
+        "model.attn_implementation": cfg.model.attn_implementation,
+    }
+
+
+def _model_files(cfg: Config, run: RunDir) -> dict:
+    files = {"model.path": tree_hash(base_model_path(cfg.model, run.base))}
+    if cfg.model.tokenizer:
+        files["model.tokenizer"] = tree_hash(cfg.model.tokenizer)
+    return files
+
+
+def _data_inputs(cfg: Config, run: RunDir) -> tuple[dict, dict]:
+    """Sources by content and label (not by where they lie), the mixture, packing, rendering, the
+    seed and the tokenizer's files."""
+    data = cfg.data.model_dump(mode="json", exclude={"tokenize_batch_size"})
+    tokenizer = cfg.model.tokenizer or base_model_path(cfg.model, run.base)
+    files = {"tokenizer": tree_hash(tokenizer, keep=is_tokenizer_file)}
+    for group in SOURCE_GROUPS:
+        for i, source in enumerate(getattr(cfg.data, group)):
+            del data[group][i]["path"]
+            data[group][i]["label"] = source.label  # names the pool's sample ids
+            files[f"data.{group}[{i}].path"] = tree_hash(source.path)
+    return {"seed": cfg.seed, **flat("data", data)}, files
+
+
+def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
+    """The arm's stage-1 settings, leaving out those of a teacher it does not use: the baseline
+    (always plain CE) is untouched by every LSSD setting."""
+    cpt = arm_cpt_config(cfg, arm)
+    unused = {"loss_chunk_size", "training"}
+    if cpt.lssd_weight == 0:  # no teacher; `teacher: lora` still means training adapters
+        unused |= {"temperature", "cache_top_k", "cache_dtype"}
+        unused |= {"teacher"} if cpt.teacher != "lora" else set()
+    if cpt.teacher != "cache":
+        unused |= {"cache_top_k", "cache_dtype"}
+    if cpt.teacher != "lora":
+        unused.add("lora")
+    config = {
+        "seed": cfg.seed,
+        **_model_settings(cfg),
+        **flat("cpt", cpt.model_dump(mode="json", exclude=unused)),
+        **_training("cpt.training", cpt.training),
+    }
+    return config, _model_files(cfg, run)
+
+
+def _select_inputs(cfg: Config) -> dict:
+    settings = cfg.select.model_dump(mode="json", exclude={"batch_size"})
+    config = {**_model_settings(cfg), **flat("select", settings)}
+    if cfg.select.strategy == "random":
+        config["seed"] = cfg.seed
+    if cfg.select.score == "fas":  # scores through the chat template
+        config["sft.chat_template"] = cfg.sft.chat_template
+    return config
+
+
+def _alignment_inputs(cfg: Config, stage: str) -> dict:
+    """SFT's or DPO's settings (DPO's reference is the same computed either way)."""
+    section = getattr(cfg, stage)
+    settings = section.model_dump(mode="json", exclude={"training", "precompute_ref"})
+    return {
+        "seed": cfg.seed,
+        **_model_settings(cfg),
+        "sft.chat_template": cfg.sft.chat_template,
+        **flat(stage, settings),
+        **_training(f"{stage}.training", section.training),
+    }
+
+
+def _eval_inputs(cfg: Config, run: RunDir) -> tuple[dict, dict]:
+    """Benchmarks and probe by content, how prompts are formatted, and the base model (its row
+    and the reference of every KL)."""
+    ev = cfg.eval.model_dump(mode="json", exclude={"batch_size", "probe", "lm_eval_include_path"})
+    files = _model_files(cfg, run)
+    for i, bench in enumerate(cfg.eval.benchmarks):
+        del ev["benchmarks"][i]["path"]
+        files[f"eval.benchmarks[{i}].path"] = tree_hash(bench.path)
+    if cfg.eval.probe:
+        files["eval.probe"] = tree_hash(cfg.eval.probe)
+    if cfg.eval.lm_eval_include_path:
+        files["eval.lm_eval_include_path"] = tree_hash(cfg.eval.lm_eval_include_path)
+    config = {
+        **_model_settings(cfg),
+        **flat("eval", ev),
+        **flat("data.template", cfg.data.template.model_dump(mode="json")),
+        "sft.chat_template": cfg.sft.chat_template,
+    }
+    return config, files
+
+
+def config_and_files(cfg: Config, run: RunDir, node: str) -> tuple[dict, dict]:
+    """({dotted config key: value}, {config key of a file or folder: content hash}) of what
+    `node`'s output depends on, besides the outputs it reads."""
+    stage, _, arm = node.partition("/")
+    config, files = {}, {}
+    if stage == "data":
+        config, files = _data_inputs(cfg, run)
+    elif stage == "cpt":
+        config, files = _cpt_inputs(cfg, run, arm)
+    elif stage == "select":
+        config = _select_inputs(cfg)
+    elif stage in ("sft", "dpo"):
+        config = _alignment_inputs(cfg, stage)
+    elif stage == "eval":
+        config, files = _eval_inputs(cfg, run)
+    return config, files
