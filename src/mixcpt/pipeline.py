@@ -5,6 +5,8 @@ last checkpoint) and rerunning it after a config change redoes exactly what the 
 
 from __future__ import annotations
 
+import importlib
+
 from mixcpt.config import Config, CPTConfig
 from mixcpt.errors import ConfigError
 from mixcpt.rundir import RunDir
@@ -70,41 +72,29 @@ def run_stage(
         state.wait_for_everyone()
 
 
+# stage -> (module, function, whether it runs once per arm). Modules are imported when their stage
+# runs, so that `mixcpt data` does not pay for importing the training stack.
+STAGE_FUNCTIONS = {
+    "data": ("mixcpt.data.stage", "run_data", False),
+    "cpt": ("mixcpt.train.stage", "run_cpt", True),
+    "select": ("mixcpt.align.select", "run_select", False),
+    "sft": ("mixcpt.align.sft", "run_sft", True),
+    "dpo": ("mixcpt.align.dpo", "run_dpo", True),
+    "eval": ("mixcpt.evaluate.stage", "run_eval", False),
+    "report": ("mixcpt.report", "run_report", False),
+}
+
+
 def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None, force: bool) -> None:
-    # Imports are local so that `mixcpt data` does not pay for importing the training stack.
-    if stage == "data":
-        from mixcpt.data.stage import run_data
-
-        run_data(cfg, run, force)
-    elif stage == "cpt":
-        from mixcpt.train.stage import run_cpt
-
-        for a in _chosen_arms(cfg, "cpt", arm):
-            run_cpt(cfg, run, a, force)
-    elif stage == "select":
-        from mixcpt.align.select import run_select
-
-        run_select(cfg, run, force)
-    elif stage == "sft":
-        from mixcpt.align.sft import run_sft
-
-        for a in _chosen_arms(cfg, "sft", arm):
-            run_sft(cfg, run, a, force)
-    elif stage == "dpo":
-        from mixcpt.align.dpo import run_dpo
-
-        for a in _chosen_arms(cfg, "dpo", arm):
-            run_dpo(cfg, run, a, force)
-    elif stage == "eval":
-        from mixcpt.evaluate.stage import run_eval
-
-        run_eval(cfg, run, force)
-    elif stage == "report":
-        from mixcpt.report import run_report
-
-        run_report(cfg, run, force)
-    else:
+    if stage not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    module, name, per_arm = STAGE_FUNCTIONS[stage]
+    function = getattr(importlib.import_module(module), name)
+    if not per_arm:
+        function(cfg, run, force)
+        return
+    for a in _chosen_arms(cfg, stage, arm):
+        function(cfg, run, a, force)
 
 
 def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:
