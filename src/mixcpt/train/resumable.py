@@ -1,23 +1,38 @@
 """What every training stage (cpt, sft, dpo) does around its Trainer: resume from the last
-complete checkpoint, stop at a step boundary with a checkpoint on SIGTERM / SIGUSR1, report a
-full disk in one line, record its metrics, save the model atomically, clean up."""
+complete checkpoint (refusing one started with other settings), stop at a step boundary with a
+checkpoint on SIGTERM / SIGUSR1, report a full disk in one line, record its metrics, save the
+model atomically, clean up."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from mixcpt import preempt
-from mixcpt.atomic import folder_bytes, lack_of_space
-from mixcpt.errors import DiskFullError
+from mixcpt.atomic import folder_bytes, lack_of_space, write_json_atomic
+from mixcpt.errors import ConfigError, DiskFullError
 from mixcpt.models import save_trained_model
 from mixcpt.rundir import RunDir
+
+# Beside a stage's checkpoints: what the stage was started with (`started_with`).
+STARTED_WITH = "started_with.json"
+
+# Settings that may change between a run and its resume: they change when and how things are
+# logged, saved or computed, never what an optimizer step does (loss_chunk_size and
+# gradient_checkpointing trade memory for time; on_nonfinite only acts on a non-finite loss).
+RESUMABLE_CHANGES = frozenset(
+    ("logging_steps", "save_steps", "save_total_limit")
+    + ("loss_chunk_size", "gradient_checkpointing", "on_nonfinite")
+)
 
 
 def last_complete_checkpoint(work: Path) -> str | None:
@@ -62,6 +77,7 @@ def train_and_save(
     key: str,
     metrics_of: Callable[[TrainOutput], dict],
     merge_lora: bool = False,
+    started_with: dict[str, Any] | None = None,
 ) -> dict:
     """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
     record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key`, write the
@@ -71,12 +87,16 @@ def train_and_save(
     Metrics are recorded before the folder appears: a process killed in between leaves no folder,
     so the stage reruns (from its last checkpoint), and a finished stage always has its metrics.
 
-    A stop signal during training saves a checkpoint at the end of the optimizer step and raises
-    `Preempted` (`StopOnSignal`); one after training lets the final save finish first. A
-    checkpoint save that runs out of space raises `DiskFullError`.
+    `started_with` (the stage's config section, seed, model, data and teacher: `check_started_with`)
+    is kept beside the checkpoints; a resume from checkpoints started with other settings is a
+    ConfigError naming them. A stop signal during training saves a checkpoint at the end of the
+    optimizer step and raises `Preempted` (`StopOnSignal`); one after training lets the final save
+    finish first. A checkpoint save that runs out of space raises `DiskFullError`.
     """
     with preempt.deferred(f"{key} finished first and was saved"):
         resume = last_complete_checkpoint(work)
+        if started_with is not None:
+            check_started_with(work, started_with, resume, trainer.is_world_process_zero())
         stop = StopOnSignal()
         trainer.add_callback(stop)
         report_full_disk(trainer, work)
@@ -187,3 +207,72 @@ def checkpoint_estimate(model: torch.nn.Module) -> int:
     return sum(
         p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters()
     )
+
+
+def check_started_with(
+    work: Path, started_with: dict[str, Any], resume: str | None, writer: bool
+) -> None:
+    """Keep `started_with` beside the checkpoints of a stage that starts afresh (`resume` None;
+    written by the `writer` process), or compare it with what the checkpoints were started with.
+
+    A resumed Trainer restores the optimizer's learning rate, the schedule and the data order from
+    the checkpoint, so resuming under other settings would silently mix two runs: any difference
+    (other than `RESUMABLE_CHANGES`) is a ConfigError naming the keys, which says to restore them
+    or to delete the work folder and restart the stage. Checkpoints from before this record (no
+    file) are resumed unchecked, with a warning.
+    """
+    path = work / STARTED_WITH
+    wanted = json.loads(json.dumps(started_with))  # as it reads back: lists, not tuples
+    if resume is None:
+        if writer:
+            write_json_atomic(path, wanted)
+        return
+    if not path.is_file():
+        if writer:
+            print(
+                f"mixcpt: warning: {work}: checkpoints without {STARTED_WITH} (an older mixcpt); "
+                "resuming without checking that they were started with this config",
+                file=sys.stderr,
+            )
+        return
+    found = json.loads(path.read_text(encoding="utf-8"))
+    diffs = [
+        (name, was, now)
+        for name, was, now in _differences(found, wanted)
+        if name.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES
+    ]
+    if diffs:
+        shown = "; ".join(
+            f"{name}: {_short(was)} then, {_short(now)} now" for name, was, now in diffs[:3]
+        )
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise ConfigError(
+            f"{shown}{more}: the checkpoints in {work} were started with other settings, and "
+            f"resuming would mix the two runs; restore them, or delete {work} to restart this "
+            "stage"
+        )
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes (for `started_with`: the samples an alignment stage trains on)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _differences(was: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two JSON trees."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        out = []
+        for k in list(was) + [k for k in now if k not in was]:
+            name = f"{prefix}.{k}" if prefix else str(k)
+            out += _differences(was.get(k, "<absent>"), now.get(k, "<absent>"), name)
+        return out
+    return [] if was == now else [(prefix, was, now)]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
