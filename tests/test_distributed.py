@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,84 @@ def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_tokenize
             tmp_path / "one" / "data" / "mix" / name
         ).read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["data", "results.json"]
+
+
+# A torchrun worker: each training step slowed by SLOW_S seconds; its pid written to PIDS/<rank>.
+RANK_WRAPPER = """
+import os, sys, time
+from mixcpt.train.trainer import LSSDTrainer
+real = LSSDTrainer.training_step
+def slow(*args, **kwargs):
+    time.sleep(float(os.environ["SLOW_S"]))
+    return real(*args, **kwargs)
+LSSDTrainer.training_step = slow
+with open(os.path.join(os.environ["PIDS"], os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+from mixcpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """SLURM or a user may signal only some processes of a launch: the processes agree at each step
+    end, so all save the same checkpoint (each its RNG state) and exit 143; the same launch
+    command resumes, and ends where one process with the same global batch ends."""
+    configs = {}
+    for batch in (4, 2):
+        config, out = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, batch)
+        raw = yaml.safe_load(config.read_text())
+        raw["cpt"]["training"].update(max_steps=8, save_steps=2)
+        config.write_text(yaml.safe_dump(raw))
+        configs[batch] = (config, out)
+    one_config, one_out = configs[4]
+    assert main(["cpt", str(one_config), "--output", str(one_out), "--arm", "mixcpt"]) == 0
+
+    config, out = configs[2]
+    (tmp_path / "wrapper.py").write_text(RANK_WRAPPER)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    launch += ["2", str(tmp_path / "wrapper.py"), "cpt", str(config), "--output", str(out)]
+    proc = subprocess.Popen(
+        launch + ["--arm", "mixcpt"],
+        env={**env, "SLOW_S": "1", "PIDS": str(pids)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    work = out / ".work" / "mixcpt-cpt"
+    deadline = time.monotonic() + 240
+    while not (work / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "checkpoint-2 never appeared"
+        time.sleep(0.1)
+    os.kill(int((pids / "1").read_text()), signal.SIGUSR1)  # rank 1 only
+    proc.wait(timeout=240)
+    lines = [line for line in proc.stderr.read().splitlines() if line.startswith("mixcpt:")]
+    assert len(lines) == 2 and lines[0] == lines[1], lines  # rank 0 stopped as well
+    saved = int(lines[0].split("checkpoint of step ")[1].split()[0])
+    assert lines[0].startswith(
+        f"mixcpt: stopped by SIGUSR1; mixcpt/cpt: checkpoint of step {saved}"
+    )
+    checkpoint = work / f"checkpoint-{saved}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == saved
+    assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
+    assert not (out / "mixcpt").exists() and not (out / ".mixcpt.lock").exists()
+
+    rerun = subprocess.run(
+        launch + ["--arm", "mixcpt"],
+        env={**env, "SLOW_S": "0", "PIDS": str(pids)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    two = json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"]
+    assert two["resumed_from"].endswith(f"checkpoint-{saved}") and two["steps"] == 8
+    final_one = load_file(one_out / "mixcpt" / "cpt" / "model.safetensors")
+    final_two = load_file(out / "mixcpt" / "cpt" / "model.safetensors")
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=0)

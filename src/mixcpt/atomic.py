@@ -5,10 +5,14 @@ cache's progress, the report) is written under a temporary name and renamed into
 process killed mid-write (SIGKILL, power loss, a full disk) never leaves half a file that looks
 finished. Temporary names carry the writer's pid: leftovers of dead writers are removed, a live
 writer's are left alone.
+
+A write that runs out of disk space (or quota) removes what it had written and raises
+`DiskFullError`, one line naming what was being written and about how much space it needs.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,17 +21,75 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mixcpt.errors import DiskFullError, free_bytes
+from mixcpt.preempt import deferred
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def lack_of_space(err: BaseException, path: Path) -> bool:
+    """Whether `err`, raised while writing under `path`, means the disk (or quota) is full.
+
+    OSError ENOSPC / EDQUOT anywhere in its chain, or their message (safetensors reports them
+    as text); or, since torch.save reports a failed write without its cause, an OSError or
+    RuntimeError while less than 1 MiB is free there (call it before removing the partial
+    output, which is what filled the disk).
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in SPACE_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(seen) for code in SPACE_ERRNOS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = free_bytes(path)
+    return isinstance(err, (OSError, RuntimeError)) and free is not None and free < 2**20
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def preallocate(path: Path) -> None:
+    """Reserve the disk blocks of a file made by numpy's `open_memmap(mode="w+")`, which is sparse:
+    writing through a memory map on a full disk kills the process with SIGBUS, while this raises
+    OSError ENOSPC up front. Filesystems without the call (EINVAL, EOPNOTSUPP) are left as they
+    are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno in SPACE_ERRNOS:
+                raise
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` via a temporary file, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave it empty
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        size = len(text.encode("utf-8"))
+        if isinstance(err, OSError) and lack_of_space(err, path.parent):
+            raise DiskFullError(path, size) from err
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -36,9 +98,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, expected_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`, on error it is
-    removed.
+    removed. An error for lack of space becomes `DiskFullError(final, ...)`, whose estimate of the
+    space needed is the larger of `expected_bytes` and what had been written.
 
     Temporary folders of `final` left by a killed process are removed first, so they neither pile
     up nor are ever mistaken for output. An older `final` (a rebuild after the inputs changed) is
@@ -53,14 +116,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, DiskFullError) or (
+            isinstance(err, Exception) and lack_of_space(err, final.parent)
+        )
+        written = folder_bytes(tmp) if full else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            needed = max(expected_bytes, written, getattr(err, "needed", None) or 0)
+            raise DiskFullError(final, needed) from err
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with deferred():  # a stop signal waits for the renames: never the old folder gone, the new not
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,8 +5,13 @@
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
     mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
 
-Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key), 1 anything
-else (a non-finite training loss is one line too; other failures show their traceback).
+Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key; also a run
+folder in use by another mixcpt command), 1 anything else (a non-finite training loss and a full
+disk are one line too; other failures show their traceback), 143 stopped by SIGTERM or SIGUSR1
+(a training stage first saves a checkpoint; rerun the same command to resume).
+
+One writer per run folder: every command holds `DIR/.mixcpt.lock` until it exits (mixcpt.runlock).
+Stop signals: mixcpt.preempt.
 
 Offline unless the config needs the hub (design.md §9): the demo, and any config whose model,
 tokenizer, data and lm-eval tasks are all local, run with HF_HUB_OFFLINE=1 and
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,8 +37,13 @@ for _var, _val in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM",
     os.environ.setdefault(_var, _val)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-from mixcpt.errors import UserError  # noqa: E402
+from mixcpt.errors import DiskFullError, UserError  # noqa: E402
 from mixcpt.pipeline import STAGES  # noqa: E402
+from mixcpt.preempt import EXIT_CODE, Preempted, deferred, stop_signals  # noqa: E402
+from mixcpt.runlock import RunLock, is_rank_zero  # noqa: E402
+
+# The commands that write a run folder, and so hold its lock.
+WRITERS = ("demo", "run", *STAGES)
 
 
 def _output_dir(path: str) -> Path:
@@ -109,43 +120,32 @@ def _status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "status":  # reads only: no output folder to make, nothing to import
+    if args.command == "status":  # reads only: no output folder, no lock, nothing to import
         return _status(args)
+    command = shlex.join(["mixcpt", *(sys.argv[1:] if argv is None else argv)])
+    lock = None
     try:
-        out = _output_dir(args.output)
-        # The config is read before the Hugging Face stack is imported: whether to go offline
-        # depends on it (see the module docstring).
-        from mixcpt.config import hub_references, load_config
-
-        cfg = load_config(args.config) if args.command != "demo" else None
-        if cfg is None or not hub_references(cfg):
-            for var, value in OFFLINE.items():
-                os.environ.setdefault(var, value)
-        from transformers.utils import logging as hf_logging
-
-        # Weight loading/saving bars of tiny files flood the terminal; the Trainer's own progress
-        # bars (tqdm, not transformers' wrapper) and ours stay.
-        hf_logging.disable_progress_bar()
-        from mixcpt.rundir import RunDir
-
-        run = RunDir(out)
-        if args.command == "demo":
-            from mixcpt.demo.run import run_demo
-
-            run_demo(run, quick=args.quick, seed=args.seed)
-            return 0
-        if args.command == "run":
-            from mixcpt.pipeline import run_pipeline
-
-            run_pipeline(cfg, run, args.force)
-        else:
-            from mixcpt.pipeline import run_stage
-
-            run_stage(args.command, cfg, run, getattr(args, "arm", None), args.force)
-        return 0
+        with stop_signals():
+            try:
+                out = _output_dir(args.output)
+                # one lock per command: under a launcher, the rank-0 process holds it for all
+                if args.command in WRITERS and is_rank_zero():
+                    lock = RunLock(out, command)
+                    lock.acquire()
+                return _run(args)
+            finally:
+                if lock is not None:
+                    with deferred(then_raise=False):  # a stop signal cannot cut the release short
+                        lock.release()
     except UserError as err:
         print(f"mixcpt: error: {err}", file=sys.stderr)
         return 2
+    except DiskFullError as err:
+        print(f"mixcpt: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as stop:
+        print(f"mixcpt: {stop}", file=sys.stderr)
+        return EXIT_CODE
     except KeyboardInterrupt:
         print("mixcpt: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -157,6 +157,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mixcpt: error: {err}", file=sys.stderr)
             return 1
         raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, in a run folder whose lock this process holds."""
+    out = Path(args.output)
+    # The config is read before the Hugging Face stack is imported: whether to go offline
+    # depends on it (see the module docstring).
+    from mixcpt.config import hub_references, load_config
+
+    cfg = load_config(args.config) if args.command != "demo" else None
+    if cfg is None or not hub_references(cfg):
+        for var, value in OFFLINE.items():
+            os.environ.setdefault(var, value)
+    from transformers.utils import logging as hf_logging
+
+    # Weight loading/saving bars of tiny files flood the terminal; the Trainer's own progress
+    # bars (tqdm, not transformers' wrapper) and ours stay.
+    hf_logging.disable_progress_bar()
+    from mixcpt.rundir import RunDir
+
+    run = RunDir(out)
+    if args.command == "demo":
+        from mixcpt.demo.run import run_demo
+
+        run_demo(run, quick=args.quick, seed=args.seed)
+        return 0
+    if args.command == "run":
+        from mixcpt.pipeline import run_pipeline
+
+        run_pipeline(cfg, run, args.force)
+    else:
+        from mixcpt.pipeline import run_stage
+
+        run_stage(args.command, cfg, run, getattr(args, "arm", None), args.force)
+    return 0
 
 
 if __name__ == "__main__":

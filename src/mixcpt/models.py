@@ -140,7 +140,9 @@ def save_trained_model(
         if merge_lora:
             trained = trained.merge_and_unload()  # a plain model folder, loadable without PEFT
         trained.config.use_cache = True  # for whoever generates with the saved model
-        with atomic_dir(final) as tmp:
+        tensors = (state_dict or trained.state_dict()).values()
+        size = sum(t.numel() * t.element_size() for t in tensors)  # for a full disk's message
+        with atomic_dir(final, size) as tmp:
             trained.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             for name, obj in (extra or {}).items():

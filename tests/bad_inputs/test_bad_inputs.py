@@ -4,8 +4,10 @@ naming the file (and line or key), no traceback, and no half-written output fold
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mixcpt.cli import main
+from mixcpt.runlock import LOCK_NAME
 
 HERE = Path(__file__).parent
 CASES = yaml.safe_load((HERE / "cases.yaml").read_text())
@@ -86,6 +89,11 @@ def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys):
     out = tmp_path / "out"
     if case.get("output") == "file":
         out.write_text("a file, not a folder")
+    if "lock_holder" in case:  # the lock file another command left in the run folder
+        holder = dict(case["lock_holder"], command="mixcpt run other.yaml", since="2025-01-01")
+        holder["host"] = socket.gethostname() if holder["host"] == "this" else holder["host"]
+        out.mkdir()
+        (out / LOCK_NAME).write_text(json.dumps(holder))
     argv = [case["stage"], str(case_config(case, workspace)), "--output", str(out)]
     if case.get("subprocess"):
         env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

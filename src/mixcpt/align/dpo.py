@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from mixcpt.align.samples import alignment_inputs
+from mixcpt.align.sft import started_with
 from mixcpt.config import Config
 from mixcpt.fingerprints import begin
 from mixcpt.losses import dpo_loss
@@ -32,7 +33,7 @@ from mixcpt.responses import (
 )
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
-from mixcpt.train.resumable import train_and_save
+from mixcpt.train.resumable import file_digest, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,10 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "log_history": history,
         }
 
-    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of, record=record)
+    started = {**started_with(cfg, "dpo"), "samples": file_digest(path)}
+    return train_and_save(
+        trainer, tokenizer, final, work, run, key, metrics_of, record=record, started_with=started
+    )
 
 
 def log_history_metrics(log_history: list[dict], names: tuple[str, ...]) -> dict:

@@ -21,7 +21,7 @@ from mixcpt.models import model_from
 from mixcpt.responses import encode_chat, features, fit_to_length, pad_batch
 from mixcpt.rundir import RunDir
 from mixcpt.train.arguments import training_arguments
-from mixcpt.train.resumable import train_and_save
+from mixcpt.train.resumable import file_digest, train_and_save
 
 
 def sft_features(
@@ -73,4 +73,15 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "n_samples": len(train_set),
         },
         record=record,
+        started_with={**started_with(cfg, "sft"), "samples": file_digest(path)},
     )
+
+
+def started_with(cfg: Config, stage: str) -> dict:
+    """What the checkpoints of alignment `stage` ("sft", "dpo") may only be resumed with
+    (`train_and_save`), besides the samples: its config section, the seed, the model settings."""
+    return {
+        stage: getattr(cfg, stage).model_dump(mode="json"),
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(mode="json"),
+    }

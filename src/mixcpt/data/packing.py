@@ -23,6 +23,8 @@ from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mixcpt.atomic import preallocate
+
 IGNORE_INDEX = -100
 
 
@@ -107,6 +109,8 @@ def pack_documents(
     pos = open_memmap(
         folder / "position_ids.npy", mode="w+", dtype=np.int32, shape=(n_blocks, block_size)
     )
+    for name in ("input_ids.npy", "position_ids.npy"):
+        preallocate(folder / name)  # a full disk: ENOSPC now, not SIGBUS while filling the maps
     flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
     token_maps = [s.tokens() for s in sources]
     offsets = [s.offsets for s in sources]

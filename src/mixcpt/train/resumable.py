@@ -1,19 +1,39 @@
 """What every training stage (cpt, sft, dpo) does around its Trainer: resume from the last
-complete checkpoint, record its metrics, save the model atomically, clean up."""
+complete checkpoint (refusing one started with other settings), stop at a step boundary with a
+checkpoint on SIGTERM / SIGUSR1, report a full disk in one line, record its metrics, save the
+model atomically, clean up."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from transformers import PreTrainedTokenizerBase, Trainer
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
+from mixcpt import preempt
+from mixcpt.atomic import folder_bytes, lack_of_space, write_json_atomic
+from mixcpt.errors import ConfigError, DiskFullError
 from mixcpt.fingerprints import RECORD_FILE
 from mixcpt.models import save_trained_model
 from mixcpt.rundir import RunDir
+
+# Beside a stage's checkpoints: what the stage was started with (`started_with`).
+STARTED_WITH = "started_with.json"
+
+# Settings that may change between a run and its resume: they change when and how things are
+# logged, saved or computed, never what an optimizer step does (loss_chunk_size and
+# gradient_checkpointing trade memory for time; on_nonfinite only acts on a non-finite loss).
+RESUMABLE_CHANGES = frozenset(
+    ("logging_steps", "save_steps", "save_total_limit")
+    + ("loss_chunk_size", "gradient_checkpointing", "on_nonfinite")
+)
 
 
 def last_complete_checkpoint(work: Path) -> str | None:
@@ -32,12 +52,21 @@ def last_complete_checkpoint(work: Path) -> str | None:
         step = path.name.removeprefix("checkpoint-")
         if not (path.is_dir() and step.isdigit()):
             continue
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if is_complete(path):
             complete.append((int(step), path))
-        except (OSError, ValueError):
+        else:
             shutil.rmtree(path, ignore_errors=True)
     return str(max(complete)[1]) if complete else None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder was written to the end (its trainer_state.json, written last,
+    is there and whole)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def train_and_save(
@@ -50,6 +79,7 @@ def train_and_save(
     metrics_of: Callable[[TrainOutput], dict],
     merge_lora: bool = False,
     record: dict | None = None,
+    started_with: dict[str, Any] | None = None,
 ) -> dict:
     """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
     record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key`, write the
@@ -59,6 +89,12 @@ def train_and_save(
 
     Metrics are recorded before the folder appears: a process killed in between leaves no folder,
     so the stage reruns (from its last checkpoint), and a finished stage always has its metrics.
+
+    `started_with` (the stage's config section, seed, model, data and teacher: `check_started_with`)
+    is kept beside the checkpoints; a resume from checkpoints started with other settings is a
+    ConfigError naming them. A stop signal during training saves a checkpoint at the end of the
+    optimizer step and raises `Preempted` (`StopOnSignal`); one after training lets the final save
+    finish first. A checkpoint save that runs out of space raises `DiskFullError`.
     """
     resume = last_complete_checkpoint(work)
     output = trainer.train(resume_from_checkpoint=resume)
@@ -70,3 +106,186 @@ def train_and_save(
     if trainer.is_world_process_zero():
         shutil.rmtree(work, ignore_errors=True)
     return metrics
+    with preempt.deferred(f"{key} finished first and was saved"):
+        resume = last_complete_checkpoint(work)
+        if started_with is not None:
+            check_started_with(work, started_with, resume, trainer.is_world_process_zero())
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
+        report_full_disk(trainer, work)
+        output = trainer.train(resume_from_checkpoint=resume)
+        if stop.saved_at is not None:
+            preempt.stop(
+                f"{key}: checkpoint of step {stop.saved_at} saved in "
+                f"{work / f'checkpoint-{stop.saved_at}'}",
+                stop.signum,
+            )
+        metrics = {**metrics_of(output), "resumed_from": resume}
+        if trainer.is_world_process_zero():
+            run.update_results("stages", key, metrics)
+        save_trained_model(trainer, tokenizer, final, merge_lora)
+        if trainer.is_world_process_zero():
+            shutil.rmtree(work, ignore_errors=True)
+        return metrics
+
+
+def _any_process(signum: int, device: torch.device) -> int:
+    """The largest of `signum` (0: none) over the processes of a distributed run (every process
+    must call it at the same point), so that all of them stop at the same step, even those the
+    signal did not reach; `signum` itself in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signum
+    tensor = torch.tensor([signum], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+class StopOnSignal(TrainerCallback):
+    """Preemption through the Trainer's own flow: once a stop signal has come (`mixcpt.preempt`,
+    in any process of the run), the step that ends asks for a checkpoint (`should_save`), and the
+    save asks training to stop (`should_training_stop`), so the Trainer writes checkpoint-N with
+    its usual files, then leaves its loop as at the end of training. `saved_at` is that step.
+
+    A signal during the last step stops nothing: the final model is saved instead. Under a
+    distributed launch the processes agree on the signal every step (one all-reduce of one
+    number), since it may reach them at different steps, or only some of them; `signum` is the
+    signal agreed on."""
+
+    def __init__(self):
+        self.saved_at: int | None = None
+        self.signum = 0
+        self._stopping = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.signum = _any_process(preempt.requested() or 0, args.device)
+        if self.signum and state.global_step < state.max_steps:
+            control.should_save = True
+            self._stopping = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        # here, not at the step end: the control state recorded in the checkpoint stays clean
+        if self._stopping:
+            control.should_training_stop = True
+            self.saved_at = state.global_step
+        return control
+
+
+def report_full_disk(trainer: Trainer, work: Path) -> None:
+    """Make a checkpoint save that runs out of disk space raise `DiskFullError` (one line: the
+    checkpoint folder, the space it needs), after removing the partial checkpoint; the previous
+    checkpoints stay as they were (the Trainer deletes old ones only after a save succeeded)."""
+    save = trainer._save_checkpoint  # the one method every Trainer's checkpoint goes through
+
+    def save_or_report(model, trial):
+        try:
+            return save(model, trial)
+        except Exception as err:
+            target = work / f"checkpoint-{trainer.state.global_step}"
+            previous = newest_complete_checkpoint(work, other_than=target)
+            estimate = folder_bytes(previous) if previous else checkpoint_estimate(trainer.model)
+            needed = max(estimate, folder_bytes(target))
+            if not lack_of_space(err, work):
+                raise
+            if trainer.is_world_process_zero() and not is_complete(target):
+                shutil.rmtree(target, ignore_errors=True)
+            raise DiskFullError(
+                target,
+                needed,
+                "a checkpoint",
+                "free some space and rerun the same command: it resumes from "
+                + (previous.name if previous else "the start of the stage"),
+                "the size of the previous one" if previous else "weights and optimizer state",
+            ) from err
+
+    trainer._save_checkpoint = save_or_report
+
+
+def newest_complete_checkpoint(work: Path, other_than: Path) -> Path | None:
+    """The newest complete checkpoint in `work` other than `other_than`, if any (deletes
+    nothing, unlike `last_complete_checkpoint`)."""
+    complete = [
+        (int(p.name.removeprefix("checkpoint-")), p)
+        for p in work.glob("checkpoint-*")
+        if p != other_than and p.name.removeprefix("checkpoint-").isdigit() and is_complete(p)
+    ]
+    return max(complete)[1] if complete else None
+
+
+def checkpoint_estimate(model: torch.nn.Module) -> int:
+    """About the bytes of a first checkpoint: the weights, plus two AdamW moments per trainable
+    weight."""
+    return sum(
+        p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters()
+    )
+
+
+def check_started_with(
+    work: Path, started_with: dict[str, Any], resume: str | None, writer: bool
+) -> None:
+    """Keep `started_with` beside the checkpoints of a stage that starts afresh (`resume` None;
+    written by the `writer` process), or compare it with what the checkpoints were started with.
+
+    A resumed Trainer restores the optimizer's learning rate, the schedule and the data order from
+    the checkpoint, so resuming under other settings would silently mix two runs: any difference
+    (other than `RESUMABLE_CHANGES`) is a ConfigError naming the keys, which says to restore them
+    or to delete the work folder and restart the stage. Checkpoints from before this record (no
+    file) are resumed unchecked, with a warning.
+    """
+    path = work / STARTED_WITH
+    wanted = json.loads(json.dumps(started_with))  # as it reads back: lists, not tuples
+    if resume is None:
+        if writer:
+            write_json_atomic(path, wanted)
+        return
+    if not path.is_file():
+        if writer:
+            print(
+                f"mixcpt: warning: {work}: checkpoints without {STARTED_WITH} (an older mixcpt); "
+                "resuming without checking that they were started with this config",
+                file=sys.stderr,
+            )
+        return
+    found = json.loads(path.read_text(encoding="utf-8"))
+    diffs = [
+        (name, was, now)
+        for name, was, now in _differences(found, wanted)
+        if name.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES
+    ]
+    if diffs:
+        shown = "; ".join(
+            f"{name}: {_short(was)} then, {_short(now)} now" for name, was, now in diffs[:3]
+        )
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise ConfigError(
+            f"{shown}{more}: the checkpoints in {work} were started with other settings, and "
+            f"resuming would mix the two runs; restore them, or delete {work} to restart this "
+            "stage"
+        )
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes (for `started_with`: the samples an alignment stage trains on)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _differences(was: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two JSON trees."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        out = []
+        for k in list(was) + [k for k in now if k not in was]:
+            name = f"{prefix}.{k}" if prefix else str(k)
+            out += _differences(was.get(k, "<absent>"), now.get(k, "<absent>"), name)
+        return out
+    return [] if was == now else [(prefix, was, now)]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."

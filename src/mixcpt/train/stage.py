@@ -62,7 +62,26 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
         return metrics
 
     merge_lora = cpt.teacher == "lora"
-    return train_and_save(trainer, tokenizer, final, work, run, key, metrics_of, merge_lora, record)
+    started = started_with(cfg, cpt, blocks, teacher)
+    return train_and_save(
+        trainer, tokenizer, final, work, run, key, metrics_of, merge_lora, record, started
+    )
+
+
+def started_with(
+    cfg: Config, cpt: CPTConfig, blocks: PackedBlocks, teacher: Teacher | None
+) -> dict:
+    """What stage-1 checkpoints may only be resumed with (`train_and_save`): the arm's cpt
+    settings, the seed, the model settings, the packed data's fingerprint, and the teacher: the
+    cache's key (which holds a hash of the teacher's weights) for `cache`, else the base model of
+    `model`."""
+    return {
+        "cpt": cpt.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(mode="json"),
+        "data": blocks.meta,
+        "teacher": teacher.meta if isinstance(teacher, CachedTeacher) else cpt.teacher,
+    }
 
 
 def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:

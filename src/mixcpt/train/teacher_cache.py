@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mixcpt.atomic import write_json_atomic
+from mixcpt.atomic import lack_of_space, preallocate, write_json_atomic
 from mixcpt.data.packing import PackedBlocks
-from mixcpt.errors import ConfigError
+from mixcpt.errors import ConfigError, DiskFullError
 from mixcpt.models import vocab_size
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import SwappedTopK
@@ -175,6 +175,14 @@ def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> in
     }
     for name, (np_dtype, shape) in shapes.items():
         np.lib.format.open_memmap(folder / name, mode="w+", dtype=np_dtype, shape=shape).flush()
+    try:  # a full disk: ENOSPC now, not SIGBUS while filling the maps
+        for name in shapes:
+            preallocate(folder / name)
+    except OSError as err:
+        if not lack_of_space(err, folder):
+            raise
+        size = sum(np.dtype(t).itemsize * int(np.prod(shape)) for t, shape in shapes.values())
+        raise DiskFullError(folder, size, "the teacher cache") from err
     write_json_atomic(folder / "progress.json", {"blocks_done": 0})
     write_json_atomic(folder / "meta.json", key)  # last: a cache with meta.json has all its files
     return 0

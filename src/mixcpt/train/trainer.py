@@ -124,8 +124,9 @@ class LSSDTrainer(Trainer):
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.state.global_step} "
                 f"(ce_loss={result.ce.item():.4g}, lssd_loss={result.lssd.item():.4g}); "
-                f"the last checkpoint in {self.args.output_dir} is intact. "
-                f"Lower the learning rate, or set on_nonfinite: skip."
+                f"the last checkpoint in {self.args.output_dir} is intact. Set on_nonfinite: "
+                f"skip and rerun to resume from it, or lower the learning rate and delete "
+                f"{self.args.output_dir} to restart the stage."
             )
         zero = torch.zeros_like(result.ce)
         terms.update(
