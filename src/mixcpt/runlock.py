@@ -175,7 +175,9 @@ class RunLock:
             print(f"mixcpt: warning: {self.path}: unreadable lock, taken over", file=sys.stderr)
             return
         pid, host = holder.get("pid"), holder.get("host")
-        if host == me["host"] and isinstance(pid, int) and pid != me["pid"] and pid_alive(pid):
+        if host == me["host"] and pid == me["pid"]:
+            return  # this process's own leftover (an in-process caller that did not release)
+        if host == me["host"] and isinstance(pid, int) and pid_alive(pid):
             raise RunLocked(self._in_use(holder))
         if host != me["host"]:
             raise RunLocked(
