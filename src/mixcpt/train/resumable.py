@@ -96,16 +96,6 @@ def train_and_save(
     optimizer step and raises `Preempted` (`StopOnSignal`); one after training lets the final save
     finish first. A checkpoint save that runs out of space raises `DiskFullError`.
     """
-    resume = last_complete_checkpoint(work)
-    output = trainer.train(resume_from_checkpoint=resume)
-    metrics = {**metrics_of(output), "resumed_from": resume}
-    if trainer.is_world_process_zero():
-        run.update_results("stages", key, metrics)
-    extra = {} if record is None else {RECORD_FILE: record}
-    save_trained_model(trainer, tokenizer, final, merge_lora, extra)
-    if trainer.is_world_process_zero():
-        shutil.rmtree(work, ignore_errors=True)
-    return metrics
     with preempt.deferred(f"{key} finished first and was saved"):
         resume = last_complete_checkpoint(work)
         if started_with is not None:
@@ -123,7 +113,8 @@ def train_and_save(
         metrics = {**metrics_of(output), "resumed_from": resume}
         if trainer.is_world_process_zero():
             run.update_results("stages", key, metrics)
-        save_trained_model(trainer, tokenizer, final, merge_lora)
+        extra = {} if record is None else {RECORD_FILE: record}
+        save_trained_model(trainer, tokenizer, final, merge_lora, extra)
         if trainer.is_world_process_zero():
             shutil.rmtree(work, ignore_errors=True)
         return metrics
