@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mixcpt.config import config_from_dict
 from mixcpt.errors import UserError
 from mixcpt.fingerprints import RECORD_FILE, begin, difference, inputs_now, recorded
 from mixcpt.rundir import RunDir
+from mixcpt.runlock import LOCK_NAME
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NODES = [
@@ -311,3 +313,16 @@ def test_a_stage_refuses_to_read_a_stale_output(tiny_cfg, tmp_path):
     for node in ("cpt/mixcpt", "select"):  # named, however far down the stage that reads it
         with pytest.raises(UserError, match=stale):
             begin(tiny_cfg(**{"data.block_size": 64}), run, node)
+
+
+def test_status_names_the_command_running_in_the_folder(project, tmp_path, capsys):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": "mixcpt run c.yaml"}
+    (folder / LOCK_NAME).write_text(json.dumps({**holder, "since": "2026-12-01 18:00:00"}))
+    assert main(["status", str(folder), "--config", str(project)]) == 0
+    heading = capsys.readouterr().out.splitlines()[0]
+    assert f"running: pid {os.getpid()} on host {socket.gethostname()}" in heading
+    (folder / LOCK_NAME).write_text(json.dumps({**holder, "pid": 2**22 + 12345}))  # a dead pid
+    assert main(["status", str(folder), "--config", str(project)]) == 0
+    assert "running" not in capsys.readouterr().out.splitlines()[0]

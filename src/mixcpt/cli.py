@@ -98,6 +98,7 @@ def _status(args: argparse.Namespace) -> int:
     from mixcpt.config import load_config
     from mixcpt.fingerprints import status_lines
     from mixcpt.rundir import RunDir
+    from mixcpt.runlock import describe, running_holder
 
     try:
         folder = Path(args.dir)
@@ -113,7 +114,9 @@ def _status(args: argparse.Namespace) -> int:
     except UserError as err:
         print(f"mixcpt: error: {err}", file=sys.stderr)
         return 2
-    print(f"mixcpt status: {folder} (config {config})")
+    holder = running_holder(folder)
+    running = f"; running: {describe(holder)}" if holder else ""
+    print(f"mixcpt status: {folder} (config {config}){running}")
     print("\n".join(lines))
     return 0
 

@@ -76,6 +76,20 @@ def _holder_of(path: Path) -> dict | None:
         os.close(fd)
 
 
+def running_holder(root: str | Path) -> dict | None:
+    """The holder recorded in the run folder's lock while a mixcpt command may be running there:
+    its process is alive on this host, or it is on another host (whose pids cannot be checked from
+    here). None when there is no lock, or it is the leftover of a process of this host that is
+    gone."""
+    holder = _holder_of(lock_path(root))
+    if not holder:
+        return None
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and not (isinstance(pid, int) and pid_alive(pid)):
+        return None
+    return holder
+
+
 class RunLock:
     """The lock of one run folder, held from `acquire()` to `release()`."""
 
