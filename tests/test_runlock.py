@@ -87,7 +87,7 @@ def test_the_lock_names_the_command_while_it_runs_and_goes_after_an_error(
     out = tmp_path / "out"
     seen = []
 
-    def fake_stage(stage, cfg, run, arm=None):
+    def fake_stage(stage, cfg, run, arm=None, force=False):
         seen.append(json.loads((run.root / LOCK_NAME).read_text()))
         raise RuntimeError("a bug")
 
