@@ -28,6 +28,16 @@ from mixcpt.data.packing import write_packed
 BLOCK_SIZE, N_BLOCKS, STEPS = 32, 16, 4  # 4 steps of 4 blocks: one epoch, every block used
 
 
+# Two CPU processes under torchrun, as a user launches a run on two GPUs.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a launched run: one thread per process (two share the two cores), no
+    progress bars, offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
     """A config file and a run folder whose data stage is done: N_BLOCKS blocks of seeded
     tokens, the last one holding 3 tokens and then padding."""
@@ -81,15 +91,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     two_config, two_out = make_run(
         tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=2
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = launch_env()
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN,
             "-m",
             "mixcpt.cli",
             "cpt",
@@ -170,15 +175,10 @@ def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_tokenize
     )
     config = tmp_path / "c.yaml"
     config.write_text("model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = launch_env()
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN,
             "-m",
             "mixcpt.cli",
             "data",
@@ -236,9 +236,8 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(
     (tmp_path / "wrapper.py").write_text(RANK_WRAPPER)
     pids = tmp_path / "pids"
     pids.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    launch += ["2", str(tmp_path / "wrapper.py"), "cpt", str(config), "--output", str(out)]
+    env = launch_env()
+    launch = [*TORCHRUN, str(tmp_path / "wrapper.py"), "cpt", str(config), "--output", str(out)]
     proc = subprocess.Popen(
         launch + ["--arm", "mixcpt"],
         env={**env, "SLOW_S": "1", "PIDS": str(pids)},

@@ -18,7 +18,6 @@ from mixcpt.atomic import atomic_dir, write_json_atomic
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
 from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
-from mixcpt.rundir import base_model_path as base_model_path  # it lives with the run's layout
 
 if TYPE_CHECKING:  # importing the Trainer costs a second; the data stage never needs it
     from transformers import Trainer
@@ -83,7 +82,7 @@ GGUF_SOURCE = "gguf_source.json"
 def ensure_base_model(model_cfg: ModelConfig, run_base: Path) -> None:
     """Make the base model of a GGUF config (`model.gguf_file`) an HF folder at `run_base`, once.
 
-    Call before the first stage: every stage then reads `base_model_path(...)`, which prefers
+    Call before the first stage: every stage then reads `rundir.base_model_path(...)`, which prefers
     `run_base`. A no-op without `gguf_file`, and when `run_base` already holds this GGUF's
     conversion. Raises `ConfigError` when the GGUF file or its package is missing, transformers
     cannot load it, or `run_base` holds another model (a run folder belongs to one base model).

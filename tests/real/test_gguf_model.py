@@ -12,7 +12,8 @@ import torch
 from mixcpt.config import ModelConfig
 from mixcpt.errors import ConfigError
 from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
-from mixcpt.models import base_model_path, ensure_base_model, load_model, load_tokenizer
+from mixcpt.models import ensure_base_model, load_model, load_tokenizer
+from mixcpt.rundir import base_model_path
 
 
 def test_converted_folder_is_the_same_model_and_tokenizer(tiny_gguf, tiny_tokenizer, tmp_path):

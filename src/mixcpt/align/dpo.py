@@ -32,8 +32,9 @@ from mixcpt.responses import (
     share_prompt,
 )
 from mixcpt.rundir import RunDir
+from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
-from mixcpt.train.resumable import file_digest, train_and_save
+from mixcpt.train.resumable import train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "log_history": history,
         }
 
-    started = {**started_with(cfg, "dpo"), "samples": file_digest(path)}
+    started = {**started_with(cfg, "dpo"), "samples": file_hash(path)}
     return train_and_save(
         trainer, tokenizer, final, work, run, key, metrics_of, record=record, started_with=started
     )

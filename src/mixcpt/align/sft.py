@@ -20,8 +20,9 @@ from mixcpt.fingerprints import begin
 from mixcpt.models import model_from
 from mixcpt.responses import encode_chat, features, fit_to_length, pad_batch
 from mixcpt.rundir import RunDir
+from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
-from mixcpt.train.resumable import file_digest, train_and_save
+from mixcpt.train.resumable import train_and_save
 
 
 def sft_features(
@@ -73,7 +74,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "n_samples": len(train_set),
         },
         record=record,
-        started_with={**started_with(cfg, "sft"), "samples": file_digest(path)},
+        started_with={**started_with(cfg, "sft"), "samples": file_hash(path)},
     )
 
 

@@ -44,8 +44,8 @@ from mixcpt.data.readers import (
 )
 from mixcpt.data.render import render_messages, render_plain_prompt, render_plain_response
 from mixcpt.fingerprints import begin, write_record
-from mixcpt.models import base_model_path, load_tokenizer
-from mixcpt.rundir import RunDir
+from mixcpt.models import load_tokenizer
+from mixcpt.rundir import RunDir, base_model_path
 
 GROUPS = ("domain", "instructions", "preferences")
 

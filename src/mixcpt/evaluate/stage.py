@@ -25,8 +25,8 @@ from mixcpt.evaluate.scoring import (
     score_perplexity,
 )
 from mixcpt.fingerprints import begin, nodes
-from mixcpt.models import base_model_path, load_tokenizer, model_from
-from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir
+from mixcpt.models import load_tokenizer, model_from
+from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir, base_model_path
 
 # lm-eval tasks report many metrics; the first of these present is the one tables show
 LM_EVAL_MAIN = ("acc_norm", "acc", "exact_match", "pass@1", "f1")

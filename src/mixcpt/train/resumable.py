@@ -5,7 +5,6 @@ model atomically, clean up."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -255,15 +254,6 @@ def check_started_with(
             f"resuming would mix the two runs; restore them, or delete {work} to restart this "
             "stage"
         )
-
-
-def file_digest(path: Path) -> str:
-    """blake2b of a file's bytes (for `started_with`: the samples an alignment stage trains on)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _differences(was: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

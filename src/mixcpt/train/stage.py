@@ -18,9 +18,9 @@ from mixcpt.config import Config, CPTConfig, LoraSettings
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
 from mixcpt.errors import ConfigError, InputError
 from mixcpt.fingerprints import begin
-from mixcpt.models import base_model_path, load_tokenizer, model_from, vocab_size
+from mixcpt.models import load_tokenizer, model_from, vocab_size
 from mixcpt.pipeline import arm_cpt_config
-from mixcpt.rundir import RunDir
+from mixcpt.rundir import RunDir, base_model_path
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache
