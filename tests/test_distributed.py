@@ -192,6 +192,8 @@ def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_tokenize
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # one process built the data: the other knew it was not the main one (on the CPU too)
+    assert proc.stdout.count("mixcpt: data: building") == 1, proc.stdout
     assert main(["data", str(config), "--output", str(tmp_path / "one")]) == 0
     for name in ("input_ids.npy", "position_ids.npy"):
         assert (tmp_path / "two" / "data" / "mix" / name).read_bytes() == (

@@ -273,7 +273,8 @@ def begin(cfg: Config, run: RunDir, node: str, force: bool = False) -> dict | No
     rebuilt first. Training stages call it on every process of a launch, the others on the main
     process only.
     """
-    from accelerate import PartialState  # the stages have imported it already; status never does
+    # imported here: `status` reads fingerprints without loading torch
+    from mixcpt.processes import process_state
 
     verdicts = assess(cfg, run, until=node)  # node and the nodes it depends on, in build order
     # An output built from other inputs than the config's would feed this stage stale data.
@@ -285,7 +286,7 @@ def begin(cfg: Config, run: RunDir, node: str, force: bool = False) -> dict | No
             f"{first} is stale ({verdicts[first].reason}); rebuild it first: "
             f"`mixcpt {first.partition('/')[0]} CONFIG --output {run.root}`, or `mixcpt run`"
         )
-    verdict, state = verdicts[node], PartialState()
+    verdict, state = verdicts[node], process_state()
     if verdict.same_inputs and not force:
         if state.is_main_process:
             print(f"mixcpt: {node}: reused", flush=True)

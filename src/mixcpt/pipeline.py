@@ -47,14 +47,13 @@ def run_stage(
     """Run one stage (for `arm`, or every arm the stage applies to); `force` rebuilds it even when
     its output is current. Training stages run on every process of a distributed launch; the
     others on the main process only."""
-    from accelerate import PartialState
-
     from mixcpt.fingerprints import assess
     from mixcpt.malloc_tuning import keep_freed_memory
+    from mixcpt.processes import process_state
 
     # chunk-sized temporaries are reused, not faulted in afresh (see its module)
     keep_freed_memory()
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         from mixcpt.models import ensure_base_model
 

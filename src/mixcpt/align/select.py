@@ -14,14 +14,13 @@ import logging
 import math
 import random
 
-from accelerate import PartialState
-
 from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write_samples
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config, TemplateConfig
 from mixcpt.data.render import render_plain_response
 from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import load_tokenizer, model_from
+from mixcpt.processes import process_state
 from mixcpt.responses import (
     encode_chat,
     encode_plain,
@@ -149,7 +148,7 @@ def run_select(cfg: Config, run: RunDir, force: bool = False) -> dict:
     if cfg.select.score == "fas":
         ensure_chat_template(tokenizer, cfg.sft.chat_template, model_dir)
     model = model_from(cfg.model, model_dir)
-    model.to(PartialState().device)
+    model.to(process_state().device)
 
     summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}
     selected, records = {}, []

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.config import Config
@@ -26,6 +25,7 @@ from mixcpt.evaluate.scoring import (
 )
 from mixcpt.fingerprints import begin, nodes
 from mixcpt.models import load_tokenizer, model_from
+from mixcpt.processes import process_state
 from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir, base_model_path
 
 # lm-eval tasks report many metrics; the first of these present is the one tables show
@@ -39,7 +39,7 @@ def _load(
     tokenizer without a chat template borrows `sft.chat_template` (what SFT trained with)."""
     m = cfg.model
     model = model_from(m, model_path)
-    model.to(PartialState().device).eval()
+    model.to(process_state().device).eval()
     tokenizer = load_tokenizer(tokenizer_path, m.trust_remote_code)
     if tokenizer.chat_template is None and cfg.sft.chat_template:
         tokenizer.chat_template = cfg.sft.chat_template

@@ -8,6 +8,7 @@ import torch
 from transformers import TrainingArguments
 
 from mixcpt.config import TrainingConfig
+from mixcpt.processes import on_cpu_only
 
 
 def training_arguments(
@@ -50,8 +51,8 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         # On a machine with no accelerator, accelerate joins a torchrun/accelerate launch only when
         # told the run is on the CPU; without this each process would silently train alone (gloo
-        # DDP).
-        use_cpu=not torch.accelerator.is_available(),
+        # DDP). The same rule as the stages' shared state (mixcpt.processes).
+        use_cpu=on_cpu_only(),
         disable_tqdm=False,
     )
     kwargs.update(overrides)

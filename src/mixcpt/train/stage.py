@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -20,6 +19,7 @@ from mixcpt.errors import ConfigError, InputError
 from mixcpt.fingerprints import begin
 from mixcpt.models import load_tokenizer, model_from, vocab_size
 from mixcpt.pipeline import arm_cpt_config
+from mixcpt.processes import process_state
 from mixcpt.rundir import RunDir, base_model_path
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save
@@ -130,7 +130,7 @@ def load_teacher(
     """The teacher `cpt.teacher` names, for the student `model` before any training step. Under
     a launcher the main process goes first, so that it alone builds the `cache` teacher's files
     and the others read them."""
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():
         model.to(state.device)
         if cpt.teacher == "online":
