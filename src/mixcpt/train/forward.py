@@ -30,16 +30,23 @@ class LossForward:
     `model` is what the forward goes through (for the student, the DDP-wrapped module, so gradients
     sync); `unwrapped` is the bare model. The hidden path is taken when its output layer is a
     bias-free `nn.Linear` with no softcap, and is checked on the first batch: the model's own logits
-    at the last position must be that layer applied to `hidden_states[-1]` (a scale after the
-    output layer, or a model ignoring `logits_to_keep`, fails it). Otherwise, or with
+    at the last position must be that layer applied to the captured hidden states (a scale after
+    the output layer, or a model ignoring `logits_to_keep`, fails it). Otherwise, or with
     `hidden=False` (FSDP/DeepSpeed shard the weight outside forward), logits are used.
+
+    The final hidden states are taken from the decoder's output by a forward hook, not with
+    `output_hidden_states=True`: that keeps every layer's output alive until the forward returns,
+    which for a no-grad teacher is pure waste (8 x 4096 tokens through an 8B model: about 8.9 GB
+    against 0.27 GB for the last layer).
     """
 
     def __init__(self, unwrapped: torch.nn.Module, hidden: bool = True):
         head = unwrapped.get_output_embeddings()
         plain = type(head) is torch.nn.Linear and head.bias is None
         softcap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
-        self.head = head if hidden and plain and not softcap else None
+        decoder = _decoder(unwrapped)
+        self.head = head if hidden and plain and not softcap and decoder is not None else None
+        self.decoder = decoder
         self.checked = False
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
@@ -47,8 +54,13 @@ class LossForward:
         with the weight [V, H], or logits [B, T, V] with None."""
         batch = packed_forward_inputs(inputs)
         if self.head is not None:
-            outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
-            hidden = outputs.hidden_states[-1]  # [B, T, H] the output layer's input
+            captured = []
+            hook = self.decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+            try:
+                outputs = model(**batch, logits_to_keep=1)
+            finally:
+                hook.remove()
+            hidden = captured[-1]  # [B, T, H] the decoder's output, the output layer's input
             if self.checked or self._exact(hidden, outputs.logits):
                 self.checked = True
                 return hidden, self.head.weight, outputs
@@ -64,3 +76,15 @@ class LossForward:
         return mine.shape == logits.shape and torch.allclose(
             mine, logits, rtol=1e-2, atol=1e-2 * logits.abs().max().item()
         )
+
+
+def _decoder(unwrapped: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose output (first item: `last_hidden_state`) feeds the output layer: the
+    decoder stack of a causal LM (also through a PEFT wrapper), or None when the model names none
+    (transformers' `get_decoder` then returns the model itself)."""
+    try:
+        decoder = unwrapped.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    model = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
