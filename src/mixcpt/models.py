@@ -68,11 +68,18 @@ def load_model(
         raise
 
 
-def model_from(settings: ModelConfig, path: str | Path) -> PreTrainedModel:
-    """`load_model` of `path` with the run's `model:` settings (dtype, remote code, attention)."""
-    return load_model(
-        path, settings.dtype, settings.trust_remote_code, settings.attn_implementation
-    )
+def model_from(settings: ModelConfig, path: str | Path, trained: bool = False) -> PreTrainedModel:
+    """`load_model` of `path` with the run's `model:` settings (remote code, attention), in
+    `model.dtype`, or in float32 when the model is `trained`.
+
+    A trained model's weights are the optimizer's float32 masters whatever `model.dtype` says:
+    bf16 keeps 8 significant bits, so AdamW steps of lr 1e-5 would mostly round to nothing. The
+    Trainer computes in `model.dtype` under autocast (`training_arguments`), and the saved folder
+    is cast back (`save_trained_model`). Frozen models (selection, evaluation, the DPO reference,
+    a LoRA base) are stored in `model.dtype`.
+    """
+    dtype = "float32" if trained else settings.dtype
+    return load_model(path, dtype, settings.trust_remote_code, settings.attn_implementation)
 
 
 # In a base folder converted from GGUF: which file, so that a changed config is caught.
@@ -122,28 +129,51 @@ def save_trained_model(
     trainer: Trainer,
     tokenizer: PreTrainedTokenizerBase,
     final,
+    dtype: str = "float32",
     merge_lora: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the trained model (safetensors), tokenizer and the `extra` JSON files (name ->
-    object) to `final` atomically. Call on EVERY process.
+    """Write the trained model (safetensors, weights in `dtype`: the run's `model.dtype`),
+    tokenizer and the `extra` JSON files (name -> object) to `final` atomically. Call on EVERY
+    process.
 
     The weights are gathered into one full state dict first (a collective under FSDP and ZeRO-3,
     where each process holds a shard; a plain `state_dict()` otherwise), then the main process
-    writes them. `merge_lora` folds PEFT adapters into the weights (DDP/ZeRO-2 only: there each
-    process holds the whole model).
+    casts them to `dtype` and writes them; config.json records `dtype`. `merge_lora` folds PEFT
+    adapters into the weights (DDP/ZeRO-2 only: there each process holds the whole model).
     """
     state_dict = None if merge_lora else trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(trainer.model)
         if merge_lora:
-            trained = trained.merge_and_unload()  # a plain model folder, loadable without PEFT
+            # In float32: the adapters' product is added to the base weights exactly, and the sum
+            # is rounded to `dtype` once, below. A plain model folder, loadable without PEFT.
+            trained = trained.float().merge_and_unload()
+        state_dict = in_dtype(state_dict or trained.state_dict(), DTYPES[dtype])
         trained.config.use_cache = True  # for whoever generates with the saved model
-        tensors = (state_dict or trained.state_dict()).values()
-        size = sum(t.numel() * t.element_size() for t in tensors)  # for a full disk's message
+        size = sum(t.numel() * t.element_size() for t in state_dict.values())  # for a full disk
         with atomic_dir(final, size) as tmp:
             trained.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            # save_pretrained records the dtype of the model's parameters (float32 masters)
+            trained.config.dtype = dtype
+            trained.config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             for name, obj in (extra or {}).items():
                 write_json_atomic(tmp / name, obj)
     trainer.accelerator.wait_for_everyone()
+
+
+def in_dtype(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state_dict` on the CPU with its floating-point tensors in `dtype`. Tensors that share
+    memory (tied embeddings) still do, so that save_pretrained writes them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def one(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in cast:
+            cast[key] = tensor.to("cpu", dtype)
+        return cast[key]
+
+    return {name: one(tensor) for name, tensor in state_dict.items()}

@@ -4,12 +4,14 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
+from mixcpt.align import dpo as dpo_stage
 from mixcpt.align.dpo import pair_collate, pair_features, run_dpo
 from mixcpt.losses import dpo_loss
 from mixcpt.models import load_model, load_tokenizer
 from mixcpt.responses import score_responses
+from mixcpt.train import resumable
 
 
 def test_dpo_loss_matches_the_closed_form():
@@ -102,3 +104,52 @@ def test_precomputed_and_frozen_reference_train_the_same(make_cfg, sft_run, pool
     assert first_losses[0] == pytest.approx(
         0.6931, abs=1e-3
     )  # policy == reference at step 1: -log sigmoid(0)
+
+
+class StepSpy(TrainerCallback):
+    """The weights and gradients of the first optimizer step: before it, and the weights after."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def one_bf16_dpo_step(make_cfg, run, monkeypatch) -> tuple[StepSpy, dict]:
+    """One DPO step (2 pairs) at lr 5e-7 of the baseline arm with `model.dtype: bfloat16`,
+    precomputed reference: what `StepSpy` saw, and the stage's metrics."""
+    spy = StepSpy()
+
+    def train_and_save(trainer, *args, **kwargs):
+        trainer.add_callback(spy)
+        return resumable.train_and_save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(dpo_stage, "train_and_save", train_and_save)
+    training = {"max_steps": 1, "learning_rate": 5e-7, "per_device_batch_size": 2}
+    cfg = make_cfg(model={"dtype": "bfloat16"}, dpo={"training": training})
+    return spy, run_dpo(cfg, run, "baseline")
+
+
+def test_a_bf16_dpo_step_at_lr_5e_7_moves_every_weight_with_a_gradient(
+    make_cfg, sft_run, monkeypatch
+):
+    """AdamW's first step moves each weight by about lr = 5e-7 (where |grad| >> its eps, 1e-8):
+    below half a bf16 unit for any |w| above 2e-4, so bf16 weights would keep almost all of it;
+    the float32 masters take all of it."""
+    spy, _ = one_bf16_dpo_step(make_cfg, sft_run, monkeypatch)
+    for name, grad in spy.grads.items():
+        assert spy.after[name].dtype == torch.float32
+        moved, pushed = spy.after[name] != spy.before[name], grad.abs() > 1e-6
+        assert pushed.any() and moved[pushed].all(), name
+
+
+def test_bf16_dpo_starts_with_zero_rewards(make_cfg, sft_run, monkeypatch):
+    """The precomputed reference log-probs are computed under the policy's autocast, so at step 0,
+    where the policy is the reference, every reward is 0 (scored without it, in pure bf16: 9e-5).
+    Larger batches pad the two passes to other widths, which leaves float32 rounding (2e-6)."""
+    _, metrics = one_bf16_dpo_step(make_cfg, sft_run, monkeypatch)
+    (first,) = [e for e in metrics["log_history"] if "rewards/margins" in e]
+    for reward in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[reward]) < 1e-6

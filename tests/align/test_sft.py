@@ -2,12 +2,15 @@ import json
 import logging
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from mixcpt.align.sft import run_sft, sft_features
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
+from mixcpt.models import load_model
 from mixcpt.responses import pad_batch
+from mixcpt.train import resumable
 
 
 def test_sft_labels_mask_exactly_the_prompt(tiny_tokenizer, pool_rows):
@@ -120,3 +123,32 @@ def test_rerun_resumes_from_the_last_checkpoint(cfg, run, monkeypatch):
     ]
     assert metrics["steps"] == cfg.sft.training.max_steps
     assert run.stage("baseline", "sft").is_dir() and not run.work("baseline", "sft").exists()
+
+
+def trained_update(make_cfg, run, monkeypatch, dtype: str) -> torch.Tensor:
+    """w_end - w_start (every weight, flattened, float32) of 20 SFT steps at lr 1e-5 from the
+    baseline arm's cpt model, taken from the trained model itself before it is saved."""
+    ended = []
+    save = resumable.save_trained_model
+
+    def spy(trainer, *args, **kwargs):
+        ended.append(torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()]))
+        return save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(resumable, "save_trained_model", spy)
+    training = {"max_steps": 20, "learning_rate": 1e-5, "save_steps": 100}
+    cfg = make_cfg(model={"dtype": dtype}, sft={"training": training})
+    run_sft(cfg, run, "baseline", force=True)
+    start = load_model(run.stage("baseline", "cpt"))
+    return ended[0] - torch.cat([p.detach().flatten() for p in start.parameters()])
+
+
+def test_bf16_sft_updates_the_weights_as_much_as_float32(make_cfg, run, monkeypatch):
+    """bf16 keeps 8 significant bits: trained as bf16 weights, most steps of lr 1e-5 round to
+    nothing. Float32 masters under bf16 autocast move as far as a float32 run."""
+    start = run.stage("baseline", "cpt")
+    # a bf16 checkpoint, so that both runs start from exactly the same weights
+    load_model(start, "bfloat16").save_pretrained(start)
+    float32 = trained_update(make_cfg, run, monkeypatch, "float32").norm().item()
+    bfloat16 = trained_update(make_cfg, run, monkeypatch, "bfloat16").norm().item()
+    assert bfloat16 == pytest.approx(float32, rel=0.1)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mixcpt.errors import ConfigError
-from mixcpt.train import stage
+from mixcpt.train import resumable, stage
 from mixcpt.train.stage import run_cpt
 from mixcpt.train.trainer import LSSDTrainer
 
@@ -96,6 +96,33 @@ def test_lora_teacher_trains_adapters_and_saves_merged_plain_weights(cpt_run):
     trained, base = weights(run.stage("mixcpt", "cpt")), weights(run.base)
     assert trained.keys() == base.keys()  # merged: no lora_A/lora_B tensors left
     assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("teacher", ["online", "lora"])
+def test_a_bf16_run_trains_float32_weights_and_saves_bf16(cpt_run, monkeypatch, teacher):
+    """`model.dtype: bfloat16` is the storage of the frozen weights (the online teacher, a LoRA
+    base) and of the saved folder; what trains is float32."""
+    make_config, run = cpt_run
+    lora = {"lora": {"r": 4, "alpha": 8}} if teacher == "lora" else {}
+    cfg = make_config(teacher=teacher, training={"max_steps": 2}, **lora)
+    cfg.model.dtype = "bfloat16"
+    dtypes, save = {}, resumable.save_trained_model
+
+    def spy(trainer, *args):  # the trained model's dtypes, before a LoRA merge
+        params = list(trainer.model.parameters())
+        frozen = trainer.teacher.model.parameters() if teacher == "online" else params
+        dtypes["trained"] = {p.dtype for p in params if p.requires_grad}
+        dtypes["frozen"] = {p.dtype for p in frozen if not p.requires_grad}
+        return save(trainer, *args)
+
+    monkeypatch.setattr(resumable, "save_trained_model", spy)
+    run_cpt(cfg, run, "mixcpt")
+
+    assert dtypes == {"trained": {torch.float32}, "frozen": {torch.bfloat16}}
+    trained = AutoModelForCausalLM.from_pretrained(run.stage("mixcpt", "cpt"))
+    assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
+    base = weights(run.base)
+    assert any(not torch.equal(t.float(), base[k]) for k, t in trained.state_dict().items())
 
 
 def test_cache_teacher_builds_its_cache_in_the_run_folder(cpt_run):

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
 from mixcpt.losses import next_token_labels
+from mixcpt.models import load_model
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache, top_k_logprobs
@@ -207,6 +208,20 @@ def test_online_teacher_is_a_frozen_independent_copy(teacher_model):
     with torch.no_grad():
         teacher_model.lm_head.weight.add_(1.0)  # the student trains; the teacher must not move
     assert not torch.equal(teacher.model.lm_head.weight, teacher_model.lm_head.weight)
+
+
+def test_online_teacher_of_a_float32_student_is_stored_in_model_dtype(
+    blocks, teacher_model, tmp_path
+):
+    teacher = OnlineTeacher(teacher_model, V, torch.bfloat16)
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in teacher_model.parameters()} == {torch.float32}  # the student
+    teacher_model.save_pretrained(tmp_path / "base")
+    as_loaded = load_model(tmp_path / "base", "bfloat16")  # what the base loaded in bf16 gives
+    batch = batch_of(blocks, [0, 1])
+    with torch.no_grad():
+        logits = as_loaded(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert torch.equal(target_logits(teacher.target(batch)), logits)
 
 
 def test_lora_teacher_is_the_base_model_without_a_second_copy(blocks, teacher_model):

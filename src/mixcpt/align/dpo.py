@@ -3,8 +3,9 @@
 `DPOTrainer` is a thin `transformers.Trainer` subclass whose `compute_loss` calls
 `mixcpt.losses.dpo_loss`, so the §4 function is exactly what trains. Reference log-probs are
 either precomputed once before training (`dpo.precompute_ref`: the policy starts as the
-reference, so the same model scores them and no second copy is ever held) or taken from a
-frozen reference copy at every step.
+reference, so the same model scores them, under the autocast its training forward runs in, and no
+second copy is ever held) or taken from a frozen reference copy (stored in `model.dtype`) at every
+step.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def pair_collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 def precompute_reference(
     model: PreTrainedModel, pairs: list[dict], batch_size: int, pad_token_id: int
 ) -> None:
-    """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`) to each
-    pair. Under DDP every process scores all pairs: the result is the same everywhere and needs no
-    gather."""
+    """Add ref_chosen_logps / ref_rejected_logps (summed response log-probs under `model`, in the
+    caller's autocast) to each pair. Under DDP every process scores all pairs: the result is the
+    same everywhere and needs no gather."""
     sums, _ = score_responses(
         model,
         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
@@ -149,19 +150,12 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "sft", "preference")
     train_set = pair_features(rows, tokenizer, cfg.dpo.max_length, str(path))
 
-    load = partial(model_from, cfg.model, start)
-    model, ref_model = load(), None
+    model, ref_model = model_from(cfg.model, start, trained=True), None
+    if not cfg.dpo.precompute_ref:  # a frozen copy, stored in model.dtype
+        ref_model = model_from(cfg.model, start).eval().requires_grad_(False)
     args = training_arguments(
         cfg.dpo.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
     )
-    if cfg.dpo.precompute_ref:
-        model.to(args.device)
-        precompute_reference(
-            model, train_set, args.per_device_train_batch_size, tokenizer.pad_token_id
-        )
-        model.train()
-    else:
-        ref_model = load().eval().requires_grad_(False)
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -170,6 +164,14 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
         ref_model=ref_model,
         data_collator=partial(pair_collate, pad_token_id=tokenizer.pad_token_id),
     )
+    if cfg.dpo.precompute_ref:
+        model.to(args.device)
+        # under the autocast the policy's forward runs in: policy == reference at step 0
+        with trainer.accelerator.autocast():
+            precompute_reference(
+                model, train_set, args.per_device_train_batch_size, tokenizer.pad_token_id
+            )
+        model.train()
 
     def metrics_of(output) -> dict:
         history = trainer.state.log_history
@@ -189,7 +191,16 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
 
     started = {**started_with(cfg, "dpo"), "samples": file_hash(path)}
     return train_and_save(
-        trainer, tokenizer, final, work, run, key, metrics_of, record=record, started_with=started
+        trainer,
+        tokenizer,
+        final,
+        work,
+        run,
+        key,
+        metrics_of,
+        record=record,
+        started_with=started,
+        dtype=cfg.model.dtype,
     )
 
 

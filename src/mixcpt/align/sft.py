@@ -49,7 +49,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "cpt", "instruction")
     train_set = sft_features(rows, tokenizer, cfg.sft.max_length, str(path))
 
-    model = model_from(cfg.model, start)
+    model = model_from(cfg.model, start, trained=True)
     args = training_arguments(
         cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
     )
@@ -75,6 +75,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
         },
         record=record,
         started_with={**started_with(cfg, "sft"), "samples": file_hash(path)},
+        dtype=cfg.model.dtype,
     )
 
 

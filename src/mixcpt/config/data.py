@@ -30,9 +30,11 @@ class ModelConfig(Strict):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
-        description="dtype the model is loaded in for every stage (training, selection, "
-        "evaluation, GGUF conversion); bfloat16/float16 also set TrainingArguments bf16/fp16. "
-        "float32 on CPUs, bfloat16 on GPUs that support it.",
+        description="Storage dtype of frozen models (the online teacher, the DPO reference, a "
+        "LoRA base, selection, evaluation, GGUF conversion) and of every saved model folder. "
+        "Trained weights are always float32 masters: bfloat16/float16 set TrainingArguments "
+        "bf16/fp16, which compute under autocast. float32 on CPUs, bfloat16 on GPUs that "
+        "support it.",
     )
     trust_remote_code: bool = Field(
         False,

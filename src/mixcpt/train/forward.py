@@ -70,7 +70,9 @@ class LossForward:
 
     def _exact(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
         with torch.no_grad():
-            mine = self.head(hidden[:, -1:]).float()  # [B, 1, V]
+            # the hidden states of an autocast forward come out float32, while a frozen head
+            # (a LoRA base) is stored in model.dtype
+            mine = self.head(hidden[:, -1:].to(self.head.weight.dtype)).float()  # [B, 1, V]
         logits = logits.float()
         # loose enough for bf16 autocast, tight enough for any real scale of the logits
         return mine.shape == logits.shape and torch.allclose(

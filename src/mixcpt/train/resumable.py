@@ -79,12 +79,13 @@ def train_and_save(
     merge_lora: bool = False,
     record: dict | None = None,
     started_with: dict[str, Any] | None = None,
+    dtype: str = "float32",
 ) -> dict:
     """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
     record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key`, write the
-    model and tokenizer to `final` atomically (LoRA adapters merged with `merge_lora`, the
-    fingerprint `record` beside them), then delete the checkpoints. Call on every process;
-    returns the metrics.
+    model (weights in `dtype`, the run's `model.dtype`) and tokenizer to `final` atomically (LoRA
+    adapters merged with `merge_lora`, the fingerprint `record` beside them), then delete the
+    checkpoints. Call on every process; returns the metrics.
 
     Metrics are recorded before the folder appears: a process killed in between leaves no folder,
     so the stage reruns (from its last checkpoint), and a finished stage always has its metrics.
@@ -113,7 +114,7 @@ def train_and_save(
         if trainer.is_world_process_zero():
             run.update_results("stages", key, metrics)
         extra = {} if record is None else {RECORD_FILE: record}
-        save_trained_model(trainer, tokenizer, final, merge_lora, extra)
+        save_trained_model(trainer, tokenizer, final, dtype, merge_lora, extra)
         if trainer.is_world_process_zero():
             shutil.rmtree(work, ignore_errors=True)
         return metrics

@@ -17,7 +17,7 @@ from mixcpt.config import Config, CPTConfig, LoraSettings
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
 from mixcpt.errors import ConfigError, InputError
 from mixcpt.fingerprints import begin
-from mixcpt.models import load_tokenizer, model_from, vocab_size
+from mixcpt.models import DTYPES, load_tokenizer, model_from, vocab_size
 from mixcpt.pipeline import arm_cpt_config
 from mixcpt.processes import process_state
 from mixcpt.rundir import RunDir, base_model_path
@@ -43,7 +43,9 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     cpt = arm_cpt_config(cfg, arm)
     blocks = training_blocks(run, arm)
     model, tokenizer = load_student(cfg, run, cpt)
-    teacher = load_teacher(cpt, model, blocks, run) if cpt.lssd_weight > 0 else None
+    teacher = (
+        load_teacher(cpt, model, blocks, run, cfg.model.dtype) if cpt.lssd_weight > 0 else None
+    )
     trainer = cpt_trainer(cfg, cpt, model, tokenizer, blocks, teacher, work)
 
     def metrics_of(output) -> dict:
@@ -64,7 +66,17 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     merge_lora = cpt.teacher == "lora"
     started = started_with(cfg, cpt, blocks, teacher)
     return train_and_save(
-        trainer, tokenizer, final, work, run, key, metrics_of, merge_lora, record, started
+        trainer,
+        tokenizer,
+        final,
+        work,
+        run,
+        key,
+        metrics_of,
+        merge_lora,
+        record,
+        started,
+        dtype=cfg.model.dtype,
     )
 
 
@@ -95,12 +107,13 @@ def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:
 def load_student(
     cfg: Config, run: RunDir, cpt: CPTConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model to train (wrapped with LoRA adapters for `teacher: lora`) and its
-    tokenizer, checked to fit the model's embedding table."""
+    """The base model to train and its tokenizer, checked to fit the model's embedding table.
+    The model is in float32 (`model_from`), or for `teacher: lora` stays frozen in `model.dtype`
+    and is wrapped with LoRA adapters, which PEFT keeps in float32."""
     base = base_model_path(cfg.model, run.base)
     tokenizer = load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
     m = cfg.model
-    model = model_from(m, base)
+    model = model_from(m, base, trained=cpt.teacher != "lora")
     model.config.use_cache = False
     if len(tokenizer) > vocab_size(model):  # ids past the embedding table crash mid-training
         raise ConfigError(
@@ -125,16 +138,16 @@ def with_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
 
 
 def load_teacher(
-    cpt: CPTConfig, model: torch.nn.Module, blocks: PackedBlocks, run: RunDir
+    cpt: CPTConfig, model: torch.nn.Module, blocks: PackedBlocks, run: RunDir, dtype: str
 ) -> Teacher:
-    """The teacher `cpt.teacher` names, for the student `model` before any training step. Under
-    a launcher the main process goes first, so that it alone builds the `cache` teacher's files
-    and the others read them."""
+    """The teacher `cpt.teacher` names, for the student `model` before any training step; the
+    `online` copy is stored in `dtype` (`model.dtype`). Under a launcher the main process goes
+    first, so that it alone builds the `cache` teacher's files and the others read them."""
     state = process_state()
     with state.main_process_first():
         model.to(state.device)
         if cpt.teacher == "online":
-            return OnlineTeacher(model, vocab_size(model))
+            return OnlineTeacher(model, vocab_size(model), DTYPES[dtype])
         if cpt.teacher == "lora":
             return LoraTeacher(model)
         return build_teacher_cache(

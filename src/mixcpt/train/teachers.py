@@ -31,18 +31,23 @@ class Teacher:
 
 
 class OnlineTeacher(Teacher):
-    """A frozen deep copy of `teacher_model` (eval mode, no grad), moved to the student's device on
-    first use. It is not part of the trained model, so DDP/FSDP never wrap it. Its logits are made
-    a chunk at a time inside the loss, in its own dtype (from its hidden states, see
-    `LossForward`)."""
+    """A frozen deep copy of `teacher_model` (eval mode, no grad), its parameters in `dtype`
+    (default: theirs), moved to the student's device on first use. It is not part of the trained
+    model, so DDP/FSDP never wrap it. Its logits are made a chunk at a time inside the loss, in its
+    own dtype (from its hidden states, see `LossForward`)."""
 
-    def __init__(self, teacher_model: torch.nn.Module, student_vocab_size: int):
+    def __init__(
+        self,
+        teacher_model: torch.nn.Module,
+        student_vocab_size: int,
+        dtype: torch.dtype | None = None,
+    ):
         if vocab_size(teacher_model) != student_vocab_size:
             raise ConfigError(
                 f"cpt.teacher: the teacher's vocabulary has {vocab_size(teacher_model)} tokens, "
                 f"the student's {student_vocab_size}; LSSD needs the same vocabulary"
             )
-        self.model = copy.deepcopy(teacher_model).eval().requires_grad_(False)
+        self.model = frozen_copy(teacher_model, dtype)
         self.forward = LossForward(self.model)
 
     def target(self, inputs):
@@ -75,3 +80,15 @@ class LoraTeacher(Teacher):
             finally:
                 tuner.enable_adapter_layers()
         return SwappedTeacher(rows, weight)
+
+
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A deep copy of `model` in eval mode, its parameters frozen and cast to `dtype` (None: kept
+    as they are). Each parameter is cast as it is copied, so a float32 student never has a whole
+    float32 twin on its device, even for a moment; buffers (rotary frequencies) are copied as they
+    are, as from_pretrained leaves them."""
+    copies = {
+        id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+        for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo=copies).eval()
