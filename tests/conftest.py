@@ -42,7 +42,7 @@ def make_tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,  # every max_length's default fits (mixcpt.checks)
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,

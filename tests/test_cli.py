@@ -5,13 +5,12 @@ import sys
 from mixcpt.cli import main
 
 
-def test_data_stage_from_the_command_line(tmp_path, tiny_tokenizer):
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+def test_data_stage_from_the_command_line(tmp_path, tiny_model_dir):
     (tmp_path / "d.jsonl").write_text(
         "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20))
     )
     (tmp_path / "c.yaml").write_text(
-        "model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 16}\n"
+        "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 16}\n"
     )
     assert main(["data", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "data" / "mix" / "input_ids.npy").exists()

@@ -183,12 +183,11 @@ def run_cli(argv) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_data_stage_on_a_full_disk_stops_with_one_line(disk, tmp_path, tiny_tokenizer):
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+def test_the_data_stage_on_a_full_disk_stops_with_one_line(disk, tmp_path, tiny_model_dir):
     rows = [{"text": f"The planet P{i} orbits the star S{i % 7}."} for i in range(3000)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "c.yaml").write_text(
-        "model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n"
+        "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n"
     )
     out = disk / "run"
     out.mkdir()

@@ -166,15 +166,16 @@ def test_launcher_configs_parse_and_the_zero3_save_gathers_full_weights():
     )
 
 
-def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_tokenizer):
+def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_model_dir):
     """`mixcpt data` under torchrun: the main process builds the data, the other waits, and the
     result is the one a plain run builds (no second writer racing for the same folder)."""
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
     (tmp_path / "d.jsonl").write_text(
         "".join(json.dumps({"text": f"planet {i} orbits star {i % 5}"}) + "\n" for i in range(200))
     )
     config = tmp_path / "c.yaml"
-    config.write_text("model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n")
+    config.write_text(
+        "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n"
+    )
     env = launch_env()
     proc = subprocess.run(
         [

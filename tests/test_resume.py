@@ -321,8 +321,7 @@ def test_sigusr1_saves_too_and_a_rerun_under_other_settings_rebuilds_instead_of_
 
 
 @pytest.fixture
-def data_setup(tmp_path, tiny_tokenizer):
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+def data_setup(tmp_path, tiny_model_dir):
     rows = [
         {"text": f"The planet P{i} orbits the star S{i % 7} and has {i % 5} moons."}
         for i in range(300)
@@ -331,7 +330,7 @@ def data_setup(tmp_path, tiny_tokenizer):
     rows = [{"instruction": f"What is {i} plus 1?", "output": str(i + 1)} for i in range(60)]
     (tmp_path / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
-        "model": {"path": "./tok"},
+        "model": {"path": "./tiny-llama"},
         "data": {
             "block_size": 32,
             "tokenize_batch_size": 16,

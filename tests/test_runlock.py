@@ -29,14 +29,13 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREAD
 
 
 @pytest.fixture
-def data_argv(tmp_path, tiny_tokenizer):
+def data_argv(tmp_path, tiny_model_dir):
     """`mixcpt data` on a tiny config, for a run folder `out`."""
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
     (tmp_path / "d.jsonl").write_text(
         "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20))
     )
     (tmp_path / "c.yaml").write_text(
-        "model: {path: ./tok}\ndata: {domain: [{path: d.jsonl}], block_size: 16}\n"
+        "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 16}\n"
     )
     return ["data", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out")]
 
@@ -87,7 +86,7 @@ def test_the_lock_names_the_command_while_it_runs_and_goes_after_an_error(
     out = tmp_path / "out"
     seen = []
 
-    def fake_stage(stage, cfg, run, arm=None, force=False):
+    def fake_stage(stage, cfg, run, arm=None, force=False, check=True):
         seen.append(json.loads((run.root / LOCK_NAME).read_text()))
         raise RuntimeError("a bug")
 
@@ -98,7 +97,7 @@ def test_the_lock_names_the_command_while_it_runs_and_goes_after_an_error(
     assert seen[0]["command"] == f"mixcpt data {data_argv[1]} --output {out}"
     assert not (out / LOCK_NAME).exists()  # released after an error
 
-    (tmp_path / "bad.yaml").write_text("model: {path: ./tok}\n")
+    (tmp_path / "bad.yaml").write_text("model: {path: ./tiny-llama}\n")
     assert main(["data", str(tmp_path / "bad.yaml"), "--output", str(out)]) == 2
     assert "data: Field required" in capsys.readouterr().err
     assert not (out / LOCK_NAME).exists()  # released after a user error
@@ -109,7 +108,7 @@ def test_processes_of_one_distributed_command_take_one_lock(tmp_path, data_argv,
     it); tests/test_distributed.py runs two real processes."""
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setattr(mixcpt.pipeline, "run_stage", lambda *args: None)
+    monkeypatch.setattr(mixcpt.pipeline, "run_stage", lambda *args, **kwargs: None)
     with RunLock(out, "mixcpt cpt c.yaml --output out (rank 0)"):
         monkeypatch.setenv("RANK", "1")
         assert main(data_argv) == 0  # rank 1 of the same command does not contend

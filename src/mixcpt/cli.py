@@ -4,6 +4,7 @@
     mixcpt run CONFIG --output DIR              every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
     mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
+    mixcpt check CONFIG                         what can be known without training (mixcpt.checks)
 
 Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key; also a run
 folder in use by another mixcpt command), 1 anything else (a non-finite training loss and a full
@@ -22,6 +23,10 @@ leaves them as the user set them. Telemetry is always off.
 with everything after them, one line per stage and arm saying which and why (mixcpt.fingerprints);
 `run --force STAGE` and `STAGE --force` rebuild that stage even when it is current. `status` runs
 nothing: it compares the run folder with DIR/config.yaml (the demo writes it) or `--config`.
+
+`run` and the stage commands run the checks of `check` before they make or lock the run folder, so
+a config that fails one stops with exit 2 and leaves nothing behind; `check` runs them alone, one
+line per check, and exits 0 or 2.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ for _var, _val in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM",
     os.environ.setdefault(_var, _val)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
+from mixcpt.config import Config  # noqa: E402
 from mixcpt.errors import DiskFullError, UserError  # noqa: E402
 from mixcpt.pipeline import STAGES  # noqa: E402
 from mixcpt.preempt import EXIT_CODE, Preempted, deferred, stop_signals  # noqa: E402
+from mixcpt.rundir import RunDir  # noqa: E402
 from mixcpt.runlock import RunLock, is_rank_zero  # noqa: E402
 
 # The commands that write a run folder, and so hold its lock.
@@ -47,11 +54,23 @@ WRITERS = ("demo", "run", *STAGES)
 
 
 def _output_dir(path: str) -> Path:
+    """The run folder named by --output (not created here); a file there is a UserError."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --output must be a folder, but a file is there")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _config(args: argparse.Namespace) -> Config | None:
+    """The command's run config (None for the demo, which writes its own). Read before the Hugging
+    Face stack is imported: whether to go offline depends on it (see the module docstring)."""
+    from mixcpt.config import hub_references, load_config
+
+    cfg = load_config(args.config) if args.command != "demo" else None
+    if cfg is None or not hub_references(cfg):
+        for var, value in OFFLINE.items():
+            os.environ.setdefault(var, value)
+    return cfg
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +108,28 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="say which stages are done, stale or missing")
     status.add_argument("dir", help="run folder")
     status.add_argument("--config", help="the run's config (default: DIR/config.yaml)")
+    check = sub.add_parser(
+        "check", help="check a config without training: model, tokenizer, chat template, ..."
+    )
+    check.add_argument("config", help="YAML run config")
     return p
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`mixcpt check`: one line per check, as it is done; exit 2 when any fails. Writes nothing."""
+    try:
+        cfg = _config(args)
+    except UserError as err:
+        print(f"mixcpt: error: {err}", file=sys.stderr)
+        return 2
+    from mixcpt.checks import run_checks
+
+    print(f"ok    config: {args.config}", flush=True)
+    failed = 0
+    for name, passed, line in run_checks(cfg):
+        failed += not passed
+        print(f"{'ok' if passed else 'FAIL':<5} {name}: {line}", flush=True)
+    return 2 if failed else 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -97,7 +137,6 @@ def _status(args: argparse.Namespace) -> int:
     file hashes)."""
     from mixcpt.config import load_config
     from mixcpt.fingerprints import status_lines
-    from mixcpt.rundir import RunDir
     from mixcpt.runlock import describe, running_holder
 
     try:
@@ -125,17 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":  # reads only: no output folder, no lock, nothing to import
         return _status(args)
+    if args.command == "check":
+        return _check(args)
     command = shlex.join(["mixcpt", *(sys.argv[1:] if argv is None else argv)])
     lock = None
     try:
         with stop_signals():
             try:
                 out = _output_dir(args.output)
+                cfg = _config(args)
+                if cfg is not None:  # the demo's inputs are not written yet: it checks later
+                    from mixcpt.checks import check_config
+
+                    check_config(cfg, RunDir(out).base)  # before the folder is made or locked
+                out.mkdir(parents=True, exist_ok=True)
                 # one lock per command: under a launcher, the rank-0 process holds it for all
                 if args.command in WRITERS and is_rank_zero():
                     lock = RunLock(out, command)
                     lock.acquire()
-                return _run(args)
+                return _run(args, cfg)
             finally:
                 if lock is not None:
                     with deferred(then_raise=False):  # a stop signal cannot cut the release short
@@ -162,24 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _run(args: argparse.Namespace) -> int:
-    """The command, in a run folder whose lock this process holds."""
+def _run(args: argparse.Namespace, cfg: Config | None) -> int:
+    """The command, in a run folder whose lock this process holds, with its checked config."""
     out = Path(args.output)
-    # The config is read before the Hugging Face stack is imported: whether to go offline
-    # depends on it (see the module docstring).
-    from mixcpt.config import hub_references, load_config
-
-    cfg = load_config(args.config) if args.command != "demo" else None
-    if cfg is None or not hub_references(cfg):
-        for var, value in OFFLINE.items():
-            os.environ.setdefault(var, value)
     from transformers.utils import logging as hf_logging
 
     # Weight loading/saving bars of tiny files flood the terminal; the Trainer's own progress
     # bars (tqdm, not transformers' wrapper) and ours stay.
     hf_logging.disable_progress_bar()
-    from mixcpt.rundir import RunDir
-
     run = RunDir(out)
     if args.command == "demo":
         from mixcpt.demo.run import run_demo
@@ -189,11 +226,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         from mixcpt.pipeline import run_pipeline
 
-        run_pipeline(cfg, run, args.force)
+        run_pipeline(cfg, run, args.force, check=False)
     else:
         from mixcpt.pipeline import run_stage
 
-        run_stage(args.command, cfg, run, getattr(args, "arm", None), args.force)
+        run_stage(args.command, cfg, run, getattr(args, "arm", None), args.force, check=False)
     return 0
 
 

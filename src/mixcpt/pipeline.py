@@ -42,11 +42,23 @@ SINGLE_PROCESS = ("data", "select", "eval", "report")
 
 
 def run_stage(
-    stage: str, cfg: Config, run: RunDir, arm: str | None = None, force: bool = False
+    stage: str,
+    cfg: Config,
+    run: RunDir,
+    arm: str | None = None,
+    force: bool = False,
+    check: bool = True,
 ) -> None:
     """Run one stage (for `arm`, or every arm the stage applies to); `force` rebuilds it even when
     its output is current. Training stages run on every process of a distributed launch; the
-    others on the main process only."""
+    others on the main process only.
+
+    Every process first runs the checks of mixcpt.checks (each fails the same way, so none is
+    left waiting at a barrier), unless `check` is False: the caller has just run them."""
+    if check:
+        from mixcpt.checks import check_config
+
+        check_config(cfg, run.base)
     from mixcpt.fingerprints import assess
     from mixcpt.malloc_tuning import keep_freed_memory
     from mixcpt.processes import process_state
@@ -103,10 +115,15 @@ def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:
     return [a for a in stage_arms(cfg, stage) if arm in (None, a)]
 
 
-def run_pipeline(cfg: Config, run: RunDir, force: str | None = None) -> None:
+def run_pipeline(cfg: Config, run: RunDir, force: str | None = None, check: bool = True) -> None:
     """Every stage in order: data, stage 1 (both arms), selection, SFT, DPO, evaluation, report.
 
     `force` names a stage to rebuild even when its output is current; the stages after it are
-    rebuilt too, since they read its new output."""
+    rebuilt too, since they read its new output. The checks of mixcpt.checks run once, first,
+    unless `check` is False (the caller has just run them)."""
+    if check:
+        from mixcpt.checks import check_config
+
+        check_config(cfg, run.base)
     for stage in STAGES:
-        run_stage(stage, cfg, run, force=stage == force)
+        run_stage(stage, cfg, run, force=stage == force, check=False)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mixcpt.chat_templates import CHAT_TEMPLATES
 from mixcpt.config import Config
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
@@ -77,7 +78,7 @@ def chat_tokenizer(cfg: Config, folder: Path) -> PreTrainedTokenizerBase:
 
 
 def ensure_chat_template(
-    tokenizer: PreTrainedTokenizerBase, configured: str | None, model_dir: Path
+    tokenizer: PreTrainedTokenizerBase, configured: str | None, model_dir: str | Path
 ) -> None:
     """Give `tokenizer` a chat template: its own when it has one, else `configured` (set on the
     tokenizer so that it is saved with the stage's model). Raises ConfigError when neither
@@ -86,17 +87,19 @@ def ensure_chat_template(
         return
     if not configured:
         raise ConfigError(
-            f"sft.chat_template: the tokenizer of {model_dir} has no chat template; "
-            "set sft.chat_template to a Jinja chat template"
+            f"sft.chat_template: the tokenizer of {model_dir} has no chat template; set "
+            f"sft.chat_template to a Jinja template or one of {', '.join(CHAT_TEMPLATES)}"
         )
     tokenizer.chat_template = configured
 
 
-def encode_chat(
+def render_chat(
     tokenizer: PreTrainedTokenizerBase, prompt_messages: list[dict], response: str
-) -> Encoded:
-    """The chat rendering of `prompt_messages` answered by `response` (see the module docstring).
-    Raises ConfigError when the template's generation prompt is not a prefix of the chat."""
+) -> tuple[str, str]:
+    """(prompt text ending with the generation prompt, the text the assistant turn adds) of
+    `prompt_messages` answered by `response`, through the tokenizer's chat template. Raises
+    ConfigError when the generation prompt is not a prefix of the chat: the response could then
+    not be told apart from the prompt."""
     prompt = tokenizer.apply_chat_template(
         prompt_messages, tokenize=False, add_generation_prompt=True
     )
@@ -105,12 +108,22 @@ def encode_chat(
     )
     if not full.startswith(prompt):
         raise ConfigError(
-            "the chat template renders the prompt differently once the assistant turn is added; "
-            "set sft.chat_template to a template whose generation prompt is a prefix of the chat"
+            "sft.chat_template: the chat template renders the prompt differently once the "
+            "assistant turn is added; use a template whose generation prompt is a prefix of the "
+            f"chat (such as {', '.join(CHAT_TEMPLATES)})"
         )
+    return prompt, full[len(prompt) :]
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, prompt_messages: list[dict], response: str
+) -> Encoded:
+    """The chat rendering of `prompt_messages` answered by `response` (see the module docstring).
+    Raises ConfigError when the template's generation prompt is not a prefix of the chat."""
+    prompt, rendered_response = render_chat(tokenizer, prompt_messages, response)
     # The template writes BOS itself where the model wants one, so no special tokens are added.
     prompt_ids, response_ids = encode_split(
-        tokenizer, prompt, full[len(prompt) :], add_special_tokens=False
+        tokenizer, prompt, rendered_response, add_special_tokens=False
     )
     if tokenizer.eos_token_id not in response_ids:
         response_ids.append(tokenizer.eos_token_id)

@@ -26,8 +26,9 @@ CASES = yaml.safe_load((HERE / "cases.yaml").read_text())
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer):
-    """A copy of files/ beside `model` (tiny Llama + tokenizer) and `small_model` (vocabulary of 64,
-    no tokenizer), plus the huge one-line file (generated: too big to keep in the repository)."""
+    """A copy of files/ beside `model` (tiny Llama + tokenizer), `small_model` (vocabulary of 64,
+    no tokenizer) and `tokenizer_no_template` (the tokenizer without its chat template, as a base
+    model's), plus the huge one-line file (generated: too big to keep in the repository)."""
     root = tmp_path_factory.mktemp("bad_inputs")
     shutil.copytree(HERE / "files", root / "files")
     torch.manual_seed(0)
@@ -45,6 +46,8 @@ def workspace(tmp_path_factory, tiny_tokenizer):
         )
         LlamaForCausalLM(config).save_pretrained(root / name)
     tiny_tokenizer.save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "tokenizer_no_template")
+    (root / "tokenizer_no_template" / "chat_template.jinja").unlink()
     # 4 MB on one line, and its JSON string never closed
     (root / "files" / "huge_line.jsonl").write_text('{"text": "' + "word " * 800_000 + "\n")
     return root / "files"
@@ -55,7 +58,10 @@ def case_config(case: dict, files: Path) -> Path:
     if "config" in case:
         return files / case["config"]
     config = {
-        "model": {"path": case.get("model", "../model"), "tokenizer": "../model"},
+        "model": {
+            "path": case.get("model", "../model"),
+            "tokenizer": case.get("tokenizer", "../model"),
+        },
         "data": {"domain": [{"path": "good.jsonl"}], "block_size": 32},
         "cpt": {"training": {"max_steps": 1, "per_device_batch_size": 2}},
     }
@@ -85,8 +91,10 @@ def half_written(out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    for var, value in case.get("env", {}).items():
+        monkeypatch.setenv(var, value)
     if case.get("output") == "file":
         out.write_text("a file, not a folder")
     if "lock_holder" in case:  # the lock file another command left in the run folder
@@ -120,6 +128,8 @@ def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys):
     assert len(errors) == 1
     if case.get("subprocess"):
         assert len(lines) == 1, stderr  # with progress bars off, nothing but the message
+    if case.get("check"):
+        assert not out.exists()
     if case.get("output") != "file":
         assert half_written(out) == []
         if case["stage"] == "data":

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from mixcpt.config import ModelConfig
+from mixcpt.checks import run_checks
+from mixcpt.config import ModelConfig, config_from_dict
 from mixcpt.errors import ConfigError
 from mixcpt.gguf_model import convert_gguf, resolve_gguf_path
 from mixcpt.models import ensure_base_model, load_model, load_tokenizer
@@ -128,3 +129,28 @@ def test_unsupported_architecture_or_not_gguf_is_a_config_error(tmp_path):
     text.write_text("not a gguf file\n")
     with pytest.raises(ConfigError, match="cannot load this GGUF file: .*not a GGUF file"):
         convert_gguf(text, tmp_path)
+
+
+def test_the_checks_read_a_gguf_base_where_it_lies_before_any_conversion(tiny_gguf, tmp_path):
+    path, original = tiny_gguf
+    (tmp_path / "d.jsonl").write_text('{"text": "The planet Zorbax orbits Vega."}\n')
+    model = {"path": str(path.parent), "gguf_file": path.name}
+    cfg = config_from_dict({"model": model, "data": {"domain": [{"path": "d.jsonl"}]}}, tmp_path)
+    run_base = tmp_path / "run" / "base"
+    results = {name: (passed, line) for name, passed, line in run_checks(cfg, run_base)}
+    assert results["model"] == (
+        True,
+        f"llama, vocabulary {original.config.vocab_size}, context 1024 ({path})",
+    )
+    assert results["chat template"] == (
+        True,
+        "the tokenizer's own; its generation prompt is a prefix of the chat",
+    )
+    # transformers' GGUF reader adds GPT-2's <|endoftext|> to a vocabulary without one (see the
+    # first test): a token past this tiny model's embeddings, refused before any conversion
+    vocab = original.config.vocab_size
+    assert results.pop("tokenizer")[1].startswith(
+        f"model.tokenizer: the tokenizer has {vocab + 1} tokens but the model {path} only {vocab}"
+    )
+    assert all(passed for passed, _ in results.values()), results
+    assert not run_base.exists()

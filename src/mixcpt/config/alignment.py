@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from mixcpt.chat_templates import CHAT_TEMPLATES, resolve_chat_template
 from mixcpt.config.base import Strict
 from mixcpt.config.training import TrainingConfig
 
@@ -48,12 +49,19 @@ class SFTConfig(Strict):
     )
     chat_template: str | None = Field(
         None,
-        description="Jinja chat template when the tokenizer has none (its own always wins); "
-        "used by fas selection, SFT, DPO and chat-format evaluation.",
+        description="Chat template when the tokenizer has none (its own always wins): a Jinja "
+        f"template or the name of a shipped one ({', '.join(CHAT_TEMPLATES)}; see "
+        "mixcpt.chat_templates). Used by fas selection, SFT, DPO and chat-format evaluation.",
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig, description="Training settings of SFT, both arms."
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _named_template(cls, value: str | None) -> str | None:
+        # a name becomes its Jinja text here, so every stage (and every fingerprint) sees the text
+        return None if value is None else resolve_chat_template(value)
 
 
 class DPOConfig(Strict):

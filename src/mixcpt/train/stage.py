@@ -107,19 +107,13 @@ def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:
 def load_student(
     cfg: Config, run: RunDir, cpt: CPTConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model to train and its tokenizer, checked to fit the model's embedding table.
-    The model is in float32 (`model_from`), or for `teacher: lora` stays frozen in `model.dtype`
-    and is wrapped with LoRA adapters, which PEFT keeps in float32."""
+    """The base model to train and its tokenizer (that it fits the model's embedding table is one
+    of mixcpt.checks). The model is in float32 (`model_from`), or for `teacher: lora` stays frozen
+    in `model.dtype` and is wrapped with LoRA adapters, which PEFT keeps in float32."""
     base = base_model_path(cfg.model, run.base)
     tokenizer = load_tokenizer(cfg.model.tokenizer or base, cfg.model.trust_remote_code)
-    m = cfg.model
-    model = model_from(m, base, trained=cpt.teacher != "lora")
+    model = model_from(cfg.model, base, trained=cpt.teacher != "lora")
     model.config.use_cache = False
-    if len(tokenizer) > vocab_size(model):  # ids past the embedding table crash mid-training
-        raise ConfigError(
-            f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model {base} "
-            f"only {vocab_size(model)} embeddings; use the model's own tokenizer"
-        )
     if cpt.teacher == "lora":
         model = with_lora(model, cpt.lora)
     return model, tokenizer
@@ -172,7 +166,9 @@ def cpt_trainer(
     teacher: Teacher | None,
     work: Path,
 ) -> LSSDTrainer:
-    """The stage-1 Trainer, checkpointing into `work`; refuses LoRA under sharded weights."""
+    """The stage-1 Trainer, checkpointing into `work`; refuses LoRA under sharded weights (as
+    mixcpt.checks does before any stage runs, from the launcher's environment: this catches a
+    sharding set up some other way)."""
     args = training_arguments(
         cpt.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
     )
