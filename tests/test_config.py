@@ -3,7 +3,7 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from mixcpt.config import Config, hub_references, load_config
+from mixcpt.config import Config, DPOConfig, TrainingConfig, hub_references, load_config
 from mixcpt.errors import ConfigError
 
 
@@ -11,6 +11,9 @@ from mixcpt.errors import ConfigError
 def corpus(tmp_path):
     (tmp_path / "d.txt").write_text("a domain document")
     return tmp_path
+
+
+MINIMAL = "model: {path: m}\ndata: {domain: [{path: d.txt}]}\n"
 
 
 def write(tmp_path, text):
@@ -65,6 +68,31 @@ def test_minimal_config_gets_defaults_and_absolute_paths(corpus):
         ),
         ("data: {domain: [{path: d.txt}]}\n", "model: Field required"),
         ("model: {path: m}\ndata: {domain: [{path: d.txt}]}\nselect: {k: 0}\n", "select.k"),
+        (
+            MINIMAL + "cpt: {training: {learnig_rate: 1.0e-3}}\n",
+            "cpt.training.learnig_rate: unknown key (not a TrainingArguments field either); "
+            "did you mean learning_rate?",
+        ),
+        (
+            MINIMAL + "sft: {training: {adam_beta2: high}}\n",
+            "sft.training.adam_beta2: expected float (TrainingArguments.adam_beta2), got 'high'",
+        ),
+        (
+            MINIMAL + "dpo: {training: {seed: 1}}\n",
+            "dpo.training.seed: not settable here: set by the top-level `seed`",
+        ),
+        (
+            MINIMAL + "cpt: {training: {bf16: true}}\n",
+            "cpt.training.bf16: not settable here: follows model.dtype",
+        ),
+        (
+            MINIMAL + "cpt: {training: {num_train_epochs: 2}}\n",
+            "cpt.training.num_train_epochs: mixcpt names this key num_epochs",
+        ),
+        (
+            MINIMAL + "cpt: {training: {warmup_ratio: 0.1, warmup_steps: 10}}\n",
+            "cpt.training.warmup_steps: give warmup_ratio or warmup_steps, not both",
+        ),
         ("model: {path: m\n", "c.yaml:"),
         ("- a list\n", "must be a mapping"),
     ],
@@ -119,3 +147,36 @@ def test_hub_references_decide_whether_a_run_may_go_online(corpus):
     (corpus / "tasks" / "mine.yaml").write_text("task: mine\ndataset_path: json\n")
     tasks = local + "eval: {lm_eval_tasks: [mine, arc_easy], lm_eval_include_path: tasks}\n"
     assert hub_references(load_config(write(corpus, tasks))) == ["lm-eval task arc_easy"]
+
+
+def test_any_training_arguments_field_passes_through(corpus, tmp_path):
+    from mixcpt.train.arguments import training_arguments
+
+    text = (
+        MINIMAL + "cpt: {training: {optim: adafactor, adam_beta2: '0.95', ddp_timeout: 7200, "
+        "lr_scheduler: cosine_with_min_lr, lr_scheduler_kwargs: {min_lr_rate: 0.1}, "
+        "report_to: none}}\n"
+    )
+    training = load_config(write(corpus, text)).cpt.training
+    assert training.adam_beta2 == 0.95  # converted to the field's type
+    args = training_arguments(training, tmp_path / "out", seed=3)
+    assert (args.optim, args.adam_beta2, args.ddp_timeout) == ("adafactor", 0.95, 7200)
+    assert args.lr_scheduler_type == "cosine_with_min_lr"
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert args.report_to == [] and args.seed == args.data_seed == 3
+    assert training_arguments(TrainingConfig(), tmp_path / "out", 0).report_to == ["tensorboard"]
+
+
+def test_stage_training_defaults_survive_a_partial_section(corpus):
+    """Setting one key under a stage's `training:` keeps that stage's defaults for the others
+    (DPO's learning rate is its own), as TRL's per-trainer config classes do."""
+    stages = "".join(
+        f"{stage}: {{training: {{max_steps: 3}}}}\n" for stage in ("cpt", "sft", "dpo")
+    )
+    cfg = load_config(write(corpus, MINIMAL + stages))
+    for stage in ("cpt", "sft", "dpo"):
+        training = getattr(cfg, stage).training
+        defaults = type(training)().model_dump()
+        assert training.model_dump() == {**defaults, "max_steps": 3}, stage
+    assert cfg.dpo.training.learning_rate == DPOConfig().training.learning_rate == 5e-7
+    assert cfg.sft.training.learning_rate == 2e-5

@@ -230,6 +230,10 @@ def test_only_settings_that_change_an_output_count(tiny_cfg, tmp_path):
     assert changed(**{"cpt.lssd_weight": 0.5}) == {"cpt/mixcpt"}
     assert changed(**{"cpt.temperature": 2.0}) == {"cpt/mixcpt"}
     assert changed(**{"cpt.training.learning_rate": 1e-4}) == {"cpt/mixcpt", "cpt/baseline"}
+    # a TrainingArguments field passed through counts like ours; where and how often logs go not
+    assert changed(**{"sft.training.optim": "adafactor"}) == {"sft/mixcpt", "sft/baseline"}
+    assert changed(**{"cpt.training.report_to": "none"}) == set()
+    assert changed(**{"sft.training.logging_first_step": True}) == set()
     assert changed(**{"select.k": 5}) == {"select"}
     assert changed(**{"eval.max_length": 64}) == {"eval"}
     assert changed(**{"data.block_size": 64}) == {"data"}

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mixcpt.cli import main
 from mixcpt.data.packing import write_packed
@@ -165,6 +166,11 @@ def test_cpt_killed_mid_training_resumes_to_the_uninterrupted_weights(cpt_setup,
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=0)
     assert not work.exists()
+    # TensorBoard shows each step once: the resumed run's events replace the killed run's after
+    # checkpoint-3 (it had logged step 4 already)
+    events = EventAccumulator(str(out / "logs" / "mixcpt" / "cpt"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/ce_loss")] == [*range(1, CPT_STEPS + 1)]
 
 
 def test_a_partial_checkpoint_is_never_resumed_from(cpt_setup):

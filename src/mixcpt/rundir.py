@@ -6,6 +6,7 @@
                                   stage in {cpt, sft, dpo}
     DIR/mixcpt/selection/         the k selected samples and every sample's score
     DIR/.work/<arm>-<stage>/      Trainer checkpoints of a stage in progress (resume reads them)
+    DIR/logs/<arm>/<stage>/       TensorBoard event files of each training stage (report_to)
     DIR/results.json              every stage's metrics, updated by write-then-rename
     DIR/report.{html,md}          the report
 
@@ -72,6 +73,10 @@ class RunDir:
         if not folder.is_dir():
             raise InputError(folder, None, f"model folder missing; run the `{stage}` stage first")
         return folder
+
+    def logs(self, arm: str, stage: str) -> Path:
+        """TensorBoard folder of a training stage; kept after the stage, unlike `work`."""
+        return self.root / "logs" / arm / stage
 
     def work(self, arm: str, stage: str) -> Path:
         """Checkpoint folder of a stage in progress; removed once the stage is done."""

@@ -2,11 +2,13 @@
 the files outside the run folder that it reads (mixcpt.fingerprints records them).
 
 Inputs are the settings that change an output. Performance knobs are not (batch sizes of scoring
-and evaluation, loss_chunk_size, tokenize_batch_size, gradient checkpointing, checkpoint and
-logging intervals, on_nonfinite, dpo.precompute_ref), nor is the number of processes (`mixcpt
-status` runs in one). Files (model, tokenizer, data sources, benchmarks, probe, lm-eval task
-folder) count by content, hashed once per size and modification time (`file_hash`); where they
-lie does not count. A hub id or pkg:// name stands for itself: a new hub revision goes unnoticed.
+and evaluation, loss_chunk_size, tokenize_batch_size, gradient checkpointing, checkpoint
+intervals, on_nonfinite, dpo.precompute_ref), nor is where and how often training logs
+(report_to, logging_steps, ...: `LOGGING_KEYS`), nor the number of processes (`mixcpt status` runs
+in one). Every other TrainingArguments field passed through `training:` counts. Files (model,
+tokenizer, data sources, benchmarks, probe, lm-eval task folder) count by content, hashed once
+per size and modification time (`file_hash`); where they lie does not count. A hub id or pkg://
+name stands for itself: a new hub revision goes unnoticed.
 
 No torch here, so that `mixcpt status` answers at once.
 """
@@ -21,13 +23,13 @@ from pathlib import Path
 
 from mixcpt.atomic import write_json_atomic
 from mixcpt.config import Config
+from mixcpt.config.training import LOGGING_KEYS
 from mixcpt.pipeline import arm_cpt_config
 from mixcpt.rundir import RunDir, base_model_path
 
 SOURCE_GROUPS = ("domain", "instructions", "preferences")
 # TrainingConfig keys that change how a stage runs, not what it produces
-TRAINING_KNOBS = {
-    "logging_steps",
+TRAINING_KNOBS = LOGGING_KEYS | {
     "save_steps",
     "save_total_limit",
     "gradient_checkpointing",

@@ -62,6 +62,7 @@ def test_a_resume_under_other_settings_names_them(tmp_path, updates, named):
 def test_settings_that_change_no_step_may_change_and_many_differences_are_counted(tmp_path):
     check_started_with(tmp_path, STARTED, resume=None, writer=True)
     check_started_with(tmp_path, changed(cpt__training__save_steps=10), "checkpoint-3", True)
+    check_started_with(tmp_path, changed(cpt__training__report_to="none"), "checkpoint-3", True)
     many = changed(seed=5, cpt__lssd_weight=0.5, model__dtype="bfloat16", teacher__top_k=8)
     with pytest.raises(ConfigError, match=r"\(and 1 more\)"):
         check_started_with(tmp_path, many, resume="checkpoint-3", writer=True)

@@ -64,6 +64,18 @@ class SFTConfig(Strict):
         return None if value is None else resolve_chat_template(value)
 
 
+class DPOTraining(TrainingConfig):
+    """TrainingConfig with DPO's defaults, as TRL's DPOConfig changes TrainingArguments' own: a
+    `dpo.training` mapping keeps them for every key it leaves out."""
+
+    learning_rate: float = Field(
+        5e-7,
+        gt=0,
+        description="Peak learning rate of DPO (TrainingArguments.learning_rate): 5e-7 unless "
+        "set, far below SFT's; about 1e-6 at most for a real model.",
+    )
+
+
 class DPOConfig(Strict):
     beta: float = Field(
         0.1,
@@ -82,10 +94,9 @@ class DPOConfig(Strict):
         description="Compute reference log-probs once before training; no reference model kept. "
         "false: a frozen copy of the SFT model scores every batch (twice the model memory).",
     )
-    training: TrainingConfig = Field(
-        default_factory=lambda: TrainingConfig(learning_rate=5e-7),
-        description="Training settings of DPO, both arms. learning_rate is 5e-7 only when this "
-        "key is left out; a `training` mapping starts from the 2e-5 default.",
+    training: DPOTraining = Field(
+        default_factory=DPOTraining,
+        description="Training settings of DPO, both arms (DPO's defaults for the keys left out).",
     )
 
 

@@ -2,15 +2,115 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import difflib
+import functools
+import re
+import typing
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mixcpt.config.base import Strict
 
+# TrainingArguments fields that mixcpt sets itself, and what decides them instead.
+OWNED = {
+    "output_dir": "the run folder (--output) decides where checkpoints go",
+    "seed": "set by the top-level `seed`",
+    "data_seed": "set by the top-level `seed`",
+    "bf16": "follows model.dtype",
+    "fp16": "follows model.dtype",
+    "remove_unused_columns": "set by each stage for its own data collator",
+    "use_cpu": "follows the machine (hide the GPUs with CUDA_VISIBLE_DEVICES= to train on the CPU)",
+    "resume_from_checkpoint": "a stage resumes from its last complete checkpoint by itself",
+    # gone from TrainingArguments in transformers 5, but still what people reach for
+    "logging_dir": "TensorBoard logs go to DIR/logs/<arm>/<stage>/",
+}
+# TrainingArguments fields that TrainingConfig declares under another name.
+RENAMED = {
+    "lr_scheduler_type": "lr_scheduler",
+    "num_train_epochs": "num_epochs",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "activation_checkpointing": "gradient_checkpointing",
+}
+# Keys of `training:` that change what is logged and where, never what is trained: changing one
+# neither makes a stage stale (mixcpt.stage_inputs) nor stops a resume (mixcpt.train.resumable).
+LOGGING_KEYS = frozenset(
+    ("report_to", "logging_steps", "logging_strategy", "logging_first_step", "run_name")
+    + ("logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node")
+    + ("disable_tqdm", "include_num_input_tokens_seen", "project")
+)
+
+
+@functools.cache
+def _training_argument_types() -> dict[str, Any]:
+    """{field: type} of the installed `transformers.TrainingArguments`. Imported on first use
+    only: transformers brings torch, which `mixcpt status` never needs for a config without
+    passthrough keys."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _type_name(annotation: Any) -> str:
+    """`float`, `str | None`, `OptimizerNames | str`: an annotation without module prefixes."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(annotation))
+
+
+def _error(key: str, message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError("training_argument", message), loc=(key,), input=value
+    )
+
+
+def _check_passthrough(declared: typing.Iterable[str], given: dict[str, Any]) -> dict[str, Any]:
+    """`given` (keys of `training:` that TrainingConfig does not declare) checked against the
+    installed TrainingArguments and converted to its field types; `declared` (TrainingConfig's own
+    keys) are among the names suggested for a misspelt key. Raises a ValidationError with
+    one error per bad key: unknown (naming the closest valid keys), owned by mixcpt (naming what
+    decides it), renamed (naming mixcpt's key) or of the wrong type."""
+    types = _training_argument_types()
+    valid = sorted({*declared, *(set(types) - set(OWNED) - set(RENAMED))})
+    out, errors = {}, []
+    for key, value in given.items():
+        if key in OWNED:
+            errors.append(_error(key, f"not settable here: {OWNED[key]}", value))
+        elif key in RENAMED:
+            errors.append(_error(key, f"mixcpt names this key {RENAMED[key]}", value))
+        elif key not in types:
+            close = difflib.get_close_matches(key, valid, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            message = f"unknown key (not a TrainingArguments field either){hint}"
+            errors.append(_error(key, message, value))
+        else:
+            try:
+                out[key] = TypeAdapter(types[key]).validate_python(value)
+            except ValidationError:
+                expected = f"expected {_type_name(types[key])} (TrainingArguments.{key})"
+                errors.append(_error(key, f"{expected}, got {value!r}", value))
+    if errors:
+        raise ValidationError.from_exception_data("TrainingConfig", errors)
+    return out
+
 
 class TrainingConfig(Strict):
-    """Hyper-parameters handed to `transformers.TrainingArguments`."""
+    """Hyper-parameters handed to `transformers.TrainingArguments`.
+
+    The keys declared here are mixcpt's, with its names and defaults (`lr_scheduler` is
+    TrainingArguments.lr_scheduler_type, `num_epochs` num_train_epochs, `per_device_batch_size`
+    per_device_train_batch_size, `gradient_checkpointing` activation_checkpointing). Any other
+    TrainingArguments field (optim, adam_beta2, ddp_timeout, torch_compile, warmup_steps, ...) may
+    be given too and is passed through as it is: its name and type are checked against the
+    installed TrainingArguments, which documents it (its field's `help`). Fields that mixcpt sets
+    itself (`OWNED`) are refused, naming what decides them; those renamed here (`RENAMED`) are
+    refused, naming mixcpt's key.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     learning_rate: float = Field(
         2e-5,
@@ -18,18 +118,31 @@ class TrainingConfig(Strict):
         description="Peak learning rate of the optimizer (TrainingArguments.learning_rate, "
         "AdamW by default). About 1e-5 to 5e-5 for full fine-tuning, 1e-4 for LoRA, 5e-7 for DPO.",
     )
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+    lr_scheduler: Literal[
+        "linear",
+        "cosine",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "cosine_with_min_lr",
+        "cosine_warmup_with_min_lr",
+        "polynomial",
+        "inverse_sqrt",
+        "warmup_stable_decay",
+    ] = Field(
         "cosine",
         description="Learning-rate schedule (TrainingArguments.lr_scheduler_type): linear or "
         "cosine decay to 0 after warm-up, or constant; constant ignores warmup_ratio, "
-        "constant_with_warmup does not.",
+        "constant_with_warmup does not. The others take arguments from lr_scheduler_kwargs "
+        "(e.g. {min_lr_rate: 0.1} for cosine_with_min_lr).",
     )
     warmup_ratio: float = Field(
         0.0,
         ge=0,
         lt=1,
         description="Share of the steps spent warming up linearly from 0, in [0, 1) (passed as "
-        "TrainingArguments.warmup_steps, which reads a float below 1 as a ratio).",
+        "TrainingArguments.warmup_steps, which reads a float below 1 as a ratio). For a number "
+        "of steps give warmup_steps instead (not both).",
     )
     weight_decay: float = Field(
         0.0,
@@ -91,11 +204,30 @@ class TrainingConfig(Strict):
         description="Recompute activations in the backward pass instead of keeping them "
         "(TrainingArguments.activation_checkpointing): far less memory, about 20-30% slower.",
     )
+    report_to: str | list[str] = Field(
+        "tensorboard",
+        description="Where the loss terms, learning rate and gradient norm are logged "
+        "(TrainingArguments.report_to): tensorboard (event files in DIR/logs/<arm>/<stage>/, "
+        "`tensorboard --logdir DIR`), wandb, mlflow, ..., a list of them, or none.",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="A non-finite loss stops the run (last checkpoint intact) or skips the batch "
         "(zero gradient). Read by the cpt stage only; SFT and DPO ignore it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _passthrough(cls, data: Any) -> Any:
+        """The mapping given, its keys not declared here checked and converted
+        (`_check_passthrough`)."""
+        if not isinstance(data, dict):
+            return data
+        if "warmup_steps" in data and "warmup_ratio" in data:  # both would set warmup_steps
+            error = _error("warmup_steps", "give warmup_ratio or warmup_steps, not both", None)
+            raise ValidationError.from_exception_data(cls.__name__, [error])
+        extra = {k: v for k, v in data.items() if k not in cls.model_fields}
+        return {**data, **_check_passthrough(cls.model_fields, extra)} if extra else data
 
 
 class LoraSettings(Strict):

@@ -156,6 +156,7 @@ def build_base_model(world: WorldFiles, out: Path, seed: int = 0, size: str = "d
             num_epochs=1,
             per_device_batch_size=recipe.batch_size,
             logging_steps=50,
+            report_to="none",  # its work folder is deleted: nobody would see the logs
         )
         args = training_arguments(
             train,

@@ -8,24 +8,21 @@ import torch
 from transformers import TrainingArguments
 
 from mixcpt.config import TrainingConfig
+from mixcpt.errors import ConfigError
 from mixcpt.processes import on_cpu_only
 
 
 def training_arguments(
     tc: TrainingConfig, output_dir: str | Path, seed: int, dtype: str = "float32", **overrides
 ) -> TrainingArguments:
-    """TrainingArguments for one stage: checkpoints under `output_dir`, reporting to TensorBoard
-    when it is installed, deterministic data order for `seed` (so a resumed run neither replays nor
-    skips).
+    """TrainingArguments for one stage: checkpoints under `output_dir`, deterministic data order
+    for `seed` (so a resumed run neither replays nor skips), `tc`'s settings, then the
+    TrainingArguments fields `tc` passes through (`TrainingConfig`), then `overrides`, the stage's
+    own settings (e.g. remove_unused_columns).
 
-    `overrides` are passed through for stage-specific settings (e.g. remove_unused_columns).
+    Raises ConfigError when TrainingArguments refuses the settings (an unknown optimizer name, a
+    save_strategy that load_best_model_at_end cannot follow, ...).
     """
-    try:
-        import tensorboard  # noqa: F401
-
-        report_to = ["tensorboard"]
-    except ImportError:
-        report_to = []
     kwargs = dict(
         output_dir=str(output_dir),
         learning_rate=tc.learning_rate,
@@ -45,7 +42,7 @@ def training_arguments(
         fp16=dtype == "float16",
         seed=seed,
         data_seed=seed,
-        report_to=report_to,
+        report_to=tc.report_to,
         dataloader_num_workers=0,
         # pinning warns and does nothing on the CPU
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -55,5 +52,8 @@ def training_arguments(
         use_cpu=on_cpu_only(),
         disable_tqdm=False,
     )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    try:
+        return TrainingArguments(**{**kwargs, **tc.model_extra, **overrides})
+    except ValueError as err:  # the passthrough keys' values are checked here, not in the config
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"training: TrainingArguments refused the settings: {reason}") from None

@@ -1,7 +1,7 @@
 """What every training stage (cpt, sft, dpo) does around its Trainer: resume from the last
 complete checkpoint (refusing one started with other settings), stop at a step boundary with a
-checkpoint on SIGTERM / SIGUSR1, report a full disk in one line, record its metrics, save the
-model atomically, clean up."""
+checkpoint on SIGTERM / SIGUSR1, report a full disk in one line, log to TensorBoard in the run
+folder, record its metrics, save the model atomically, clean up."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import TrainOutput
 
 from mixcpt import preempt
 from mixcpt.atomic import folder_bytes, lack_of_space, write_json_atomic
+from mixcpt.config.training import LOGGING_KEYS
 from mixcpt.errors import ConfigError, DiskFullError
 from mixcpt.fingerprints import RECORD_FILE
 from mixcpt.models import save_trained_model
@@ -29,10 +31,13 @@ STARTED_WITH = "started_with.json"
 # Settings that may change between a run and its resume: they change when and how things are
 # logged, saved or computed, never what an optimizer step does (loss_chunk_size and
 # gradient_checkpointing trade memory for time; on_nonfinite only acts on a non-finite loss).
-RESUMABLE_CHANGES = frozenset(
-    ("logging_steps", "save_steps", "save_total_limit")
-    + ("loss_chunk_size", "gradient_checkpointing", "on_nonfinite")
-)
+RESUMABLE_CHANGES = LOGGING_KEYS | {
+    "save_steps",
+    "save_total_limit",
+    "loss_chunk_size",
+    "gradient_checkpointing",
+    "on_nonfinite",
+}
 
 
 def last_complete_checkpoint(work: Path) -> str | None:
@@ -82,10 +87,11 @@ def train_and_save(
     dtype: str = "float32",
 ) -> dict:
     """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
-    record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key`, write the
-    model (weights in `dtype`, the run's `model.dtype`) and tokenizer to `final` atomically (LoRA
-    adapters merged with `merge_lora`, the fingerprint `record` beside them), then delete the
-    checkpoints. Call on every process; returns the metrics.
+    record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key` ("<arm>/
+    <stage>", also naming its TensorBoard folder: `log_to`), write the model (weights in `dtype`,
+    the run's `model.dtype`) and tokenizer to `final` atomically (LoRA adapters merged with
+    `merge_lora`, the fingerprint `record` beside them), then delete the checkpoints. Call on every
+    process; returns the metrics.
 
     Metrics are recorded before the folder appears: a process killed in between leaves no folder,
     so the stage reruns (from its last checkpoint), and a finished stage always has its metrics.
@@ -100,6 +106,7 @@ def train_and_save(
         resume = last_complete_checkpoint(work)
         if started_with is not None:
             check_started_with(work, started_with, resume, trainer.is_world_process_zero())
+        log_to(trainer, run.logs(*key.split("/")), resume)
         stop = StopOnSignal()
         trainer.add_callback(stop)
         report_full_disk(trainer, work)
@@ -118,6 +125,25 @@ def train_and_save(
         if trainer.is_world_process_zero():
             shutil.rmtree(work, ignore_errors=True)
         return metrics
+
+
+def log_to(trainer: Trainer, folder: Path, resume: str | None) -> None:
+    """Make the Trainer's TensorBoard writer (report_to: tensorboard) write into `folder`, which
+    outlives the stage's work folder (transformers' default, runs/ inside it, is deleted with it).
+
+    A fresh start (`resume` None) empties `folder`: its events described the model being
+    replaced. A resume from checkpoint-N adds to them, hiding the steps after N that the
+    interrupted run had logged (TensorBoard's purge_step), so each step shows once."""
+    callbacks = trainer.callback_handler.callbacks
+    tensorboard = next((c for c in callbacks if isinstance(c, TensorBoardCallback)), None)
+    if tensorboard is None or not trainer.is_world_process_zero():  # it writes on the main one
+        return
+    from torch.utils.tensorboard import SummaryWriter  # loads tensorboard: only when used
+
+    if resume is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    purge_step = int(Path(resume).name.removeprefix("checkpoint-")) + 1 if resume else None
+    tensorboard.tb_writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 def _any_process(signum: int, device: torch.device) -> int:
