@@ -30,11 +30,13 @@ STARTED_WITH = "started_with.json"
 
 # Settings that may change between a run and its resume: they change when and how things are
 # logged, saved or computed, never what an optimizer step does (loss_chunk_size and
-# gradient_checkpointing trade memory for time; on_nonfinite only acts on a non-finite loss).
+# gradient_checkpointing trade memory for time, compile_loss computes the same loss with fused
+# kernels; on_nonfinite only acts on a non-finite loss).
 RESUMABLE_CHANGES = LOGGING_KEYS | {
     "save_steps",
     "save_total_limit",
     "loss_chunk_size",
+    "compile_loss",
     "gradient_checkpointing",
     "on_nonfinite",
 }

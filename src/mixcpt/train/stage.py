@@ -182,6 +182,7 @@ def cpt_trainer(
         lssd_weight=cpt.lssd_weight,
         temperature=cpt.temperature,
         loss_chunk_size=cpt.loss_chunk_size,
+        compile_loss=cpt.compile_loss,
         on_nonfinite=cpt.training.on_nonfinite,
     )
     if cpt.teacher == "lora" and shards_parameters(trainer):
