@@ -20,7 +20,8 @@ HF_DATASETS_OFFLINE=1, so nothing waits on or reaches the network; a config that
 leaves them as the user set them. Telemetry is always off.
 
 `run` and the stage commands reuse every output built from the same inputs and rebuild the others
-with everything after them, one line per stage and arm saying which and why (mixcpt.fingerprints);
+with everything after them, one line per stage and arm saying which and why (mixcpt.fingerprints),
+and one when it is built saying how long it took and how much it processed (mixcpt.timing);
 `run --force STAGE` and `STAGE --force` rebuild that stage even when it is current. `status` runs
 nothing: it compares the run folder with DIR/config.yaml (the demo writes it) or `--config`.
 
@@ -35,6 +36,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads these once, at import.
@@ -226,7 +228,11 @@ def _run(args: argparse.Namespace, cfg: Config | None) -> int:
     if args.command == "run":
         from mixcpt.pipeline import run_pipeline
 
+        start = time.perf_counter()
         run_pipeline(cfg, run, args.force, check=False)
+        if is_rank_zero():
+            took = time.perf_counter() - start
+            print(f"mixcpt: run: done in {took:.1f} s; time per stage in {out / 'report.md'}")
     else:
         from mixcpt.pipeline import run_stage
 

@@ -129,6 +129,14 @@ def train_and_save(
         return metrics
 
 
+def trained_samples(trainer: Trainer) -> int:
+    """Samples (blocks in cpt, pairs in dpo) that the optimizer steps taken so far consumed, over
+    every process; a last, short batch of an epoch counts as full."""
+    args = trainer.args
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return trainer.state.global_step * per_step
+
+
 def log_to(trainer: Trainer, folder: Path, resume: str | None) -> None:
     """Make the Trainer's TensorBoard writer (report_to: tensorboard) write into `folder`, which
     outlives the stage's work folder (transformers' default, runs/ inside it, is deleted with it).
