@@ -5,6 +5,8 @@
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
     mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
     mixcpt check CONFIG                         what can be known without training (mixcpt.checks)
+    mixcpt plan CONFIG [--gpus N] [--gpu-memory GiB] [--mode M] [--output DIR]
+                                                memory per GPU per stage, disk, tokens; what fits
 
 Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key; also a run
 folder in use by another mixcpt command), 1 anything else (a non-finite training loss and a full
@@ -114,6 +116,22 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="check a config without training: model, tokenizer, chat template, ..."
     )
     check.add_argument("config", help="YAML run config")
+    plan = sub.add_parser(
+        "plan", help="memory per GPU per stage, teacher cache and checkpoint disk, tokens"
+    )
+    plan.add_argument("config", help="YAML run config")
+    plan.add_argument("--gpus", type=int, help="processes (GPUs) to plan for; 0: the CPU")
+    plan.add_argument(
+        "--gpu-memory", type=float, metavar="GiB", help="memory per GPU (default: this machine's)"
+    )
+    plan.add_argument(
+        "--mode",
+        help="single, ddp, fsdp, zero1, zero2, zero3, or an accelerate config file "
+        "(default: from the launcher's environment; DDP for several GPUs)",
+    )
+    plan.add_argument(
+        "--output", help="run folder: its data stage's token counts and teacher cache, if built"
+    )
     return p
 
 
@@ -132,6 +150,23 @@ def _check(args: argparse.Namespace) -> int:
         failed += not passed
         print(f"{'ok' if passed else 'FAIL':<5} {name}: {line}", flush=True)
     return 2 if failed else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`mixcpt plan`: prints the estimate; reads the config, the model's config.json and, with
+    --output, what the run folder already holds. Exit 0, or 2 for a bad config."""
+    try:
+        cfg = _config(args)  # a local model's config.json needs no hub
+        from mixcpt.plan import format_plan, plan
+        from mixcpt.rundir import RunDir
+
+        run = RunDir(args.output) if args.output else None
+        estimate = plan(cfg, run, args.gpus, args.mode, args.gpu_memory)
+    except UserError as err:
+        print(f"mixcpt: error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(estimate, args.config, cfg.model.dtype))
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -168,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "plan":  # reads only, like status
+        return _plan(args)
     command = shlex.join(["mixcpt", *(sys.argv[1:] if argv is None else argv)])
     lock = None
     try:
