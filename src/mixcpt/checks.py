@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -290,6 +292,33 @@ def check_input_files(inputs: RunInputs) -> str:
     return ", ".join(found)
 
 
+def check_disk(inputs: RunInputs) -> str:
+    """The disk the run will hold at its fullest (`mixcpt.plan.disk_bytes`: teacher cache,
+    checkpoints, model folders) against the free space where the run folder goes. Too little is a
+    warning, not a failure: the estimate is an upper bound, and space may be freed meanwhile."""
+    from mixcpt.plan import disk_bytes
+    from mixcpt.rundir import RunDir
+
+    _ = inputs.model_config  # a model without a readable configuration failed above: skipped
+    root = inputs.run_base.parent if inputs.run_base else None
+    try:
+        needed = disk_bytes(inputs.cfg, RunDir(root) if root else None)
+    except (AttributeError, KeyError, StopIteration, TypeError, ValueError) as err:
+        # the plan counts Llama-style decoders; another architecture is not estimated
+        return f"not estimated (mixcpt plan cannot count this model: {_first_line(err)})"
+    if root is None:
+        return f"the run holds up to {needed / 1e9:.3g} GB on disk at once (mixcpt plan)"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        return (
+            f"warning: the run may need up to {needed / 1e9:.3g} GB on disk at once (mixcpt plan) "
+            f"but {existing} has {free / 1e9:.3g} GB free; free space, move the run folder, or "
+            "lower cpt.cache_top_k / training.save_total_limit"
+        )
+    return f"up to {needed / 1e9:.3g} GB at once; {free / 1e9:.3g} GB free in {existing}"
+
+
 CHECKS: list[tuple[str, Callable[[RunInputs], str]]] = [
     ("model", check_model),
     ("tokenizer", check_tokenizer),
@@ -297,6 +326,7 @@ CHECKS: list[tuple[str, Callable[[RunInputs], str]]] = [
     ("chat template", check_chat_template),
     ("teacher", check_teacher),
     ("input files", check_input_files),
+    ("disk", check_disk),
 ]
 
 
@@ -317,7 +347,10 @@ def run_checks(cfg: Config, run_base: Path | None = None) -> Iterator[tuple[str,
 
 
 def check_config(cfg: Config, run_base: Path | None = None) -> None:
-    """Run every check; raise the first failure's UserError (one line naming the key)."""
+    """Run every check; raise the first failure's UserError (one line naming the key). A check's
+    warning goes to stderr and the run goes on."""
     inputs = RunInputs(cfg, run_base)
     for _, check in CHECKS:
-        check(inputs)
+        found = check(inputs)
+        if found.startswith("warning:"):
+            print(f"mixcpt: {found}", file=sys.stderr, flush=True)

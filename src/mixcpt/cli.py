@@ -4,7 +4,7 @@
     mixcpt run CONFIG --output DIR              every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
     mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
-    mixcpt check CONFIG                         what can be known without training (mixcpt.checks)
+    mixcpt check CONFIG [--output DIR]          what can be known without training (mixcpt.checks)
     mixcpt plan CONFIG [--gpus N] [--gpu-memory GiB] [--mode M] [--output DIR]
                                                 memory per GPU per stage, disk, tokens; what fits
 
@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="check a config without training: model, tokenizer, chat template, ..."
     )
     check.add_argument("config", help="YAML run config")
+    check.add_argument("--output", help="run folder: its free disk is checked against the plan")
     plan = sub.add_parser(
         "plan", help="memory per GPU per stage, teacher cache and checkpoint disk, tokens"
     )
@@ -146,9 +147,11 @@ def _check(args: argparse.Namespace) -> int:
 
     print(f"ok    config: {args.config}", flush=True)
     failed = 0
-    for name, passed, line in run_checks(cfg):
+    run_base = RunDir(args.output).base if args.output else None
+    for name, passed, line in run_checks(cfg, run_base):
         failed += not passed
-        print(f"{'ok' if passed else 'FAIL':<5} {name}: {line}", flush=True)
+        status = "FAIL" if not passed else "warn" if line.startswith("warning:") else "ok"
+        print(f"{status:<5} {name}: {line.removeprefix('warning: ')}", flush=True)
     return 2 if failed else 0
 
 
@@ -158,7 +161,6 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)  # a local model's config.json needs no hub
         from mixcpt.plan import format_plan, plan
-        from mixcpt.rundir import RunDir
 
         run = RunDir(args.output) if args.output else None
         estimate = plan(cfg, run, args.gpus, args.mode, args.gpu_memory)
