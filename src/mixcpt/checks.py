@@ -25,6 +25,7 @@ from mixcpt.config import Config, SourceConfig, TrainingConfig
 from mixcpt.errors import ConfigError, InputError, UserError
 from mixcpt.pipeline import stage_arms
 from mixcpt.rundir import base_model_path
+from mixcpt.runlock import is_rank_zero
 
 
 class RunInputs:
@@ -294,8 +295,9 @@ def check_input_files(inputs: RunInputs) -> str:
 
 def check_disk(inputs: RunInputs) -> str:
     """The disk the run will hold at its fullest (`mixcpt.plan.disk_bytes`: teacher cache,
-    checkpoints, model folders) against the free space where the run folder goes. Too little is a
-    warning, not a failure: the estimate is an upper bound, and space may be freed meanwhile."""
+    checkpoints, model folders), less what the run folder already holds, against the free space
+    where it goes. Too little is a warning, not a failure: the estimate is approximate (the packed
+    data streams are not in it), and space may be freed meanwhile."""
     from mixcpt.plan import disk_bytes
     from mixcpt.rundir import RunDir
 
@@ -303,20 +305,22 @@ def check_disk(inputs: RunInputs) -> str:
     root = inputs.run_base.parent if inputs.run_base else None
     try:
         needed = disk_bytes(inputs.cfg, RunDir(root) if root else None)
-    except (AttributeError, KeyError, StopIteration, TypeError, ValueError) as err:
-        # the plan counts Llama-style decoders; another architecture is not estimated
-        return f"not estimated (mixcpt plan cannot count this model: {_first_line(err)})"
+    except (AttributeError, KeyError, RuntimeError, StopIteration, TypeError, UserError) as err:
+        # the plan counts Llama-style decoders under the launch modes it knows
+        return f"not estimated (mixcpt plan cannot count this run: {_first_line(err)})"
     if root is None:
         return f"the run holds up to {needed / 1e9:.3g} GB on disk at once (mixcpt plan)"
+    held = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    more = max(0, needed - held)  # a rerun's outputs are on disk already
     existing = next(p for p in (root, *root.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if needed > free:
+    if more > free:
         return (
-            f"warning: the run may need up to {needed / 1e9:.3g} GB on disk at once (mixcpt plan) "
-            f"but {existing} has {free / 1e9:.3g} GB free; free space, move the run folder, or "
+            f"warning: the run may need {more / 1e9:.3g} GB more on disk (mixcpt plan) but "
+            f"{existing} has {free / 1e9:.3g} GB free; free space, move the run folder, or "
             "lower cpt.cache_top_k / training.save_total_limit"
         )
-    return f"up to {needed / 1e9:.3g} GB at once; {free / 1e9:.3g} GB free in {existing}"
+    return f"{more / 1e9:.3g} GB more at most; {free / 1e9:.3g} GB free in {existing}"
 
 
 CHECKS: list[tuple[str, Callable[[RunInputs], str]]] = [
@@ -352,5 +356,5 @@ def check_config(cfg: Config, run_base: Path | None = None) -> None:
     inputs = RunInputs(cfg, run_base)
     for _, check in CHECKS:
         found = check(inputs)
-        if found.startswith("warning:"):
+        if found.startswith("warning:") and is_rank_zero():  # once per launch, not per process
             print(f"mixcpt: {found}", file=sys.stderr, flush=True)

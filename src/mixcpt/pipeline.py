@@ -66,7 +66,7 @@ def run_stage(
 
     # chunk-sized temporaries are reused, not faulted in afresh (see its module)
     keep_freed_memory()
-    state = process_state()
+    state = process_state(cfg)  # the process group's first use: its timeout comes from cfg
     if state.is_main_process:
         from mixcpt.models import ensure_base_model
 

@@ -130,8 +130,8 @@ def train_and_save(
 
 
 def trained_samples(trainer: Trainer) -> int:
-    """Samples (blocks in cpt, pairs in dpo) that the optimizer steps taken so far consumed, over
-    every process; a last, short batch of an epoch counts as full."""
+    """Samples (blocks in cpt, samples in sft, pairs in dpo) that the optimizer steps taken so
+    far consumed, over every process; a last, short batch of an epoch counts as full."""
     args = trainer.args
     per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     return trainer.state.global_step * per_step
