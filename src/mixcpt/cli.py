@@ -243,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Training diverged: not the user's input (exit 1), but a known stop with its own advice,
         # so one line, no traceback. The trainer module is only loaded when a training stage ran.
+        # Every process of a launch stops alike; one of them says why.
         trainer = sys.modules.get("mixcpt.train.trainer")
         if trainer is not None and isinstance(err, trainer.NonFiniteLossError):
-            print(f"mixcpt: error: {err}", file=sys.stderr)
+            if err.report:
+                print(f"mixcpt: error: {err}", file=sys.stderr)
             return 1
         raise
 

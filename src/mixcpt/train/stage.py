@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mixcpt.config import Config, CPTConfig, LoraSettings
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
@@ -25,7 +24,7 @@ from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save, trained_samples
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache
 from mixcpt.train.teachers import LoraTeacher, OnlineTeacher, Teacher
-from mixcpt.train.trainer import LSSDTrainer
+from mixcpt.train.trainer import LSSDTrainer, shards_parameters
 
 
 def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
@@ -191,11 +190,6 @@ def cpt_trainer(
             "cannot be merged into sharded weights); use DDP or ZeRO-2, or teacher: cache"
         )
     return trainer
-
-
-def shards_parameters(trainer: Trainer) -> bool:
-    """True under FSDP or DeepSpeed ZeRO-3, where no process holds the whole model."""
-    return trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()
 
 
 def trained_tokens(trainer: Trainer, block_size: int) -> int:
