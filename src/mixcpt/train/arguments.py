@@ -20,8 +20,8 @@ def training_arguments(
     TrainingArguments fields `tc` passes through (`TrainingConfig`), then `overrides`, the stage's
     own settings (e.g. remove_unused_columns).
 
-    Raises ConfigError when TrainingArguments refuses the settings (an unknown optimizer name, a
-    warmup given twice, ...).
+    Raises ConfigError when TrainingArguments refuses the settings (an unknown optimizer name,
+    for one).
     """
     kwargs = dict(
         output_dir=str(output_dir),
