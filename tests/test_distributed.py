@@ -151,7 +151,8 @@ def test_launcher_configs_parse_and_the_zero3_save_gathers_full_weights():
     ]
     fsdp = load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config
     assert (
-        fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        fsdp["fsdp_version"] == 2  # FSDP2: the online teacher is sharded too
+        and fsdp["fsdp_reshard_after_forward"] is True
         and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     )
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # the online teacher copies real weights

@@ -434,6 +434,11 @@ def estimate_stage(shape: ModelShape, work: Workload, launch: Launch) -> StageMe
 
     weights, gradients, optimizer, gathered = _trained_model(shape, work, launch)
     frozen = work.frozen_models * shape.params * work.storage
+    if launch.mode == "fsdp" and work.teacher == "online":
+        # FSDP2 shards the online teacher like the student (teachers.OnlineTeacher.follow): its
+        # forward gathers the root unit and a layer at a time (and the next, prefetched)
+        outside = shape.params - shape.layers * shape.layer_params
+        frozen = frozen // launch.processes + (outside + 2 * shape.layer_params) * work.storage
     full, checkpointed = _activations(shape, work, compute)
     acts = checkpointed if work.checkpointing else full
     if work.stage.startswith("cpt"):

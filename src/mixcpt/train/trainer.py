@@ -84,7 +84,10 @@ class LSSDTrainer(Trainer):
         else:
             # [B, T, H] and [V, H], or logits
             student, weight, outputs = self.student_forward(model, inputs)
-        target = self.teacher.target(inputs) if self.teacher is not None else None
+        target = None
+        if self.teacher is not None:
+            self.teacher.follow(model)  # under FSDP2 a model of its own is sharded alike, once
+            target = self.teacher.target(inputs)
         with self.accelerator.autocast():  # the chunked output layer in the forward's precision
             result = cpt_loss(
                 student,
