@@ -1,4 +1,5 @@
-"""One process of tests/train/test_fsdp2.py (run under torchrun, 2 processes, gloo on the CPU).
+"""One process of tests/train/test_fsdp2.py (run under torchrun, 2 processes, gloo on the CPU; also
+run on one GPU by benchmarks/gpu_smoke.sh).
 
 Stage 1's loss through `LSSDTrainer.compute_loss` with the student sharded by FSDP2
 (`fully_shard` on each decoder layer and the root, as accelerate's FSDP2 wrap policy does) and an
@@ -53,7 +54,7 @@ def reference(base: LlamaForCausalLM, inputs) -> tuple[float, dict[str, torch.Te
 
 
 def main(out: str) -> None:
-    state = process_state()  # joins the launch (gloo on the CPU)
+    state = process_state()  # joins the launch (gloo on the CPU, NCCL on GPUs)
     rank, world = state.process_index, state.num_processes
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -65,8 +66,8 @@ def main(out: str) -> None:
         num_key_value_heads=4,
         tie_word_embeddings=False,
     )
-    base = LlamaForCausalLM(config)
-    inputs = batch()
+    base = LlamaForCausalLM(config).to(state.device)
+    inputs = {k: v.to(state.device) for k, v in batch().items()}
     expected_loss, expected_grads = reference(base, inputs)
 
     student = copy.deepcopy(base)
