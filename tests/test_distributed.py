@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,3 +350,48 @@ def test_a_nan_on_one_process_is_skipped_by_every_process(tmp_path, tiny_model_d
     assert skipped == [0, 2, 0, 0], history
     weights = load_file(out / "mixcpt" / "cpt" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# A torchrun worker whose teacher-cache batches each take SLOW_S seconds longer.
+SLOW_CACHE_WRAPPER = """
+import os, sys, time
+from mixcpt.train import teacher_cache
+real = teacher_cache.teacher_top_k
+def slow(*args, **kwargs):
+    time.sleep(float(os.environ["SLOW_S"]))
+    return real(*args, **kwargs)
+teacher_cache.teacher_top_k = slow
+from mixcpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """`mixcpt cache` under torchrun: each process builds half of the cache, so no process waits
+    at a barrier while another builds it all (the one-process build here takes longer than the
+    process group's timeout), and the files are byte for byte those one process builds."""
+    config, out = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["cpt"].update(teacher="cache", cache_top_k=8)
+    for section in ("cpt", "sft", "dpo"):  # the launch's barriers wait 12 s at most
+        raw.setdefault(section, {}).setdefault("training", {})["ddp_timeout"] = 12
+    config.write_text(yaml.safe_dump(raw))
+    one = tmp_path / "one"
+    shutil.copytree(out / "data", one / "data")
+    assert main(["cache", str(config), "--output", str(one)]) == 0
+
+    (tmp_path / "slow.py").write_text(SLOW_CACHE_WRAPPER)
+    proc = subprocess.run(  # 8 batches of 2 blocks, 2 s each: 16 s for one process, 8 s for two
+        [*TORCHRUN, str(tmp_path / "slow.py"), "cache", str(config), "--output", str(out)],
+        env={**launch_env(), "SLOW_S": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("ids.npy", "logprobs.npy", "tail.npy", "done.npy", "meta.json"):
+        assert (out / "teacher_cache" / name).read_bytes() == (
+            one / "teacher_cache" / name
+        ).read_bytes(), name

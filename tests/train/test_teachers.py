@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -170,7 +168,9 @@ def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path
     logprobs = np.load(folder / "logprobs.npy", mmap_mode="r+")
     logprobs[:] = 0
     logprobs.flush()
-    (folder / "progress.json").write_text(json.dumps({"blocks_done": 2}))
+    done = np.load(folder / "done.npy", mmap_mode="r+")
+    done[2:] = 0
+    done.flush()
 
     resumed = build_teacher_cache(
         teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2
