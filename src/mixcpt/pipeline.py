@@ -38,7 +38,8 @@ def arm_cpt_config(cfg: Config, arm: str) -> CPTConfig:
 
 
 # Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main
-# process runs them while the others wait, instead of every process writing the same folders.
+# process runs them while the others wait (however long: processes.main_process_runs), instead
+# of every process writing the same folders.
 SINGLE_PROCESS = ("data", "select", "eval", "report")
 
 
@@ -62,12 +63,13 @@ def run_stage(
         check_config(cfg, run.base)
     from mixcpt.fingerprints import assess
     from mixcpt.malloc_tuning import keep_freed_memory
-    from mixcpt.processes import process_state
+    from mixcpt.processes import main_process_runs, process_state
 
     # chunk-sized temporaries are reused, not faulted in afresh (see its module)
     keep_freed_memory()
     state = process_state(cfg)  # the process group's first use: its timeout comes from cfg
-    if state.is_main_process:
+
+    def prepare() -> None:
         from mixcpt.models import ensure_base_model
 
         # a GGUF base is converted once into run.base; else a no-op
@@ -75,13 +77,15 @@ def run_stage(
         # hashes every input file once (a large model takes a while), before the other processes
         # of a launch read the same hashes from the cache
         assess(cfg, run)
-    state.wait_for_everyone()
-    if stage in SINGLE_PROCESS and not state.is_main_process:
-        state.wait_for_everyone()
+
+    # the other processes wait for the main one by polling, however long it takes (processes)
+    main_process_runs(state, run.root / ".work", "prepare", prepare)
+    if stage in SINGLE_PROCESS:
+        main_process_runs(
+            state, run.root / ".work", stage, partial(_run_stage, stage, cfg, run, arm, force)
+        )
         return
     _run_stage(stage, cfg, run, arm, force)
-    if stage in SINGLE_PROCESS:
-        state.wait_for_everyone()
 
 
 # stage -> (module, function, whether it runs once per arm). Modules are imported when their stage
