@@ -242,6 +242,7 @@ def test_only_settings_that_change_an_output_count(tiny_cfg, tmp_path):
     assert changed(**{"cpt.compile_loss": True}) == set()  # the same loss, computed faster
     assert changed(**{"sft.training.logging_first_step": True}) == set()
     assert changed(**{"select.k": 5}) == {"select"}
+    assert changed(**{"select.fas_quantile": 0.3}) == set()  # only fas reads it; the default is ppl
     assert changed(**{"eval.max_length": 64}) == {"eval"}
     assert changed(**{"data.block_size": 64}) == {"data"}
     for knob in (

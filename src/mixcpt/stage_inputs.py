@@ -197,11 +197,12 @@ def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
 
 
 def _select_inputs(cfg: Config) -> dict:
-    settings = cfg.select.model_dump(mode="json", exclude={"batch_size"})
+    unused = {"batch_size"} | ({"fas_quantile"} if cfg.select.score != "fas" else set())
+    settings = cfg.select.model_dump(mode="json", exclude=unused)
     config = {**_model_settings(cfg), **flat("select", settings)}
     if cfg.select.strategy == "random":
         config["seed"] = cfg.seed
-    if cfg.select.score == "fas":  # scores through the chat template
+    if cfg.select.score in ("fas", "fas_ratio"):  # scores through the chat template
         config["sft.chat_template"] = cfg.sft.chat_template
     return config
 
