@@ -11,6 +11,7 @@ order (mixcpt.data.stage), so a pass over either holds them once each. The numbe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -51,7 +52,8 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     if arm != "mixcpt":
         cpt = domain_matched(cpt, run, processes)
     passes = passes_over(cpt.training, len(blocks), processes)
-    domain_tokens = round(passes * domain_tokens_per_pass(run))
+    per_pass = domain_tokens_per_pass(run)
+    domain_tokens = None if per_pass is None else round(passes * per_pass)
     model, tokenizer = load_student(cfg, run, cpt)
     teacher = (
         load_teacher(cpt, model, blocks, run, cfg.model.dtype) if cpt.lssd_weight > 0 else None
@@ -145,9 +147,11 @@ def domain_matched(cpt: CPTConfig, run: RunDir, processes: int) -> CPTConfig:
     return cpt.model_copy(update={"training": training})
 
 
-def domain_tokens_per_pass(run: RunDir) -> int:
-    """The domain tokens of one pass over D_MIX, which are those of one pass over D_K."""
-    return IndexedBlocks(run.data / "domain").n_tokens
+def domain_tokens_per_pass(run: RunDir) -> int | None:
+    """The domain tokens of one pass over D_MIX, which are those of one pass over D_K; None when
+    the run folder has no D_K (a D_MIX packed by other means than the data stage)."""
+    meta = run.data / "domain" / "meta.json"
+    return json.loads(meta.read_text())["n_tokens"] if meta.is_file() else None
 
 
 def load_student(
