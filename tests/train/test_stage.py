@@ -217,8 +217,11 @@ def test_both_arms_train_on_the_same_domain_tokens(cpt_run, tiny_tokenizer, monk
 
 def test_with_max_steps_the_baseline_makes_as_many_passes_over_d_k(cpt_run):
     make_config, run = cpt_run
-    cfg = make_config()  # max_steps 4 of 4 blocks: 16 blocks of D_MIX
+    # 32 blocks of D_MIX, 3 per step: 11 steps a pass (the last batch holds 2 blocks)
+    cfg = make_config(training={"max_steps": 22, "per_device_batch_size": 3})
     matched = stage.domain_matched(arm_cpt_config(cfg, "baseline"), run, processes=1)
-    passes = 16 / len(stage.training_blocks(run, "mixcpt"))
-    assert (matched.training.max_steps, matched.training.num_epochs) == (-1, passes)
+    assert (matched.training.max_steps, matched.training.num_epochs) == (-1, 2.0)
+    # two processes take 6 blocks a step: 6 steps a pass
+    matched = stage.domain_matched(arm_cpt_config(cfg, "baseline"), run, processes=2)
+    assert matched.training.num_epochs == 22 / 6
     assert matched.training.learning_rate == cfg.cpt.training.learning_rate

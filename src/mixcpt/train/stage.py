@@ -12,6 +12,7 @@ order (mixcpt.data.stage), so a pass over either holds them once each. The numbe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -128,20 +129,20 @@ def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:
 
 def passes_over(training: TrainingConfig, n_blocks: int, processes: int) -> float:
     """Passes over a stream of `n_blocks` blocks that stage 1 makes with `training` on `processes`
-    processes: num_epochs, or with max_steps the blocks its optimizer steps take (a short last
-    batch counted as full) over n_blocks."""
+    processes: num_epochs, or max_steps over the optimizer steps of one pass (as the Trainer counts
+    them: batches per process, a short last one included, over gradient accumulation)."""
     if training.max_steps == -1:
         return training.num_epochs
-    per_step = training.per_device_batch_size * training.gradient_accumulation_steps * processes
-    return training.max_steps * per_step / n_blocks
+    batches = math.ceil(n_blocks / (training.per_device_batch_size * processes))
+    return training.max_steps / math.ceil(batches / training.gradient_accumulation_steps)
 
 
 def domain_matched(cpt: CPTConfig, run: RunDir, processes: int) -> CPTConfig:
     """`cpt` with its budget set to as many passes over D_K as Mix-CPT's stage 1 (the same
     cpt.training) makes over D_MIX: max_steps -1 and num_epochs those passes. A pass over D_K holds
     exactly the domain tokens of a pass over D_MIX, so both arms train on the same domain tokens:
-    exactly when Mix-CPT trains whole passes (num_epochs), and with max_steps up to the blocks
-    each arm's Trainer samples for its last, partial pass."""
+    exactly when Mix-CPT trains whole passes (num_epochs, or max_steps a multiple of its steps
+    per pass), else up to the blocks each arm's Trainer samples for its last, partial pass."""
     passes = passes_over(cpt.training, len(IndexedBlocks(run.data / "mix")), processes)
     training = cpt.training.model_copy(update={"max_steps": -1, "num_epochs": passes})
     return cpt.model_copy(update={"training": training})
