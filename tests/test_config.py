@@ -106,6 +106,11 @@ def test_minimal_config_gets_defaults_and_absolute_paths(corpus):
             MINIMAL + "cpt: {training: {warmup_ratio: 0.1, warmup_steps: 10}}\n",
             "cpt.training.warmup_steps: give warmup_ratio or warmup_steps, not both",
         ),
+        (
+            MINIMAL + "cpt: {alpha: 0.5, ce_weight: 1}\n",
+            "cpt: alpha and ce_weight are exclusive",
+        ),
+        (MINIMAL + "cpt: {alpha: 1.5}\n", "cpt.alpha: Input should be less than or equal to 1"),
         ("model: {path: m\n", "c.yaml:"),
         ("- a list\n", "must be a mapping"),
     ],
@@ -196,3 +201,10 @@ def test_stage_training_defaults_survive_a_partial_section(corpus):
         assert training.model_dump() == {**defaults, "max_steps": 3}, stage
     assert cfg.dpo.training.learning_rate == DPOConfig().training.learning_rate == 5e-7
     assert cfg.sft.training.learning_rate == 2e-5
+
+
+def test_alpha_is_the_papers_form_of_the_two_weights(corpus):
+    cfg = load_config(write(corpus, MINIMAL + "cpt: {alpha: 0.25}\n"))
+    assert (cfg.cpt.ce_weight, cfg.cpt.lssd_weight) == (0.25, 0.75)
+    # a saved config lists all three, and loads back
+    assert Config.model_validate(cfg.model_dump()).cpt == cfg.cpt

@@ -229,6 +229,12 @@ def test_only_settings_that_change_an_output_count(tiny_cfg, tmp_path):
     # the baseline arm trains with plain CE whatever the LSSD settings say
     assert changed(**{"cpt.lssd_weight": 0.5}) == {"cpt/mixcpt"}
     assert changed(**{"cpt.temperature": 2.0}) == {"cpt/mixcpt"}
+    # alpha is the two weights it sets: alpha 0.5 is the same build as both weights 0.5
+    assert changed(**{"cpt.alpha": 0.5}) == {"cpt/mixcpt"}
+    halves = tiny_cfg(**{"cpt.ce_weight": 0.5, "cpt.lssd_weight": 0.5})
+    assert inputs_now(tiny_cfg(**{"cpt.alpha": 0.5}), run, "cpt/mixcpt") == inputs_now(
+        halves, run, "cpt/mixcpt"
+    )
     assert changed(**{"cpt.training.learning_rate": 1e-4}) == {"cpt/mixcpt", "cpt/baseline"}
     # a TrainingArguments field passed through counts like ours; where and how often logs go not
     assert changed(**{"sft.training.optim": "adafactor"}) == {"sft/mixcpt", "sft/baseline"}
@@ -236,6 +242,7 @@ def test_only_settings_that_change_an_output_count(tiny_cfg, tmp_path):
     assert changed(**{"cpt.compile_loss": True}) == set()  # the same loss, computed faster
     assert changed(**{"sft.training.logging_first_step": True}) == set()
     assert changed(**{"select.k": 5}) == {"select"}
+    assert changed(**{"select.fas_quantile": 0.3}) == set()  # only fas reads it; the default is ppl
     assert changed(**{"eval.max_length": 64}) == {"eval"}
     assert changed(**{"data.block_size": 64}) == {"data"}
     for knob in (

@@ -31,10 +31,11 @@ def stage_arms(cfg: Config, stage: str) -> list[str]:
 
 
 def arm_cpt_config(cfg: Config, arm: str) -> CPTConfig:
-    """cfg.cpt for "mixcpt"; for "baseline" the same settings with plain CE and no teacher."""
+    """cfg.cpt for "mixcpt"; for "baseline" the same settings with plain CE and no teacher (and no
+    `alpha`, which would say otherwise)."""
     if arm == "mixcpt":
         return cfg.cpt
-    return cfg.cpt.model_copy(update={"ce_weight": 1.0, "lssd_weight": 0.0})
+    return cfg.cpt.model_copy(update={"ce_weight": 1.0, "lssd_weight": 0.0, "alpha": None})
 
 
 # Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main

@@ -178,7 +178,8 @@ def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
     """The arm's stage-1 settings, leaving out those of a teacher it does not use: the baseline
     (always plain CE) is untouched by every LSSD setting."""
     cpt = arm_cpt_config(cfg, arm)
-    unused = {"loss_chunk_size", "compile_loss", "training"}
+    # alpha is in the two weights it sets: alpha 0.5 and weights 0.5, 0.5 are one build
+    unused = {"loss_chunk_size", "compile_loss", "training", "alpha"}
     if cpt.lssd_weight == 0:  # no teacher; `teacher: lora` still means training adapters
         unused |= {"temperature", "cache_top_k", "cache_dtype"}
         unused |= {"teacher"} if cpt.teacher != "lora" else set()
@@ -196,11 +197,12 @@ def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
 
 
 def _select_inputs(cfg: Config) -> dict:
-    settings = cfg.select.model_dump(mode="json", exclude={"batch_size"})
+    unused = {"batch_size"} | ({"fas_quantile"} if cfg.select.score != "fas" else set())
+    settings = cfg.select.model_dump(mode="json", exclude=unused)
     config = {**_model_settings(cfg), **flat("select", settings)}
     if cfg.select.strategy == "random":
         config["seed"] = cfg.seed
-    if cfg.select.score == "fas":  # scores through the chat template
+    if cfg.select.score in ("fas", "fas_ratio"):  # scores through the chat template
         config["sft.chat_template"] = cfg.sft.chat_template
     return config
 

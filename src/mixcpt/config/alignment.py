@@ -20,11 +20,23 @@ class SelectConfig(Strict):
         description="Samples kept of the instruction pool and of the preference pool (each); "
         "more than a pool holds keeps all of it.",
     )
-    score: Literal["ppl", "fas"] = Field(
+    score: Literal["ppl", "fas", "fas_ratio"] = Field(
         "ppl",
-        description="ppl: exp(mean response NLL) under the plain stage-1 rendering; fas: mean "
-        "response NLL through the chat template / the same under the plain rendering. Lower is "
-        "easier; a preference pair is scored by its chosen response.",
+        description="ppl: exp(mean response NLL) under the plain stage-1 rendering. fas: the "
+        "format cost, mean NLL of the response's own tokens after the chat template's prompt "
+        "minus the same after the plain prompt, chosen among the samples the model already knows "
+        "(see fas_quantile). fas_ratio (an ablation; it favours long responses the model does "
+        "not know): mean response NLL through the chat template / the same under the plain "
+        "rendering. Lower is easier; a preference pair is scored by its chosen response.",
+    )
+    fas_quantile: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="With score fas: the share of the pool, by lowest plain response NLL (content "
+        "the model already knows), among which `easiest` keeps the k with the lowest format cost "
+        "(`hardest`: the share with the highest plain NLL, and the k highest costs); widened to "
+        "k samples when it holds fewer. 1 ranks the whole pool by format cost.",
     )
     strategy: Literal["easiest", "hardest", "random"] = Field(
         "easiest",
