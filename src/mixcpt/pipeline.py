@@ -1,4 +1,4 @@
-"""The stages in order, for both arms. Each stage reuses an output built from the same inputs and
+"""The stages in order, for every arm. Each stage reuses an output built from the same inputs and
 rebuilds one whose inputs changed, with everything after it (mixcpt.fingerprints), so rerunning
 the pipeline after an interruption resumes where it stopped (a stage in progress resumes from its
 last checkpoint) and rerunning it after a config change redoes exactly what the change affects."""
@@ -8,33 +8,68 @@ from __future__ import annotations
 import importlib
 from functools import partial
 
-from mixcpt.config import Config, CPTConfig
+from mixcpt.config import Config
+from mixcpt.config.arms import Arm, find_arm, resolve_arms
 from mixcpt.errors import ConfigError
 from mixcpt.rundir import RunDir
+from mixcpt.stage_inputs import cpt_settings, select_settings
 
 STAGES = ("data", "cpt", "select", "sft", "dpo", "eval", "report")
 
 
-def arms(cfg: Config) -> list[str]:
-    """The arms this config trains: Mix-CPT, plus the traditional baseline when enabled."""
-    return ["mixcpt", "baseline"] if cfg.baseline.enabled else ["mixcpt"]
+def arms(cfg: Config) -> list[Arm]:
+    """The arms this config trains, in the configured order (mixcpt.config.arms)."""
+    return resolve_arms(cfg)
+
+
+def stage1_owner(cfg: Config, arm: str) -> str:
+    """The arm whose stage-1 model `arm` uses: the first arm (in the configured order) with the
+    same stage-1 settings (stream, loss, teacher, training; those that change the model, as
+    mixcpt.stage_inputs counts them). An arm that differs from every earlier one owns its own."""
+    key = cpt_settings(find_arm(cfg, arm))
+    return next(a.name for a in arms(cfg) if cpt_settings(a) == key)
+
+
+def selection_owner(cfg: Config, arm: str) -> str | None:
+    """The arm whose selection `arm` aligns on: the first with the same stage-1 model and the
+    same `select` settings; None for an arm that aligns on the whole pool."""
+    this = find_arm(cfg, arm)
+    if this.align_on == "pool":
+        return None
+    key = (stage1_owner(cfg, arm), select_settings(this.config))
+    return next(
+        a.name
+        for a in arms(cfg)
+        if a.align_on == "selection"
+        and (stage1_owner(cfg, a.name), select_settings(a.config)) == key
+    )
 
 
 def stage_arms(cfg: Config, stage: str) -> list[str]:
-    """The arms that train `stage` ("cpt", "sft" or "dpo") under this config: DPO needs preference
-    data, and the baseline runs it only with `baseline.dpo`."""
+    """The arms that build `stage` ("cpt", "select", "sft" or "dpo") themselves: stage 1 and
+    selection once per distinct setting (the others share them), SFT every arm, DPO the arms with
+    `run_dpo` when there is preference data."""
+    names = [a.name for a in arms(cfg)]
+    if stage == "cpt":
+        return [a for a in names if stage1_owner(cfg, a) == a]
+    if stage == "select":
+        return [a for a in names if selection_owner(cfg, a) == a]
     if stage != "dpo":
-        return arms(cfg)
+        return names
     if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
         return []
-    return [a for a in arms(cfg) if a == "mixcpt" or cfg.baseline.dpo]
+    return [a.name for a in arms(cfg) if a.run_dpo]
 
 
-def arm_cpt_config(cfg: Config, arm: str) -> CPTConfig:
-    """cfg.cpt for "mixcpt"; for "baseline" the same settings with plain CE and no teacher."""
-    if arm == "mixcpt":
-        return cfg.cpt
-    return cfg.cpt.model_copy(update={"ce_weight": 1.0, "lssd_weight": 0.0})
+def builder(cfg: Config, stage: str, arm: str) -> str | None:
+    """The arm whose output of `stage` ("cpt", "select", "sft", "dpo") `arm` uses: itself, the
+    arm it shares stage 1 or its selection with, or None when `arm` has no such stage (no
+    selection on the whole pool, no DPO)."""
+    if stage == "cpt":
+        return stage1_owner(cfg, arm)
+    if stage == "select":
+        return selection_owner(cfg, arm)
+    return arm if arm in stage_arms(cfg, stage) else None
 
 
 # Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main
@@ -89,7 +124,7 @@ def run_stage(
 STAGE_FUNCTIONS = {
     "data": ("mixcpt.data.stage", "run_data", False),
     "cpt": ("mixcpt.train.stage", "run_cpt", True),
-    "select": ("mixcpt.align.select", "run_select", False),
+    "select": ("mixcpt.align.select", "run_select", True),
     "sft": ("mixcpt.align.sft", "run_sft", True),
     "dpo": ("mixcpt.align.dpo", "run_dpo", True),
     "eval": ("mixcpt.evaluate.stage", "run_eval", False),
@@ -113,14 +148,28 @@ def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None, force: boo
 
 
 def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:
-    """The arms `stage` runs for: those it trains under this config, or `arm` alone (--arm)."""
-    if arm is not None and arm not in arms(cfg):
-        raise ConfigError(f"--arm {arm}: this config does not train that arm (baseline.enabled)")
-    return [a for a in stage_arms(cfg, stage) if arm in (None, a)]
+    """The arms `stage` runs for: those that build it under this config, or the one whose output
+    `arm` uses (--arm). Says which arm's output each other arm shares."""
+    from mixcpt.processes import process_state
+
+    names = [a.name for a in arms(cfg)]
+    if arm is not None and arm not in names:
+        listed = ", ".join(names)
+        raise ConfigError(f"--arm {arm}: this config trains no such arm (its arms: {listed})")
+    chosen = []
+    for a in [arm] if arm is not None else names:
+        built_by = builder(cfg, stage, a)
+        if built_by is not None and built_by not in chosen:
+            chosen.append(built_by)
+        if built_by not in (None, a) and process_state().is_main_process:
+            what = "stage-1 settings" if stage == "cpt" else "stage-1 model and select settings"
+            print(f"mixcpt: {stage}/{a}: shares {stage}/{built_by} (the same {what})", flush=True)
+    return chosen
 
 
 def run_pipeline(cfg: Config, run: RunDir, force: str | None = None, check: bool = True) -> None:
-    """Every stage in order: data, stage 1 (both arms), selection, SFT, DPO, evaluation, report.
+    """Every stage in order: data, stage 1, selection, SFT, DPO (each for every arm), evaluation,
+    report.
 
     `force` names a stage to rebuild even when its output is current; the stages after it are
     rebuilt too, since they read its new output. The checks of mixcpt.checks run once, first,

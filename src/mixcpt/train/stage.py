@@ -1,7 +1,8 @@
 """The `cpt` stage: continual pre-training of one arm, resumable, written as a standard HF folder.
 
-arm "mixcpt":   D_MIX (data/mix) with cfg.cpt's losses and teacher
-arm "baseline": D_K (data/domain) with plain cross-entropy, same training settings and steps
+Each arm trains on its stream (`mix`: D_MIX in data/mix; `domain`: D_K in data/domain) with its
+own cpt section (mixcpt.config.arms): "mixcpt" with cfg.cpt's losses and teacher, "baseline" with
+plain cross-entropy on D_K, same training settings and steps.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mixcpt.config import Config, CPTConfig, LoraSettings
+from mixcpt.config.arms import find_arm
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
 from mixcpt.errors import ConfigError, InputError
 from mixcpt.fingerprints import begin
 from mixcpt.models import DTYPES, load_tokenizer, model_from, vocab_size
-from mixcpt.pipeline import arm_cpt_config
 from mixcpt.processes import process_state
 from mixcpt.rundir import RunDir, base_model_path
 from mixcpt.train.arguments import training_arguments
@@ -29,7 +30,7 @@ from mixcpt.train.trainer import LSSDTrainer
 
 
 def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
-    """Train stage 1 of `arm` ("mixcpt" or "baseline") and save `run.stage(arm, "cpt")`.
+    """Train stage 1 of `arm` (one of the config's arms) and save `run.stage(arm, "cpt")`.
 
     Resumes from the last checkpoint in `run.work(arm, "cpt")`; skips (returning the recorded
     metrics) when the final folder was built from the same inputs, unless `force`. With
@@ -40,8 +41,9 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     record = begin(cfg, run, f"cpt/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
-    cpt = arm_cpt_config(cfg, arm)
-    blocks = training_blocks(run, arm)
+    this = find_arm(cfg, arm)
+    cpt = this.config.cpt
+    blocks = training_blocks(run, this.stream)
     model, tokenizer = load_student(cfg, run, cpt)
     teacher = (
         load_teacher(cpt, model, blocks, run, cfg.model.dtype) if cpt.lssd_weight > 0 else None
@@ -96,9 +98,9 @@ def started_with(
     }
 
 
-def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:
-    """The packed stream `arm` trains on: D_MIX for Mix-CPT, D_K for the baseline."""
-    stream = run.data / ("mix" if arm == "mixcpt" else "domain")
+def training_blocks(run: RunDir, stream_name: str) -> IndexedBlocks:
+    """The packed stream an arm trains on: "mix" (D_MIX) or "domain" (D_K)."""
+    stream = run.data / stream_name
     if not (stream / "meta.json").is_file():
         raise InputError(stream, None, "packed training data missing; run the `data` stage first")
     return IndexedBlocks(stream)
