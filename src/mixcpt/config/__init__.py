@@ -53,7 +53,7 @@ class Config(Strict):
         description="Seed of the mixture's draw and order, D_K's order, random selection and "
         "TrainingArguments seed/data_seed. Changing it rebuilds the data.",
     )
-    model: ModelConfig = Field(description="The base model both arms start from.")
+    model: ModelConfig = Field(description="The base model every arm starts from.")
     data: DataConfig = Field(description="Sources, mixture and packing of the data stage.")
     cpt: CPTConfig = Field(
         default_factory=CPTConfig, description="Stage 1: continual pre-training."

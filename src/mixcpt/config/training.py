@@ -263,13 +263,13 @@ class CPTConfig(Strict):
     ce_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of next-token cross-entropy (the baseline arm always uses 1).",
+        description="Weight of next-token cross-entropy (the baseline and mixture-ce arms use 1).",
     )
     lssd_weight: float = Field(
         1.0,
         ge=0,
         description="Weight of logit swap self-distillation (0: plain CPT, no teacher; the "
-        "baseline arm always uses 0).",
+        "baseline and mixture-ce arms use 0).",
     )
     temperature: float = Field(
         1.0,
@@ -312,12 +312,12 @@ class CPTConfig(Strict):
     )
     lora: LoraSettings = Field(
         default_factory=LoraSettings,
-        description="Used when teacher is lora: stage 1 of both arms then trains these adapters "
+        description="Used when teacher is lora: stage 1 of every arm then trains these adapters "
         "instead of the full model and merges them into the weights when saving.",
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig,
-        description="Training settings of stage 1, shared by both arms.",
+        description="Training settings of stage 1, every arm's unless it overrides them.",
     )
 
     @model_validator(mode="after")

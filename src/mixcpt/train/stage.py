@@ -34,7 +34,7 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
 
     Resumes from the last checkpoint in `run.work(arm, "cpt")`; skips (returning the recorded
     metrics) when the final folder was built from the same inputs, unless `force`. With
-    `cpt.teacher: lora` both arms train LoRA adapters, merged into the weights before saving.
+    `cpt.teacher: lora` every arm trains LoRA adapters, merged into the weights before saving.
     Returns the metrics also written to results.json under stages/<arm>/cpt.
     """
     key, final, work = f"{arm}/cpt", run.stage(arm, "cpt"), run.work(arm, "cpt")
