@@ -169,7 +169,9 @@ def test_a_changed_arm_rebuilds_only_that_arm(three_arms, tmp_path, capsys):
     changed.write_text(yaml.safe_dump(raw))
     capsys.readouterr()
     assert main(["status", str(out), "--config", str(changed)]) == 0
-    stale = {
-        line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if " stale" in line
-    }
+    printed = capsys.readouterr().out.splitlines()[1:]
+    lines = {line.split()[0]: line.split(maxsplit=1)[1] for line in printed}
+    stale = {node for node, state in lines.items() if state.startswith("stale")}
     assert stale == {"select/random-k", "sft/random-k", "dpo/random-k", "eval", "report"}
+    assert lines["select/random-k"] == "stale (select.k changed: 20 -> 10)"
+    assert lines["cpt/mixcpt"] == "done; also used by random-k, whole-pool"

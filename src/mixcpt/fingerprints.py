@@ -41,7 +41,7 @@ from pathlib import Path
 from mixcpt.atomic import write_json_atomic
 from mixcpt.config import Config
 from mixcpt.errors import UserError
-from mixcpt.pipeline import selection_owner, stage1_owner, stage_arms
+from mixcpt.pipeline import owners, selection_owner, stage1_owner, stage_arms
 from mixcpt.rundir import TRAINED_STAGES, RunDir
 from mixcpt.stage_inputs import config_and_files
 
@@ -332,10 +332,19 @@ def _discard_stale(run: RunDir, node: str, record: dict, force: bool) -> None:
 
 
 def status_lines(cfg: Config, run: RunDir) -> list[str]:
-    """One line per node: its name, then done, stale (and why) or missing."""
+    """One line per node: its name, then done, stale (and why) or missing, and the other arms
+    that use it when it is shared (a stage-1 model or a selection)."""
     verdicts = assess(cfg, run)
+    stage1, selection = owners(cfg)
+    users = {}
+    for stage, owner_of in (("cpt", stage1), ("select", selection)):
+        for arm, owner in owner_of.items():
+            if owner not in (None, arm):
+                users.setdefault(f"{stage}/{owner}", []).append(arm)
     width = max(len(node) for node in verdicts) + 2
     return [
-        f"{node:<{width}}{v.state}" + (f" ({v.reason})" if v.reason else "")
+        f"{node:<{width}}{v.state}"
+        + (f" ({v.reason})" if v.reason else "")
+        + (f"; also used by {', '.join(users[node])}" if node in users else "")
         for node, v in verdicts.items()
     ]

@@ -6,6 +6,7 @@ last checkpoint) and rerunning it after a config change redoes exactly what the 
 from __future__ import annotations
 
 import importlib
+import json
 from functools import partial
 
 from mixcpt.config import Config
@@ -22,27 +23,41 @@ def arms(cfg: Config) -> list[Arm]:
     return resolve_arms(cfg)
 
 
+def owners(cfg: Config) -> tuple[dict[str, str], dict[str, str | None]]:
+    """({arm: the arm whose stage-1 model it uses}, {arm: the arm whose selection it aligns on,
+    None on the whole pool}). The owner is the first arm (in the configured order) with the same
+    settings: for stage 1 those that change its model (stream, loss, teacher, training, as
+    mixcpt.stage_inputs counts them), for a selection the stage-1 model and the `select` settings.
+    An arm that differs from every earlier one owns its own."""
+    stage1, selection, seen = {}, {}, {}
+    for arm in arms(cfg):
+        key = json.dumps(["cpt", cpt_settings(arm)], sort_keys=True)
+        stage1[arm.name] = seen.setdefault(key, arm.name)
+    for arm in arms(cfg):
+        if arm.align_on == "pool":
+            selection[arm.name] = None
+            continue
+        key = json.dumps(["select", stage1[arm.name], select_settings(arm.config)], sort_keys=True)
+        selection[arm.name] = seen.setdefault(key, arm.name)
+    return stage1, selection
+
+
+def _owner(cfg: Config, arm: str, stage: str) -> str | None:
+    stage1, selection = owners(cfg)
+    if arm not in stage1:
+        find_arm(cfg, arm)  # raises the ConfigError that names the configured arms
+    return (stage1 if stage == "cpt" else selection)[arm]
+
+
 def stage1_owner(cfg: Config, arm: str) -> str:
-    """The arm whose stage-1 model `arm` uses: the first arm (in the configured order) with the
-    same stage-1 settings (stream, loss, teacher, training; those that change the model, as
-    mixcpt.stage_inputs counts them). An arm that differs from every earlier one owns its own."""
-    key = cpt_settings(find_arm(cfg, arm))
-    return next(a.name for a in arms(cfg) if cpt_settings(a) == key)
+    """The arm whose stage-1 model `arm` uses (`owners`); a ConfigError for an unknown arm."""
+    return _owner(cfg, arm, "cpt")
 
 
 def selection_owner(cfg: Config, arm: str) -> str | None:
-    """The arm whose selection `arm` aligns on: the first with the same stage-1 model and the
-    same `select` settings; None for an arm that aligns on the whole pool."""
-    this = find_arm(cfg, arm)
-    if this.align_on == "pool":
-        return None
-    key = (stage1_owner(cfg, arm), select_settings(this.config))
-    return next(
-        a.name
-        for a in arms(cfg)
-        if a.align_on == "selection"
-        and (stage1_owner(cfg, a.name), select_settings(a.config)) == key
-    )
+    """The arm whose selection `arm` aligns on, None when it aligns on the whole pool
+    (`owners`); a ConfigError for an unknown arm."""
+    return _owner(cfg, arm, "select")
 
 
 def stage_arms(cfg: Config, stage: str) -> list[str]:
@@ -50,10 +65,9 @@ def stage_arms(cfg: Config, stage: str) -> list[str]:
     selection once per distinct setting (the others share them), SFT every arm, DPO the arms with
     `run_dpo` when there is preference data."""
     names = [a.name for a in arms(cfg)]
-    if stage == "cpt":
-        return [a for a in names if stage1_owner(cfg, a) == a]
-    if stage == "select":
-        return [a for a in names if selection_owner(cfg, a) == a]
+    if stage in ("cpt", "select"):
+        shared = owners(cfg)[0 if stage == "cpt" else 1]
+        return [a for a in names if shared[a] == a]
     if stage != "dpo":
         return names
     if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
