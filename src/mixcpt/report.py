@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def arm_order(results: dict) -> list[str]:
 def arm_colors(results: dict) -> dict[str, str]:
     """A colour per arm: the built-ins' own, the others in turn."""
     others = (name for name in arm_order(results) if name not in ARM_COLORS)
-    return {**ARM_COLORS, **dict(zip(others, OTHER_COLORS * 4))}
+    return {**ARM_COLORS, **dict(zip(others, itertools.cycle(OTHER_COLORS)))}
 
 
 def _loss(summary: dict) -> str:
