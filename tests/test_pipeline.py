@@ -154,7 +154,7 @@ def test_eval_and_report_have_every_arm(three_arms):
     assert (
         "| random-k | random-k | mix stream, 1 CE + 1 LSSD (online teacher) (the model of " in table
     )
-    assert "k=20 random by ppl" in table and "| the whole pool |" in table
+    assert "k=20 at random" in table and "| the whole pool |" in table
     assert "| 20 samples, 4 steps |" in table
     assert "| random-k | cpt (= mixcpt) |" in md
 

@@ -52,6 +52,7 @@ table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
 tr.missing td { color: #999; font-style: italic; }
+table.words th, table.words td { text-align: left; }
 img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 .note { color: #666; font-size: .9rem; }
 """
@@ -111,6 +112,8 @@ def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
             stage2 = "the whole pool"
         else:
             stage2 = f"k={select['k']} {select['strategy']} by {select['score']}"
+            if select["strategy"] == "random":  # scored all the same, but not chosen by score
+                stage2 = f"k={select['k']} at random"
             if a["selection_shared_with"]:
                 stage2 += f" (the selection of {a['selection_shared_with']})"
         dpo = _budget(a["dpo_pairs"], "pairs", a["dpo_steps"]) if a["run_dpo"] else "no DPO"
@@ -388,14 +391,19 @@ def plot_mixture(results: dict) -> str | None:
 
 
 def _html_table(
-    header: list[str], cells: list[list[str]], missing: list[bool] | None = None
+    header: list[str],
+    cells: list[list[str]],
+    missing: list[bool] | None = None,
+    words: bool = False,
 ) -> str:
+    """An HTML table; numbers are right-aligned, and `words` left-aligns every column."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = ""
     for i, line in enumerate(cells):
         cls = ' class="missing"' if missing and missing[i] else ""
         body += f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+    table = "<table class='words'>" if words else "<table>"
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
 def _md_table(header: list[str], cells: list[list[str]]) -> str:
@@ -450,7 +458,7 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     parts = [
         f"<h1>Mix-CPT report</h1><p class='note'>Run folder: {html.escape(str(run.root))}</p>",
         "<h2>Arms</h2>",
-        _html_table(arm_header, arm_cells)
+        _html_table(arm_header, arm_cells, words=True)
         if arm_cells
         else f"<p class='note'>{html.escape(no_arms)}</p>",
         f"<p class='note'>{html.escape(arms_note)}</p>" if arm_cells else "",
