@@ -254,7 +254,8 @@ def test_configs_without_arms_train_mixcpt_and_the_baseline_as_before(corpus):
     assert arms(MINIMAL) == [("mixcpt", True), ("baseline", True)]
     assert arms(MINIMAL + "baseline: {dpo: false}\n") == [("mixcpt", True), ("baseline", False)]
     assert arms(MINIMAL + "baseline: {enabled: false}\n") == [("mixcpt", True)]
-    with pytest.raises(ConfigError, match="baseline.enabled: give `arms` or baseline.enabled"):
-        load_config(write(corpus, MINIMAL + "baseline: {enabled: false}\narms: [mixcpt]\n"))
+    assert arms(MINIMAL + "baseline: {enabled: true}\narms: [baseline]\n") == [("baseline", True)]
+    with pytest.raises(ConfigError, match="baseline.enabled: false, but `arms` lists the baseline"):
+        load_config(write(corpus, MINIMAL + "baseline: {enabled: false}\narms: [baseline]\n"))
     for example in ("quickstart.yaml", "arms.yaml"):
         load_config(Path(__file__).resolve().parents[1] / "examples" / example)

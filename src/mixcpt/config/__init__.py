@@ -98,8 +98,13 @@ class Config(Strict):
     def _arms_resolve(self) -> Config:
         """Every arm's overrides are valid over the top-level sections (errors name the arm)."""
         if self.arms is not None:
-            if "enabled" in self.baseline.model_fields_set:
-                message = "give `arms` or baseline.enabled, not both (list the arms you train)"
+            listed = any(entry.name == "baseline" for entry in self.arms)
+            if "enabled" in self.baseline.model_fields_set and listed != self.baseline.enabled:
+                message = (
+                    f"{str(self.baseline.enabled).lower()}, but `arms` "
+                    f"{'lists' if listed else 'does not list'} the baseline; `arms` alone decides "
+                    "the arms trained (leave baseline.enabled out)"
+                )
                 error = InitErrorDetails(
                     type=PydanticCustomError("arms", message), loc=("baseline", "enabled")
                 )
