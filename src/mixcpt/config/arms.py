@@ -34,9 +34,8 @@ RESERVED_NAMES = ("base", "data", "logs", "teacher_cache", "world")
 
 @dataclass(frozen=True)
 class BuiltinArm:
-    """A built-in arm: what it is, and its settings before any user override."""
+    """A built-in arm's settings before any user override."""
 
-    description: str
     stream: Literal["mix", "domain"]
     align_on: Literal["selection", "pool"]
     overrides: dict[str, dict] = field(default_factory=dict)  # section -> partial mapping
@@ -45,38 +44,21 @@ class BuiltinArm:
 PLAIN_CE = {"ce_weight": 1.0, "lssd_weight": 0.0}
 
 BUILTIN_ARMS: dict[str, BuiltinArm] = {
-    "mixcpt": BuiltinArm(
-        "Mix-CPT: D_MIX with the cpt section's loss (CE + LSSD), then SFT and DPO on the k "
-        "samples `select` keeps",
-        "mix",
-        "selection",
-    ),
-    "baseline": BuiltinArm(
-        "the traditional recipe: plain CE on D_K (no teacher), then SFT and DPO on the whole pool "
-        "(DPO as baseline.dpo says)",
-        "domain",
-        "pool",
-        {"cpt": PLAIN_CE},
-    ),
-    "mixture-ce": BuiltinArm(
-        "the LSSD-off ablation: D_MIX with plain CE (no teacher), then Mix-CPT's stage 2",
-        "mix",
-        "selection",
-        {"cpt": PLAIN_CE},
-    ),
-    "random-k": BuiltinArm(
-        "Mix-CPT with k samples drawn at random (seeded by `seed`) instead of the easiest",
-        "mix",
-        "selection",
-        {"select": {"strategy": "random"}},
-    ),
-    "whole-pool": BuiltinArm(
-        "Mix-CPT's stage 1, then SFT and DPO on the whole pool: no selection",
-        "mix",
-        "pool",
-    ),
+    # Mix-CPT: D_MIX with the cpt section's loss (CE + LSSD), then SFT and DPO on the k samples
+    # `select` keeps
+    "mixcpt": BuiltinArm("mix", "selection"),
+    # the traditional recipe: plain CE on D_K (no teacher), then SFT and DPO on the whole pool
+    # (DPO as baseline.dpo says)
+    "baseline": BuiltinArm("domain", "pool", {"cpt": PLAIN_CE}),
+    # the LSSD-off ablation: D_MIX with plain CE (no teacher), then Mix-CPT's stage 2
+    "mixture-ce": BuiltinArm("mix", "selection", {"cpt": PLAIN_CE}),
+    # Mix-CPT with k samples drawn at random (seeded by `seed`) instead of the easiest
+    "random-k": BuiltinArm("mix", "selection", {"select": {"strategy": "random"}}),
+    # Mix-CPT's stage 1, then SFT and DPO on the whole pool: no selection
+    "whole-pool": BuiltinArm("mix", "pool"),
 }
-BuiltinName = Literal["mixcpt", "baseline", "mixture-ce", "random-k", "whole-pool"]
+# what `like` accepts: the names above (a new built-in needs no second list)
+BuiltinName = Literal[tuple(BUILTIN_ARMS)]
 
 
 class ArmConfig(Strict):
