@@ -41,8 +41,9 @@ import torch
 import yaml
 
 from mixcpt.config import Config
+from mixcpt.config.arms import find_arm
 from mixcpt.errors import ConfigError, UserError, format_bytes
-from mixcpt.pipeline import arm_cpt_config, stage_arms
+from mixcpt.pipeline import stage_arms
 from mixcpt.processes import launched_mode, valid_zero_stage, zero_stage
 from mixcpt.rundir import RunDir
 from mixcpt.train.teacher_cache import CACHE_FILES, cache_layout
@@ -471,7 +472,7 @@ def workloads(cfg: Config) -> list[Workload]:
 
     stages = []
     for arm in stage_arms(cfg, "cpt"):
-        cpt = arm_cpt_config(cfg, arm)
+        cpt = find_arm(cfg, arm).config.cpt
         teacher = cpt.teacher if cpt.lssd_weight > 0 else None
         stages.append(
             Workload(

@@ -25,10 +25,10 @@ def direct_mean_nll(model, prompt_ids: list[int], response_ids: list[int]) -> fl
 
 
 def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
-    summary = run_select(cfg, run)
+    summary = run_select(cfg, run, "mixcpt")
 
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
-    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    records = {r["id"]: r for r in read_jsonl(run.selection("mixcpt") / "selection.jsonl")}
     for kind, rows, response_of in (
         ("instruction", pool_rows[0], lambda r: r["plain_response"]),
         ("preference", pool_rows[1], lambda r: r["chosen"]),
@@ -55,26 +55,27 @@ def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
         assert summary[f"{kind}s"]["selected"] == cfg.select.k
 
     # The selected rows are written unchanged, in pool order.
-    kept = read_jsonl(run.selection / "instructions.jsonl")
+    kept = read_jsonl(run.selection("mixcpt") / "instructions.jsonl")
     assert kept == [r for r in pool_rows[0] if records[r["id"]]["selected"]]
     assert run.read_results()["stages"]["mixcpt/select"] == summary
 
 
 def test_selection_is_deterministic_and_skips_rerun(make_cfg, run, tmp_path):
     cfg = make_cfg(select={"strategy": "random"})
-    run_select(cfg, run)
-    first = (run.selection / "selection.jsonl").read_bytes()
-    mtime = (run.selection / "selection.jsonl").stat().st_mtime_ns
-    assert run_select(cfg, run) == run.read_results()["stages"]["mixcpt/select"]  # done: not redone
-    assert (run.selection / "selection.jsonl").stat().st_mtime_ns == mtime
+    run_select(cfg, run, "mixcpt")
+    first = (run.selection("mixcpt") / "selection.jsonl").read_bytes()
+    mtime = (run.selection("mixcpt") / "selection.jsonl").stat().st_mtime_ns
+    done = run.read_results()["stages"]["mixcpt/select"]
+    assert run_select(cfg, run, "mixcpt") == done  # done: not redone
+    assert (run.selection("mixcpt") / "selection.jsonl").stat().st_mtime_ns == mtime
 
     (tmp_path / "again").mkdir()
     again = type(run)(tmp_path / "again")
     (again.root / "data").symlink_to(run.data)
     (again.root / "mixcpt").mkdir()
     (again.root / "mixcpt" / "cpt").symlink_to(run.stage("mixcpt", "cpt"))
-    run_select(cfg, again)
-    assert (again.selection / "selection.jsonl").read_bytes() == first
+    run_select(cfg, again, "mixcpt")
+    assert (again.selection("mixcpt") / "selection.jsonl").read_bytes() == first
 
 
 def test_strategies_behave_as_named():
@@ -93,10 +94,10 @@ def test_strategies_behave_as_named():
 def test_k_larger_than_pool_keeps_everything_usable(make_cfg, run, pool_rows, caplog):
     cfg = make_cfg(select={"k": 100, "strategy": "hardest"})
     with caplog.at_level(logging.WARNING):
-        summary = run_select(cfg, run)
+        summary = run_select(cfg, run, "mixcpt")
     assert "select.k=100 is larger than the 8 usable instruction samples" in caplog.text
     assert "1 with identical chosen and rejected" in caplog.text
-    records = read_jsonl(run.selection / "selection.jsonl")
+    records = read_jsonl(run.selection("mixcpt") / "selection.jsonl")
     assert len(records) == len(pool_rows[0]) + len(
         pool_rows[1]
     )  # nothing lost: every sample is listed
@@ -109,14 +110,14 @@ def test_k_larger_than_pool_keeps_everything_usable(make_cfg, run, pool_rows, ca
         "skipped": 1,
         "selected": 8,
     }
-    assert len(read_jsonl(run.selection / "preferences.jsonl")) == 8
+    assert len(read_jsonl(run.selection("mixcpt") / "preferences.jsonl")) == 8
 
 
 def test_fas_ratio_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
     """The ablation keeps the first fas's score: whole chat response / whole plain response."""
-    run_select(make_cfg(select={"score": "fas_ratio"}), run)
+    run_select(make_cfg(select={"score": "fas_ratio"}), run, "mixcpt")
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
-    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    records = {r["id"]: r for r in read_jsonl(run.selection("mixcpt") / "selection.jsonl")}
     row = pool_rows[0][0]
     prompt = tok.apply_chat_template(
         row["messages"][:1], tokenize=False, add_generation_prompt=True
@@ -144,10 +145,10 @@ def test_fas_ratio_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
 
 def test_fas_is_the_format_cost_chosen_within_the_easiest_plain_quantile(make_cfg, run, pool_rows):
     cfg = make_cfg(select={"score": "fas", "k": 2, "fas_quantile": 0.5})
-    summary = run_select(cfg, run)
+    summary = run_select(cfg, run, "mixcpt")
     assert summary["fas_quantile"] == 0.5
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
-    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    records = {r["id"]: r for r in read_jsonl(run.selection("mixcpt") / "selection.jsonl")}
 
     # one sample by hand: the response's own tokens (no EOS, no end of turn) after either prompt
     row = pool_rows[0][1]

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mixcpt.errors import ConfigError
-from mixcpt.pipeline import arm_cpt_config
+from mixcpt.config.arms import find_arm
 from mixcpt.train import resumable, stage
 from mixcpt.train.stage import run_cpt
 from mixcpt.train.teachers import OnlineTeacher
@@ -156,7 +156,7 @@ def test_alpha_half_trains_the_loss_of_both_weights_half_and_the_baseline_stays_
     teacher = OnlineTeacher(tiny_model, tiny_model.config.vocab_size)
 
     def loss_of(cfg):
-        cpt = arm_cpt_config(cfg, "mixcpt")
+        cpt = find_arm(cfg, "mixcpt").config.cpt
         trainer = stage.cpt_trainer(
             cfg, cpt, tiny_model, tiny_tokenizer, blocks, teacher, run.work("mixcpt", "cpt")
         )
@@ -167,7 +167,7 @@ def test_alpha_half_trains_the_loss_of_both_weights_half_and_the_baseline_stays_
     assert alpha == loss_of(make_config(ce_weight=0.5, lssd_weight=0.5))
     assert alpha != loss_of(make_config())  # the weights matter: 1 and 1 by default
 
-    baseline = arm_cpt_config(make_config(alpha=0.2), "baseline")
+    baseline = find_arm(make_config(alpha=0.2), "baseline").config.cpt
     assert (baseline.ce_weight, baseline.lssd_weight, baseline.alpha) == (1.0, 0.0, None)
 
 
@@ -219,9 +219,9 @@ def test_with_max_steps_the_baseline_makes_as_many_passes_over_d_k(cpt_run):
     make_config, run = cpt_run
     # 32 blocks of D_MIX, 3 per step: 11 steps a pass (the last batch holds 2 blocks)
     cfg = make_config(training={"max_steps": 22, "per_device_batch_size": 3})
-    matched = stage.domain_matched(arm_cpt_config(cfg, "baseline"), run, processes=1)
+    matched = stage.domain_matched(find_arm(cfg, "baseline").config.cpt, run, processes=1)
     assert (matched.training.max_steps, matched.training.num_epochs) == (-1, 2.0)
     # two processes take 6 blocks a step: 6 steps a pass
-    matched = stage.domain_matched(arm_cpt_config(cfg, "baseline"), run, processes=2)
+    matched = stage.domain_matched(find_arm(cfg, "baseline").config.cpt, run, processes=2)
     assert matched.training.num_epochs == 22 / 6
     assert matched.training.learning_rate == cfg.cpt.training.learning_rate

@@ -1,5 +1,6 @@
-"""Stage 2a: score the general pool with the stage-1 model and keep k samples of each kind (design
-§1).
+"""Stage 2a: score the general pool with an arm's stage-1 model and keep k samples of each kind
+(design §1). Arms with the same stage-1 model and select settings share one selection
+(mixcpt.pipeline.selection_owner); arms that align on the whole pool make none.
 
 Scores (lower = easier for the stage-1 model):
 - ppl: exp(mean NLL of the response tokens given the prompt), plain stage-1 rendering;
@@ -23,9 +24,11 @@ import random
 from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write_samples
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config, TemplateConfig
+from mixcpt.config.arms import find_arm
 from mixcpt.data.render import render_plain_response
 from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import load_tokenizer, model_from
+from mixcpt.pipeline import stage1_owner
 from mixcpt.processes import process_state
 from mixcpt.responses import (
     encode_chat,
@@ -201,25 +204,33 @@ def select_kind(
     return [rows[i] for i in sorted(chosen)], records, summary
 
 
-def run_select(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    """Score the pool under `run.stage("mixcpt", "cpt")` and write `run.selection/` with the
-    selected instructions.jsonl and preferences.jsonl (rows unchanged) and selection.jsonl (every
-    sample's id, kind, score, nll, n_response_tokens, selected; with fas and fas_ratio also
-    nll_chat, with fas fas_candidate: within fas_quantile). Returns the summary recorded in
-    results.json (that of the existing selection when it was made from the same inputs and not
-    `force`)."""
-    key = "mixcpt/select"
-    record = begin(cfg, run, "select", force)
+def run_select(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
+    """Score the pool under `arm`'s stage-1 model (its own, or the one it shares) with the arm's
+    select settings and write `run.selection(arm)/` with the selected instructions.jsonl and
+    preferences.jsonl (rows unchanged) and selection.jsonl (every sample's id, kind, score, nll,
+    n_response_tokens, selected; with fas and fas_ratio also nll_chat, with fas fas_candidate:
+    within fas_quantile). Returns the summary recorded in results.json under
+    stages/<arm>/select (that of the existing selection when it was made from the same inputs and
+    not `force`)."""
+    key = f"{arm}/select"
+    record = begin(cfg, run, f"select/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
-    model_dir = run.finished_model("mixcpt", "cpt")
+    stage1 = stage1_owner(cfg, arm)
+    cfg = find_arm(cfg, arm).config  # the arm's select (and sft.chat_template) settings
+    model_dir = run.finished_model(stage1, "cpt")
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if cfg.select.score in ("fas", "fas_ratio"):
         ensure_chat_template(tokenizer, cfg.sft.chat_template, model_dir)
     model = model_from(cfg.model, model_dir)
     model.to(process_state().device)
 
-    summary = {"score": cfg.select.score, "strategy": cfg.select.strategy, "k": cfg.select.k}
+    summary = {
+        "score": cfg.select.score,
+        "strategy": cfg.select.strategy,
+        "k": cfg.select.k,
+        "stage1": stage1,
+    }
     if cfg.select.score == "fas":
         summary["fas_quantile"] = cfg.select.fas_quantile
     selected, records = {}, []
@@ -229,7 +240,7 @@ def run_select(cfg: Config, run: RunDir, force: bool = False) -> dict:
             model, tokenizer, rows, kind, cfg
         )
         records += kind_records
-    with atomic_dir(run.selection) as tmp:
+    with atomic_dir(run.selection(arm)) as tmp:
         for name, rows in selected.items():
             write_samples(tmp / name, rows)
         write_samples(tmp / "selection.jsonl", records)

@@ -1,4 +1,5 @@
-"""Stage 2, format alignment, and the traditional arm (`select:`, `sft:`, `dpo:`, `baseline:`)."""
+"""Stage 2, format alignment, and the traditional arm's older switches (`select:`, `sft:`, `dpo:`,
+`baseline:`)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class SFTConfig(Strict):
         "mixcpt.chat_templates). Used by fas selection, SFT, DPO and chat-format evaluation.",
     )
     training: TrainingConfig = Field(
-        default_factory=TrainingConfig, description="Training settings of SFT, both arms."
+        default_factory=TrainingConfig,
+        description="Training settings of SFT, every arm's unless it overrides them.",
     )
 
     @field_validator("chat_template")
@@ -108,20 +110,22 @@ class DPOConfig(Strict):
     )
     training: DPOTraining = Field(
         default_factory=DPOTraining,
-        description="Training settings of DPO, both arms (DPO's defaults for the keys left out).",
+        description="Training settings of DPO, every arm's unless it overrides them (DPO's "
+        "defaults for the keys left out).",
     )
 
 
 class BaselineConfig(Strict):
-    """The traditional recipe, trained beside Mix-CPT for comparison."""
+    """The traditional recipe's older switches, from before `arms:` listed the arms."""
 
     enabled: bool = Field(
         True,
-        description="Also train the baseline arm: CPT on D_K with plain cross-entropy, then SFT "
-        "on the whole instruction pool (and DPO, see `dpo`). Off: only the mixcpt arm.",
+        description="When `arms` is not given: also train the baseline arm (CPT on D_K with plain "
+        "cross-entropy, then SFT on the whole instruction pool, and DPO, see `dpo`). Off: only "
+        "the mixcpt arm. With `arms`, list the baseline there or leave it out instead.",
     )
     dpo: bool = Field(
         True,
-        description="Also run DPO on the full preference pool after SFT (when data.preferences "
-        "is set).",
+        description="The baseline arm (and arms like it that do not set run_dpo) also runs DPO "
+        "on the full preference pool after SFT (when data.preferences is set).",
     )

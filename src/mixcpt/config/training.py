@@ -274,14 +274,14 @@ class CPTConfig(Strict):
     ce_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of next-token cross-entropy (the baseline arm always uses 1). "
+        description="Weight of next-token cross-entropy (the baseline and mixture-ce arms use 1). "
         "Exclusive with alpha.",
     )
     lssd_weight: float = Field(
         1.0,
         ge=0,
         description="Weight of logit swap self-distillation (0: plain CPT, no teacher; the "
-        "baseline arm always uses 0). Exclusive with alpha.",
+        "baseline and mixture-ce arms use 0). Exclusive with alpha.",
     )
     alpha: float | None = Field(
         None,
@@ -291,7 +291,7 @@ class CPTConfig(Strict):
         "public): sets ce_weight = alpha and lssd_weight = 1 - alpha, so alpha 0.5 trains as "
         "ce_weight = lssd_weight = 0.5 and alpha 1 is plain CPT with no teacher. Exclusive with "
         "ce_weight and lssd_weight (a weight given beside it must be the one it sets); unset (the "
-        "default) uses those two. The baseline arm ignores it (always plain cross-entropy).",
+        "default) uses those two. The baseline and mixture-ce arms ignore it (plain CE).",
     )
     temperature: float = Field(
         1.0,
@@ -334,12 +334,12 @@ class CPTConfig(Strict):
     )
     lora: LoraSettings = Field(
         default_factory=LoraSettings,
-        description="Used when teacher is lora: stage 1 of both arms then trains these adapters "
+        description="Used when teacher is lora: stage 1 of every arm then trains these adapters "
         "instead of the full model and merges them into the weights when saving.",
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig,
-        description="Training settings of stage 1, shared by both arms.",
+        description="Training settings of stage 1, every arm's unless it overrides them.",
     )
 
     @model_validator(mode="before")
