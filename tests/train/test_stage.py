@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixcpt.errors import ConfigError
 from mixcpt.config.arms import find_arm
+from mixcpt.errors import ConfigError
 from mixcpt.train import resumable, stage
 from mixcpt.train.stage import run_cpt
 from mixcpt.train.teachers import OnlineTeacher
