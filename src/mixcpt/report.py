@@ -1,9 +1,13 @@
 """results.json -> report.html (self-contained: inline CSS, plots as base64 PNG) and report.md.
 
-Sections: the results table (arm x stage, each benchmark's main metric and KL to base), a
-domain-versus-general plot (what was gained against what was kept), training loss curves, the
-data mixture's token shares, and the time each stage took (mixcpt.timing). Each section says so
-when its part of results.json is absent, so a partial run still gets a report.
+Sections: the results table (arm x stage, each benchmark's main metric in the plain format and,
+for aligned stages, through the chat template, and KL to base; each with its 95% interval), the
+claims table (results["claims"], mixcpt.evaluate.claims), retention against the base, a
+domain-versus-general plot with interval error bars (what was gained against what was kept),
+training loss curves, the data mixture's token shares, and the time each stage took
+(mixcpt.timing). Each section says so when its part of results.json is absent, so a partial run
+still gets a report. The same code renders the aggregate of several seeds (mixcpt.evaluate.seeds),
+whose results.json has the same "eval" and "claims" and a "seeds" entry.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mixcpt.atomic import write_text_atomic  # noqa: E402
 from mixcpt.config import Config  # noqa: E402
+from mixcpt.evaluate.intervals import axis  # noqa: E402
 from mixcpt.fingerprints import begin  # noqa: E402
 from mixcpt.pipeline import STAGES  # noqa: E402
 from mixcpt.rundir import ARMS, RunDir  # noqa: E402
@@ -28,10 +33,15 @@ from mixcpt.timing import rate  # noqa: E402
 
 STAGE_ORDER = ("base", "cpt", "sft", "dpo")
 STAGE_DASH = {"cpt": "-", "sft": "--", "dpo": ":"}
-ARM_STYLE = {
-    "mixcpt": ("tab:blue", "Mix-CPT"),
-    "baseline": ("tab:orange", "baseline (CPT, SFT, DPO)"),
+# How the built-in arms are named in plots; any other arm is named as it is.
+ARM_LABEL = {
+    "mixcpt": "Mix-CPT",
+    "baseline": "baseline (CPT, SFT, DPO)",
+    "mixture-ce": "mixture, CE only",
+    "random-k": "random k",
+    "whole-pool": "whole pool",
 }
+VERDICT_MARK = {"supported": "✔ supported", "contradicted": "✘ contradicted"}
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -56,57 +66,132 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _with_ci(value: Any, ci: list[float] | None) -> str:
+    """ "0.75 [0.70, 0.80]": a value and its 95% interval, or the value alone when it has none."""
+    if value is None or ci is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def arms_of(results: dict) -> list[str]:
+    """The trained arms of the eval table, in its order (never assumed: a config lists them)."""
+    arms = []
+    for row in results.get("eval", {}).get("rows", []):
+        if row.get("arm") not in arms and row.get("arm") != "base":
+            arms.append(row.get("arm"))
+    return arms
+
+
+def _columns(benchmarks: dict) -> list[tuple[str, str, str]]:
+    """(row key, benchmark, header) of every score column: each benchmark's main metric in its
+    format ("scores": plain unless the benchmark forces chat), then through the chat template
+    for the benchmarks that aligned stages are also scored in ("chat_scores")."""
+    columns = []
+    for name, b in benchmarks.items():
+        fmt = f", {b['format']}" if b.get("format") else ""
+        columns.append(
+            ("scores", name, f"{name} ({b.get('tag', '?')}, {b.get('main_metric')}{fmt})")
+        )
+    for name, b in benchmarks.items():
+        if b.get("chat_when_aligned"):
+            columns.append(
+                ("chat_scores", name, f"{name} ({b.get('tag', '?')}, {b.get('main_metric')}, chat)")
+            )
+    return columns
+
+
 def results_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]]:
     """(header, cells, row is missing) of the arm x stage table: one column per benchmark's
-    main metric, then KL to base."""
+    main metric in the plain format, one per benchmark scored through the chat template (aligned
+    stages only; blank elsewhere), then KL to base; each cell with its 95% interval when the
+    results have one."""
     ev = results.get("eval", {})
     benchmarks, rows = ev.get("benchmarks", {}), ev.get("rows", [])
-    header = ["arm", "stage"] + [
-        f"{name} ({b.get('tag', '?')}, {b.get('main_metric')})" for name, b in benchmarks.items()
-    ]
-    header.append("KL to base")
+    columns = _columns(benchmarks)
+    header = ["arm", "stage"] + [h for _, _, h in columns] + ["KL to base"]
     cells, missing = [], []
     for row in rows:
         line = [row.get("arm", "?"), row.get("stage", "?")]
         if row.get("status") != "ok":
-            line += ["missing"] + [""] * len(benchmarks)
+            line += ["missing"] + [""] * len(columns)
         else:
-            for name, b in benchmarks.items():
-                line.append(_fmt(row.get("scores", {}).get(name, {}).get(b.get("main_metric"))))
-            line.append(_fmt(row.get("retention", {}).get("kl_to_base")))
+            intervals = row.get("intervals", {})
+            for key, name, _ in columns:
+                value = row.get(key, {}).get(name, {}).get(benchmarks[name].get("main_metric"))
+                line.append(_with_ci(value, intervals.get(key, {}).get(name)))
+            kl = row.get("retention", {}).get("kl_to_base")
+            line.append(_with_ci(kl, intervals.get("kl_to_base")))
         cells.append(line)
         missing.append(row.get("status") != "ok")
     return header, cells, missing
 
 
-def _axis(benchmarks: dict, tag: str) -> tuple[list[str], str]:
-    """Benchmarks averaged on the `tag` axis: the higher-is-better ones when there are any
-    (scores on one scale), else the lower-is-better ones; and the axis label."""
-    tagged = {n: b for n, b in benchmarks.items() if b.get("tag") == tag and b.get("main_metric")}
-    better = [n for n, b in tagged.items() if b.get("higher_is_better", True)]
-    if better:
-        return better, f"mean {tag} score (higher is better)"
-    return (
-        list(tagged),
-        f"mean {tag} {', '.join(sorted({tagged[n]['main_metric'] for n in tagged}))} "
-        "(lower is better)",
-    )
-
-
 def retention_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """(header, cells): for each evaluated stage, the change of every general benchmark's main
-    score against the base model, and KL to base."""
+    score (plain format) against the base model, and KL to base, with 95% intervals (paired with
+    the base) when the results have them."""
     ev = results.get("eval", {})
     rows = [r for r in ev.get("rows", []) if r.get("status") == "ok" and r.get("arm") != "base"]
     general = sorted({n for r in rows for n in r.get("retention", {}).get("delta", {})})
     metric = {n: ev.get("benchmarks", {}).get(n, {}).get("main_metric", "") for n in general}
     header = ["arm", "stage"] + [f"Δ {n} ({metric[n]})" for n in general] + ["KL to base"]
-    cells = [
-        [r["arm"], r["stage"]]
-        + [_fmt(r["retention"]["delta"].get(n)) for n in general]
-        + [_fmt(r["retention"].get("kl_to_base"))]
-        for r in rows
+    cells = []
+    for r in rows:
+        intervals = r.get("intervals", {})
+        cells.append(
+            [r["arm"], r["stage"]]
+            + [
+                _with_ci(r["retention"]["delta"].get(n), intervals.get("delta", {}).get(n))
+                for n in general
+            ]
+            + [_with_ci(r["retention"].get("kl_to_base"), intervals.get("kl_to_base"))]
+        )
+    return header, cells
+
+
+def claims_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, cells): one line per measure of each claim (results["claims"]), the claim's
+    verdict on its first line; numbers are means with 95% intervals."""
+    header = [
+        "claim",
+        "verdict",
+        "measure",
+        "stage",
+        "format",
+        "A",
+        "B",
+        "A − B",
+        "measure verdict",
     ]
+    cells = []
+    for claim in results.get("claims", []):
+        for i, m in enumerate(claim["measures"]):
+            first = i == 0
+            verdict = VERDICT_MARK.get(claim["verdict"], claim["verdict"])
+            if first and claim.get("reason"):
+                verdict += f" ({claim['reason']})"
+            stage = ", ".join(f"{a}: {s}" for a, s in m.get("stage", {}).items()) or m["when"]
+
+            def side(x: dict | None, arm: str) -> str:
+                return f"{arm}: {_with_ci(x['mean'], x['ci'])}" if x else arm
+
+            diff = m.get("difference")
+            m_verdict = m["verdict"] + ("" if m["decides"] else " (shown, does not decide)")
+            if m.get("reason"):
+                m_verdict += f": {m['reason']}"
+            cells.append(
+                [
+                    f"{claim['id']}. {claim['claim']}" if first else "",
+                    verdict if first else "",
+                    f"{m['measure']} ({', '.join(m['benchmarks'])})",
+                    stage,
+                    m["format"],
+                    side(m.get("a"), claim["arms"][0]),
+                    side(m.get("b"), claim["arms"][1]),
+                    _with_ci(diff["mean"], diff["ci"]) if diff else "",
+                    m_verdict,
+                ]
+            )
     return header, cells
 
 
@@ -174,14 +259,15 @@ def _png(fig) -> str:
 
 
 def plot_domain_vs_general(results: dict) -> str | None:
-    """Base64 PNG: each ok stage a point at (mean domain score, mean general score), each arm a
-    line base -> cpt -> sft -> dpo. None when there is nothing to plot."""
+    """Base64 PNG: each ok stage a point at (mean domain score, mean general score), plain
+    format, each arm a line base -> cpt -> sft -> dpo, with 95% interval error bars on both axes
+    when the results have them. None when there is nothing to plot."""
     ev = results.get("eval", {})
     benchmarks, rows = (
         ev.get("benchmarks", {}),
         [r for r in ev.get("rows", []) if r.get("status") == "ok"],
     )
-    (domain, xlabel), (general, ylabel) = _axis(benchmarks, "domain"), _axis(benchmarks, "general")
+    (domain, xlabel), (general, ylabel) = axis(benchmarks, "domain"), axis(benchmarks, "general")
     if not rows or not domain or not general:
         return None
 
@@ -190,9 +276,20 @@ def plot_domain_vs_general(results: dict) -> str | None:
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    points = {(r["arm"], r["stage"]): (mean_main(r, domain), mean_main(r, general)) for r in rows}
+    def errors(row, tag, value):
+        ci = row.get("intervals", {}).get("axes", {}).get(tag, {}).get("ci")
+        return (value - ci[0], ci[1] - value) if ci else (0.0, 0.0)
+
+    points, bars = {}, {}
+    for r in rows:
+        x, y = mean_main(r, domain), mean_main(r, general)
+        points[(r["arm"], r["stage"])] = (x, y)
+        if None not in (x, y):
+            bars[(r["arm"], r["stage"])] = (errors(r, "domain", x), errors(r, "general", y))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arm, (color, label) in ARM_STYLE.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, arm in enumerate(arms_of(results)):
+        color = colors[i % len(colors)]
         path = [
             (s, points.get((arm, s), points.get(("base", "base")) if s == "base" else None))
             for s in STAGE_ORDER
@@ -200,15 +297,43 @@ def plot_domain_vs_general(results: dict) -> str | None:
         path = [(s, p) for s, p in path if p and None not in p]
         if len(path) < 2:
             continue  # the base point alone is drawn below
-        ax.plot([p[0] for _, p in path], [p[1] for _, p in path], "-o", color=color, label=label)
+        ax.plot(
+            [p[0] for _, p in path],
+            [p[1] for _, p in path],
+            "-o",
+            color=color,
+            label=ARM_LABEL.get(arm, arm),
+        )
         for stage, (x, y) in path[1:]:
+            (xerr, yerr) = bars[(arm, stage)]
+            ax.errorbar(
+                x,
+                y,
+                xerr=[[xerr[0]], [xerr[1]]],
+                yerr=[[yerr[0]], [yerr[1]]],
+                color=color,
+                capsize=3,
+                alpha=0.6,
+                linestyle="none",
+            )
             ax.annotate(
                 stage, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, color=color
             )
     if None not in points.get(("base", "base"), (None,)):
-        ax.plot(*points[("base", "base")], "ks", markersize=8, label="base", zorder=3)
-    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend()
-    ax.set_title("Domain gained vs general kept"), ax.margins(0.12)  # room for the stage labels
+        (xerr, yerr) = bars[("base", "base")]
+        ax.errorbar(
+            *points[("base", "base")],
+            xerr=[[xerr[0]], [xerr[1]]],
+            yerr=[[yerr[0]], [yerr[1]]],
+            fmt="ks",
+            markersize=8,
+            capsize=3,
+            label="base",
+            zorder=3,
+        )
+    ax.set_xlabel(f"{xlabel}, plain format"), ax.set_ylabel(f"{ylabel}, plain format")
+    ax.grid(alpha=0.3), ax.legend()
+    ax.set_title("Domain gained vs general kept (bars: 95% intervals)"), ax.margins(0.12)
     return _png(fig)
 
 
@@ -223,9 +348,11 @@ def plot_losses(results: dict) -> str | None:
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # the same per arm as above
+    arms = arms_of(results) or sorted({key.partition("/")[0] for key in curves})
     for key, points in curves.items():
         arm, _, stage = key.partition("/")  # keys are "arm/stage": colour = arm, dash = stage
-        style = {"color": ARM_STYLE[arm][0]} if arm in ARM_STYLE else {}
+        style = {"color": colors[arms.index(arm) % len(colors)]} if arm in arms else {}
         ax.plot(
             [p[0] for p in points],
             [p[1] for p in points],
@@ -294,6 +421,32 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     paths."""
     results = run.read_results()
     header, cells, missing = results_table(results)
+    claims = claims_table(results)
+    seeds = results.get("seeds")  # an aggregate over seeds (mixcpt.evaluate.seeds)
+    boot = results.get("eval", {}).get("bootstrap")
+    intervals_note = (
+        f"Cells: mean [{boot['level']:.0%} interval]; {boot['scheme']}. Seeds: "
+        f"{', '.join(map(str, boot['seeds']))}"
+        + (" (one seed: intervals over items only)." if len(boot["seeds"]) == 1 else ".")
+        if boot
+        else ""
+    )
+    claims_note = (
+        "A and B are the two arms compared; each measure is the mean main score of the "
+        "benchmarks named (or the KL to base on the probe, lower is better), at the stage named "
+        "for each arm. Rules: "
+        + "; ".join(sorted({f"{c['test']}: {c['rule']}" for c in results.get("claims", [])}))
+        + ". Retention measures use the plain format; comparisons of two aligned arms are "
+        "decided through the chat template (how an aligned model is used; both sides aligned)."
+    )
+    no_claims = "No claims yet: they are decided when the eval stage runs."
+    seeds_note = (
+        "Aggregate of one run per seed: "
+        + ", ".join(f"seed {s} in {f}/" for s, f in zip(seeds["values"], seeds["folders"]))
+        + ". Loss curves, data mixture and time per stage are in each seed's own report."
+        if seeds
+        else ""
+    )
     mix_header, mix_cells = mixture_table(results)
     ret = retention_table(results)
     time_header, time_cells, total_s = timing_table(results)
@@ -324,12 +477,19 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
 
     parts = [
         f"<h1>Mix-CPT report</h1><p class='note'>Run folder: {html.escape(str(run.root))}</p>",
+        f"<p class='note'>{html.escape(seeds_note)}</p>" if seeds_note else "",
         "<h2>Results</h2>",
         _html_table(header, cells, missing)
         if cells
         else f"<p class='note'>{html.escape(no_eval)}</p>",
-        "<p class='note'>Main metric per benchmark; KL to base is the mean per-token "
-        "KL(base || stage) on the general probe text (lower = more retained).</p>",
+        "<p class='note'>Main metric per benchmark, every stage in the plain format the base "
+        "and stage 1 saw; aligned stages (sft, dpo) also through the chat template, in the "
+        "columns marked chat. KL to base is the mean per-token KL(base || stage) on the general "
+        "probe text (lower = more retained).</p>",
+        f"<p class='note'>{html.escape(intervals_note)}</p>" if intervals_note else "",
+        "<h2>Claims</h2>",
+        _html_table(*claims) if claims[1] else f"<p class='note'>{html.escape(no_claims)}</p>",
+        f"<p class='note'>{html.escape(claims_note)}</p>" if claims[1] else "",
         "<h2>Retention</h2>",
         _html_table(*ret) if ret[1] else "<p class='note'>No trained stage evaluated yet.</p>",
         "<p class='note'>Change of each general benchmark's main score against the base model "
@@ -357,9 +517,15 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     md = [
         "# Mix-CPT report",
         "",
+        *([seeds_note, ""] if seeds_note else []),
         "## Results",
         "",
         _md_table(header, cells) if cells else no_eval,
+        "",
+        *([intervals_note, ""] if intervals_note else []),
+        "## Claims",
+        "",
+        _md_table(*claims) + "\n\n" + claims_note if claims[1] else no_claims,
         "",
         "## Retention",
         "",
@@ -371,7 +537,9 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "",
         "## Time per stage",
         "",
-        _md_table(time_header, time_cells) + "\n\n" + whole_run if time_cells else no_timing,
+        _md_table(time_header, time_cells) + "\n\n" + whole_run
+        if time_cells
+        else seeds_note or no_timing,
         "",
         "Plots (domain versus general, training loss, mixture shares) are in report.html.",
         "",

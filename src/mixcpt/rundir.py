@@ -99,6 +99,13 @@ class RunDir:
         results.setdefault(section, {})[key] = value
         write_json_atomic(self.results_path, results)
 
+    def set_results(self, section: str, value: Any) -> None:
+        """Set `results[section] = value` (a whole top-level entry, such as "claims"), keeping
+        everything else; atomic on disk."""
+        results = self.read_results()
+        results[section] = value
+        write_json_atomic(self.results_path, results)
+
     def discard_results(self, section: str, key: str | None = None) -> None:
         """Remove `results[section][key]`, or the whole section when `key` is None, keeping
         everything else; atomic on disk, and nothing is written when there is nothing to remove."""
