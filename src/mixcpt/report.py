@@ -259,7 +259,13 @@ def _png(fig) -> str:
 
 
 def plot_domain_vs_general(results: dict) -> str | None:
-    """Base64 PNG: each ok stage a point at (mean domain score, mean general score), plain
+    """Base64 PNG of `domain_vs_general_figure`, or None when there is nothing to plot."""
+    fig = domain_vs_general_figure(results)
+    return _png(fig) if fig is not None else None
+
+
+def domain_vs_general_figure(results: dict):
+    """Matplotlib figure: each ok stage a point at (mean domain score, mean general score), plain
     format, each arm a line base -> cpt -> sft -> dpo, with 95% interval error bars on both axes
     when the results have them. None when there is nothing to plot."""
     ev = results.get("eval", {})
@@ -334,7 +340,7 @@ def plot_domain_vs_general(results: dict) -> str | None:
     ax.set_xlabel(f"{xlabel}, plain format"), ax.set_ylabel(f"{ylabel}, plain format")
     ax.grid(alpha=0.3), ax.legend()
     ax.set_title("Domain gained vs general kept (bars: 95% intervals)"), ax.margins(0.12)
-    return _png(fig)
+    return fig
 
 
 def plot_losses(results: dict) -> str | None:
@@ -447,6 +453,7 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         if seeds
         else ""
     )
+    per_seed = "in each seed's own report (seed-<s>/report.html)" if seeds else ""
     mix_header, mix_cells = mixture_table(results)
     ret = retention_table(results)
     time_header, time_cells, total_s = timing_table(results)
@@ -465,11 +472,16 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
             "<p class='note'>Each axis averages the main score of the benchmarks with that tag "
             "(the accuracy-type ones when there are any). Up and right is better.</p>",
         ),
-        ("Training loss", plot_losses(results), "no training stage has logged a loss yet", ""),
+        (
+            "Training loss",
+            plot_losses(results),
+            per_seed or "no training stage has logged a loss yet",
+            "",
+        ),
         (
             "Data mixture",
             plot_mixture(results),
-            "the data stage has not run yet",
+            per_seed or "the data stage has not run yet",
             _html_table(mix_header, mix_cells) if mix_cells else "",
         ),
     ]
@@ -506,7 +518,7 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "<h2>Time per stage</h2>",
         _html_table(time_header, time_cells)
         if time_cells
-        else f"<p class='note'>{html.escape(no_timing)}</p>",
+        else f"<p class='note'>{html.escape(seeds_note or no_timing)}</p>",
         f"<p class='note'>{html.escape(whole_run)}</p>" if time_cells else "",
     ]
     page = (
@@ -533,7 +545,9 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "",
         "## Data mixture",
         "",
-        _md_table(mix_header, mix_cells) if mix_cells else "The data stage has not run yet.",
+        _md_table(mix_header, mix_cells)
+        if mix_cells
+        else seeds_note or "The data stage has not run yet.",
         "",
         "## Time per stage",
         "",

@@ -173,7 +173,7 @@ def _measure(boot: Bootstrap, claim: Claim, m: Measure, arms: set[str]) -> dict[
     columns, higher = _columns(boot, m)
     out: dict[str, Any] = {
         "measure": m.label,
-        "benchmarks": [n for _, n in columns],
+        "benchmarks": ["probe"] if m.tag is None else [n for _, n in columns],
         "format": m.fmt,
         "when": m.when,
         "decides": m.decides,
@@ -233,7 +233,10 @@ def _combine(measures: list[dict]) -> tuple[str, str]:
         return "contradicted", ""
     if {"supported", "contradicted"} <= verdicts:
         return "inconclusive", "the measures disagree"
-    return "inconclusive", "; ".join(reasons)
+    if reasons:
+        return "inconclusive", "; ".join(reasons)
+    counts = [f"{sum(m['verdict'] == v for m in deciding)} {v}" for v in sorted(verdicts)]
+    return "inconclusive", f"of {len(deciding)} measures: {', '.join(counts)}"
 
 
 def evaluate_claims(boot: Bootstrap) -> list[dict[str, Any]]:
