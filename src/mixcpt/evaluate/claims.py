@@ -215,28 +215,41 @@ def _measure(boot: Bootstrap, claim: Claim, m: Measure, arms: set[str]) -> dict[
         seeds=[boot.seeds[i] for i in seeds],
         a={"arm": claim.a, "mean": a_point, "ci": interval(a_reps)},
         b={"arm": claim.b, "mean": b_point, "ci": interval(b_reps)},
-        difference={"mean": a_point - b_point, "ci": diff},
+        # rounded: two equal means can differ by float noise (1e-17), which reads as a number
+        difference={"mean": round(a_point - b_point, 12), "ci": diff},
         verdict=verdict(claim.test, diff, higher),
-        reason="" if diff is not None else "no interval: no per-item scores and one seed",
     )
+    if diff is None:
+        out["reason"] = "no interval: no per-item scores and one seed"
+    elif out["verdict"] == "inconclusive":
+        out["reason"] = _undecided(claim.test)
     return out
+
+
+def _undecided(test: str) -> str:
+    """Why an interval decides nothing under `test`."""
+    if test == "better":
+        return "the interval of the difference contains 0"
+    return f"the interval of the difference crosses the ±{EQUIVALENCE_MARGIN} margin"
 
 
 def _combine(measures: list[dict]) -> tuple[str, str]:
     """(claim verdict, reason) from its measures that decide (module docstring)."""
     deciding = [m for m in measures if m["decides"]]
-    verdicts = {m["verdict"] for m in deciding}
-    reasons = sorted({m["reason"] for m in deciding if m["reason"]})
-    if verdicts == {"supported"}:
+    count = {v: sum(m["verdict"] == v for m in deciding) for v in ("supported", "contradicted")}
+    if count["supported"] == len(deciding):
         return "supported", ""
-    if "contradicted" in verdicts and "supported" not in verdicts:
+    if count["contradicted"] and not count["supported"]:
         return "contradicted", ""
-    if {"supported", "contradicted"} <= verdicts:
-        return "inconclusive", "the measures disagree"
-    if reasons:
-        return "inconclusive", "; ".join(reasons)
-    counts = [f"{sum(m['verdict'] == v for m in deciding)} {v}" for v in sorted(verdicts)]
-    return "inconclusive", f"of {len(deciding)} measures: {', '.join(counts)}"
+    if count["contradicted"]:
+        return "inconclusive", (
+            f"the measures disagree: {count['supported']} supported, "
+            f"{count['contradicted']} contradicted"
+        )
+    reasons = "; ".join(sorted({m["reason"] for m in deciding if m["verdict"] == "inconclusive"}))
+    if count["supported"]:
+        return "inconclusive", f"{count['supported']} of {len(deciding)} supported; {reasons}"
+    return "inconclusive", reasons
 
 
 def evaluate_claims(boot: Bootstrap) -> list[dict[str, Any]]:

@@ -178,7 +178,7 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     record = begin(cfg, run, "eval", force)
     if record is None:
         done = run.read_results()["eval"]
-        return {k: done[k] for k in ("rows", "benchmarks", "bootstrap")}
+        return {k: done.get(k) for k in ("rows", "benchmarks", "bootstrap")}
     trained = set(nodes(cfg))  # a folder left by another config is not this run's
     probe = [Path(cfg.eval.probe).read_text(encoding="utf-8")] if cfg.eval.probe else None
 
