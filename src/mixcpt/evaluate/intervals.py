@@ -217,6 +217,29 @@ def _row_intervals(boot: Bootstrap, arm: str, stage: str) -> dict[str, Any]:
     return out
 
 
+def _mean_row(arm: str, stage: str, ok: list[dict]) -> dict[str, Any]:
+    """One (arm, stage) over the seeds that evaluated it (`ok`, their rows): the mean of every
+    score, chat score, KL and retention delta that all of them have."""
+    kls = [r["retention"].get("kl_to_base") for r in ok]
+    deltas = [r["retention"].get("delta", {}) for r in ok]
+    return {
+        "arm": arm,
+        "stage": stage,
+        "status": "ok",
+        "models": [r.get("model") for r in ok],
+        "scores": _mean_scores(ok, "scores"),
+        "chat_scores": _mean_scores(ok, "chat_scores"),
+        "retention": {
+            "kl_to_base": None if None in kls else float(np.mean(kls)),
+            "delta": {
+                n: float(np.mean([d[n] for d in deltas]))
+                for n in deltas[0]
+                if all(n in d for d in deltas)
+            },
+        },
+    }
+
+
 def summarise(tables: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
     """The eval tables of one run per seed (`tables[i]` for `seeds[i]`) as one table with
     intervals, and the claims.
@@ -224,47 +247,25 @@ def summarise(tables: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
     Returns {"rows", "benchmarks", "bootstrap", "claims"}. With one table its rows are kept as
     they are (per-item scores included), each with "seeds" and "intervals" added. With several,
     each (arm, stage) is one row: "seeds" (those where it was evaluated), the mean over them of
-    every score, KL and delta, and "intervals"; per-item scores stay in each seed's results.
-    "intervals": {"scores"|"chat_scores"|"delta": {benchmark: [low, high] or None},
+    every score, KL and delta (`_mean_row`), and "intervals"; per-item scores stay in each seed's
+    results. "intervals": {"scores"|"chat_scores"|"delta": {benchmark: [low, high] or None},
     "kl_to_base": [low, high] or None, "axes": {"domain"|"general": {"mean", "ci"}}}.
     """
+    # imported here: the claims are built on this module's Bootstrap
     from mixcpt.evaluate.claims import evaluate_claims
 
     boot = Bootstrap(tables, seeds)
-    order: list[tuple[str, str]] = []
-    for table in tables:
-        order += [
-            (r["arm"], r["stage"]) for r in table["rows"] if (r["arm"], r["stage"]) not in order
-        ]
+    order = list(dict.fromkeys((r["arm"], r["stage"]) for t in tables for r in t["rows"]))
     rows = []
     for arm, stage in order:
-        found = [
-            (s, rows_[(arm, stage)]) for s, rows_ in zip(seeds, boot.rows) if (arm, stage) in rows_
-        ]
+        found = [(s, ok[(arm, stage)]) for s, ok in zip(seeds, boot.rows) if (arm, stage) in ok]
         if len(tables) == 1:
             row = dict(next(r for r in tables[0]["rows"] if (r["arm"], r["stage"]) == (arm, stage)))
-        elif not found:
-            row = {"arm": arm, "stage": stage, "status": "missing", "scores": {}, "chat_scores": {}}
-            row["retention"] = {}
+        elif found:
+            row = _mean_row(arm, stage, [r for _, r in found])
         else:
-            ok = [r for _, r in found]
-            kls = [r["retention"].get("kl_to_base") for r in ok]
-            row = {
-                "arm": arm,
-                "stage": stage,
-                "status": "ok",
-                "models": [r.get("model") for r in ok],
-                "scores": _mean_scores(ok, "scores"),
-                "chat_scores": _mean_scores(ok, "chat_scores"),
-                "retention": {
-                    "kl_to_base": None if None in kls else float(np.mean(kls)),
-                    "delta": {
-                        n: float(np.mean([r["retention"]["delta"][n] for r in ok]))
-                        for n in ok[0]["retention"].get("delta", {})
-                        if all(n in r["retention"].get("delta", {}) for r in ok)
-                    },
-                },
-            }
+            row = {"arm": arm, "stage": stage, "status": "missing", "scores": {}}
+            row.update(chat_scores={}, retention={})
         row["seeds"] = [s for s, _ in found]
         if found:
             row["intervals"] = _row_intervals(boot, arm, stage)
