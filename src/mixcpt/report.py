@@ -48,7 +48,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
        max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
 h1 { font-size: 1.6rem; }
 h2 { font-size: 1.25rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
-table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
+table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; display: block;
+        overflow-x: auto; }
+table.text td, table.text th { text-align: left; vertical-align: top; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
 tr.missing td { color: #999; font-style: italic; }
@@ -405,14 +407,19 @@ def plot_mixture(results: dict) -> str | None:
 
 
 def _html_table(
-    header: list[str], cells: list[list[str]], missing: list[bool] | None = None
+    header: list[str],
+    cells: list[list[str]],
+    missing: list[bool] | None = None,
+    cls: str = "",
 ) -> str:
+    """An HTML table (escaped); `missing` rows greyed; `cls` "text": every cell left-aligned."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = ""
     for i, line in enumerate(cells):
-        cls = ' class="missing"' if missing and missing[i] else ""
-        body += f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+        row_cls = ' class="missing"' if missing and missing[i] else ""
+        body += f"<tr{row_cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n"
+    table = f'<table class="{cls}">' if cls else "<table>"
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
 def _md_table(header: list[str], cells: list[list[str]]) -> str:
@@ -500,7 +507,9 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "probe text (lower = more retained).</p>",
         f"<p class='note'>{html.escape(intervals_note)}</p>" if intervals_note else "",
         "<h2>Claims</h2>",
-        _html_table(*claims) if claims[1] else f"<p class='note'>{html.escape(no_claims)}</p>",
+        _html_table(*claims, cls="text")
+        if claims[1]
+        else f"<p class='note'>{html.escape(no_claims)}</p>",
         f"<p class='note'>{html.escape(claims_note)}</p>" if claims[1] else "",
         "<h2>Retention</h2>",
         _html_table(*ret) if ret[1] else "<p class='note'>No trained stage evaluated yet.</p>",
