@@ -192,3 +192,47 @@ def test_fas_choice_rule():
     assert choose_fas(plain, cost, 3, 0.25, "easiest", seed=0) == ({0, 1, 2}, {0, 1, 2})
     picked, candidates = choose_fas(plain, cost, 2, 0.5, "random", seed=0)
     assert len(picked) == 2 and candidates == set(plain)
+
+
+def test_two_processes_score_the_pool_in_shares_and_choose_alike(make_cfg, run, tmp_path):
+    """`mixcpt select` under torchrun: each process scores every other sample, and the
+    selection written is the one a single process makes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = make_cfg(select={"k": 3, "batch_size": 2})
+    two = tmp_path / "two"
+    shutil.copytree(run.root, two)
+    run_select(cfg, run, "mixcpt")
+    config = tmp_path / "select.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    proc = subprocess.run(
+        [*launch, "-m", "mixcpt.cli", "select", str(config), "--output", str(two)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"mixcpt: select: process {rank} of 2 scores" in proc.stdout
+    one_records = read_jsonl(run.selection("mixcpt") / "selection.jsonl")
+    two_records = read_jsonl(two / "mixcpt" / "selection" / "selection.jsonl")
+    assert [r["selected"] for r in two_records] == [r["selected"] for r in one_records]
+    for a, b in zip(one_records, two_records, strict=True):
+        assert (a["id"], a["n_response_tokens"]) == (b["id"], b["n_response_tokens"])
+        if a["score"] is not None:
+            assert b["score"] == pytest.approx(a["score"], rel=1e-4)

@@ -21,6 +21,8 @@ import logging
 import math
 import random
 
+from accelerate.utils import gather_object
+
 from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write_samples
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config, TemplateConfig
@@ -124,6 +126,52 @@ def choose(scores: dict[int, float], k: int, strategy: str, seed: int) -> set[in
     return set(sorted(scores, key=lambda i: (sign * scores[i], i))[:k])
 
 
+def score_pool(
+    model, tokenizer, rows: list[dict], indices: list[int], kind: str, cfg: Config
+) -> tuple[list[float], list[float], list[float] | None, list[int]]:
+    """(score, plain NLL, chat NLL or None, response tokens) of the samples `indices` of `rows`,
+    in that order, under `cfg.select.score` (module docstring)."""
+    score = cfg.select.score
+    nll_chat = None
+    if score == "fas":
+        nll, nll_chat, counts = format_cost(model, tokenizer, rows, indices, kind, cfg)
+        return [c - p for c, p in zip(nll_chat, nll)], nll, nll_chat, counts
+    plain = [
+        encode_plain(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[0])
+        for i in indices
+    ]
+    nll, counts = mean_response_nll(model, tokenizer, plain, cfg, f"scoring {kind}s (plain)")
+    if score == "fas_ratio":
+        chat = [
+            encode_chat(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[1])
+            for i in indices
+        ]
+        nll_chat, _ = mean_response_nll(model, tokenizer, chat, cfg, f"scoring {kind}s (chat)")
+        # A plain NLL of exactly 0 would mean a perfectly memorised response; keep the ratio finite.
+        return [c / max(p, 1e-12) for c, p in zip(nll_chat, nll)], nll, nll_chat, counts
+    return [math.exp(x) for x in nll], nll, nll_chat, counts
+
+
+def score_in_shares(model, tokenizer, rows: list[dict], indices: list[int], kind: str, cfg: Config):
+    """`score_pool`, each process of a launch scoring every Nth sample of `indices`, gathered in
+    order on every process (which then all choose alike; the main one writes)."""
+    state = process_state()
+    n = state.num_processes
+    if n == 1:
+        return score_pool(model, tokenizer, rows, indices, kind, cfg)
+    share = indices[state.process_index :: n]
+    where = f"process {state.process_index} of {n}"
+    print(f"mixcpt: select: {where} scores {len(share)} of the {len(indices)} {kind}s", flush=True)
+    part = score_pool(model, tokenizer, rows, share, kind, cfg)
+    columns = [[None] * len(indices) for _ in range(4)]
+    for rank, values in gather_object([(state.process_index, part)]):
+        for column, share in zip(columns, values):
+            if share is not None:
+                column[rank::n] = share
+    scores, nll, nll_chat, counts = columns
+    return scores, nll, (nll_chat if cfg.select.score in ("fas", "fas_ratio") else None), counts
+
+
 def select_kind(
     model, tokenizer, rows: list[dict], kind: str, cfg: Config
 ) -> tuple[list[dict], list[dict], dict]:
@@ -131,25 +179,7 @@ def select_kind(
     summary)."""
     usable, skipped = usable_indices(rows, kind, f"{kind} pool")
     score = cfg.select.score
-    if score == "fas":
-        nll, nll_chat, counts = format_cost(model, tokenizer, rows, usable, kind, cfg)
-        scores = [c - p for c, p in zip(nll_chat, nll)]
-    else:
-        plain = [
-            encode_plain(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[0])
-            for i in usable
-        ]
-        nll, counts = mean_response_nll(model, tokenizer, plain, cfg, f"scoring {kind}s (plain)")
-    if score == "fas_ratio":
-        chat = [
-            encode_chat(tokenizer, *plain_and_chat(rows[i], kind, cfg.data.template)[1])
-            for i in usable
-        ]
-        nll_chat, _ = mean_response_nll(model, tokenizer, chat, cfg, f"scoring {kind}s (chat)")
-        # A plain NLL of exactly 0 would mean a perfectly memorised response; keep the ratio finite.
-        scores = [c / max(p, 1e-12) for c, p in zip(nll_chat, nll)]
-    elif score == "ppl":
-        scores = [math.exp(x) for x in nll]
+    scores, nll, nll_chat, counts = score_in_shares(model, tokenizer, rows, usable, kind, cfg)
 
     k = cfg.select.k
     if k > len(usable):
@@ -240,6 +270,8 @@ def run_select(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             model, tokenizer, rows, kind, cfg
         )
         records += kind_records
+    if not process_state().is_main_process:  # every process scored its share; one writes
+        return summary
     with atomic_dir(run.selection(arm)) as tmp:
         for name, rows in selected.items():
             write_samples(tmp / name, rows)
