@@ -199,13 +199,11 @@ def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, 
 
 
 def padded_forward_inputs(batch: dict[str, torch.Tensor]) -> dict:
-    """The forward arguments of a right-padded batch (`pad_batch`): ids, attention mask, no KV
-    cache."""
-    return {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "use_cache": False,
-    }
+    """The forward arguments of a right-padded batch (`pad_batch`): the ids, no KV cache, and no
+    attention mask. In a causal LM a row's real tokens never attend to the padding after them, so
+    their outputs are the same without it; with it, attention leaves its plain causal path (with
+    SDPA, 7% of a forward over 8 x 560 tokens here). lm-evaluation-harness scores so too."""
+    return {"input_ids": batch["input_ids"], "use_cache": False}
 
 
 def response_logps(
