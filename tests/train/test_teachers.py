@@ -14,6 +14,7 @@ from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
 from mixcpt.losses import next_token_labels
 from mixcpt.models import load_model
+from mixcpt.train import teacher_cache
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache, top_k_logprobs
@@ -177,6 +178,29 @@ def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path
     )
     assert np.all(resumed.logprobs[:2] == 0)  # not recomputed
     np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
+
+
+@pytest.mark.parametrize("sync_seconds,recorded", [(0.0, [2, 4, 5]), (1e9, [5])])
+def test_cache_progress_is_recorded_every_sync_interval_and_at_the_end(
+    blocks, teacher_model, tmp_path, monkeypatch, sync_seconds, recorded
+):
+    """The maps are synced and progress.json written at most every SYNC_SECONDS (a sync waits on
+    the disk) and always after the last batch, so a finished cache is complete on disk."""
+    monkeypatch.setattr(teacher_cache, "SYNC_SECONDS", sync_seconds)
+    written = []
+    write = teacher_cache.write_json_atomic
+    monkeypatch.setattr(
+        teacher_cache,
+        "write_json_atomic",
+        lambda path, obj: (
+            (path.name == "progress.json" and written.append(obj["blocks_done"]))
+            or write(path, obj)
+        ),
+    )
+    build_teacher_cache(
+        teacher_model, blocks, tmp_path / "c", top_k=4, temperature=1.0, batch_size=2
+    )
+    assert written == [0, *recorded]  # 0: the new, empty cache
 
 
 def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_model, tmp_path):

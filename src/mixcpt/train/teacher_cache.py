@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,11 @@ from mixcpt.train.fused_loss import SwappedTopK
 from mixcpt.train.teachers import Teacher
 
 CACHE_FILES = ("ids.npy", "logprobs.npy", "tail.npy")
+# The cache is made durable (the maps synced, then progress.json) at most this often while it is
+# built, and at the end: a sync waits ~20 ms on the disk, which after every batch of a small
+# teacher cost a fifth of the build (benchmarks/RESULTS.md); an interrupted build redoes at most
+# this many seconds of work.
+SYNC_SECONDS = 30.0
 
 
 def teacher_weights_hash(model: torch.nn.Module) -> str:
@@ -210,7 +216,8 @@ def build_teacher_cache(
 
     Runs `model` without grad on its current device, `batch_size` blocks at a time, with a
     progress bar; the output layer is applied `chunk_size` positions at a time (`top_k_logprobs`).
-    Resumes a partial cache built for the same key; an existing cache with another key (other
+    Progress is recorded every `SYNC_SECONDS` and at the end. Resumes a partial cache built for
+    the same key; an existing cache with another key (other
     data, other teacher weights, k, T or dtype) is a `ConfigError`, or with `replace_stale` (the
     cpt stage, which owns the run's cache) rebuilt. k is capped at V.
     """
@@ -222,6 +229,7 @@ def build_teacher_cache(
     model.eval()
     forward = LossForward(model)
     bar = tqdm(total=len(blocks), initial=done, desc="teacher cache", unit="block")
+    synced = time.monotonic()
     with bar, torch.no_grad():
         for start in range(done, len(blocks), batch_size):
             rows = range(start, min(start + batch_size, len(blocks)))
@@ -230,8 +238,11 @@ def build_teacher_cache(
             )
             for array, values in zip(arrays, (top_ids, top_logq, tail_logq)):
                 array[start : rows.stop] = values.cpu().numpy()
-                array.flush()
-            write_json_atomic(folder / "progress.json", {"blocks_done": rows.stop})
+            if rows.stop == len(blocks) or time.monotonic() - synced >= SYNC_SECONDS:
+                for array in arrays:  # on disk before progress.json says so
+                    array.flush()
+                write_json_atomic(folder / "progress.json", {"blocks_done": rows.stop})
+                synced = time.monotonic()
             bar.update(len(rows))
     model.train(was_training)
     return CachedTeacher(folder, key["fingerprint"], key["vocab_size"], temperature)
