@@ -64,3 +64,18 @@ def test_benchmark_prints_one_json_line_of_positive_ratios(script, args, ratios)
     assert len(lines) == 1
     figures = json.loads(lines[0])
     assert all(figures[name] > 0 for name in ratios)
+
+
+def test_stage_floors_prints_one_json_line_per_stage_with_its_ratio():
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "stage_floors.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    stages = ["data", "cache", "select", "mc", "ppl", "generate", "sft", "dpo"]
+    assert [figures["stage"] for figures in lines] == stages
+    assert all(figures["ratio"] > 0 and figures["cpu_ratio"] > 0 for figures in lines)
