@@ -7,6 +7,7 @@ batch, interleaved round by round after warm-up; the figures are medians. Prints
     python benchmarks/lssd_step.py                        # CPU: ~5M params, 8k vocab, 8 x 256, fp32
     python benchmarks/lssd_step.py --device cuda --dtype bfloat16 --vocab 32000 --hidden 896 \
         --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --seq 1024   # ~0.5B, reports MFU
+    ... --compile-loss --warmup 3     # the same with cpt.compile_loss (compiling in the warm-up)
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
+        "--compile-loss",
+        action="store_true",
+        help="cpt.compile_loss: the chunked loss through torch.compile (give --warmup 3 or more)",
+    )
+    ap.add_argument(
         "--peak-tflops",
         type=float,
         default=989.0,
@@ -158,7 +164,7 @@ def main() -> None:
 
     def make(name):
         model = copy.deepcopy(base).to(device)
-        loss = {"loss_chunk_size": a.chunk}
+        loss = {"loss_chunk_size": a.chunk, "compile_loss": a.compile_loss}
         if name == "hf_ce":  # transformers' own loss, for reference: is our plain CE step as fast?
             return Trainer(model=model, args=args), {
                 k: batch[k] for k in ("input_ids", "position_ids", "labels")
@@ -199,6 +205,7 @@ def main() -> None:
         "seq": a.seq,
         "steps": a.steps,
         "loss_chunk_size": a.chunk,
+        "compile_loss": a.compile_loss,
         "cache_top_k": a.top_k,
         "malloc_tuned": a.malloc_tuned,
         "lssd_cpu_kernel": lssd_cpu_kernel.library() is not None,

@@ -112,6 +112,7 @@ def test_mixcpt_check_prints_one_line_per_check_and_exits_0_or_2(
         "ok    chat template",
         "ok    teacher",
         "ok    input files",
+        "ok    disk",
     ]
 
     model = {"path": "tiny-llama", "tokenizer": "base-tokenizer"}
@@ -125,7 +126,7 @@ def test_mixcpt_check_prints_one_line_per_check_and_exits_0_or_2(
         f"FAIL  chat template: sft.chat_template: the tokenizer of {tmp_path / 'base-tokenizer'} "
         "has no chat template; set sft.chat_template to a Jinja template or one of chatml, llama3",
     ]
-    assert len(lines) == 7
+    assert len(lines) == 8
 
     assert main(["check", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: config file does not exist" in capsys.readouterr().err
@@ -289,3 +290,34 @@ def test_input_files_first_records_benchmarks_and_probe(configure, tmp_path):
     cfg.eval.probe = str(tmp_path / "probe.txt")
     with pytest.raises(InputError, match=r"probe.txt:1: not valid UTF-8"):
         check_config(cfg)
+
+
+def test_too_little_disk_for_the_plan_is_a_warning_not_a_failure(
+    configure, tmp_path, monkeypatch, capsys
+):
+    """The run's disk estimate (teacher cache, checkpoints, model folders: `mixcpt plan`) is
+    compared with the free space where the run folder goes; too little warns and the run goes on."""
+    import mixcpt.checks as checks
+    from mixcpt.plan import disk_bytes
+
+    cfg = configure(cpt={"teacher": "cache"})
+    needed = disk_bytes(cfg)
+    assert needed > 0
+    run_base = RunDir(tmp_path / "run").base  # not made yet: its nearest existing parent counts
+    passed, line = outcomes(cfg, run_base)["disk"]
+    assert (
+        passed and line.startswith(f"{needed / 1e9:.3g} GB more at most") and str(tmp_path) in line
+    )
+
+    free = type("Usage", (), {"free": needed // 2})
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: free)
+    passed, line = outcomes(cfg, run_base)["disk"]
+    assert passed and line.startswith(f"warning: the run may need {needed / 1e9:.3g} GB more")
+    check_config(cfg, run_base)  # does not raise
+    assert "mixcpt: warning: the run may need" in capsys.readouterr().err
+
+    # a rerun: what the run folder holds already is not asked for again
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "outputs.bin").write_bytes(bytes(needed - needed // 4))
+    passed, line = outcomes(cfg, run_base)["disk"]
+    assert passed and line.startswith(f"{needed // 4 / 1e9:.3g} GB more at most"), line

@@ -164,7 +164,10 @@ def test_any_training_arguments_field_passes_through(corpus, tmp_path):
     assert args.lr_scheduler_type == "cosine_with_min_lr"
     assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert args.report_to == [] and args.seed == args.data_seed == 3
-    assert training_arguments(TrainingConfig(), tmp_path / "out", 0).report_to == ["tensorboard"]
+    defaults = training_arguments(TrainingConfig(), tmp_path / "out", 0)
+    assert defaults.report_to == ["tensorboard"]
+    # the Trainer's own default since torch 2.8, on the CPU too: mixcpt sets no optimizer itself
+    assert defaults.optim == "adamw_torch_fused"
 
 
 def test_stage_training_defaults_survive_a_partial_section(corpus):

@@ -233,6 +233,7 @@ def test_only_settings_that_change_an_output_count(tiny_cfg, tmp_path):
     # a TrainingArguments field passed through counts like ours; where and how often logs go not
     assert changed(**{"sft.training.optim": "adafactor"}) == {"sft/mixcpt", "sft/baseline"}
     assert changed(**{"cpt.training.report_to": "none"}) == set()
+    assert changed(**{"cpt.compile_loss": True}) == set()  # the same loss, computed faster
     assert changed(**{"sft.training.logging_first_step": True}) == set()
     assert changed(**{"select.k": 5}) == {"select"}
     assert changed(**{"eval.max_length": 64}) == {"eval"}

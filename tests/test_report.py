@@ -166,3 +166,28 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         timeout=60,
     )
     assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 10_000
+
+
+def test_report_shows_the_time_of_each_stage_in_build_order_and_the_whole_run(tmp_path):
+    run = RunDir(tmp_path / "run")
+    entry = {"processed": 40960, "unit": "tokens", "per_s": 3330.1, "reused": False}
+    timing = {
+        "report": {**entry, "wall_s": 0.5},  # timed after its own table: left out
+        "sft/mixcpt": {"wall_s": 4.0, "processed": 240, "unit": "samples", "per_s": 60.0},
+        "cpt/baseline": {**entry, "wall_s": 10.0, "reused": True},
+        "cpt/mixcpt": {**entry, "wall_s": 12.3, "resumed_at_step": 20},
+        "data": {"reused": True},  # reused from a build that recorded no timing
+    }
+    for node, value in timing.items():
+        run.update_results("timing", node, value)
+    html_path, md_path = write_report(run)
+    md = md_path.read_text().split("## Time per stage", 1)[1]
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "stage" not in line]
+    assert rows == [
+        "| data | not recorded |  |  | reused |",
+        "| cpt/mixcpt | 12.3 s | 40,960 tokens | 3,330 tokens/s | resumed at step 20 |",
+        "| cpt/baseline | 10.0 s | 40,960 tokens | 3,330 tokens/s | reused |",
+        "| sft/mixcpt | 4.0 s | 240 samples | 60 samples/s | built |",
+    ]
+    assert "Whole run: 26.3 s" in md
+    assert "<h2>Time per stage</h2>" in html_path.read_text()

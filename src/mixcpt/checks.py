@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +25,7 @@ from mixcpt.config import Config, SourceConfig, TrainingConfig
 from mixcpt.errors import ConfigError, InputError, UserError
 from mixcpt.pipeline import stage_arms
 from mixcpt.rundir import base_model_path
+from mixcpt.runlock import is_rank_zero
 
 
 class RunInputs:
@@ -290,6 +293,36 @@ def check_input_files(inputs: RunInputs) -> str:
     return ", ".join(found)
 
 
+def check_disk(inputs: RunInputs) -> str:
+    """The disk the run will hold at its fullest (`mixcpt.plan.disk_bytes`: teacher cache,
+    checkpoints, model folders), less what the run folder already holds, against the free space
+    where it goes. Too little is a warning, not a failure: the estimate is approximate (the packed
+    data streams are not in it), and space may be freed meanwhile."""
+    from mixcpt.plan import disk_bytes
+    from mixcpt.rundir import RunDir
+
+    _ = inputs.model_config  # a model without a readable configuration failed above: skipped
+    root = inputs.run_base.parent if inputs.run_base else None
+    try:
+        needed = disk_bytes(inputs.cfg, RunDir(root) if root else None)
+    except (AttributeError, KeyError, RuntimeError, StopIteration, TypeError, UserError) as err:
+        # the plan counts Llama-style decoders under the launch modes it knows
+        return f"not estimated (mixcpt plan cannot count this run: {_first_line(err)})"
+    if root is None:
+        return f"the run holds up to {needed / 1e9:.3g} GB on disk at once (mixcpt plan)"
+    held = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    more = max(0, needed - held)  # a rerun's outputs are on disk already
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if more > free:
+        return (
+            f"warning: the run may need {more / 1e9:.3g} GB more on disk (mixcpt plan) but "
+            f"{existing} has {free / 1e9:.3g} GB free; free space, move the run folder, or "
+            "lower cpt.cache_top_k / training.save_total_limit"
+        )
+    return f"{more / 1e9:.3g} GB more at most; {free / 1e9:.3g} GB free in {existing}"
+
+
 CHECKS: list[tuple[str, Callable[[RunInputs], str]]] = [
     ("model", check_model),
     ("tokenizer", check_tokenizer),
@@ -297,6 +330,7 @@ CHECKS: list[tuple[str, Callable[[RunInputs], str]]] = [
     ("chat template", check_chat_template),
     ("teacher", check_teacher),
     ("input files", check_input_files),
+    ("disk", check_disk),
 ]
 
 
@@ -317,7 +351,10 @@ def run_checks(cfg: Config, run_base: Path | None = None) -> Iterator[tuple[str,
 
 
 def check_config(cfg: Config, run_base: Path | None = None) -> None:
-    """Run every check; raise the first failure's UserError (one line naming the key)."""
+    """Run every check; raise the first failure's UserError (one line naming the key). A check's
+    warning goes to stderr and the run goes on."""
     inputs = RunInputs(cfg, run_base)
     for _, check in CHECKS:
-        check(inputs)
+        found = check(inputs)
+        if found.startswith("warning:") and is_rank_zero():  # once per launch, not per process
+            print(f"mixcpt: {found}", file=sys.stderr, flush=True)

@@ -4,7 +4,9 @@
     mixcpt run CONFIG --output DIR              every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
     mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
-    mixcpt check CONFIG                         what can be known without training (mixcpt.checks)
+    mixcpt check CONFIG [--output DIR]          what can be known without training (mixcpt.checks)
+    mixcpt plan CONFIG [--gpus N] [--gpu-memory GiB] [--mode M] [--output DIR]
+                                                memory per GPU per stage, disk, tokens; what fits
 
 Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or key; also a run
 folder in use by another mixcpt command), 1 anything else (a non-finite training loss and a full
@@ -20,7 +22,8 @@ HF_DATASETS_OFFLINE=1, so nothing waits on or reaches the network; a config that
 leaves them as the user set them. Telemetry is always off.
 
 `run` and the stage commands reuse every output built from the same inputs and rebuild the others
-with everything after them, one line per stage and arm saying which and why (mixcpt.fingerprints);
+with everything after them, one line per stage and arm saying which and why (mixcpt.fingerprints),
+and one when it is built saying how long it took and how much it processed (mixcpt.timing);
 `run --force STAGE` and `STAGE --force` rebuild that stage even when it is current. `status` runs
 nothing: it compares the run folder with DIR/config.yaml (the demo writes it) or `--config`.
 
@@ -35,6 +38,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads these once, at import.
@@ -112,6 +116,23 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="check a config without training: model, tokenizer, chat template, ..."
     )
     check.add_argument("config", help="YAML run config")
+    check.add_argument("--output", help="run folder: its free disk is checked against the plan")
+    plan = sub.add_parser(
+        "plan", help="memory per GPU per stage, teacher cache and checkpoint disk, tokens"
+    )
+    plan.add_argument("config", help="YAML run config")
+    plan.add_argument("--gpus", type=int, help="processes (GPUs) to plan for; 0: the CPU")
+    plan.add_argument(
+        "--gpu-memory", type=float, metavar="GiB", help="memory per GPU (default: this machine's)"
+    )
+    plan.add_argument(
+        "--mode",
+        help="single, ddp, fsdp, zero1, zero2, zero3, or an accelerate config file "
+        "(default: from the launcher's environment; DDP for several GPUs)",
+    )
+    plan.add_argument(
+        "--output", help="run folder: its data stage's token counts and teacher cache, if built"
+    )
     return p
 
 
@@ -126,10 +147,28 @@ def _check(args: argparse.Namespace) -> int:
 
     print(f"ok    config: {args.config}", flush=True)
     failed = 0
-    for name, passed, line in run_checks(cfg):
+    run_base = RunDir(args.output).base if args.output else None
+    for name, passed, line in run_checks(cfg, run_base):
         failed += not passed
-        print(f"{'ok' if passed else 'FAIL':<5} {name}: {line}", flush=True)
+        status = "FAIL" if not passed else "warn" if line.startswith("warning:") else "ok"
+        print(f"{status:<5} {name}: {line.removeprefix('warning: ')}", flush=True)
     return 2 if failed else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`mixcpt plan`: prints the estimate; reads the config, the model's config.json and, with
+    --output, what the run folder already holds. Exit 0, or 2 for a bad config."""
+    try:
+        cfg = _config(args)  # a local model's config.json needs no hub
+        from mixcpt.plan import format_plan, plan
+
+        run = RunDir(args.output) if args.output else None
+        estimate = plan(cfg, run, args.gpus, args.mode, args.gpu_memory)
+    except UserError as err:
+        print(f"mixcpt: error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(estimate, args.config, cfg.model.dtype))
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -166,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "plan":  # reads only, like status
+        return _plan(args)
     command = shlex.join(["mixcpt", *(sys.argv[1:] if argv is None else argv)])
     lock = None
     try:
@@ -226,7 +267,11 @@ def _run(args: argparse.Namespace, cfg: Config | None) -> int:
     if args.command == "run":
         from mixcpt.pipeline import run_pipeline
 
+        start = time.perf_counter()
         run_pipeline(cfg, run, args.force, check=False)
+        if is_rank_zero():
+            took = time.perf_counter() - start
+            print(f"mixcpt: run: done in {took:.1f} s; time per stage in {out / 'report.md'}")
     else:
         from mixcpt.pipeline import run_stage
 

@@ -309,9 +309,11 @@ def begin(cfg: Config, run: RunDir, node: str, force: bool = False) -> dict | No
 
 
 def _discard_stale(run: RunDir, node: str, record: dict, force: bool) -> None:
-    """Before `node` is built for `record`: drop its results.json entry and, for a training stage,
-    its checkpoints unless they were made for the same fingerprint (never resume from others)."""
+    """Before `node` is built for `record`: drop its results.json entry and timing (mixcpt.timing)
+    and, for a training stage, its checkpoints unless they were made for the same fingerprint
+    (never resume from others)."""
     run.discard_results(*_results_key(node))
+    run.discard_results("timing", node)
     stage, _, arm = node.partition("/")
     if stage not in TRAINED_STAGES:
         return

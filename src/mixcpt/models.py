@@ -147,8 +147,10 @@ def save_trained_model(
         trained = trainer.accelerator.unwrap_model(trainer.model)
         if merge_lora:
             # In float32: the adapters' product is added to the base weights exactly, and the sum
-            # is rounded to `dtype` once, below. A plain model folder, loadable without PEFT.
-            trained = trained.float().merge_and_unload()
+            # is rounded to `dtype` once, below. A plain model folder, loadable without PEFT. On
+            # the CPU: a float32 copy of the base would not fit beside it on the GPU (training is
+            # over; nothing runs on this model again).
+            trained = trained.to("cpu").float().merge_and_unload()
         state_dict = in_dtype(state_dict or trained.state_dict(), DTYPES[dtype])
         trained.config.use_cache = True  # for whoever generates with the saved model
         size = sum(t.numel() * t.element_size() for t in state_dict.values())  # for a full disk

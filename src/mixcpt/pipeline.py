@@ -6,6 +6,7 @@ last checkpoint) and rerunning it after a config change redoes exactly what the 
 from __future__ import annotations
 
 import importlib
+from functools import partial
 
 from mixcpt.config import Config, CPTConfig
 from mixcpt.errors import ConfigError
@@ -65,7 +66,7 @@ def run_stage(
 
     # chunk-sized temporaries are reused, not faulted in afresh (see its module)
     keep_freed_memory()
-    state = process_state()
+    state = process_state(cfg)  # the process group's first use: its timeout comes from cfg
     if state.is_main_process:
         from mixcpt.models import ensure_base_model
 
@@ -97,15 +98,18 @@ STAGE_FUNCTIONS = {
 
 
 def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None, force: bool) -> None:
+    """The stage's function, once or per arm, each call timed into results.json (mixcpt.timing)."""
+    from mixcpt.timing import timed
+
     if stage not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
     module, name, per_arm = STAGE_FUNCTIONS[stage]
     function = getattr(importlib.import_module(module), name)
     if not per_arm:
-        function(cfg, run, force)
+        timed(cfg, run, stage, partial(function, cfg, run, force))
         return
     for a in _chosen_arms(cfg, stage, arm):
-        function(cfg, run, a, force)
+        timed(cfg, run, f"{stage}/{a}", partial(function, cfg, run, a, force))
 
 
 def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:

@@ -1,9 +1,9 @@
 """results.json -> report.html (self-contained: inline CSS, plots as base64 PNG) and report.md.
 
 Sections: the results table (arm x stage, each benchmark's main metric and KL to base), a
-domain-versus-general plot (what was gained against what was kept), training loss curves, and
-the data mixture's token shares. Each section says so when its part of results.json is absent,
-so a partial run still gets a report.
+domain-versus-general plot (what was gained against what was kept), training loss curves, the
+data mixture's token shares, and the time each stage took (mixcpt.timing). Each section says so
+when its part of results.json is absent, so a partial run still gets a report.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mixcpt.atomic import write_text_atomic  # noqa: E402
 from mixcpt.config import Config  # noqa: E402
 from mixcpt.fingerprints import begin  # noqa: E402
-from mixcpt.rundir import RunDir  # noqa: E402
+from mixcpt.pipeline import STAGES  # noqa: E402
+from mixcpt.rundir import ARMS, RunDir  # noqa: E402
+from mixcpt.timing import rate  # noqa: E402
 
 STAGE_ORDER = ("base", "cpt", "sft", "dpo")
 STAGE_DASH = {"cpt": "-", "sft": "--", "dpo": ":"}
@@ -123,6 +125,42 @@ def mixture_table(results: dict) -> tuple[list[str], list[list[str]]]:
         for label, s in sources.items()
     ]
     return header, cells
+
+
+def _build_order(node: str) -> tuple[int, int]:
+    stage, _, arm = node.partition("/")
+    return STAGES.index(stage), ARMS.index(arm) if arm else 0
+
+
+def timing_table(results: dict) -> tuple[list[str], list[list[str]], float]:
+    """(header, cells, seconds in all) of the time each stage took, in build order. The report
+    stage itself is left out: it is timed after this table is written."""
+    timing = results.get("timing", {})
+    header = ["stage", "wall time", "processed", "throughput", "this run"]
+    cells, total = [], 0.0
+    for node in sorted((n for n in timing if n != "report"), key=_build_order):
+        entry = timing[node]
+        if entry.get("reused"):
+            this_run = "reused"
+        elif "resumed_at_step" in entry:
+            this_run = f"resumed at step {entry['resumed_at_step']}"
+        else:
+            this_run = "built"
+        if "wall_s" not in entry:  # reused from a build that recorded no timing
+            cells.append([node, "not recorded", "", "", this_run])
+            continue
+        unit = entry["unit"]
+        total += entry["wall_s"]
+        cells.append(
+            [
+                node,
+                f"{entry['wall_s']:.1f} s",
+                f"{entry['processed']:,} {unit}",
+                f"{rate(entry['per_s'])} {unit}/s",
+                this_run,
+            ]
+        )
+    return header, cells, total
 
 
 # ---- plots ---------------------------------------------------------------------------------
@@ -258,6 +296,13 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     header, cells, missing = results_table(results)
     mix_header, mix_cells = mixture_table(results)
     ret = retention_table(results)
+    time_header, time_cells, total_s = timing_table(results)
+    no_timing = "No stage has been timed yet."
+    whole_run = (
+        f"Whole run: {total_s:.1f} s, the sum of the stages above (reused ones at the time their "
+        "build took; the report itself not included). Wall time of each stage from start to "
+        "saved output: loading, teacher cache, training, scoring and saving included."
+    )
     # (title, base64 PNG or None, why it may be absent, what follows the plot)
     plots = [
         (
@@ -297,6 +342,13 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         else:
             parts.append(f"<p class='note'>Not available: {html.escape(absent)}.</p>")
         parts.append(after)
+    parts += [
+        "<h2>Time per stage</h2>",
+        _html_table(time_header, time_cells)
+        if time_cells
+        else f"<p class='note'>{html.escape(no_timing)}</p>",
+        f"<p class='note'>{html.escape(whole_run)}</p>" if time_cells else "",
+    ]
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>Mix-CPT report</title>"
         f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
@@ -316,6 +368,10 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "## Data mixture",
         "",
         _md_table(mix_header, mix_cells) if mix_cells else "The data stage has not run yet.",
+        "",
+        "## Time per stage",
+        "",
+        _md_table(time_header, time_cells) + "\n\n" + whole_run if time_cells else no_timing,
         "",
         "Plots (domain versus general, training loss, mixture shares) are in report.html.",
         "",

@@ -7,7 +7,8 @@
     DIR/mixcpt/selection/         the k selected samples and every sample's score
     DIR/.work/<arm>-<stage>/      Trainer checkpoints of a stage in progress (resume reads them)
     DIR/logs/<arm>/<stage>/       TensorBoard event files of each training stage (report_to)
-    DIR/results.json              every stage's metrics, updated by write-then-rename
+    DIR/results.json              every stage's metrics and timing (mixcpt.timing), updated by
+                                  write-then-rename
     DIR/report.{html,md}          the report
 
 Folders are built under a temporary name and renamed at the end, so a killed run never leaves a

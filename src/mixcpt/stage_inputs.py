@@ -2,8 +2,8 @@
 the files outside the run folder that it reads (mixcpt.fingerprints records them).
 
 Inputs are the settings that change an output. Performance knobs are not (batch sizes of scoring
-and evaluation, loss_chunk_size, tokenize_batch_size, gradient checkpointing, checkpoint
-intervals, on_nonfinite, dpo.precompute_ref), nor is where and how often training logs
+and evaluation, loss_chunk_size, compile_loss, tokenize_batch_size, gradient checkpointing,
+checkpoint intervals, on_nonfinite, dpo.precompute_ref), nor is where and how often training logs
 (report_to, logging_steps, ...: `LOGGING_KEYS`), nor the number of processes (`mixcpt status` runs
 in one). Every other TrainingArguments field passed through `training:` counts. Files (model,
 tokenizer, data sources, benchmarks, probe, lm-eval task folder) count by content, hashed once
@@ -178,7 +178,7 @@ def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
     """The arm's stage-1 settings, leaving out those of a teacher it does not use: the baseline
     (always plain CE) is untouched by every LSSD setting."""
     cpt = arm_cpt_config(cfg, arm)
-    unused = {"loss_chunk_size", "training"}
+    unused = {"loss_chunk_size", "compile_loss", "training"}
     if cpt.lssd_weight == 0:  # no teacher; `teacher: lora` still means training adapters
         unused |= {"temperature", "cache_top_k", "cache_dtype"}
         unused |= {"teacher"} if cpt.teacher != "lora" else set()

@@ -79,3 +79,27 @@ def test_stage_floors_prints_one_json_line_per_stage_with_its_ratio():
     stages = ["data", "cache", "select", "mc", "ppl", "generate", "sft", "dpo"]
     assert [figures["stage"] for figures in lines] == stages
     assert all(figures["ratio"] > 0 and figures["cpu_ratio"] > 0 for figures in lines)
+
+
+def test_plan_vs_measured_prints_predicted_and_measured(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "plan_vs_measured.py"),
+            "--models",
+            "quickstart",
+            "--stages",
+            "cpt/baseline",
+            "--steps",
+            "1",
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.strip().splitlines()[0])
+    assert row["predicted_mib"] > 0 and row["predicted/rss"] > 0 and row["predicted/live"] > 0

@@ -21,6 +21,8 @@ def test_every_stage_of_both_arms_is_a_loadable_model(quick_run):
         for stage in TRAINED_STAGES:
             model = AutoModelForCausalLM.from_pretrained(quick_run / arm / stage)
             assert model.num_parameters() > 100_000
+            # and `tensorboard --logdir DIR` shows its training curves
+            assert list((quick_run / "logs" / arm / stage).glob("events.out.tfevents.*"))
 
 
 def test_results_hold_both_arms_at_every_stage_and_the_report_exists(quick_run):

@@ -74,6 +74,7 @@ def teacher_peak_bytes(layers: int) -> int:
         "position_ids": torch.arange(T).repeat(B, 1),
     }
     teacher.target(inputs)  # the first batch checks the hidden path against the logits
+    assert teacher.forward.checked  # and takes it: the peak below is the hidden path's
     with PeakLiveBytes() as mode:
         target = teacher.target(inputs)
     del target

@@ -37,7 +37,7 @@ from mixcpt.rundir import RunDir
 from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.forward import LossForward
-from mixcpt.train.resumable import train_and_save
+from mixcpt.train.resumable import train_and_save, trained_samples
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "runtime_s": output.metrics["train_runtime"],
             "steps": output.global_step,
             "n_pairs": len(train_set),
+            "pairs": trained_samples(trainer),  # n_pairs x epochs, or as max_steps allows
             "log_history": history,
         }
 

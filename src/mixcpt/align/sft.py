@@ -35,7 +35,7 @@ from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss
-from mixcpt.train.resumable import train_and_save
+from mixcpt.train.resumable import train_and_save, trained_samples
 
 
 def sft_features(
@@ -121,6 +121,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "steps": output.global_step,
             "log_history": trainer.state.log_history,
             "n_samples": len(train_set),
+            "samples": trained_samples(trainer),  # n_samples x epochs, or as max_steps allows
         },
         record=record,
         started_with={**started_with(cfg, "sft"), "samples": file_hash(path)},

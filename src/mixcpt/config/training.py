@@ -303,6 +303,13 @@ class CPTConfig(Strict):
             "fastest on CPU; on a GPU larger chunks (1024-4096) launch fewer kernels."
         ),
     )
+    compile_loss: bool = Field(
+        False,
+        description="Run the vocabulary-wide loss's per-chunk work through torch.compile, which "
+        "fuses its passes over [chunk, vocabulary] (on a GPU, a few kernels instead of one per "
+        "operation); the first steps pay for compiling. On the CPU the fused C kernel is usually "
+        "faster. The model itself compiles with training.torch_compile: true.",
+    )
     lora: LoraSettings = Field(
         default_factory=LoraSettings,
         description="Used when teacher is lora: stage 1 of both arms then trains these adapters "

@@ -58,8 +58,8 @@ class LossForward:
     ):
         """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H]
         with the weight [V, H], or logits [B, T, V] with None. The forward's arguments are those of
-        a packed batch (`packed_forward_inputs`), or `forward_inputs` (e.g. a right-padded batch
-        with its attention mask)."""
+        a packed batch (`packed_forward_inputs`), or `forward_inputs` (e.g. a right-padded batch,
+        `responses.padded_forward_inputs`)."""
         batch = packed_forward_inputs(inputs) if forward_inputs is None else forward_inputs
         if self.head is not None:
             captured = []

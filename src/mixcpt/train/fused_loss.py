@@ -22,6 +22,7 @@ states) or `SwappedTopK` (its top-k from the teacher cache, with one tail bucket
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -92,8 +93,9 @@ class SwappedTeacher:
         log_p, grad, q_scale, labels = student
         z = rows if self.output_weight is None else rows @ self.output_weight.T  # [c, V]
         z = as_float32(z) if temperature == 1 else as_float32(z) / temperature
-        # the same, fused a row at a time (CPU, float32)
-        if lssd_cpu_kernel.applies(z, log_p, grad):
+        # the same, fused a row at a time (CPU, float32); torch.compile cannot see into the kernel
+        # (a ctypes call), so a compiled loss (`chunk_terms`) runs the code below instead
+        if not torch.compiler.is_compiling() and lssd_cpu_kernel.applies(z, log_p, grad):
             return lssd_cpu_kernel.swapped_target(z, log_p, grad, q_scale, labels)
         z_top1, top1 = max_with_index(z)  # [c] z[m] and m
         q = torch.softmax(z, dim=-1)  # [c, V]; its log is never made: log q = z - lse
@@ -186,6 +188,51 @@ class LossSettings(NamedTuple):
     temperature: float
     ignore_index: int
     chunk_size: int  # supervised positions per chunk
+    compile: bool  # run each chunk's [c, V] work through torch.compile (`chunk_terms`)
+
+
+def chunk_terms(
+    s: torch.Tensor,
+    y: torch.Tensor,
+    target: SwappedTeacher | SwappedTopK | None,
+    teacher_chunk: list[torch.Tensor],
+    temperature: float,
+    ce_share: float,
+    lssd_share: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, torch.Tensor | int]:
+    """The vocabulary-wide work of one chunk of c supervised positions (`_FusedCPTLoss`): student
+    logits s [c, V] (float32, or float64), labels y [c], and the target's rows for these positions
+    (`teacher_chunk`, empty without a target). Returns (g [c, V], sum of -log p[y], sum of the KL,
+    teacher top-1 matches), g = ce_share * (p - onehot(y)) + lssd_share * (p_T - q'), which the
+    output layer's matmuls scale into d loss / ds."""
+    log_p = F.log_softmax(s, dim=-1)  # [c, V]
+    i = _rows(len(y), log_p)
+    ce = -log_p[i, y].sum()
+    grad = log_p.exp()  # p
+    kl, top1 = 0.0, 0
+    if target is not None:
+        if temperature == 1:  # p_T = p: the target makes p - lssd_share * q'
+            student = StudentChunk(log_p, grad, lssd_share, y)
+            kl, top1 = target.chunk(student, *teacher_chunk, temperature=temperature)
+        else:
+            # the target makes p_T - q' in p_T's memory;
+            # then g = lssd_share * (p_T - q') + ce_share * p
+            log_p_t = F.log_softmax(s / temperature, dim=-1)
+            grad_t = log_p_t.exp()  # p_T
+            student = StudentChunk(log_p_t, grad_t, 1.0, y)
+            kl, top1 = target.chunk(student, *teacher_chunk, temperature=temperature)
+            grad = grad_t.mul_(lssd_share).add_(grad, alpha=ce_share)
+    grad[i, y] -= ce_share
+    return grad, ce, kl, top1
+
+
+@functools.cache
+def _compiled_chunk_terms():
+    """`chunk_terms` through torch.compile, which fuses its passes over the [c, V] tensors (on a
+    GPU, a handful of kernels instead of one per operation). Compiled at its first call, again once
+    for the last, shorter chunk (whose length then becomes dynamic); forward only: the gradient is
+    formed in closed form, so nothing is compiled for backward."""
+    return torch.compile(chunk_terms)
 
 
 class _FusedCPTLoss(torch.autograd.Function):
@@ -202,7 +249,7 @@ class _FusedCPTLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, labels, target, settings: LossSettings):
-        ce_weight, lssd_weight, temperature, ignore_index, chunk_size = settings
+        ce_weight, lssd_weight, temperature, ignore_index, chunk_size, compile_chunks = settings
         keep_b, keep_t = (labels != ignore_index).nonzero(as_tuple=True)  # [N] supervised positions
         n = max(len(keep_b), 1)
         teacher_data = target.per_position() if target is not None else ()
@@ -223,30 +270,18 @@ class _FusedCPTLoss(torch.autograd.Function):
         # a [c, V] pass.
         scale = ce_scale + (lssd_scale if target is not None else 0.0)
         ce_share, lssd_share = (ce_scale / scale, lssd_scale / scale) if scale else (0.0, 0.0)
+        terms = _compiled_chunk_terms() if compile_chunks else chunk_terms
         for start in range(0, len(keep_b), chunk_size):
             b, t = keep_b[start : start + chunk_size], keep_t[start : start + chunk_size]  # [c]
             x, y = rows[b, t], labels[b, t]  # [c, V|H], [c]
             s = as_float32(x if weight is None else x @ weight.T)  # [c, V] student logits
-            log_p = F.log_softmax(s, dim=-1)  # [c, V]
-            i = _rows(len(y), log_p)
-            sums[0] -= log_p[i, y].sum()
-            grad = log_p.exp()  # p
-            if target is not None:
-                teacher_chunk = [d[b, t] for d in teacher_data]
-                if temperature == 1:  # p_T = p: the target makes p - lssd_share * q'
-                    student = StudentChunk(log_p, grad, lssd_share, y)
-                    kl, top1 = target.chunk(student, *teacher_chunk, temperature=temperature)
-                else:
-                    # the target makes p_T - q' in p_T's memory;
-                    # then g = lssd_share * (p_T - q') + ce_share * p
-                    log_p_t = F.log_softmax(s / temperature, dim=-1)
-                    grad_t = log_p_t.exp()  # p_T
-                    student = StudentChunk(log_p_t, grad_t, 1.0, y)
-                    kl, top1 = target.chunk(student, *teacher_chunk, temperature=temperature)
-                    grad = grad_t.mul_(lssd_share).add_(grad, alpha=ce_share)
-                sums[1] += kl
-                sums[2] += top1
-            grad[i, y] -= ce_share
+            teacher_chunk = [d[b, t] for d in teacher_data]
+            grad, ce, kl, top1 = terms(
+                s, y, target, teacher_chunk, temperature, ce_share, lssd_share
+            )
+            sums[0] += ce
+            sums[1] += kl
+            sums[2] += top1
             if need_rows:  # scaled in float32, then cast to rows' dtype
                 # [c, V|H]
                 grad_x = grad if weight is None else as_float32(grad.to(weight.dtype) @ weight)
@@ -281,6 +316,7 @@ def cpt_loss(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
+    compile: bool = False,
 ) -> CPTLoss:
     """Stage 1's loss `ce_weight * L_CE + lssd_weight * L_LSSD` in one chunked pass (design §1):
     the value of `losses.cross_entropy` and `losses.lssd_loss`, and their gradient.
@@ -296,10 +332,14 @@ def cpt_loss(
     `chunk_size` positions per chunk. On the CPU keep chunk * V * 4 bytes well under 32 MB:
     larger temporaries are fresh pages from the allocator each time, and faulting them in costs
     more than the arithmetic (measured in benchmarks/RESULTS.md).
+
+    `compile` runs each chunk's vocabulary-wide work through torch.compile (`chunk_terms`): meant
+    for GPUs, where the eager code launches a kernel per operation. On the CPU it replaces the
+    fused C kernel, which is usually the faster of the two there.
     """
     if target is None:
         lssd_weight = 0.0
-    settings = LossSettings(ce_weight, lssd_weight, temperature, ignore_index, chunk_size)
+    settings = LossSettings(ce_weight, lssd_weight, temperature, ignore_index, chunk_size, compile)
     loss, ce, lssd, matches = _FusedCPTLoss.apply(student, output_weight, labels, target, settings)
     return CPTLoss(loss, ce, lssd, matches)
 

@@ -30,11 +30,13 @@ STARTED_WITH = "started_with.json"
 
 # Settings that may change between a run and its resume: they change when and how things are
 # logged, saved or computed, never what an optimizer step does (loss_chunk_size and
-# gradient_checkpointing trade memory for time; on_nonfinite only acts on a non-finite loss).
+# gradient_checkpointing trade memory for time, compile_loss computes the same loss with fused
+# kernels; on_nonfinite only acts on a non-finite loss).
 RESUMABLE_CHANGES = LOGGING_KEYS | {
     "save_steps",
     "save_total_limit",
     "loss_chunk_size",
+    "compile_loss",
     "gradient_checkpointing",
     "on_nonfinite",
 }
@@ -125,6 +127,14 @@ def train_and_save(
         if trainer.is_world_process_zero():
             shutil.rmtree(work, ignore_errors=True)
         return metrics
+
+
+def trained_samples(trainer: Trainer) -> int:
+    """Samples (blocks in cpt, samples in sft, pairs in dpo) that the optimizer steps taken so
+    far consumed, over every process; a last, short batch of an epoch counts as full."""
+    args = trainer.args
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return trainer.state.global_step * per_step
 
 
 def log_to(trainer: Trainer, folder: Path, resume: str | None) -> None:

@@ -22,7 +22,7 @@ from mixcpt.pipeline import arm_cpt_config
 from mixcpt.processes import process_state
 from mixcpt.rundir import RunDir, base_model_path
 from mixcpt.train.arguments import training_arguments
-from mixcpt.train.resumable import train_and_save
+from mixcpt.train.resumable import train_and_save, trained_samples
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache
 from mixcpt.train.teachers import LoraTeacher, OnlineTeacher, Teacher
 from mixcpt.train.trainer import LSSDTrainer
@@ -182,6 +182,7 @@ def cpt_trainer(
         lssd_weight=cpt.lssd_weight,
         temperature=cpt.temperature,
         loss_chunk_size=cpt.loss_chunk_size,
+        compile_loss=cpt.compile_loss,
         on_nonfinite=cpt.training.on_nonfinite,
     )
     if cpt.teacher == "lora" and shards_parameters(trainer):
@@ -199,6 +200,4 @@ def shards_parameters(trainer: Trainer) -> bool:
 
 def trained_tokens(trainer: Trainer, block_size: int) -> int:
     """Tokens seen by the optimizer steps taken (padding included), over every process."""
-    args = trainer.args
-    per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return trainer.state.global_step * per_step * block_size
+    return trained_samples(trainer) * block_size

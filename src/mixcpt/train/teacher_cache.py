@@ -165,6 +165,18 @@ def cache_key(
     }
 
 
+def cache_layout(n_blocks: int, block_size: int, top_k: int, dtype: str) -> dict:
+    """The cache's arrays (the module docstring): file name -> (numpy dtype, shape), for
+    `n_blocks` blocks of `block_size` tokens, `top_k` (already capped at V) entries per position
+    and log-probabilities stored as `dtype`. `mixcpt plan` sizes the cache with it."""
+    positions = block_size - 1  # the last token of a block predicts nothing
+    return {
+        "ids.npy": (np.int32, (n_blocks, positions, top_k)),
+        "logprobs.npy": (dtype, (n_blocks, positions, top_k)),
+        "tail.npy": (np.float32, (n_blocks, positions)),
+    }
+
+
 def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> int:
     """Create the cache's empty files for `key` in `folder`, or check that the cache already
     there was built for `key`; one built for another key is a `ConfigError`, or with
@@ -179,12 +191,7 @@ def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> in
         print(f"mixcpt: teacher cache: rebuilding ({_differences(found, key)})", flush=True)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    n_blocks, positions, k = key["n_blocks"], key["block_size"] - 1, key["top_k"]
-    shapes = {
-        "ids.npy": (np.int32, (n_blocks, positions, k)),
-        "logprobs.npy": (key["dtype"], (n_blocks, positions, k)),
-        "tail.npy": (np.float32, (n_blocks, positions)),
-    }
+    shapes = cache_layout(key["n_blocks"], key["block_size"], key["top_k"], key["dtype"])
     for name, (np_dtype, shape) in shapes.items():
         np.lib.format.open_memmap(folder / name, mode="w+", dtype=np_dtype, shape=shape).flush()
     try:  # a full disk: ENOSPC now, not SIGBUS while filling the maps

@@ -25,9 +25,10 @@ class LSSDTrainer(Trainer):
 
     Extra arguments: `teacher` (needed when lssd_weight > 0, never run otherwise), the two loss
     weights, the LSSD `temperature`, `loss_chunk_size` (positions per chunk of the
-    vocabulary-wide loss) and `on_nonfinite` ("stop" raises `NonFiniteLossError`, leaving the
-    last checkpoint intact; "skip" gives the batch zero gradient). Logs `ce_loss`, `lssd_loss` and
-    `teacher_top1_match` (share of supervised positions where the teacher's top-1 was the label).
+    vocabulary-wide loss), `compile_loss` (that loss's chunks through torch.compile) and
+    `on_nonfinite` ("stop" raises `NonFiniteLossError`, leaving the last checkpoint intact; "skip"
+    gives the batch zero gradient). Logs `ce_loss`, `lssd_loss` and `teacher_top1_match` (share of
+    supervised positions where the teacher's top-1 was the label).
 
     Both terms come from one fused chunked pass (`fused_loss.cpt_loss`) over the student's final
     hidden states and output layer, so the student's [B, T, V] logits are never made (see
@@ -43,6 +44,7 @@ class LSSDTrainer(Trainer):
         lssd_weight: float = 1.0,
         temperature: float = 1.0,
         loss_chunk_size: int = 256,
+        compile_loss: bool = False,
         on_nonfinite: str = "stop",
         **kwargs,
     ):
@@ -63,6 +65,7 @@ class LSSDTrainer(Trainer):
             loss_chunk_size,
             on_nonfinite,
         )
+        self.compile_loss = compile_loss
         # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits
         # there.
         self.student_forward = LossForward(
@@ -91,6 +94,7 @@ class LSSDTrainer(Trainer):
                 self.temperature,
                 IGNORE_INDEX,
                 self.loss_chunk_size,
+                self.compile_loss,
             )
         supervised = (labels != IGNORE_INDEX).sum()
         loss = result.loss  # mean over this micro-batch's supervised positions
