@@ -674,7 +674,7 @@ def arguments() -> argparse.ArgumentParser:
         "heads": (4, 2),
         "batch": (8, 2),
         "seq": (256, 32),
-        "blocks": (32, 4),  # cache: blocks of --seq tokens
+        "blocks": (128, 4),  # cache: blocks of --seq tokens
         "vocab": (8192, 256),  # cache (the text stages' vocabulary is the tokenizer's)
         "top_k": (64, 4),
         "samples": (64, 6),  # select: instruction rows; mc: questions of 4 choices
