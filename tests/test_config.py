@@ -86,6 +86,19 @@ def test_minimal_config_gets_defaults_and_absolute_paths(corpus):
             "cpt.training.bf16: not settable here: follows model.dtype",
         ),
         (
+            MINIMAL + "sft: {training: {save_only_model: true}}\n",
+            "sft.training.save_only_model: not settable here: a stage resumes from its last "
+            "checkpoint",
+        ),
+        (
+            MINIMAL + "cpt: {training: {push_to_hub: true}}\n",
+            "cpt.training.push_to_hub: not settable here: a run never reaches the network",
+        ),
+        (
+            MINIMAL + "cpt: {training: {eval_strategy: steps}}\n",
+            "cpt.training.eval_strategy: not settable here: models are evaluated by the eval stage",
+        ),
+        (
             MINIMAL + "cpt: {training: {num_train_epochs: 2}}\n",
             "cpt.training.num_train_epochs: mixcpt names this key num_epochs",
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,7 +152,8 @@ def test_launcher_configs_parse_and_the_zero3_save_gathers_full_weights():
     ]
     fsdp = load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config
     assert (
-        fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        fsdp["fsdp_version"] == 2  # FSDP2: the online teacher is sharded too
+        and fsdp["fsdp_reshard_after_forward"] is True
         and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     )
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # the online teacher copies real weights
@@ -281,3 +283,115 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(
     final_two = load_file(out / "mixcpt" / "cpt" / "model.safetensors")
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=0)
+
+
+# A torchrun worker whose process NAN_RANK computes NaN hidden states in the forwards of steps
+# NAN_STEPS (e.g. "2-2"): the tiny Llama calls its RMSNorm 5 times per forward (2 per layer, 1
+# final) and stage 1 here trains with plain CE (no teacher forwards to count).
+NAN_WRAPPER = """
+import os, sys
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+real, calls = LlamaRMSNorm.forward, [0]
+first, last = (int(s) for s in os.environ["NAN_STEPS"].split("-"))
+def poisoned(*args, **kwargs):
+    calls[0] += 1
+    result = real(*args, **kwargs)
+    step = (calls[0] - 1) // 5
+    if os.environ["RANK"] == os.environ["NAN_RANK"] and first <= step <= last:
+        result = result * float("nan")
+    return result
+LlamaRMSNorm.forward = poisoned
+from mixcpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def nan_launch(tmp_path, tiny_model_dir, tokenizer, on_nonfinite: str, steps: str):
+    """Launch 2 processes of stage 1 (plain CE, 4 steps) whose rank 1 alone sees NaN in `steps`;
+    returns the finished process and the run folder."""
+    config, out = make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["cpt"].update(lssd_weight=0)
+    raw["cpt"]["training"].update(save_steps=1, on_nonfinite=on_nonfinite)
+    config.write_text(yaml.safe_dump(raw))
+    (tmp_path / "nan.py").write_text(NAN_WRAPPER)
+    launch = [*TORCHRUN, str(tmp_path / "nan.py"), "cpt", str(config), "--output", str(out)]
+    proc = subprocess.run(
+        launch + ["--arm", "mixcpt"],
+        env={**launch_env(), "NAN_RANK": "1", "NAN_STEPS": steps},
+        capture_output=True,
+        text=True,
+        timeout=240,  # a rank left waiting in an all-reduce would hang here, not exit
+    )
+    return proc, out
+
+
+def test_a_nan_on_one_process_stops_every_process_with_one_line(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    proc, out = nan_launch(tmp_path, tiny_model_dir, tiny_tokenizer, "stop", "2-3")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mixcpt:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("mixcpt: error: non-finite loss at step 2 on process 1 of 2")
+    assert "NonFiniteLossError" not in proc.stderr  # no worker traceback
+    work = out / ".work" / "mixcpt-cpt"
+    state = json.loads((work / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # the last checkpoint before the NaN, intact
+    assert not (out / "mixcpt" / "cpt").exists()
+
+
+def test_a_nan_on_one_process_is_skipped_by_every_process(tmp_path, tiny_model_dir, tiny_tokenizer):
+    proc, out = nan_launch(tmp_path, tiny_model_dir, tiny_tokenizer, "skip", "1-1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"]["log_history"]
+    # step 2 (the second) skipped its micro-batch on both processes, the others none
+    skipped = [h.get("skipped_batches", 0) for h in history if "loss" in h]
+    assert skipped == [0, 2, 0, 0], history
+    weights = load_file(out / "mixcpt" / "cpt" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# A torchrun worker whose teacher-cache batches each take SLOW_S seconds longer.
+SLOW_CACHE_WRAPPER = """
+import os, sys, time
+from mixcpt.train import teacher_cache
+real = teacher_cache.teacher_top_k
+def slow(*args, **kwargs):
+    time.sleep(float(os.environ["SLOW_S"]))
+    return real(*args, **kwargs)
+teacher_cache.teacher_top_k = slow
+from mixcpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """`mixcpt cache` under torchrun: each process builds half of the cache, so no process waits
+    at a barrier while another builds it all (the one-process build here takes longer than the
+    process group's timeout), and the files are byte for byte those one process builds."""
+    config, out = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["cpt"].update(teacher="cache", cache_top_k=8)
+    for section in ("cpt", "sft", "dpo"):  # the launch's barriers wait 12 s at most
+        raw.setdefault(section, {}).setdefault("training", {})["ddp_timeout"] = 12
+    config.write_text(yaml.safe_dump(raw))
+    one = tmp_path / "one"
+    shutil.copytree(out / "data", one / "data")
+    assert main(["cache", str(config), "--output", str(one)]) == 0
+
+    (tmp_path / "slow.py").write_text(SLOW_CACHE_WRAPPER)
+    proc = subprocess.run(  # 8 batches of 2 blocks, 2 s each: 16 s for one process, 8 s for two
+        [*TORCHRUN, str(tmp_path / "slow.py"), "cache", str(config), "--output", str(out)],
+        env={**launch_env(), "SLOW_S": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("ids.npy", "logprobs.npy", "tail.npy", "done.npy", "meta.json"):
+        assert (out / "teacher_cache" / name).read_bytes() == (
+            one / "teacher_cache" / name
+        ).read_bytes(), name

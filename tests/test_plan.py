@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from mixcpt.cli import main
 from mixcpt.config import config_from_dict, load_config
 from mixcpt.data.packing import PackedBlocks, write_packed
+from mixcpt.errors import ConfigError
 from mixcpt.plan import count_tokens, detect_launch, disk_bytes, model_shape, plan
 from mixcpt.rundir import RunDir
 from mixcpt.train.teacher_cache import build_teacher_cache
@@ -98,6 +99,27 @@ def test_launch_from_flag_accelerate_file_and_environment(monkeypatch):
     assert detect_launch(gpus=0).mode == "single"  # the CPU: one process
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert detect_launch(gpus=2).mode == "fsdp"
+
+
+def test_plan_and_check_read_a_deepspeed_launch_alike(monkeypatch):
+    """`mixcpt plan` and `mixcpt check` agree on the launch: the DeepSpeed config file's stage
+    wins over the launcher's option, and a stage DeepSpeed does not have is a config error."""
+    from mixcpt.checks import weight_sharding
+    from mixcpt.config import TrainingConfig
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv(
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE", str(EXAMPLES / "distributed" / "ds_zero3.json")
+    )
+    assert detect_launch(gpus=2).mode == "zero3"
+    assert weight_sharding(TrainingConfig()) == "DeepSpeed ZeRO-3 (accelerate launch)"
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "4")
+    for read in (lambda: detect_launch(gpus=2), lambda: weight_sharding(TrainingConfig())):
+        with pytest.raises(ConfigError, match="^ACCELERATE_DEEPSPEED_ZERO_STAGE: the ZeRO stage"):
+            read()
 
 
 def test_tokens_estimated_from_file_sizes(tmp_path, tiny_model_dir):

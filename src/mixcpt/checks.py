@@ -13,8 +13,6 @@ Nothing here loads weights or reads a whole corpus.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -204,35 +202,23 @@ def check_chat_template(inputs: RunInputs) -> str:
 
 def weight_sharding(training: TrainingConfig) -> str | None:
     """What shards the model's weights across the processes of this launch (FSDP or DeepSpeed
-    ZeRO-3), or None: as `accelerate launch` announces it in each process's environment, or as
-    the stage's own TrainingArguments keys `fsdp` / `deepspeed` set it where the config has them."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "FSDP (accelerate launch)"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-        if config_file != "none":  # the file's stage wins over the launcher's option
-            stage = _zero_stage(config_file, "ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        else:
-            stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-        return "DeepSpeed ZeRO-3 (accelerate launch)" if stage == 3 else None
+    ZeRO-3), or None: as `accelerate launch` announces it in each process's environment
+    (`processes.launched_mode`), or as the stage's own TrainingArguments keys `fsdp` / `deepspeed`
+    set it where the config has them."""
+    from mixcpt.processes import launched_mode, zero_stage
+
+    launched = launched_mode()
+    if launched is not None:
+        return {
+            "fsdp": "FSDP (accelerate launch)",
+            "zero3": "DeepSpeed ZeRO-3 (accelerate launch)",
+        }.get(launched[0])
     if getattr(training, "fsdp", None):
         return "FSDP (training.fsdp)"
     deepspeed = getattr(training, "deepspeed", None)
-    if deepspeed and _zero_stage(deepspeed, "training.deepspeed") == 3:
+    if deepspeed and zero_stage(deepspeed, "training.deepspeed") == 3:
         return "DeepSpeed ZeRO-3 (training.deepspeed)"
     return None
-
-
-def _zero_stage(ds_config: str | dict, key: str) -> int:
-    """The ZeRO stage of a DeepSpeed config (a JSON file's path or its dict); 0 when unset."""
-    if not isinstance(ds_config, dict):
-        try:
-            ds_config = json.loads(Path(ds_config).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"{key}: cannot read the DeepSpeed config {ds_config}: {_first_line(err)}"
-            ) from None
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def check_teacher(inputs: RunInputs) -> str:

@@ -54,7 +54,7 @@ from mixcpt.rundir import RunDir  # noqa: E402
 from mixcpt.runlock import RunLock, is_rank_zero  # noqa: E402
 
 # The commands that write a run folder, and so hold its lock.
-WRITERS = ("demo", "run", *STAGES)
+WRITERS = ("demo", "run", "cache", *STAGES)
 
 
 def _output_dir(path: str) -> Path:
@@ -88,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)"
     )
     demo.add_argument("--seed", type=int, default=0)
-    for name, help_ in [("run", "run every stage in order")] + [
-        (s, f"run the {s} stage") for s in STAGES
-    ]:
+    commands = [("run", "run every stage in order")] + [(s, f"run the {s} stage") for s in STAGES]
+    commands.insert(2, ("cache", "build stage 1's teacher cache alone (every process its share)"))
+    for name, help_ in commands:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML run config")
         sp.add_argument("--output", required=True, help="run folder")
@@ -243,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Training diverged: not the user's input (exit 1), but a known stop with its own advice,
         # so one line, no traceback. The trainer module is only loaded when a training stage ran.
+        # Every process of a launch stops alike; one of them says why.
         trainer = sys.modules.get("mixcpt.train.trainer")
         if trainer is not None and isinstance(err, trainer.NonFiniteLossError):
-            print(f"mixcpt: error: {err}", file=sys.stderr)
+            if err.report:
+                print(f"mixcpt: error: {err}", file=sys.stderr)
             return 1
         raise
 

@@ -88,6 +88,8 @@ def run_stage(
 # runs, so that `mixcpt data` does not pay for importing the training stack.
 STAGE_FUNCTIONS = {
     "data": ("mixcpt.data.stage", "run_data", False),
+    # not in STAGES: stage 1 builds the cache itself; `mixcpt cache` builds it alone
+    "cache": ("mixcpt.train.stage", "run_cache", False),
     "cpt": ("mixcpt.train.stage", "run_cpt", True),
     "select": ("mixcpt.align.select", "run_select", False),
     "sft": ("mixcpt.align.sft", "run_sft", True),

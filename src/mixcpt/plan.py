@@ -44,6 +44,7 @@ import yaml
 from mixcpt.config import Config
 from mixcpt.errors import ConfigError, UserError, format_bytes
 from mixcpt.pipeline import arm_cpt_config, stage_arms
+from mixcpt.processes import launched_mode, valid_zero_stage, zero_stage
 from mixcpt.rundir import RunDir
 from mixcpt.train.teacher_cache import CACHE_FILES, cache_layout
 
@@ -225,7 +226,8 @@ def _accelerate_mode(path: Path) -> tuple[str, int]:
             # accelerate reads it relative to where it is launched; fall back to the YAML's folder
             file = Path(ds["deepspeed_config_file"])
             file = file if file.is_file() else path.parent / file.name
-            stage = json.loads(file.read_text())["zero_optimization"]["stage"]
+            stage = zero_stage(str(file), f"{path}: deepspeed_config_file")
+        stage = valid_zero_stage(stage or 0, f"{path}: deepspeed_config.zero_stage")
         return ("ddp" if not stage else f"zero{stage}"), processes
     return ("single" if processes == 1 else "ddp"), processes
 
@@ -243,11 +245,8 @@ def detect_launch(gpus: int | None = None, mode: str | None = None) -> Launch:
             raise UserError(f"--mode: {mode!r} is neither one of {', '.join(MODES)} nor a file")
         mode, found_gpus = _accelerate_mode(Path(mode))
         source = "from the accelerate config file"
-    elif mode is None and env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        mode, source = "fsdp", "from ACCELERATE_USE_FSDP"
-    elif mode is None and env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        mode = f"zero{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
-        source = "from ACCELERATE_USE_DEEPSPEED"
+    elif mode is None and launched_mode() is not None:
+        mode, source = launched_mode()
     elif mode is None and int(env.get("WORLD_SIZE", "1")) > 1:
         mode, source = "ddp", "from WORLD_SIZE"
     if gpus is None:
@@ -437,6 +436,11 @@ def estimate_stage(shape: ModelShape, work: Workload, launch: Launch) -> StageMe
 
     weights, gradients, optimizer, gathered = _trained_model(shape, work, launch)
     frozen = work.frozen_models * shape.params * work.storage
+    if launch.mode == "fsdp" and work.teacher == "online":
+        # FSDP2 shards the online teacher like the student (teachers.OnlineTeacher.follow): its
+        # forward gathers the root unit and a layer at a time (and the next, prefetched)
+        outside = shape.params - shape.layers * shape.layer_params
+        frozen = frozen // launch.processes + (outside + 2 * shape.layer_params) * work.storage
     full, checkpointed = _activations(shape, work, compute)
     acts = checkpointed if work.checkpointing else full
     if work.stage.startswith("cpt") or work.stage == "sft":  # SFT: `align.sft.SFTTrainer`

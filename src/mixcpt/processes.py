@@ -12,12 +12,16 @@ group its timeout: a Trainer created later cannot change it.
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
 from mixcpt.config import Config
+from mixcpt.errors import ConfigError
 
 # TrainingArguments.ddp_timeout's default (torch's own for a process group)
 DEFAULT_TIMEOUT_S = 1800
@@ -42,3 +46,52 @@ def process_state(cfg: Config | None = None) -> PartialState:
     if cfg is None:
         return PartialState(cpu=on_cpu_only())
     return PartialState(cpu=on_cpu_only(), timeout=launch_timeout(cfg))
+
+
+def launched_mode() -> tuple[str, str] | None:
+    """How an `accelerate launch` says this process trains, read from the environment it sets:
+    ("fsdp", source), or ("zero<N>", source) with the ZeRO stage of its DeepSpeed config file
+    (which wins over the launcher's option, as in accelerate) or of ACCELERATE_DEEPSPEED_ZERO_STAGE
+    (accelerate's default: 2); ("ddp", source) for DeepSpeed without ZeRO. None when accelerate
+    launched neither. `mixcpt plan` and `mixcpt check` both read the launch here.
+
+    Raises ConfigError naming the variable when the config file cannot be read or the stage is
+    not 0 to 3."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp", "from ACCELERATE_USE_FSDP"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":
+        key = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+        stage = zero_stage(config_file, key)
+    else:
+        key = "ACCELERATE_DEEPSPEED_ZERO_STAGE"
+        stage = valid_zero_stage(env.get(key, "2"), key)
+    return ("zero" + str(stage) if stage else "ddp"), f"from {key}"
+
+
+def zero_stage(ds_config: str | dict, key: str) -> int:
+    """The ZeRO stage (0 to 3; 0 when unset) of a DeepSpeed config: a JSON file's path or its
+    dict. `key` names where it came from in errors."""
+    if not isinstance(ds_config, dict):
+        try:
+            ds_config = json.loads(Path(ds_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"{key}: cannot read the DeepSpeed config {ds_config}: {reason}"
+            ) from None
+    return valid_zero_stage(ds_config.get("zero_optimization", {}).get("stage", 0), key)
+
+
+def valid_zero_stage(value, key: str) -> int:
+    """`value` as a ZeRO stage number; ConfigError naming `key` unless it is 0 to 3."""
+    try:
+        stage = int(value)
+    except (TypeError, ValueError):
+        stage = -1
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{key}: the ZeRO stage is {value!r}; DeepSpeed has stages 0 to 3")
+    return stage

@@ -129,7 +129,8 @@ def mixture_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def _build_order(node: str) -> tuple[int, int]:
     stage, _, arm = node.partition("/")
-    return STAGES.index(stage), ARMS.index(arm) if arm else 0
+    order = ("data", "cache", *STAGES[1:])  # `mixcpt cache` runs between data and cpt
+    return order.index(stage), ARMS.index(arm) if arm else 0
 
 
 def timing_table(results: dict) -> tuple[list[str], list[list[str]], float]:

@@ -35,6 +35,7 @@ def _pool_samples(summary: dict) -> int:
 # stage -> (unit, the count of it in what the stage function returned, given the config)
 PROCESSED: dict[str, tuple[str, Callable[[Any, Config], int]]] = {
     "data": ("tokens", lambda stats, cfg: stats["available_tokens"]),  # tokenised
+    "cache": ("blocks", lambda built, cfg: built.get("blocks", 0)),  # `mixcpt cache` alone
     "cpt": ("tokens", lambda metrics, cfg: metrics["tokens"]),  # trained on
     "select": ("samples", lambda summary, cfg: _pool_samples(summary)),  # scored
     "sft": ("samples", lambda metrics, cfg: metrics["samples"]),  # trained on

@@ -101,3 +101,17 @@ def test_the_captured_hidden_states_give_the_models_logits():
         logits = model(**inputs).logits
     assert weight is not None and forward.checked  # the hidden-state path was taken
     torch.testing.assert_close(rows @ weight.T, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_1_and_2_keep_the_memory_flat_path(monkeypatch):
+    """Only FSDP and ZeRO-3 shard the output layer's weight outside forward; under DDP and
+    DeepSpeed ZeRO-1/2 every process holds it whole, so the student's loss must not fall back to
+    [B, T, V] logits there."""
+    from types import SimpleNamespace
+
+    import mixcpt.train.trainer as trainer_module
+
+    for fsdp, zero3, shards in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda z=zero3: z)
+        trainer = SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=True)
+        assert trainer_module.shards_parameters(trainer) is shards

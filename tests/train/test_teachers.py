@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -171,7 +169,9 @@ def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path
     logprobs = np.load(folder / "logprobs.npy", mmap_mode="r+")
     logprobs[:] = 0
     logprobs.flush()
-    (folder / "progress.json").write_text(json.dumps({"blocks_done": 2}))
+    done = np.load(folder / "done.npy", mmap_mode="r+")
+    done[2:] = 0
+    done.flush()
 
     resumed = build_teacher_cache(
         teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2
@@ -180,27 +180,24 @@ def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path
     np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
 
 
-@pytest.mark.parametrize("sync_seconds,recorded", [(0.0, [2, 4, 5]), (1e9, [5])])
-def test_cache_progress_is_recorded_every_sync_interval_and_at_the_end(
-    blocks, teacher_model, tmp_path, monkeypatch, sync_seconds, recorded
+@pytest.mark.parametrize("sync_seconds,marked", [(0.0, [0, 2, 4]), (1e9, [0, 0, 0])])
+def test_cache_progress_is_marked_every_sync_interval_and_at_the_end(
+    blocks, teacher_model, tmp_path, monkeypatch, sync_seconds, marked
 ):
-    """The maps are synced and progress.json written at most every SYNC_SECONDS (a sync waits on
-    the disk) and always after the last batch, so a finished cache is complete on disk."""
+    """The maps are synced and their blocks marked in done.npy at most every SYNC_SECONDS (a sync
+    waits on the disk) and always after the last batch, so a finished cache is complete on disk."""
     monkeypatch.setattr(teacher_cache, "SYNC_SECONDS", sync_seconds)
-    written = []
-    write = teacher_cache.write_json_atomic
-    monkeypatch.setattr(
-        teacher_cache,
-        "write_json_atomic",
-        lambda path, obj: (
-            (path.name == "progress.json" and written.append(obj["blocks_done"]))
-            or write(path, obj)
-        ),
-    )
-    build_teacher_cache(
-        teacher_model, blocks, tmp_path / "c", top_k=4, temperature=1.0, batch_size=2
-    )
-    assert written == [0, *recorded]  # 0: the new, empty cache
+    folder, seen = tmp_path / "c", []
+    compute = teacher_cache.teacher_top_k
+
+    def spy(*args, **kwargs):  # the blocks marked done when each batch begins
+        seen.append(int(np.load(folder / "done.npy").sum()))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "teacher_top_k", spy)
+    build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
+    assert seen == marked  # 5 blocks: batches of 2, 2 and 1
+    assert np.load(folder / "done.npy").all()
 
 
 def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_model, tmp_path):

@@ -38,6 +38,7 @@ from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
 from mixcpt.train.forward import LossForward
 from mixcpt.train.resumable import train_and_save, trained_samples
+from mixcpt.train.trainer import shards_parameters
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class DPOTrainer(Trainer):
         # The output layer runs on the response positions only, from the final hidden states, as
         # in `score_responses` (which computes the precomputed reference log-probs): FSDP and
         # DeepSpeed ZeRO-3 gather its weight only inside forward, so they use logits.
-        hidden = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        hidden = not shards_parameters(self)
         self.policy_forward = LossForward(self.model, hidden=hidden)
         self.ref_forward = None if ref_model is None else LossForward(ref_model, hidden=hidden)
 

@@ -36,6 +36,7 @@ from mixcpt.train.arguments import training_arguments
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss
 from mixcpt.train.resumable import train_and_save, trained_samples
+from mixcpt.train.trainer import shards_parameters
 
 
 def sft_features(
@@ -61,9 +62,7 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # Trainer counts the labelled tokens of each step
         self.loss_chunk_size = loss_chunk_size
         # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward
-        self.sft_forward = LossForward(
-            self.model, hidden=not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        )
+        self.sft_forward = LossForward(self.model, hidden=not shards_parameters(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # the caller wants the logits (prediction_step): the model's own loss

@@ -26,6 +26,13 @@ OWNED = {
     "resume_from_checkpoint": "a stage resumes from its last complete checkpoint by itself",
     # gone from TrainingArguments in transformers 5, but still what people reach for
     "logging_dir": "TensorBoard logs go to DIR/logs/<arm>/<stage>/",
+    # each would break a promise of the run folder
+    "save_only_model": "a stage resumes from its last checkpoint, which must hold the optimizer "
+    "and scheduler state (bound the disk with save_total_limit)",
+    "push_to_hub": "a run never reaches the network; upload a finished model folder "
+    "(DIR/<arm>/<stage>) with `hf upload`",
+    "eval_strategy": "models are evaluated by the eval stage (eval:), not inside training",
+    "load_best_model_at_end": "models are evaluated by the eval stage (eval:), not inside training",
 }
 # TrainingArguments fields that TrainingConfig declares under another name.
 RENAMED = {

@@ -20,8 +20,8 @@ def training_arguments(
     TrainingArguments fields `tc` passes through (`TrainingConfig`), then `overrides`, the stage's
     own settings (e.g. remove_unused_columns).
 
-    Raises ConfigError when TrainingArguments refuses the settings (an unknown optimizer name, a
-    save_strategy that load_best_model_at_end cannot follow, ...).
+    Raises ConfigError when TrainingArguments refuses the settings (an unknown optimizer name,
+    for one).
     """
     kwargs = dict(
         output_dir=str(output_dir),
@@ -50,6 +50,11 @@ def training_arguments(
         # told the run is on the CPU; without this each process would silently train alone (gloo
         # DDP). The same rule as the stages' shared state (mixcpt.processes).
         use_cpu=on_cpu_only(),
+        # Every trainable parameter takes part in every step's loss (a skipped non-finite batch
+        # touches them all too), so DDP need not walk the graph each step looking for unused ones,
+        # which Trainer's default asks for whenever gradient checkpointing is off. A config that
+        # trains a model with unused parameters sets it back under training:.
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
     try:

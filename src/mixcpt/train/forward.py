@@ -10,6 +10,7 @@ model's final hidden states and output layer rather than its [B, T, V] logits, s
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def packed_forward_inputs(inputs: dict[str, torch.Tensor]) -> dict:
@@ -32,8 +33,9 @@ class LossForward:
     sync); `unwrapped` is the bare model. The hidden path is taken when its output layer is a
     bias-free `nn.Linear` with no softcap, and is checked on the first batch: the model's own logits
     at the last position must be that layer applied to the captured hidden states (a scale after
-    the output layer, or a model ignoring `logits_to_keep`, fails it). Otherwise, or with
-    `hidden=False` (FSDP/DeepSpeed shard the weight outside forward), logits are used.
+    the output layer, or a model ignoring `logits_to_keep`, fails it). Otherwise, with
+    `hidden=False` (FSDP/DeepSpeed ZeRO-3 shard the weight outside forward), or when the weight
+    turns out to be an FSDP2 shard (a `DTensor`), logits are used.
 
     The final hidden states are taken from the decoder's output by a forward hook, not with
     `output_hidden_states=True`: that keeps every layer's output alive until the forward returns,
@@ -61,6 +63,9 @@ class LossForward:
         a packed batch (`packed_forward_inputs`), or `forward_inputs` (e.g. a right-padded batch,
         `responses.padded_forward_inputs`)."""
         batch = packed_forward_inputs(inputs) if forward_inputs is None else forward_inputs
+        if self.head is not None and isinstance(self.head.weight, DTensor):
+            # sharded by FSDP2: outside forward this process holds only its rows of the weight
+            self.head = None
         if self.head is not None:
             captured = []
             hook = self.decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))

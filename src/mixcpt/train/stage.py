@@ -6,12 +6,12 @@ arm "baseline": D_K (data/domain) with plain cross-entropy, same training settin
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mixcpt.config import Config, CPTConfig, LoraSettings
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
@@ -25,7 +25,7 @@ from mixcpt.train.arguments import training_arguments
 from mixcpt.train.resumable import train_and_save, trained_samples
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache
 from mixcpt.train.teachers import LoraTeacher, OnlineTeacher, Teacher
-from mixcpt.train.trainer import LSSDTrainer
+from mixcpt.train.trainer import LSSDTrainer, shards_parameters
 
 
 def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
@@ -78,6 +78,26 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
         started,
         dtype=cfg.model.dtype,
     )
+
+
+def run_cache(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    """`mixcpt cache`: build the `cache` teacher's files for D_MIX on their own (stage 1 builds
+    them too, when missing), e.g. under a launch of their own before training's. Every process
+    of a launch builds its share; an interrupted build resumes; `force` rebuilds from scratch.
+    Returns {"blocks", "bytes_per_token"}, or {} when stage 1 uses no cache."""
+    cpt = arm_cpt_config(cfg, "mixcpt")
+    if cpt.teacher != "cache" or cpt.lssd_weight == 0:
+        if process_state().is_main_process:
+            print("mixcpt: cache: nothing to build (stage 1 uses no cache: cpt.teacher)")
+        return {}
+    blocks = training_blocks(run, "mixcpt")
+    state = process_state()
+    if force and state.is_main_process:
+        shutil.rmtree(run.root / "teacher_cache", ignore_errors=True)
+    state.wait_for_everyone()
+    model, _ = load_student(cfg, run, cpt)
+    teacher = load_teacher(cpt, model, blocks, run, cfg.model.dtype)
+    return {"blocks": len(blocks), "bytes_per_token": teacher.bytes_per_token}
 
 
 def started_with(
@@ -135,26 +155,24 @@ def load_teacher(
     cpt: CPTConfig, model: torch.nn.Module, blocks: PackedBlocks, run: RunDir, dtype: str
 ) -> Teacher:
     """The teacher `cpt.teacher` names, for the student `model` before any training step; the
-    `online` copy is stored in `dtype` (`model.dtype`). Under a launcher the main process goes
-    first, so that it alone builds the `cache` teacher's files and the others read them."""
-    state = process_state()
-    with state.main_process_first():
-        model.to(state.device)
-        if cpt.teacher == "online":
-            return OnlineTeacher(model, vocab_size(model), DTYPES[dtype])
-        if cpt.teacher == "lora":
-            return LoraTeacher(model)
-        return build_teacher_cache(
-            model,
-            blocks,
-            run.root / "teacher_cache",
-            cpt.cache_top_k,
-            cpt.temperature,
-            cpt.training.per_device_batch_size,
-            cpt.cache_dtype,
-            cpt.loss_chunk_size,
-            replace_stale=True,  # a cache of other data, teacher or k: this rebuild replaces it
-        )
+    `online` copy is stored in `dtype` (`model.dtype`). Under a launcher every process builds
+    its share of the `cache` teacher's files (`build_teacher_cache`)."""
+    model.to(process_state().device)
+    if cpt.teacher == "online":
+        return OnlineTeacher(model, vocab_size(model), DTYPES[dtype])
+    if cpt.teacher == "lora":
+        return LoraTeacher(model)
+    return build_teacher_cache(
+        model,
+        blocks,
+        run.root / "teacher_cache",
+        cpt.cache_top_k,
+        cpt.temperature,
+        cpt.training.per_device_batch_size,
+        cpt.cache_dtype,
+        cpt.loss_chunk_size,
+        replace_stale=True,  # a cache of other data, teacher or k: this rebuild replaces it
+    )
 
 
 def cpt_trainer(
@@ -191,11 +209,6 @@ def cpt_trainer(
             "cannot be merged into sharded weights); use DDP or ZeRO-2, or teacher: cache"
         )
     return trainer
-
-
-def shards_parameters(trainer: Trainer) -> bool:
-    """True under FSDP or DeepSpeed ZeRO-3, where no process holds the whole model."""
-    return trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()
 
 
 def trained_tokens(trainer: Trainer, block_size: int) -> int:

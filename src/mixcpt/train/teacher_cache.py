@@ -8,11 +8,17 @@ token t + 1), P = block_size - 1:
     tail.npy      float32      [n_blocks, P]     log of the remaining mass (-inf when k = V)
     meta.json     what the cache is keyed on (`cache_key`): the packed data's fingerprint, a hash
                   of the teacher's weights, k, T, dtype, vocabulary and shapes
-    progress.json {"blocks_done": n}: building resumes from there after an interruption
+    done.npy      uint8        [n_blocks]        1 where a block's rows are on disk: a build
+                  resumes from the others after an interruption, with any number of processes
 The swap is applied at training time, from the labels (`fused_loss.swap_topk_ids`): it only
 exchanges the label's and the top-1's slots, and leaves the tail's mass unchanged, so nothing
 about the label has to be stored. With k < V the loss is the bucketed KL documented in
 `fused_loss.SwappedTopK`; with k = V it is exact.
+
+Under a launch (torchrun, accelerate launch) every process builds its share of the blocks into
+the same files (`build_teacher_cache`), so the build takes 1/N of the time on N GPUs and no
+process waits at a barrier while another builds the whole cache. The run folder must then be on a
+filesystem every process writes coherently (a node's own disk, Lustre, GPFS; not NFS).
 """
 
 from __future__ import annotations
@@ -31,16 +37,17 @@ from mixcpt.atomic import lack_of_space, preallocate, write_json_atomic
 from mixcpt.data.packing import PackedBlocks
 from mixcpt.errors import ConfigError, DiskFullError
 from mixcpt.models import vocab_size
+from mixcpt.processes import process_state
 from mixcpt.train import lssd_cpu_kernel
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import SwappedTopK
 from mixcpt.train.teachers import Teacher
 
 CACHE_FILES = ("ids.npy", "logprobs.npy", "tail.npy")
-# The cache is made durable (the maps synced, then progress.json) at most this often while it is
+DONE_FILE = "done.npy"
+# The cache is made durable (the maps synced, then done.npy) at most this often while it is
 # built, and at the end: a sync waits ~20 ms on the disk, which after every batch of a small
-# teacher cost a fifth of the build (benchmarks/RESULTS.md); an interrupted build redoes at most
-# this many seconds of work.
+# teacher cost a fifth of the build; an interrupted build redoes at most this many seconds of work.
 SYNC_SECONDS = 30.0
 
 
@@ -88,7 +95,7 @@ class CachedTeacher(Teacher):
         wanted = {"fingerprint": fingerprint, "temperature": temperature}
         if any(self.meta[k] != v for k, v in wanted.items()):
             raise _mismatch(self.folder, self.meta, wanted)
-        done = json.loads((self.folder / "progress.json").read_text())["blocks_done"]
+        done = int(np.load(self.folder / DONE_FILE, mmap_mode="r").sum())
         if done < self.meta["n_blocks"]:
             raise ConfigError(
                 f"{self.folder}: the teacher cache is incomplete "
@@ -135,7 +142,7 @@ def top_k_logprobs(
         x = rows[start : start + chunk_size]
         z = (x if weight is None else x @ weight.T).float()  # [c, V]
         z = z if temperature == 1 else z / temperature
-        if lssd_cpu_kernel.top_k_applies(z, k):  # CPU: the fused kernel, two passes over a row
+        if lssd_cpu_kernel.top_k_applies(z, k):  # CPU: the fused kernel, three passes over a row
             for out, part in zip((values, ids, tails), lssd_cpu_kernel.teacher_top_k(z, k)):
                 out.append(part)
             continue
@@ -177,21 +184,21 @@ def cache_layout(n_blocks: int, block_size: int, top_k: int, dtype: str) -> dict
     }
 
 
-def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> int:
+def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> None:
     """Create the cache's empty files for `key` in `folder`, or check that the cache already
-    there was built for `key`; one built for another key is a `ConfigError`, or with
-    `replace_stale` deleted and started afresh. Returns the number of blocks already done (0 for
-    a new cache)."""
+    there was built for `key` (it then resumes); one built for another key is a `ConfigError`,
+    or with `replace_stale` deleted and started afresh."""
     if (folder / "meta.json").exists():
         found = json.loads((folder / "meta.json").read_text())
         if found == key:
-            return json.loads((folder / "progress.json").read_text())["blocks_done"]
+            return
         if not replace_stale:
             raise _mismatch(folder, found, key)
         print(f"mixcpt: teacher cache: rebuilding ({_differences(found, key)})", flush=True)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = cache_layout(key["n_blocks"], key["block_size"], key["top_k"], key["dtype"])
+    shapes[DONE_FILE] = (np.uint8, (key["n_blocks"],))
     for name, (np_dtype, shape) in shapes.items():
         np.lib.format.open_memmap(folder / name, mode="w+", dtype=np_dtype, shape=shape).flush()
     try:  # a full disk: ENOSPC now, not SIGBUS while filling the maps
@@ -202,9 +209,7 @@ def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> in
             raise
         size = sum(np.dtype(t).itemsize * int(np.prod(shape)) for t, shape in shapes.values())
         raise DiskFullError(folder, size, "the teacher cache") from err
-    write_json_atomic(folder / "progress.json", {"blocks_done": 0})
     write_json_atomic(folder / "meta.json", key)  # last: a cache with meta.json has all its files
-    return 0
 
 
 def build_teacher_cache(
@@ -221,37 +226,61 @@ def build_teacher_cache(
     """Compute the teacher's top-k log-probabilities over every block of `blocks` into `folder`
     (layout in the module docstring) and return the `CachedTeacher` reading it.
 
-    Runs `model` without grad on its current device, `batch_size` blocks at a time, with a
-    progress bar; the output layer is applied `chunk_size` positions at a time (`top_k_logprobs`).
-    Progress is recorded every `SYNC_SECONDS` and at the end. Resumes a partial cache built for
-    the same key; an existing cache with another key (other
-    data, other teacher weights, k, T or dtype) is a `ConfigError`, or with `replace_stale` (the
-    cpt stage, which owns the run's cache) rebuilt. k is capped at V.
+    Runs `model` without grad on its current device, a batch of `batch_size` blocks at a time
+    (batches start at multiples of it), with a progress bar; the output layer is applied
+    `chunk_size` positions at a time (`top_k_logprobs`). Under a launch the batches still to do
+    are cut into one contiguous run per process, each process computes its own, and all meet
+    only when every share is done: the same batches as one process, so the same bytes. The main
+    process creates the files first. Progress is made durable every `SYNC_SECONDS` and at the
+    end. Resumes a partial cache built for the same key (with any number of processes); an
+    existing cache with another key (other data, other teacher weights, k, T or dtype) is a
+    `ConfigError`, or with `replace_stale` (the cpt stage, which owns the run's cache) rebuilt.
+    k is capped at V.
     """
     folder = Path(folder)
+    state = process_state()
     key = cache_key(model, blocks, top_k, temperature, dtype)
-    done = open_cache_files(folder, key, replace_stale)
+    if state.is_main_process:
+        open_cache_files(folder, key, replace_stale)
+    state.wait_for_everyone()
+    found = json.loads((folder / "meta.json").read_text())
+    if found != key:  # each process hashed its own copy of the teacher
+        raise _mismatch(folder, found, key)
     arrays = [np.load(folder / name, mmap_mode="r+") for name in CACHE_FILES]  # ids, logprobs, tail
+    done = np.load(folder / DONE_FILE, mmap_mode="r+")
+    n = len(blocks)
+    todo = [
+        range(s, min(s + batch_size, n))
+        for s in range(0, n, batch_size)
+        if not done[s : s + batch_size].all()
+    ]
+    shares = np.array_split(np.arange(len(todo)), state.num_processes)
+    mine = [todo[i] for i in shares[state.process_index]]
     was_training = model.training
     model.eval()
     forward = LossForward(model)
-    bar = tqdm(total=len(blocks), initial=done, desc="teacher cache", unit="block")
-    synced = time.monotonic()
+    several = state.num_processes > 1
+    where = f" (process {state.process_index} of {state.num_processes})" if several else ""
+    bar = tqdm(total=sum(map(len, mine)), desc=f"teacher cache{where}", unit="block")
+    written, synced = [], time.monotonic()
     with bar, torch.no_grad():
-        for start in range(done, len(blocks), batch_size):
-            rows = range(start, min(start + batch_size, len(blocks)))
+        for i, rows in enumerate(mine):
             top_logq, top_ids, tail_logq = teacher_top_k(
                 model, forward, blocks, rows, key, chunk_size
             )
             for array, values in zip(arrays, (top_ids, top_logq, tail_logq)):
-                array[start : rows.stop] = values.cpu().numpy()
-            if rows.stop == len(blocks) or time.monotonic() - synced >= SYNC_SECONDS:
-                for array in arrays:  # on disk before progress.json says so
+                array[rows.start : rows.stop] = values.cpu().numpy()
+            written.append(rows)
+            if i == len(mine) - 1 or time.monotonic() - synced >= SYNC_SECONDS:
+                for array in arrays:  # on disk before done.npy says so
                     array.flush()
-                write_json_atomic(folder / "progress.json", {"blocks_done": rows.stop})
-                synced = time.monotonic()
+                for r in written:
+                    done[r.start : r.stop] = 1
+                done.flush()
+                written, synced = [], time.monotonic()
             bar.update(len(rows))
     model.train(was_training)
+    state.wait_for_everyone()  # every share on disk before anyone reads the cache
     return CachedTeacher(folder, key["fingerprint"], key["vocab_size"], temperature)
 
 

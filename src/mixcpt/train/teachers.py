@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from mixcpt.errors import ConfigError
 from mixcpt.models import vocab_size
@@ -29,12 +31,18 @@ class Teacher:
         position t holds the teacher's prediction of token t + 1, as the student's rows do."""
         raise NotImplementedError
 
+    def follow(self, student: torch.nn.Module) -> None:
+        """Called with the student as training runs it (wrapped by DDP, or sharded by FSDP2),
+        before each batch's target: a teacher that holds its own model places it alike."""
+
 
 class OnlineTeacher(Teacher):
     """A frozen deep copy of `teacher_model` (eval mode, no grad), its parameters in `dtype`
     (default: theirs), moved to the student's device on first use. It is not part of the trained
-    model, so DDP/FSDP never wrap it. Its logits are made a chunk at a time inside the loss, in its
-    own dtype (from its hidden states, see `LossForward`)."""
+    model, so the Trainer never wraps it: under DDP each process holds a whole copy, and under
+    FSDP2 (`fully_shard`) `follow` shards it the way the student is sharded, so each of N
+    processes holds 1/N of it. Its logits are made a chunk at a time inside the loss, in its own
+    dtype (from its hidden states, see `LossForward`; a sharded teacher gives logits)."""
 
     def __init__(
         self,
@@ -51,10 +59,30 @@ class OnlineTeacher(Teacher):
         self.forward = LossForward(self.model)
 
     def target(self, inputs):
-        self.model.to(inputs["input_ids"].device)  # a no-op after the first batch
+        if not self.sharded:
+            self.model.to(inputs["input_ids"].device)  # a no-op after the first batch
         with torch.no_grad():
             rows, weight, _ = self.forward(self.model, inputs)
+        if self.sharded:
+            # FSDP2 keeps the root's parameters (embeddings, output layer) gathered after forward
+            # for the backward that follows; a teacher has none, so they go back to their shards
+            self.model.reshard()
         return SwappedTeacher(rows, weight)
+
+    sharded = False
+
+    def follow(self, student):
+        if self.sharded or not isinstance(student, FSDPModule):
+            return
+        # Wrap the teacher's modules that fully_shard wrapped in the student (the decoder layers
+        # and the root, as accelerate's FSDP2 wrap policy chose them), innermost first, on the
+        # student's device mesh: its forward then gathers one layer at a time, as the student's.
+        mesh = next(p for p in student.parameters() if isinstance(p, DTensor)).device_mesh
+        names = [name for name, module in student.named_modules() if isinstance(module, FSDPModule)]
+        modules = dict(self.model.named_modules())
+        for name in sorted(names, key=lambda n: -n.count(".") if n else 1):
+            fully_shard(modules[name], mesh=mesh)
+        self.sharded = True
 
 
 class LoraTeacher(Teacher):

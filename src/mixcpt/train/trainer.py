@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mixcpt.errors import ConfigError
 from mixcpt.losses import IGNORE_INDEX, next_token_labels
@@ -17,7 +18,10 @@ from mixcpt.train.teachers import Teacher
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite and `on_nonfinite` is "stop"."""
+    """The loss became NaN or infinite and `on_nonfinite` is "stop". Every process of a launch
+    raises it; `report` is True on the one process that should print it."""
+
+    report = True
 
 
 class LSSDTrainer(Trainer):
@@ -67,10 +71,8 @@ class LSSDTrainer(Trainer):
         )
         self.compile_loss = compile_loss
         # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits
-        # there.
-        self.student_forward = LossForward(
-            self.model, hidden=not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        )
+        # there. DDP and ZeRO-1/2 hold it whole on every process: the memory-flat path applies.
+        self.student_forward = LossForward(self.model, hidden=not shards_parameters(self))
         self._sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log, on device
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -82,7 +84,10 @@ class LSSDTrainer(Trainer):
         else:
             # [B, T, H] and [V, H], or logits
             student, weight, outputs = self.student_forward(model, inputs)
-        target = self.teacher.target(inputs) if self.teacher is not None else None
+        target = None
+        if self.teacher is not None:
+            self.teacher.follow(model)  # under FSDP2 a model of its own is sharded alike, once
+            target = self.teacher.target(inputs)
         with self.accelerator.autocast():  # the chunked output layer in the forward's precision
             result = cpt_loss(
                 student,
@@ -117,21 +122,45 @@ class LSSDTrainer(Trainer):
             "supervised": supervised,
             "skipped_batches": torch.zeros_like(result.ce),
         }
-        if not torch.isfinite(loss):
-            loss = self._nonfinite(model, result, terms)
+        nonfinite = self._nonfinite_processes(loss)
+        if nonfinite:
+            loss = self._nonfinite(model, result, terms, nonfinite)
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0) + value.float()
         return (loss, outputs) if return_outputs else loss
 
-    def _nonfinite(self, model, result, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _nonfinite_processes(self, loss: torch.Tensor) -> list[int]:
+        """The indices of the processes whose micro-batch loss is not finite ([] when all are).
+
+        Every process must take the same branch: one that raised alone would leave the others
+        blocked in the next all-reduce of gradients (a hang, then the watchdog's dump), and one that
+        skipped alone would give DDP mismatched gradients. So the flags are all-reduced (one tiny
+        collective per micro-batch; one process only reads its own)."""
+        bad = torch.zeros(self.accelerator.num_processes, device=loss.device)
+        bad[self.accelerator.process_index] = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bad.nonzero().flatten().tolist()
+
+    def _nonfinite(
+        self, model, result, terms: dict[str, torch.Tensor], processes: list[int]
+    ) -> torch.Tensor:
+        """Stop (raise on every process alike) or zero the batch's contribution on every process."""
         if self.on_nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.global_step} "
+            where = ""
+            if self.accelerator.num_processes > 1:
+                where = f" on process {', '.join(map(str, processes))}"
+                where += f" of {self.accelerator.num_processes}"
+            error = NonFiniteLossError(
+                f"non-finite loss at step {self.state.global_step}{where} "
                 f"(ce_loss={result.ce.item():.4g}, lssd_loss={result.lssd.item():.4g}); "
                 f"the last checkpoint in {self.args.output_dir} is intact. Set on_nonfinite: "
                 f"skip and rerun to resume from it, or lower the learning rate and delete "
                 f"{self.args.output_dir} to restart the stage."
             )
+            # one line for the launch, from the first process that saw it (with its loss terms)
+            error.report = self.accelerator.process_index == processes[0]
+            raise error
         zero = torch.zeros_like(result.ce)
         terms.update(
             ce=zero, lssd=zero, teacher_top1_matches=zero, supervised=zero, skipped_batches=zero + 1
@@ -156,3 +185,9 @@ class LSSDTrainer(Trainer):
                 logs["skipped_batches"] = int(sums["skipped_batches"])
             self._sums = {}
         super().log(logs, start_time)
+
+
+def shards_parameters(trainer: Trainer) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where no process holds the whole model (ZeRO-1/2
+    partition only optimizer state and gradients)."""
+    return trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()

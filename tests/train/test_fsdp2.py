@@ -1,0 +1,35 @@
+"""Stage 1 under FSDP2 on the CPU (gloo, 2 processes): the sharded student's loss and gradients
+equal one process's, and the online teacher is sharded like the student instead of copied whole
+into every process (accelerate runs FSDP only on GPUs, so the worker shards with `fully_shard`
+itself, as accelerate's FSDP2 plugin does, and calls the trainer's `compute_loss`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_fsdp2_matches_one_process_and_shards_the_online_teacher(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    worker = Path(__file__).with_name("fsdp2_worker.py")
+    proc = subprocess.run(
+        [*TORCHRUN, str(worker), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result["loss"] == pytest.approx(result["expected_loss"], abs=1e-4)
+        assert result["max_grad_diff"] < 1e-4
+        assert result["teacher_sharded"]
+        assert result["teacher_share"] == pytest.approx(0.5, abs=0.02)  # half of it per process
