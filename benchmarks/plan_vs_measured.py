@@ -167,9 +167,9 @@ def measure(args) -> dict:
 
     from mixcpt.align.dpo import DPOTrainer, pair_collate, precompute_reference
     from mixcpt.align.sft import SFTTrainer
+    from mixcpt.config.arms import find_arm
     from mixcpt.malloc_tuning import keep_freed_memory
     from mixcpt.models import load_tokenizer, model_from
-    from mixcpt.pipeline import arm_cpt_config
     from mixcpt.responses import features, pad_batch
     from mixcpt.rundir import base_model_path
     from mixcpt.train.arguments import training_arguments
@@ -195,10 +195,11 @@ def measure(args) -> dict:
     }
     items = work.batch * work.accumulation * steps
     if args.stage.startswith("cpt"):
-        cpt = arm_cpt_config(cfg, args.stage.split("/")[1])
+        arm = find_arm(cfg, args.stage.split("/")[1])
+        cpt = arm.config.cpt
         training = cpt.training.model_copy(update=overrides)
         cpt = cpt.model_copy(update={"training": training, "loss_chunk_size": work.chunk})
-        blocks = training_blocks(run, args.stage.split("/")[1])
+        blocks = training_blocks(run, arm.stream)
         if prepare:
             load_teacher(cpt, load_student(cfg, run, cpt)[0], blocks, run)
             return {}
@@ -275,16 +276,17 @@ def imported_by_training(work: Path) -> None:
     quickstart's cpt/baseline one step (run in a child process, before the measurements)."""
     from transformers.trainer_utils import SaveStrategy
 
-    from mixcpt.pipeline import arm_cpt_config
+    from mixcpt.config.arms import find_arm
     from mixcpt.train.stage import cpt_trainer, load_student, training_blocks
 
     cfg, run = case_config("quickstart", "examples/quickstart.yaml", None, work)
     write_blocks(run, 1, cfg.data.block_size, 1024)
-    cpt = arm_cpt_config(cfg, "baseline")
+    baseline = find_arm(cfg, "baseline")
+    cpt = baseline.config.cpt
     one_step = {"max_steps": 1, "per_device_batch_size": 1, "save_steps": 10**6}
     cpt = cpt.model_copy(update={"training": cpt.training.model_copy(update=one_step)})
     model, tokenizer = load_student(cfg, run, cpt)
-    blocks = training_blocks(run, "baseline")
+    blocks = training_blocks(run, baseline.stream)
     trainer = cpt_trainer(cfg, cpt, model, tokenizer, blocks, None, work / "trainer")
     trainer.args.save_strategy = SaveStrategy.NO
     trainer.train()

@@ -67,7 +67,7 @@ def configure(tmp_path, tiny_model_dir):
             },
         }
         for key, value in sections.items():
-            raw[key] = {**raw.get(key, {}), **value}
+            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
         return config_from_dict(raw, tmp_path)
 
     return make
@@ -233,6 +233,13 @@ def test_context_length_counts_the_stages_that_run(configure, tmp_path, tiny_mod
         True,
         "the model states no max_position_embeddings: not checked",
     )
+
+
+def test_an_arms_own_length_is_checked_under_its_key(configure):
+    long_sft = {"name": "long", "like": "mixcpt", "sft": {"max_length": 2048}}
+    with pytest.raises(ConfigError) as err:
+        check_config(configure(arms=["mixcpt", long_sft]))
+    assert str(err.value).startswith("arms.long.sft.max_length 2048: longer than the model's")
 
 
 def test_a_tokenizer_larger_than_the_embedding_table_is_refused(configure, tiny_model_dir):

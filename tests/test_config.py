@@ -1,4 +1,5 @@
 import typing
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -106,6 +107,11 @@ def test_minimal_config_gets_defaults_and_absolute_paths(corpus):
             MINIMAL + "cpt: {training: {warmup_ratio: 0.1, warmup_steps: 10}}\n",
             "cpt.training.warmup_steps: give warmup_ratio or warmup_steps, not both",
         ),
+        (
+            MINIMAL + "cpt: {alpha: 0.5, ce_weight: 1}\n",
+            "cpt: alpha and ce_weight are exclusive",
+        ),
+        (MINIMAL + "cpt: {alpha: 1.5}\n", "cpt.alpha: Input should be less than or equal to 1"),
         ("model: {path: m\n", "c.yaml:"),
         ("- a list\n", "must be a mapping"),
     ],
@@ -196,3 +202,85 @@ def test_stage_training_defaults_survive_a_partial_section(corpus):
         assert training.model_dump() == {**defaults, "max_steps": 3}, stage
     assert cfg.dpo.training.learning_rate == DPOConfig().training.learning_rate == 5e-7
     assert cfg.sft.training.learning_rate == 2e-5
+
+
+def test_alpha_is_the_papers_form_of_the_two_weights(corpus):
+    cfg = load_config(write(corpus, MINIMAL + "cpt: {alpha: 0.25}\n"))
+    assert (cfg.cpt.ce_weight, cfg.cpt.lssd_weight) == (0.25, 0.75)
+    # a saved config lists all three, and loads back
+    assert Config.model_validate(cfg.model_dump()).cpt == cfg.cpt
+
+
+@pytest.mark.parametrize(
+    "arms, message",
+    [
+        (
+            "[mixcpt, {name: random-k, select: {strategie: random}}]",
+            "arms.random-k.select.strategie: unknown key",
+        ),
+        (
+            "[{name: heavy, like: mixcpt, cpt: {training: {learnig_rate: 1}}}]",
+            "arms.heavy.cpt.training.learnig_rate: unknown key",
+        ),
+        (
+            "[{name: heavy, like: mixcpt, cpt: {lssd_weight: -1}}]",
+            "arms.heavy.cpt.lssd_weight: Input should be greater than or equal to 0",
+        ),
+        ("[mixcpt, {name: heavy, cpt: {lssd_weight: 4}}]", "arms.heavy.like: 'heavy' is not a"),
+        ("[{name: baseline, like: mixcpt}]", "arms.baseline.like: 'baseline' is a built-in arm"),
+        ("[mixcpt, mixcpt]", "arms.1.name: 'mixcpt' is listed twice"),
+        ("[data]", "arms.0.name: 'data' is taken by the run folder"),
+        ("[{name: web, like: mixcpt, stream: web}]", "arms.0.stream: Input should be 'mix'"),
+    ],
+)
+def test_a_bad_arm_is_named_with_its_key(corpus, arms, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(corpus, MINIMAL + f"arms: {arms}\n"))
+    assert message in str(err.value)
+
+
+def test_arms_are_built_in_or_like_one_with_overrides_merged_over_the_sections(corpus):
+    from mixcpt.config.arms import resolve_arms
+
+    sections = "cpt: {training: {learning_rate: 1.0e-3, max_steps: 60}}\nselect: {k: 7}\n"
+    new = "{name: short, like: random-k, cpt: {training: {max_steps: 20}}, run_dpo: false}"
+    listed = f"arms: [mixcpt, baseline, mixture-ce, random-k, whole-pool, {new}]\n"
+    cfg = load_config(write(corpus, MINIMAL + sections + listed))
+    arms = {arm.name: arm for arm in resolve_arms(cfg)}
+    shape = {
+        name: (a.like, a.stream, a.align_on, a.run_dpo, a.config.cpt.lssd_weight)
+        for name, a in arms.items()
+    }
+    assert shape == {
+        "mixcpt": ("mixcpt", "mix", "selection", True, 1.0),
+        "baseline": ("baseline", "domain", "pool", True, 0.0),
+        "mixture-ce": ("mixture-ce", "mix", "selection", True, 0.0),
+        "random-k": ("random-k", "mix", "selection", True, 1.0),
+        "whole-pool": ("whole-pool", "mix", "pool", True, 1.0),
+        "short": ("random-k", "mix", "selection", False, 1.0),
+    }
+    assert {n: a.config.select.strategy for n, a in arms.items() if "random" in a.like} == {
+        "random-k": "random",
+        "short": "random",
+    }
+    assert arms["random-k"].config.select.k == arms["mixcpt"].config.select.k == 7  # same k
+    short = arms["short"].config.cpt.training
+    assert (short.max_steps, short.learning_rate) == (20, 1e-3)  # the rest of the section kept
+    assert arms["short"].config.dpo.training.learning_rate == 5e-7  # DPO's own default kept
+    assert arms["mixcpt"].config.cpt is cfg.cpt  # no override: the top-level section itself
+
+
+def test_configs_without_arms_train_mixcpt_and_the_baseline_as_before(corpus):
+    from mixcpt.config.arms import resolve_arms
+
+    def arms(text: str) -> list[tuple[str, bool]]:
+        return [(a.name, a.run_dpo) for a in resolve_arms(load_config(write(corpus, text)))]
+
+    assert arms(MINIMAL) == [("mixcpt", True), ("baseline", True)]
+    assert arms(MINIMAL + "baseline: {dpo: false}\n") == [("mixcpt", True), ("baseline", False)]
+    assert arms(MINIMAL + "baseline: {enabled: false}\n") == [("mixcpt", True)]
+    assert arms(MINIMAL + "baseline: {enabled: true}\narms: [baseline]\n") == [("baseline", True)]
+    with pytest.raises(ConfigError, match="baseline.enabled: false, but `arms` lists the baseline"):
+        load_config(write(corpus, MINIMAL + "baseline: {enabled: false}\narms: [baseline]\n"))
+    for example in ("quickstart.yaml", "arms.yaml"):
+        load_config(Path(__file__).resolve().parents[1] / "examples" / example)

@@ -395,3 +395,49 @@ def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
         assert (out / "teacher_cache" / name).read_bytes() == (
             one / "teacher_cache" / name
         ).read_bytes(), name
+
+
+# A torchrun worker whose data stage renders each row SLOW_S seconds slower.
+SLOW_DATA_WRAPPER = """
+import os, sys, time
+from mixcpt.data import stage
+real = stage._render
+def slow(*args, **kwargs):
+    time.sleep(float(os.environ["SLOW_S"]))
+    return real(*args, **kwargs)
+stage._render = slow
+from mixcpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_one_process_stage_may_outlast_the_process_groups_timeout(tmp_path, tiny_model_dir):
+    """The other processes wait for the main one's data stage without a collective, so a stage
+    longer than the process group's timeout (here 5 s against about 12 s of data) still ends
+    well; a failure there stops every process, with the main one's message only."""
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"text": f"planet {i} orbits star {i % 5}"}) + "\n" for i in range(120))
+    )
+    config = tmp_path / "c.yaml"
+    timeouts = "".join(f"{s}: {{training: {{ddp_timeout: 5}}}}\n" for s in ("cpt", "sft", "dpo"))
+    config.write_text(
+        "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n"
+        + timeouts
+    )
+    (tmp_path / "slow.py").write_text(SLOW_DATA_WRAPPER)
+    launch = [*TORCHRUN, str(tmp_path / "slow.py"), "data", str(config), "--output"]
+    env = {**launch_env(), "SLOW_S": "0.1"}
+    proc = subprocess.run(
+        launch + [str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "data" / "mix" / "meta.json").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data", "results.json"]
+
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    proc = subprocess.run(
+        launch + [str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mixcpt:")]
+    assert len(lines) == 1 and "d.jsonl" in lines[0] and ":2" in lines[0], proc.stderr[-3000:]

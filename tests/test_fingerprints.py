@@ -26,7 +26,7 @@ NODES = [
     "data",
     "cpt/mixcpt",
     "cpt/baseline",
-    "select",
+    "select/mixcpt",
     "sft/mixcpt",
     "sft/baseline",
     "dpo/mixcpt",
@@ -63,7 +63,7 @@ def builds(out: Path) -> dict[str, tuple]:
     run = RunDir(out)
     stamp = {
         "data": out / "data" / "mix" / "input_ids.npy",
-        "select": out / "mixcpt" / "selection" / "selection.jsonl",
+        "select/mixcpt": out / "mixcpt" / "selection" / "selection.jsonl",
         "eval": out / "results.json",
         "report": out / "report.html",
     }
@@ -118,7 +118,7 @@ def test_a_stage_one_setting_rebuilds_that_arm_from_stage_one_on(project, run_co
 
     assert rebuilt(before, run_copy) == {
         "cpt/mixcpt",
-        "select",
+        "select/mixcpt",
         "sft/mixcpt",
         "dpo/mixcpt",
         "eval",
@@ -176,7 +176,7 @@ def test_status_of_a_fresh_a_finished_and_a_stale_folder(project, finished, tmp_
     code, stale = status(capsys, finished, "--config", changed)
     assert code == 0
     assert stale["cpt/mixcpt"] == "stale (cpt.lssd_weight changed: 1.0 -> 0.5)"
-    assert stale["select"] == "stale (cpt/mixcpt is stale)"
+    assert stale["select/mixcpt"] == "stale (cpt/mixcpt is stale)"
     assert stale["dpo/mixcpt"] == "stale (sft/mixcpt is stale)"
     assert stale["eval"] == stale["report"] == "stale (cpt/mixcpt is stale)"
     assert {n for n, s in stale.items() if s == "done"} == {
@@ -229,13 +229,20 @@ def test_only_settings_that_change_an_output_count(tiny_cfg, tmp_path):
     # the baseline arm trains with plain CE whatever the LSSD settings say
     assert changed(**{"cpt.lssd_weight": 0.5}) == {"cpt/mixcpt"}
     assert changed(**{"cpt.temperature": 2.0}) == {"cpt/mixcpt"}
+    # alpha is the two weights it sets: alpha 0.5 is the same build as both weights 0.5
+    assert changed(**{"cpt.alpha": 0.5}) == {"cpt/mixcpt"}
+    halves = tiny_cfg(**{"cpt.ce_weight": 0.5, "cpt.lssd_weight": 0.5})
+    assert inputs_now(tiny_cfg(**{"cpt.alpha": 0.5}), run, "cpt/mixcpt") == inputs_now(
+        halves, run, "cpt/mixcpt"
+    )
     assert changed(**{"cpt.training.learning_rate": 1e-4}) == {"cpt/mixcpt", "cpt/baseline"}
     # a TrainingArguments field passed through counts like ours; where and how often logs go not
     assert changed(**{"sft.training.optim": "adafactor"}) == {"sft/mixcpt", "sft/baseline"}
     assert changed(**{"cpt.training.report_to": "none"}) == set()
     assert changed(**{"cpt.compile_loss": True}) == set()  # the same loss, computed faster
     assert changed(**{"sft.training.logging_first_step": True}) == set()
-    assert changed(**{"select.k": 5}) == {"select"}
+    assert changed(**{"select.k": 5}) == {"select/mixcpt"}
+    assert changed(**{"select.fas_quantile": 0.3}) == set()  # only fas reads it; the default is ppl
     assert changed(**{"eval.max_length": 64}) == {"eval"}
     assert changed(**{"data.block_size": 64}) == {"data"}
     for knob in (
@@ -315,7 +322,7 @@ def test_a_stage_refuses_to_read_a_stale_output(tiny_cfg, tmp_path):
         cpt, fingerprints.make_record(inputs_now(tiny_cfg(), run, "cpt/mixcpt"))
     )
     stale = r"data is stale \(data.block_size changed: 1024 -> 64\); rebuild it first"
-    for node in ("cpt/mixcpt", "select"):  # named, however far down the stage that reads it
+    for node in ("cpt/mixcpt", "select/mixcpt"):  # named, however far down the stage that reads it
         with pytest.raises(UserError, match=stale):
             begin(tiny_cfg(**{"data.block_size": 64}), run, node)
 

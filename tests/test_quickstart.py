@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 from mixcpt.cli import main
 from mixcpt.config import load_config
 from mixcpt.fingerprints import nodes
-from mixcpt.rundir import ARMS, TRAINED_STAGES
+from mixcpt.rundir import TRAINED_STAGES
+
+ARMS = ("mixcpt", "baseline")  # what a config without `arms:` trains
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 

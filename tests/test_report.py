@@ -191,3 +191,48 @@ def test_report_shows_the_time_of_each_stage_in_build_order_and_the_whole_run(tm
     ]
     assert "Whole run: 26.3 s" in md
     assert "<h2>Time per stage</h2>" in html_path.read_text()
+
+
+def test_report_lists_any_number_of_arms_with_their_stage_one_and_budgets(tmp_path):
+    run = RunDir(tmp_path / "run")
+    results = synthetic_results()
+    arm = {
+        "like": "mixcpt",
+        "stream": "mix",
+        "ce_weight": 1.0,
+        "lssd_weight": 4.0,
+        "teacher": "online",
+        "stage1_shared_with": None,
+        "stage1_tokens": 40960,
+        "stage1_steps": 40,
+        "select": {"k": 20, "strategy": "easiest", "score": "ppl"},
+        "selection_shared_with": None,
+        "sft_samples": 20,
+        "sft_steps": 30,
+        "run_dpo": False,
+        "dpo_pairs": None,
+        "dpo_steps": None,
+    }
+    shared = {**arm, "lssd_weight": 1.0, "stage1_shared_with": "mixcpt", "stage1_tokens": None}
+    run.set_results(
+        "arms",
+        [{**arm, "arm": f"lssd-{i}"} for i in range(12)]
+        + [{**shared, "arm": "late", "select": None, "sft_samples": None}],
+    )
+    rows = results["eval"]["rows"]
+    rows += [{**r, "arm": f"lssd-{i}"} for i in range(12) for r in rows[1:3]]
+    rows.append({**rows[1], "arm": "late", "shared_with": "mixcpt"})
+    run.update_results("eval", "rows", rows)
+    run.update_results("eval", "benchmarks", results["eval"]["benchmarks"])
+    html_path, md_path = write_report(run)
+    md = md_path.read_text()
+    assert (
+        "| lssd-3 | mixcpt | mix stream, 1 CE + 4 LSSD (online teacher) | 40,960 tokens, 40 steps "
+        "| k=20 easiest by ppl | 20 samples, 30 steps | no DPO |" in md
+    )
+    assert (
+        "| late | mixcpt | mix stream, 1 CE + 1 LSSD (online teacher) (the model of mixcpt) " in md
+    )
+    assert "| the whole pool |  | no DPO |" in md
+    assert "| late | cpt (= mixcpt) | 0.7 |" in md
+    assert html_path.read_text().count("data:image/png;base64,") == 1  # domain vs general

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mixcpt.config import Config, SourceConfig, TrainingConfig
 from mixcpt.errors import ConfigError, InputError, UserError
-from mixcpt.pipeline import stage_arms
+from mixcpt.pipeline import arms, stage_arms
 from mixcpt.rundir import base_model_path
 from mixcpt.runlock import is_rank_zero
 
@@ -129,14 +129,19 @@ def check_tokenizer(inputs: RunInputs) -> str:
 
 
 def sequence_lengths(cfg: Config) -> dict[str, int]:
-    """The sequence length of each stage this config runs, by config key."""
-    lengths = {
-        "data.block_size": cfg.data.block_size,
-        "select.max_length": cfg.select.max_length,
-        "sft.max_length": cfg.sft.max_length,
-    }
-    if stage_arms(cfg, "dpo"):
-        lengths["dpo.max_length"] = cfg.dpo.max_length
+    """The sequence length of each stage this config runs, by config key (arms.NAME.SECTION.
+    max_length where an arm overrides its section's)."""
+    lengths = {"data.block_size": cfg.data.block_size}
+    dpo = stage_arms(cfg, "dpo")
+    for arm in arms(cfg):
+        for section in ("select", "sft", "dpo"):
+            if section == "dpo" and arm.name not in dpo:
+                continue
+            length = getattr(arm.config, section).max_length
+            key = f"{section}.max_length"
+            if length != getattr(cfg, section).max_length:
+                key = f"arms.{arm.name}.{key}"
+            lengths[key] = length
     ev = cfg.eval
     if ev.benchmarks or ev.lm_eval_tasks or ev.probe:
         lengths["eval.max_length"] = ev.max_length
@@ -145,7 +150,9 @@ def sequence_lengths(cfg: Config) -> dict[str, int]:
 
 def _if_default(cfg: Config, key: str) -> str:
     """The suffix " (default)" when the config leaves `key` ("section.field") unset: the user
-    may not know the key is there to set."""
+    may not know the key is there to set. An arm's override (arms.NAME.section.field) is set."""
+    if key.startswith("arms."):
+        return ""
     section, field = key.split(".")
     return "" if field in getattr(cfg, section).model_fields_set else " (default)"
 
@@ -222,16 +229,20 @@ def weight_sharding(training: TrainingConfig) -> str | None:
 
 
 def check_teacher(inputs: RunInputs) -> str:
-    """The stage-1 teacher works under this launch: `lora` merges its adapters into whole
-    weights, which no process holds under FSDP or ZeRO-3."""
-    cpt = inputs.cfg.cpt
-    sharding = weight_sharding(cpt.training)
-    if cpt.teacher == "lora" and sharding:
-        raise ConfigError(
-            f"cpt.teacher: lora is not supported under {sharding} (the adapters cannot be merged "
-            "into sharded weights); use DDP or ZeRO-2, or teacher: cache"
-        )
-    return f"{cpt.teacher}, {sharding or 'weights not sharded'}"
+    """The stage-1 teacher of every arm that trains stage 1 works under this launch: `lora`
+    merges its adapters into whole weights, which no process holds under FSDP or ZeRO-3."""
+    cfg = inputs.cfg
+    for arm in arms(cfg):
+        cpt = arm.config.cpt
+        sharding = weight_sharding(cpt.training)
+        if cpt.teacher == "lora" and sharding and arm.name in stage_arms(cfg, "cpt"):
+            key = "cpt.teacher" if cfg.cpt.teacher == "lora" else f"arms.{arm.name}.cpt.teacher"
+            raise ConfigError(
+                f"{key}: lora is not supported under {sharding} (the adapters cannot be merged "
+                "into sharded weights); use DDP or ZeRO-2, or teacher: cache"
+            )
+    cpt = cfg.cpt
+    return f"{cpt.teacher}, {weight_sharding(cpt.training) or 'weights not sharded'}"
 
 
 def _check_first_record(group: str, src: SourceConfig) -> None:

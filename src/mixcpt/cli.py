@@ -94,9 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML run config")
         sp.add_argument("--output", required=True, help="run folder")
-        if name in ("cpt", "sft", "dpo"):
+        if name in ("cpt", "select", "sft", "dpo"):
             sp.add_argument(
-                "--arm", choices=["mixcpt", "baseline"], help="only this arm (default: every arm)"
+                "--arm",
+                metavar="NAME",
+                help="only this arm, one of the config's `arms` (default: every arm); an arm that "
+                "shares another's stage 1 or selection runs that arm's",
             )
         if name == "run":
             sp.add_argument(

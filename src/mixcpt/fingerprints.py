@@ -3,7 +3,11 @@ current for a config, and what `mixcpt run` therefore rebuilds.
 
 The nodes, in build order (arms as the config trains them; dpo only with preference data):
 
-    data -> cpt/ARM -> select -> sft/ARM -> dpo/ARM -> eval -> report
+    data -> cpt/ARM -> select/ARM -> sft/ARM -> dpo/ARM -> eval -> report
+
+An arm that shares its stage-1 settings with an earlier arm has no cpt node of its own: its
+selection and SFT read the earlier arm's (mixcpt.pipeline.stage1_owner); likewise a selection
+(`selection_owner`), and an arm that aligns on the whole pool reads the data stage's pool.
 
 Every output carries a record of what it was built from:
 
@@ -37,7 +41,7 @@ from pathlib import Path
 from mixcpt.atomic import write_json_atomic
 from mixcpt.config import Config
 from mixcpt.errors import UserError
-from mixcpt.pipeline import stage_arms
+from mixcpt.pipeline import owners, selection_owner, stage1_owner, stage_arms
 from mixcpt.rundir import TRAINED_STAGES, RunDir
 from mixcpt.stage_inputs import config_and_files
 
@@ -55,23 +59,23 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 def nodes(cfg: Config) -> list[str]:
     """Every output of a full run of `cfg`, in build order: "data", "cpt/mixcpt", ..."""
     out = ["data"]
-    for stage in TRAINED_STAGES:
+    for stage in ("cpt", "select", "sft", "dpo"):
         out += [f"{stage}/{arm}" for arm in stage_arms(cfg, stage)]
-        if stage == "cpt":
-            out.append("select")
     return [*out, "eval", "report"]
 
 
 def upstream(cfg: Config, node: str) -> list[str]:
     """The nodes whose outputs `node` reads."""
     stage, _, arm = node.partition("/")
-    pool = "select" if arm == "mixcpt" else "data"  # the samples an arm aligns on
     if stage == "cpt":
         return ["data"]
     if stage == "select":
-        return ["data", "cpt/mixcpt"]
+        return ["data", f"cpt/{stage1_owner(cfg, arm)}"]
     if stage in ("sft", "dpo"):
-        return [f"{'cpt' if stage == 'sft' else 'sft'}/{arm}", pool]
+        selection = selection_owner(cfg, arm)
+        pool = f"select/{selection}" if selection else "data"  # the samples the arm aligns on
+        start = f"cpt/{stage1_owner(cfg, arm)}" if stage == "sft" else f"sft/{arm}"
+        return [start, pool]
     if stage == "eval":
         return [n for n in nodes(cfg) if n.partition("/")[0] in TRAINED_STAGES]
     if stage == "report":
@@ -84,15 +88,17 @@ def _folder(run: RunDir, node: str) -> Path | None:
     stage, _, arm = node.partition("/")
     if stage in TRAINED_STAGES:
         return run.stage(arm, stage)
-    return {"data": run.data, "select": run.selection}.get(stage)
+    if stage == "select":
+        return run.selection(arm)
+    return run.data if stage == "data" else None
 
 
 def _results_key(node: str) -> tuple[str, str | None]:
     """Where results.json holds `node`'s output: (section, key), key None for a whole section."""
     stage, _, arm = node.partition("/")
-    if stage in TRAINED_STAGES:
+    if arm:  # cpt, select, sft, dpo
         return "stages", f"{arm}/{stage}"
-    return ("stages", "mixcpt/select") if stage == "select" else (stage, None)
+    return stage, None
 
 
 # ---- records ------------------------------------------------------------------------------------
@@ -326,10 +332,19 @@ def _discard_stale(run: RunDir, node: str, record: dict, force: bool) -> None:
 
 
 def status_lines(cfg: Config, run: RunDir) -> list[str]:
-    """One line per node: its name, then done, stale (and why) or missing."""
+    """One line per node: its name, then done, stale (and why) or missing, and the other arms
+    that use it when it is shared (a stage-1 model or a selection)."""
     verdicts = assess(cfg, run)
+    stage1, selection = owners(cfg)
+    users = {}
+    for stage, owner_of in (("cpt", stage1), ("select", selection)):
+        for arm, owner in owner_of.items():
+            if owner not in (None, arm):
+                users.setdefault(f"{stage}/{owner}", []).append(arm)
     width = max(len(node) for node in verdicts) + 2
     return [
-        f"{node:<{width}}{v.state}" + (f" ({v.reason})" if v.reason else "")
+        f"{node:<{width}}{v.state}"
+        + (f" ({v.reason})" if v.reason else "")
+        + (f"; also used by {', '.join(users[node])}" if node in users else "")
         for node, v in verdicts.items()
     ]

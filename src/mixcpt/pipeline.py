@@ -1,4 +1,4 @@
-"""The stages in order, for both arms. Each stage reuses an output built from the same inputs and
+"""The stages in order, for every arm. Each stage reuses an output built from the same inputs and
 rebuilds one whose inputs changed, with everything after it (mixcpt.fingerprints), so rerunning
 the pipeline after an interruption resumes where it stopped (a stage in progress resumes from its
 last checkpoint) and rerunning it after a config change redoes exactly what the change affects."""
@@ -6,39 +6,89 @@ last checkpoint) and rerunning it after a config change redoes exactly what the 
 from __future__ import annotations
 
 import importlib
+import json
 from functools import partial
 
-from mixcpt.config import Config, CPTConfig
+from mixcpt.config import Config
+from mixcpt.config.arms import Arm, find_arm, resolve_arms
 from mixcpt.errors import ConfigError
 from mixcpt.rundir import RunDir
+from mixcpt.stage_inputs import cpt_settings, select_settings
 
 STAGES = ("data", "cpt", "select", "sft", "dpo", "eval", "report")
 
 
-def arms(cfg: Config) -> list[str]:
-    """The arms this config trains: Mix-CPT, plus the traditional baseline when enabled."""
-    return ["mixcpt", "baseline"] if cfg.baseline.enabled else ["mixcpt"]
+def arms(cfg: Config) -> list[Arm]:
+    """The arms this config trains, in the configured order (mixcpt.config.arms)."""
+    return resolve_arms(cfg)
+
+
+def owners(cfg: Config) -> tuple[dict[str, str], dict[str, str | None]]:
+    """({arm: the arm whose stage-1 model it uses}, {arm: the arm whose selection it aligns on,
+    None on the whole pool}). The owner is the first arm (in the configured order) with the same
+    settings: for stage 1 those that change its model (stream, loss, teacher, training, as
+    mixcpt.stage_inputs counts them), for a selection the stage-1 model and the `select` settings.
+    An arm that differs from every earlier one owns its own."""
+    stage1, selection, seen = {}, {}, {}
+    for arm in arms(cfg):
+        key = json.dumps(["cpt", cpt_settings(arm)], sort_keys=True)
+        stage1[arm.name] = seen.setdefault(key, arm.name)
+    for arm in arms(cfg):
+        if arm.align_on == "pool":
+            selection[arm.name] = None
+            continue
+        key = json.dumps(["select", stage1[arm.name], select_settings(arm.config)], sort_keys=True)
+        selection[arm.name] = seen.setdefault(key, arm.name)
+    return stage1, selection
+
+
+def _owner(cfg: Config, arm: str, stage: str) -> str | None:
+    stage1, selection = owners(cfg)
+    if arm not in stage1:
+        find_arm(cfg, arm)  # raises the ConfigError that names the configured arms
+    return (stage1 if stage == "cpt" else selection)[arm]
+
+
+def stage1_owner(cfg: Config, arm: str) -> str:
+    """The arm whose stage-1 model `arm` uses (`owners`); a ConfigError for an unknown arm."""
+    return _owner(cfg, arm, "cpt")
+
+
+def selection_owner(cfg: Config, arm: str) -> str | None:
+    """The arm whose selection `arm` aligns on, None when it aligns on the whole pool
+    (`owners`); a ConfigError for an unknown arm."""
+    return _owner(cfg, arm, "select")
 
 
 def stage_arms(cfg: Config, stage: str) -> list[str]:
-    """The arms that train `stage` ("cpt", "sft" or "dpo") under this config: DPO needs preference
-    data, and the baseline runs it only with `baseline.dpo`."""
+    """The arms that build `stage` ("cpt", "select", "sft" or "dpo") themselves: stage 1 and
+    selection once per distinct setting (the others share them), SFT every arm, DPO the arms with
+    `run_dpo` when there is preference data."""
+    names = [a.name for a in arms(cfg)]
+    if stage in ("cpt", "select"):
+        shared = owners(cfg)[0 if stage == "cpt" else 1]
+        return [a for a in names if shared[a] == a]
     if stage != "dpo":
-        return arms(cfg)
+        return names
     if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
         return []
-    return [a for a in arms(cfg) if a == "mixcpt" or cfg.baseline.dpo]
+    return [a.name for a in arms(cfg) if a.run_dpo]
 
 
-def arm_cpt_config(cfg: Config, arm: str) -> CPTConfig:
-    """cfg.cpt for "mixcpt"; for "baseline" the same settings with plain CE and no teacher."""
-    if arm == "mixcpt":
-        return cfg.cpt
-    return cfg.cpt.model_copy(update={"ce_weight": 1.0, "lssd_weight": 0.0})
+def builder(cfg: Config, stage: str, arm: str) -> str | None:
+    """The arm whose output of `stage` ("cpt", "select", "sft", "dpo") `arm` uses: itself, the
+    arm it shares stage 1 or its selection with, or None when `arm` has no such stage (no
+    selection on the whole pool, no DPO)."""
+    if stage == "cpt":
+        return stage1_owner(cfg, arm)
+    if stage == "select":
+        return selection_owner(cfg, arm)
+    return arm if arm in stage_arms(cfg, stage) else None
 
 
 # Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main
-# process runs them while the others wait, instead of every process writing the same folders.
+# process runs them while the others wait (however long: processes.main_process_runs), instead
+# of every process writing the same folders.
 SINGLE_PROCESS = ("data", "select", "eval", "report")
 
 
@@ -62,12 +112,13 @@ def run_stage(
         check_config(cfg, run.base)
     from mixcpt.fingerprints import assess
     from mixcpt.malloc_tuning import keep_freed_memory
-    from mixcpt.processes import process_state
+    from mixcpt.processes import main_process_runs, process_state
 
     # chunk-sized temporaries are reused, not faulted in afresh (see its module)
     keep_freed_memory()
     state = process_state(cfg)  # the process group's first use: its timeout comes from cfg
-    if state.is_main_process:
+
+    def prepare() -> None:
         from mixcpt.models import ensure_base_model
 
         # a GGUF base is converted once into run.base; else a no-op
@@ -75,13 +126,15 @@ def run_stage(
         # hashes every input file once (a large model takes a while), before the other processes
         # of a launch read the same hashes from the cache
         assess(cfg, run)
-    state.wait_for_everyone()
-    if stage in SINGLE_PROCESS and not state.is_main_process:
-        state.wait_for_everyone()
+
+    # the other processes wait for the main one by polling, however long it takes (processes)
+    main_process_runs(state, run.root / ".work", "prepare", prepare)
+    if stage in SINGLE_PROCESS:
+        main_process_runs(
+            state, run.root / ".work", stage, partial(_run_stage, stage, cfg, run, arm, force)
+        )
         return
     _run_stage(stage, cfg, run, arm, force)
-    if stage in SINGLE_PROCESS:
-        state.wait_for_everyone()
 
 
 # stage -> (module, function, whether it runs once per arm). Modules are imported when their stage
@@ -91,7 +144,7 @@ STAGE_FUNCTIONS = {
     # not in STAGES: stage 1 builds the cache itself; `mixcpt cache` builds it alone
     "cache": ("mixcpt.train.stage", "run_cache", False),
     "cpt": ("mixcpt.train.stage", "run_cpt", True),
-    "select": ("mixcpt.align.select", "run_select", False),
+    "select": ("mixcpt.align.select", "run_select", True),
     "sft": ("mixcpt.align.sft", "run_sft", True),
     "dpo": ("mixcpt.align.dpo", "run_dpo", True),
     "eval": ("mixcpt.evaluate.stage", "run_eval", False),
@@ -115,14 +168,28 @@ def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None, force: boo
 
 
 def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:
-    """The arms `stage` runs for: those it trains under this config, or `arm` alone (--arm)."""
-    if arm is not None and arm not in arms(cfg):
-        raise ConfigError(f"--arm {arm}: this config does not train that arm (baseline.enabled)")
-    return [a for a in stage_arms(cfg, stage) if arm in (None, a)]
+    """The arms `stage` runs for: those that build it under this config, or the one whose output
+    `arm` uses (--arm). Says which arm's output each other arm shares."""
+    from mixcpt.processes import process_state
+
+    names = [a.name for a in arms(cfg)]
+    if arm is not None and arm not in names:
+        listed = ", ".join(names)
+        raise ConfigError(f"--arm {arm}: this config trains no such arm (its arms: {listed})")
+    chosen = []
+    for a in [arm] if arm is not None else names:
+        built_by = builder(cfg, stage, a)
+        if built_by is not None and built_by not in chosen:
+            chosen.append(built_by)
+        if built_by not in (None, a) and process_state().is_main_process:
+            what = "stage-1 settings" if stage == "cpt" else "stage-1 model and select settings"
+            print(f"mixcpt: {stage}/{a}: shares {stage}/{built_by} (the same {what})", flush=True)
+    return chosen
 
 
 def run_pipeline(cfg: Config, run: RunDir, force: str | None = None, check: bool = True) -> None:
-    """Every stage in order: data, stage 1 (both arms), selection, SFT, DPO, evaluation, report.
+    """Every stage in order: data, stage 1, selection, SFT, DPO (each for every arm), evaluation,
+    report.
 
     `force` names a stage to rebuild even when its output is current; the stages after it are
     rebuilt too, since they read its new output. The checks of mixcpt.checks run once, first,

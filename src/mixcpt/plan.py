@@ -42,8 +42,9 @@ import torch
 import yaml
 
 from mixcpt.config import Config
+from mixcpt.config.arms import find_arm
 from mixcpt.errors import ConfigError, UserError, format_bytes
-from mixcpt.pipeline import arm_cpt_config, stage_arms
+from mixcpt.pipeline import stage_arms
 from mixcpt.processes import launched_mode, valid_zero_stage, zero_stage
 from mixcpt.rundir import RunDir
 from mixcpt.train.teacher_cache import CACHE_FILES, cache_layout
@@ -476,7 +477,7 @@ def workloads(cfg: Config) -> list[Workload]:
 
     stages = []
     for arm in stage_arms(cfg, "cpt"):
-        cpt = arm_cpt_config(cfg, arm)
+        cpt = find_arm(cfg, arm).config.cpt
         teacher = cpt.teacher if cpt.lssd_weight > 0 else None
         stages.append(
             Workload(
@@ -552,27 +553,26 @@ def _estimated_tokens(path: str) -> int | None:
 
 
 def count_tokens(cfg: Config, run: RunDir | None = None) -> Tokens:
-    """D_MIX's and D_K's tokens: the data stage's output when it exists, else data.total_tokens,
-    else estimated from the sources' sizes with the mixture's rule (the scarcest weighted source
-    bounds D_MIX, or with `oversample` the most plentiful)."""
+    """D_MIX's and D_K's tokens: the data stage's output when it exists, else D_MIX from
+    data.total_tokens or estimated from the sources' sizes with the mixture's rule (the scarcest
+    weighted source bounds D_MIX, or with `oversample` the most plentiful), and D_K as the domain
+    sources' weight share of D_MIX (D_K is D_MIX's domain part, mixcpt.data.stage)."""
     if run is not None and (mix := _packed_tokens(run.data / "mix")) is not None:
         return Tokens(mix, _packed_tokens(run.data / "domain"), f"{run.data} (the data stage)")
-    estimated = f"estimated from file sizes, ~{TEXT_BYTES_PER_TOKEN} bytes per token"
-    domain = [_estimated_tokens(s.path) for s in cfg.data.domain]
-    d_k = None if None in domain else sum(domain)
+    all_sources = (*cfg.data.domain, *cfg.data.instructions, *cfg.data.preferences)
+    total_weight = sum(s.weight for s in all_sources)
+    domain_share = sum(s.weight for s in cfg.data.domain) / total_weight
     if cfg.data.total_tokens:
-        d_k_source = f"; D_K {estimated}" if d_k is not None else ""
-        return Tokens(cfg.data.total_tokens, d_k, f"D_MIX from data.total_tokens{d_k_source}")
-    sources = [
-        s for s in (*cfg.data.domain, *cfg.data.instructions, *cfg.data.preferences) if s.weight
-    ]
+        mix = cfg.data.total_tokens
+        return Tokens(mix, int(mix * domain_share), "D_MIX from data.total_tokens")
+    sources = [s for s in all_sources if s.weight]
     sizes = [_estimated_tokens(s.path) for s in sources]
     if None in sizes:
-        return Tokens(None, d_k, "unknown: hub datasets and no data.total_tokens")
-    total_weight = sum(s.weight for s in sources)
+        return Tokens(None, None, "unknown: hub datasets and no data.total_tokens")
     bounds = [size * total_weight / s.weight for s, size in zip(sources, sizes)]
     mix = max(bounds) if cfg.data.oversample else min(bounds)
-    return Tokens(int(mix), d_k, estimated)
+    estimated = f"estimated from file sizes, ~{TEXT_BYTES_PER_TOKEN} bytes per token"
+    return Tokens(int(mix), int(mix * domain_share), estimated)
 
 
 def teacher_cache_bytes(

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from mixcpt.config import Config
 from mixcpt.errors import ConfigError
@@ -95,3 +100,40 @@ def valid_zero_stage(value, key: str) -> int:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{key}: the ZeRO stage is {value!r}; DeepSpeed has stages 0 to 3")
     return stage
+
+
+def main_process_runs(state: PartialState, work_dir: Path, name: str, work: Callable[[], None]):
+    """Run `work()` on the main process of a launch while the others wait for it without a
+    collective (one process alone: just run it).
+
+    A barrier would let them wait only as long as the process group's timeout (30 minutes by
+    default), after which the watchdog kills the launch: too short for the data stage of a large
+    corpus, or an evaluation. So the others poll a marker file that the main process writes when
+    `work` ends (under `work_dir`, named for this launch); the launch meets in a barrier only once
+    it is there. If `work` raises on the main process, the others exit with status 1 and print
+    nothing (the main process says why); if the main process dies, the launcher stops them."""
+    if state.num_processes == 1:
+        work()
+        return
+    token = broadcast_object_list([uuid.uuid4().hex if state.is_main_process else None])[0]
+    folder = work_dir / f"launch-{token}"
+    if state.is_main_process:
+        outcome = "failed"
+        try:
+            work()
+            outcome = "done"
+        finally:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.{outcome}").touch()
+    else:
+        while not (folder / f"{name}.done").exists():
+            if (folder / f"{name}.failed").exists():
+                raise SystemExit(1)
+            time.sleep(0.5)
+    state.wait_for_everyone()  # every process has seen the marker
+    if state.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            work_dir.rmdir()  # when nothing else is in progress there
+        except OSError:
+            pass

@@ -1,9 +1,11 @@
 """results.json -> report.html (self-contained: inline CSS, plots as base64 PNG) and report.md.
 
-Sections: the results table (arm x stage, each benchmark's main metric and KL to base), a
-domain-versus-general plot (what was gained against what was kept), training loss curves, the
-data mixture's token shares, and the time each stage took (mixcpt.timing). Each section says so
-when its part of results.json is absent, so a partial run still gets a report.
+Sections: the arms (each one's stage-1 stream and loss, what stage 2 aligned on and the budget
+each stage used: results["arms"], written by the report stage), the results table (arm x stage,
+each benchmark's main metric and KL to base), a domain-versus-general plot (what was gained
+against what was kept), training loss curves, the data mixture's token shares, and the time each
+stage took (mixcpt.timing). Each section says so when its part of results.json is absent, so a
+partial run still gets a report.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +24,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mixcpt.atomic import write_text_atomic  # noqa: E402
 from mixcpt.config import Config  # noqa: E402
+from mixcpt.config.arms import BUILTIN_ARMS  # noqa: E402
 from mixcpt.fingerprints import begin  # noqa: E402
-from mixcpt.pipeline import STAGES  # noqa: E402
-from mixcpt.rundir import ARMS, RunDir  # noqa: E402
+from mixcpt.pipeline import STAGES, arms, selection_owner, stage1_owner  # noqa: E402
+from mixcpt.rundir import RunDir  # noqa: E402
 from mixcpt.timing import rate  # noqa: E402
 
 STAGE_ORDER = ("base", "cpt", "sft", "dpo")
 STAGE_DASH = {"cpt": "-", "sft": "--", "dpo": ":"}
-ARM_STYLE = {
-    "mixcpt": ("tab:blue", "Mix-CPT"),
-    "baseline": ("tab:orange", "baseline (CPT, SFT, DPO)"),
+# the built-in arms keep their colours whatever the config lists; other arms take the rest
+ARM_COLORS = {
+    "mixcpt": "tab:blue",
+    "baseline": "tab:orange",
+    "mixture-ce": "tab:green",
+    "random-k": "tab:red",
+    "whole-pool": "tab:purple",
 }
+OTHER_COLORS = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+ARM_LABELS = {"mixcpt": "Mix-CPT", "baseline": "baseline (CPT, SFT, DPO)"}
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -42,6 +52,7 @@ table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
 tr.missing td { color: #999; font-style: italic; }
+table.words th, table.words td { text-align: left; }
 img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 .note { color: #666; font-size: .9rem; }
 """
@@ -56,6 +67,109 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _stage_cell(row: dict) -> str:
+    """A row's stage, saying whose model it is when the arm shares another's stage 1."""
+    stage = row.get("stage", "?")
+    return f"{stage} (= {row['shared_with']})" if row.get("shared_with") else stage
+
+
+def arm_order(results: dict) -> list[str]:
+    """Arm names in the run's order (results["arms"], else the eval rows), then the built-in
+    arms, so that every table and plot lists arms alike."""
+    names = [a["arm"] for a in results.get("arms", [])]
+    names += [r["arm"] for r in results.get("eval", {}).get("rows", []) if r.get("arm") != "base"]
+    return list(dict.fromkeys([*names, *BUILTIN_ARMS]))
+
+
+def arm_colors(results: dict) -> dict[str, str]:
+    """A colour per arm: the built-ins' own, the others in turn."""
+    others = (name for name in arm_order(results) if name not in ARM_COLORS)
+    return {**ARM_COLORS, **dict(zip(others, itertools.cycle(OTHER_COLORS)))}
+
+
+def _loss(summary: dict) -> str:
+    ce, lssd, teacher = summary["ce_weight"], summary["lssd_weight"], summary["teacher"]
+    terms = [f"{ce:g} CE"] if ce else []
+    terms += [f"{lssd:g} LSSD ({teacher} teacher)"] if lssd else []
+    return " + ".join(terms)
+
+
+def _budget(count, unit: str, steps) -> str:
+    return "" if count is None else f"{count:,} {unit}, {steps} steps"
+
+
+def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of results["arms"]: each arm's stage-1 stream and loss, what stage 2
+    aligned on, and what each stage trained on (blank where the stage has not run)."""
+    header = ["arm", "like", "stage 1", "stage-1 budget", "stage 2 on", "SFT budget", "DPO budget"]
+    cells = []
+    for a in results.get("arms", []):
+        stage1 = f"{a['stream']} stream, {_loss(a)}"
+        if a["stage1_shared_with"]:
+            stage1 += f" (the model of {a['stage1_shared_with']})"
+        select = a["select"]
+        if select is None:
+            stage2 = "the whole pool"
+        else:
+            stage2 = f"k={select['k']} {select['strategy']} by {select['score']}"
+            if select["strategy"] == "random":  # scored all the same, but not chosen by score
+                stage2 = f"k={select['k']} at random"
+            if a["selection_shared_with"]:
+                stage2 += f" (the selection of {a['selection_shared_with']})"
+        dpo = _budget(a["dpo_pairs"], "pairs", a["dpo_steps"]) if a["run_dpo"] else "no DPO"
+        cells.append(
+            [
+                a["arm"],
+                a["like"],
+                stage1,
+                _budget(a["stage1_tokens"], "tokens", a["stage1_steps"]),
+                stage2,
+                _budget(a["sft_samples"], "samples", a["sft_steps"]),
+                dpo,
+            ]
+        )
+    return header, cells
+
+
+def arm_summaries(cfg: Config, results: dict) -> list[dict]:
+    """What results["arms"] holds, per arm of `cfg` in order: its name and the built-in it is or is
+    like; stage 1's stream, loss weights, teacher (None without LSSD), the arm whose stage-1 model
+    it uses when not its own, and that model's steps and tokens; stage 2's selection ({k,
+    strategy, score}, None on the whole pool) and whose it is when shared; SFT's samples and
+    steps; whether it runs DPO, and DPO's pairs and steps. Counts are those results.json records
+    (None for a stage not run yet)."""
+    stages = results.get("stages", {})
+    summaries = []
+    for arm in arms(cfg):
+        cpt, select = arm.config.cpt, arm.config.select
+        stage1, selection = stage1_owner(cfg, arm.name), selection_owner(cfg, arm.name)
+        trained = {s: stages.get(f"{arm.name}/{s}", {}) for s in ("sft", "dpo")}
+        trained["cpt"] = stages.get(f"{stage1}/cpt", {})
+        summaries.append(
+            {
+                "arm": arm.name,
+                "like": arm.like,
+                "stream": arm.stream,
+                "ce_weight": cpt.ce_weight,
+                "lssd_weight": cpt.lssd_weight,
+                "teacher": cpt.teacher if cpt.lssd_weight > 0 else None,
+                "stage1_shared_with": stage1 if stage1 != arm.name else None,
+                "stage1_tokens": trained["cpt"].get("tokens"),
+                "stage1_steps": trained["cpt"].get("steps"),
+                "select": None
+                if selection is None
+                else {"k": select.k, "strategy": select.strategy, "score": select.score},
+                "selection_shared_with": selection if selection not in (None, arm.name) else None,
+                "sft_samples": trained["sft"].get("n_samples"),
+                "sft_steps": trained["sft"].get("steps"),
+                "run_dpo": arm.run_dpo and bool(cfg.data.preferences),
+                "dpo_pairs": trained["dpo"].get("n_pairs"),
+                "dpo_steps": trained["dpo"].get("steps"),
+            }
+        )
+    return summaries
+
+
 def results_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]]:
     """(header, cells, row is missing) of the arm x stage table: one column per benchmark's
     main metric, then KL to base."""
@@ -67,7 +181,7 @@ def results_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]
     header.append("KL to base")
     cells, missing = [], []
     for row in rows:
-        line = [row.get("arm", "?"), row.get("stage", "?")]
+        line = [row.get("arm", "?"), _stage_cell(row)]
         if row.get("status") != "ok":
             line += ["missing"] + [""] * len(benchmarks)
         else:
@@ -102,7 +216,7 @@ def retention_table(results: dict) -> tuple[list[str], list[list[str]]]:
     metric = {n: ev.get("benchmarks", {}).get(n, {}).get("main_metric", "") for n in general}
     header = ["arm", "stage"] + [f"Δ {n} ({metric[n]})" for n in general] + ["KL to base"]
     cells = [
-        [r["arm"], r["stage"]]
+        [r["arm"], _stage_cell(r)]
         + [_fmt(r["retention"]["delta"].get(n)) for n in general]
         + [_fmt(r["retention"].get("kl_to_base"))]
         for r in rows
@@ -127,10 +241,10 @@ def mixture_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def _build_order(node: str) -> tuple[int, int]:
+def _build_order(node: str, order: list[str]) -> tuple[int, int]:
     stage, _, arm = node.partition("/")
-    order = ("data", "cache", *STAGES[1:])  # `mixcpt cache` runs between data and cpt
-    return order.index(stage), ARMS.index(arm) if arm else 0
+    stages = ("data", "cache", *STAGES[1:])  # `mixcpt cache` runs between data and cpt
+    return stages.index(stage), order.index(arm) if arm in order else len(order)
 
 
 def timing_table(results: dict) -> tuple[list[str], list[list[str]], float]:
@@ -139,7 +253,9 @@ def timing_table(results: dict) -> tuple[list[str], list[list[str]], float]:
     timing = results.get("timing", {})
     header = ["stage", "wall time", "processed", "throughput", "this run"]
     cells, total = [], 0.0
-    for node in sorted((n for n in timing if n != "report"), key=_build_order):
+    order = arm_order(results)
+    nodes = sorted((n for n in timing if n != "report"), key=lambda n: _build_order(n, order))
+    for node in nodes:
         entry = timing[node]
         if entry.get("reused"):
             this_run = "reused"
@@ -193,7 +309,9 @@ def plot_domain_vs_general(results: dict) -> str | None:
 
     points = {(r["arm"], r["stage"]): (mean_main(r, domain), mean_main(r, general)) for r in rows}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arm, (color, label) in ARM_STYLE.items():
+    colors = arm_colors(results)
+    for arm in arm_order(results):
+        color, label = colors[arm], ARM_LABELS.get(arm, arm)
         path = [
             (s, points.get((arm, s), points.get(("base", "base")) if s == "base" else None))
             for s in STAGE_ORDER
@@ -224,9 +342,10 @@ def plot_losses(results: dict) -> str | None:
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = arm_colors(results)
     for key, points in curves.items():
         arm, _, stage = key.partition("/")  # keys are "arm/stage": colour = arm, dash = stage
-        style = {"color": ARM_STYLE[arm][0]} if arm in ARM_STYLE else {}
+        style = {"color": colors[arm]} if arm in colors else {}
         ax.plot(
             [p[0] for p in points],
             [p[1] for p in points],
@@ -273,14 +392,19 @@ def plot_mixture(results: dict) -> str | None:
 
 
 def _html_table(
-    header: list[str], cells: list[list[str]], missing: list[bool] | None = None
+    header: list[str],
+    cells: list[list[str]],
+    missing: list[bool] | None = None,
+    words: bool = False,
 ) -> str:
+    """An HTML table; numbers are right-aligned, and `words` left-aligns every column."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = ""
     for i, line in enumerate(cells):
         cls = ' class="missing"' if missing and missing[i] else ""
         body += f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+    table = "<table class='words'>" if words else "<table>"
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
 def _md_table(header: list[str], cells: list[list[str]]) -> str:
@@ -294,6 +418,7 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     """Write `report.html` and `report.md` into the run folder from its results.json; return both
     paths."""
     results = run.read_results()
+    arm_header, arm_cells = arms_table(results)
     header, cells, missing = results_table(results)
     mix_header, mix_cells = mixture_table(results)
     ret = retention_table(results)
@@ -322,9 +447,22 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         ),
     ]
     no_eval = "No evaluation yet: run `mixcpt eval`."
+    no_arms = "The arms are listed once the report stage has run (`mixcpt report`)."
+    arms_note = (
+        "Stage 1 trains on the mix stream (D_MIX: domain corpus and general samples) or the "
+        "domain stream (D_K). Arms with the same stage-1 settings share one stage-1 model, and "
+        "arms with the same model and select settings one selection. Budgets: the tokens stage 1 "
+        "trained on (repeats and padding counted), the distinct samples SFT and pairs DPO trained "
+        "on, each with its optimizer steps."
+    )
 
     parts = [
         f"<h1>Mix-CPT report</h1><p class='note'>Run folder: {html.escape(str(run.root))}</p>",
+        "<h2>Arms</h2>",
+        _html_table(arm_header, arm_cells, words=True)
+        if arm_cells
+        else f"<p class='note'>{html.escape(no_arms)}</p>",
+        f"<p class='note'>{html.escape(arms_note)}</p>" if arm_cells else "",
         "<h2>Results</h2>",
         _html_table(header, cells, missing)
         if cells
@@ -358,6 +496,10 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     md = [
         "# Mix-CPT report",
         "",
+        "## Arms",
+        "",
+        _md_table(arm_header, arm_cells) + "\n\n" + arms_note if arm_cells else no_arms,
+        "",
         "## Results",
         "",
         _md_table(header, cells) if cells else no_eval,
@@ -390,6 +532,7 @@ def run_report(cfg: Config, run: RunDir, force: bool = False) -> tuple[Path, Pat
     (mixcpt.fingerprints) and not `force`; returns the two paths either way."""
     record = begin(cfg, run, "report", force)
     if record is not None:
+        run.set_results("arms", arm_summaries(cfg, run.read_results()))
         write_report(run)
         run.update_results("report", "fingerprint", record)
     return run.root / "report.html", run.root / "report.md"

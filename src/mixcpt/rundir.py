@@ -1,10 +1,11 @@
 """The run folder: where every stage reads its inputs and writes its outputs.
 
-    DIR/data/{mix,domain,pool}/   D_MIX, the baseline's D_K stream, the general pool (data stage)
+    DIR/data/{mix,domain,pool}/   D_MIX, D_K (the domain stream), the general pool (data stage)
     DIR/base/                     the base model when mixcpt had to build or convert it (demo, GGUF)
-    DIR/<arm>/<stage>/            HF model folders: arm in {mixcpt, baseline},
-                                  stage in {cpt, sft, dpo}
-    DIR/mixcpt/selection/         the k selected samples and every sample's score
+    DIR/<arm>/<stage>/            HF model folders of each arm the config trains (mixcpt,
+                                  baseline, ...), stage in {cpt, sft, dpo}; an arm that shares
+                                  stage 1 with an earlier arm has no cpt folder of its own
+    DIR/<arm>/selection/          the k selected samples and every sample's score
     DIR/.work/<arm>-<stage>/      Trainer checkpoints of a stage in progress (resume reads them)
     DIR/logs/<arm>/<stage>/       TensorBoard event files of each training stage (report_to)
     DIR/results.json              every stage's metrics and timing (mixcpt.timing), updated by
@@ -28,7 +29,6 @@ from mixcpt.errors import InputError
 if TYPE_CHECKING:
     from mixcpt.config import ModelConfig
 
-ARMS = ("mixcpt", "baseline")
 TRAINED_STAGES = ("cpt", "sft", "dpo")
 
 
@@ -53,18 +53,17 @@ class RunDir:
     def base(self) -> Path:
         return self.root / "base"
 
-    @property
-    def selection(self) -> Path:
-        return self.root / "mixcpt" / "selection"
+    def selection(self, arm: str) -> Path:
+        """The selection `arm` made with its stage-1 model (the select stage)."""
+        return self.root / arm / "selection"
 
     @property
     def results_path(self) -> Path:
         return self.root / "results.json"
 
     def stage(self, arm: str, stage: str) -> Path:
-        """Final HF model folder of `stage` ("cpt", "sft", "dpo") in `arm` ("mixcpt",
-        "baseline")."""
-        assert arm in ARMS and stage in TRAINED_STAGES, (arm, stage)
+        """Final HF model folder of `stage` ("cpt", "sft", "dpo") in `arm` ("mixcpt", ...)."""
+        assert arm and stage in TRAINED_STAGES, (arm, stage)
         return self.root / arm / stage
 
     def finished_model(self, arm: str, stage: str) -> Path:
@@ -97,6 +96,12 @@ class RunDir:
         """Set `results[section][key] = value`, keeping everything else; atomic on disk."""
         results = self.read_results()
         results.setdefault(section, {})[key] = value
+        write_json_atomic(self.results_path, results)
+
+    def set_results(self, section: str, value: Any) -> None:
+        """Set `results[section] = value` whole, keeping everything else; atomic on disk."""
+        results = self.read_results()
+        results[section] = value
         write_json_atomic(self.results_path, results)
 
     def discard_results(self, section: str, key: str | None = None) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from mixcpt.atomic import write_json_atomic
 from mixcpt.config import Config
+from mixcpt.config.arms import Arm, find_arm
 from mixcpt.config.training import LOGGING_KEYS
-from mixcpt.pipeline import arm_cpt_config
 from mixcpt.rundir import RunDir, base_model_path
 
 SOURCE_GROUPS = ("domain", "instructions", "preferences")
@@ -174,11 +174,13 @@ def _data_inputs(cfg: Config, run: RunDir) -> tuple[dict, dict]:
     return {"seed": cfg.seed, **flat("data", data)}, files
 
 
-def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
-    """The arm's stage-1 settings, leaving out those of a teacher it does not use: the baseline
-    (always plain CE) is untouched by every LSSD setting."""
-    cpt = arm_cpt_config(cfg, arm)
-    unused = {"loss_chunk_size", "compile_loss", "training"}
+def cpt_settings(arm: Arm) -> dict:
+    """The settings that change `arm`'s stage-1 model: its stream and its cpt section, leaving out
+    those of a teacher it does not use (plain CE is untouched by every LSSD setting), the seed and
+    how models are loaded. Arms with equal settings share one stage-1 model (mixcpt.pipeline)."""
+    cfg, cpt = arm.config, arm.config.cpt
+    # alpha is in the two weights it sets: alpha 0.5 and weights 0.5, 0.5 are one build
+    unused = {"loss_chunk_size", "compile_loss", "training", "alpha"}
     if cpt.lssd_weight == 0:  # no teacher; `teacher: lora` still means training adapters
         unused |= {"temperature", "cache_top_k", "cache_dtype"}
         unused |= {"teacher"} if cpt.teacher != "lora" else set()
@@ -186,27 +188,36 @@ def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
         unused |= {"cache_top_k", "cache_dtype"}
     if cpt.teacher != "lora":
         unused.add("lora")
-    config = {
+    return {
         "seed": cfg.seed,
         **_model_settings(cfg),
+        "stream": arm.stream,
         **flat("cpt", cpt.model_dump(mode="json", exclude=unused)),
         **_training("cpt.training", cpt.training),
     }
-    return config, _model_files(cfg, run)
 
 
-def _select_inputs(cfg: Config) -> dict:
-    settings = cfg.select.model_dump(mode="json", exclude={"batch_size"})
+def _cpt_inputs(cfg: Config, run: RunDir, arm: str) -> tuple[dict, dict]:
+    """The arm's stage-1 settings (`cpt_settings`) and the base model's files."""
+    return cpt_settings(find_arm(cfg, arm)), _model_files(cfg, run)
+
+
+def select_settings(cfg: Config) -> dict:
+    """The settings that change a selection made with a given stage-1 model (`cfg`: the arm's
+    config). Arms with equal settings and stage-1 model share one selection."""
+    unused = {"batch_size"} | ({"fas_quantile"} if cfg.select.score != "fas" else set())
+    settings = cfg.select.model_dump(mode="json", exclude=unused)
     config = {**_model_settings(cfg), **flat("select", settings)}
     if cfg.select.strategy == "random":
         config["seed"] = cfg.seed
-    if cfg.select.score == "fas":  # scores through the chat template
+    if cfg.select.score in ("fas", "fas_ratio"):  # scores through the chat template
         config["sft.chat_template"] = cfg.sft.chat_template
     return config
 
 
 def _alignment_inputs(cfg: Config, stage: str) -> dict:
-    """SFT's or DPO's settings (DPO's reference is the same computed either way)."""
+    """SFT's or DPO's settings in `cfg` (an arm's config; DPO's reference is the same computed
+    either way)."""
     section = getattr(cfg, stage)
     settings = section.model_dump(mode="json", exclude={"training", "precompute_ref"})
     return {
@@ -249,9 +260,9 @@ def config_and_files(cfg: Config, run: RunDir, node: str) -> tuple[dict, dict]:
     elif stage == "cpt":
         config, files = _cpt_inputs(cfg, run, arm)
     elif stage == "select":
-        config = _select_inputs(cfg)
+        config = select_settings(find_arm(cfg, arm).config)
     elif stage in ("sft", "dpo"):
-        config = _alignment_inputs(cfg, stage)
+        config = _alignment_inputs(find_arm(cfg, arm).config, stage)
     elif stage == "eval":
         config, files = _eval_inputs(cfg, run)
     return config, files

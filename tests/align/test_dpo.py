@@ -93,8 +93,8 @@ def test_dpo_steps_raise_the_chosen_minus_rejected_margin(make_cfg, sft_run, poo
 def test_precomputed_and_frozen_reference_train_the_same(make_cfg, sft_run, pool_rows):
     """The precomputed reference log-probs are those a frozen copy of the SFT model gives."""
     run = sft_run
-    (run.selection).mkdir(parents=True)
-    shutil.copy(run.data / "pool" / "preferences.jsonl", run.selection / "preferences.jsonl")
+    run.selection("mixcpt").mkdir(parents=True)
+    shutil.copy(run.data / "pool" / "preferences.jsonl", run.selection("mixcpt"))
     frozen = run_dpo(make_cfg(dpo={"precompute_ref": False}), run, "mixcpt")
     precomputed = run_dpo(make_cfg(), run, "baseline")
     first_losses = [e["loss"] for e in frozen["log_history"] if "loss" in e]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mixcpt.align.select import choose, run_select
+from mixcpt.align.select import choose, choose_fas, run_select
 from mixcpt.models import load_model, load_tokenizer
 
 
@@ -25,10 +25,10 @@ def direct_mean_nll(model, prompt_ids: list[int], response_ids: list[int]) -> fl
 
 
 def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
-    summary = run_select(cfg, run)
+    summary = run_select(cfg, run, "mixcpt")
 
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
-    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    records = {r["id"]: r for r in read_jsonl(run.selection("mixcpt") / "selection.jsonl")}
     for kind, rows, response_of in (
         ("instruction", pool_rows[0], lambda r: r["plain_response"]),
         ("preference", pool_rows[1], lambda r: r["chosen"]),
@@ -55,26 +55,27 @@ def test_selection_ranks_by_true_mean_response_nll(cfg, run, pool_rows):
         assert summary[f"{kind}s"]["selected"] == cfg.select.k
 
     # The selected rows are written unchanged, in pool order.
-    kept = read_jsonl(run.selection / "instructions.jsonl")
+    kept = read_jsonl(run.selection("mixcpt") / "instructions.jsonl")
     assert kept == [r for r in pool_rows[0] if records[r["id"]]["selected"]]
     assert run.read_results()["stages"]["mixcpt/select"] == summary
 
 
 def test_selection_is_deterministic_and_skips_rerun(make_cfg, run, tmp_path):
     cfg = make_cfg(select={"strategy": "random"})
-    run_select(cfg, run)
-    first = (run.selection / "selection.jsonl").read_bytes()
-    mtime = (run.selection / "selection.jsonl").stat().st_mtime_ns
-    assert run_select(cfg, run) == run.read_results()["stages"]["mixcpt/select"]  # done: not redone
-    assert (run.selection / "selection.jsonl").stat().st_mtime_ns == mtime
+    run_select(cfg, run, "mixcpt")
+    first = (run.selection("mixcpt") / "selection.jsonl").read_bytes()
+    mtime = (run.selection("mixcpt") / "selection.jsonl").stat().st_mtime_ns
+    done = run.read_results()["stages"]["mixcpt/select"]
+    assert run_select(cfg, run, "mixcpt") == done  # done: not redone
+    assert (run.selection("mixcpt") / "selection.jsonl").stat().st_mtime_ns == mtime
 
     (tmp_path / "again").mkdir()
     again = type(run)(tmp_path / "again")
     (again.root / "data").symlink_to(run.data)
     (again.root / "mixcpt").mkdir()
     (again.root / "mixcpt" / "cpt").symlink_to(run.stage("mixcpt", "cpt"))
-    run_select(cfg, again)
-    assert (again.selection / "selection.jsonl").read_bytes() == first
+    run_select(cfg, again, "mixcpt")
+    assert (again.selection("mixcpt") / "selection.jsonl").read_bytes() == first
 
 
 def test_strategies_behave_as_named():
@@ -93,10 +94,10 @@ def test_strategies_behave_as_named():
 def test_k_larger_than_pool_keeps_everything_usable(make_cfg, run, pool_rows, caplog):
     cfg = make_cfg(select={"k": 100, "strategy": "hardest"})
     with caplog.at_level(logging.WARNING):
-        summary = run_select(cfg, run)
+        summary = run_select(cfg, run, "mixcpt")
     assert "select.k=100 is larger than the 8 usable instruction samples" in caplog.text
     assert "1 with identical chosen and rejected" in caplog.text
-    records = read_jsonl(run.selection / "selection.jsonl")
+    records = read_jsonl(run.selection("mixcpt") / "selection.jsonl")
     assert len(records) == len(pool_rows[0]) + len(
         pool_rows[1]
     )  # nothing lost: every sample is listed
@@ -109,13 +110,14 @@ def test_k_larger_than_pool_keeps_everything_usable(make_cfg, run, pool_rows, ca
         "skipped": 1,
         "selected": 8,
     }
-    assert len(read_jsonl(run.selection / "preferences.jsonl")) == 8
+    assert len(read_jsonl(run.selection("mixcpt") / "preferences.jsonl")) == 8
 
 
-def test_fas_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
-    run_select(make_cfg(select={"score": "fas"}), run)
+def test_fas_ratio_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
+    """The ablation keeps the first fas's score: whole chat response / whole plain response."""
+    run_select(make_cfg(select={"score": "fas_ratio"}), run, "mixcpt")
     model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
-    records = {r["id"]: r for r in read_jsonl(run.selection / "selection.jsonl")}
+    records = {r["id"]: r for r in read_jsonl(run.selection("mixcpt") / "selection.jsonl")}
     row = pool_rows[0][0]
     prompt = tok.apply_chat_template(
         row["messages"][:1], tokenize=False, add_generation_prompt=True
@@ -130,3 +132,63 @@ def test_fas_score_is_chat_over_plain_nll(make_cfg, run, pool_rows):
     for r in records.values():
         if "skipped" not in r:
             assert r["score"] == pytest.approx(r["nll_chat"] / r["nll"])
+
+    # selected: the 3 lowest ratios
+    easiest = sorted(
+        (r for r in records.values() if r["kind"] == "instruction" and "skipped" not in r),
+        key=lambda r: (r["score"], int(r["id"][1:])),
+    )[:3]
+    assert {r["id"] for r in easiest} == {
+        r["id"] for r in records.values() if r["kind"] == "instruction" and r["selected"]
+    }
+
+
+def test_fas_is_the_format_cost_chosen_within_the_easiest_plain_quantile(make_cfg, run, pool_rows):
+    cfg = make_cfg(select={"score": "fas", "k": 2, "fas_quantile": 0.5})
+    summary = run_select(cfg, run, "mixcpt")
+    assert summary["fas_quantile"] == 0.5
+    model, tok = load_model(run.stage("mixcpt", "cpt")), load_tokenizer(run.stage("mixcpt", "cpt"))
+    records = {r["id"]: r for r in read_jsonl(run.selection("mixcpt") / "selection.jsonl")}
+
+    # one sample by hand: the response's own tokens (no EOS, no end of turn) after either prompt
+    row = pool_rows[0][1]
+    answer = row["messages"][-1]["content"]
+    for prompt, special, nll_key in (
+        (row["plain_prompt"], True, "nll"),
+        (
+            tok.apply_chat_template(
+                row["messages"][:1], tokenize=False, add_generation_prompt=True
+            ),
+            False,
+            "nll_chat",
+        ),
+    ):
+        prompt_ids = tok(prompt, add_special_tokens=special).input_ids
+        whole = tok(prompt + answer, add_special_tokens=special).input_ids
+        assert whole[: len(prompt_ids)] == prompt_ids  # no token straddles the prompt's end here
+        direct = direct_mean_nll(model, prompt_ids, whole[len(prompt_ids) :])
+        assert records[row["id"]][nll_key] == pytest.approx(direct, abs=1e-4)
+
+    for kind in ("instruction", "preference"):
+        scored = [r for r in records.values() if r["kind"] == kind and "skipped" not in r]
+        for r in scored:
+            assert r["score"] == pytest.approx(r["nll_chat"] - r["nll"])
+        # candidates: the half of the usable pool with the lowest plain NLL (8 usable: 4)
+        by_nll = sorted(scored, key=lambda r: (r["nll"], int(r["id"][1:])))
+        candidates = by_nll[:4]
+        assert {r["id"] for r in scored if r["fas_candidate"]} == {r["id"] for r in candidates}
+        # chosen: the 2 lowest format costs among them
+        lowest_cost = sorted(candidates, key=lambda r: (r["score"], int(r["id"][1:])))[:2]
+        assert {r["id"] for r in scored if r["selected"]} == {r["id"] for r in lowest_cost}
+
+
+def test_fas_choice_rule():
+    plain = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    cost = {0: 5.0, 1: 0.1, 2: -1.0, 3: -9.0}
+    # within the easiest half {0, 1}: the lowest cost, not the pool's lowest (3, unknown content)
+    assert choose_fas(plain, cost, 1, 0.5, "easiest", seed=0) == ({1}, {0, 1})
+    assert choose_fas(plain, cost, 1, 0.5, "hardest", seed=0) == ({2}, {2, 3})
+    # a quantile holding fewer than k samples widens to k
+    assert choose_fas(plain, cost, 3, 0.25, "easiest", seed=0) == ({0, 1, 2}, {0, 1, 2})
+    picked, candidates = choose_fas(plain, cost, 2, 0.5, "random", seed=0)
+    assert len(picked) == 2 and candidates == set(plain)

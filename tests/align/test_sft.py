@@ -58,8 +58,8 @@ def test_sft_keeps_the_response_of_a_too_long_prompt(tiny_tokenizer, pool_rows, 
 @pytest.mark.parametrize("arm", ["mixcpt", "baseline"])
 def test_run_sft_writes_a_loadable_model_and_metrics(cfg, run, pool_rows, arm):
     selected = pool_rows[0][:3]
-    run.selection.mkdir(parents=True)
-    (run.selection / "instructions.jsonl").write_text(
+    run.selection("mixcpt").mkdir(parents=True)
+    (run.selection("mixcpt") / "instructions.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in selected)
     )
 

@@ -18,14 +18,34 @@ def stream_docs(folder):
     return [tuple(d) for d in np.split(flat, cuts) if len(d)]
 
 
+def domain_documents(tmp_path, tokenizer) -> list[tuple]:
+    """Every document of the domain source, as tokenizer(text) + EOS."""
+    lines = (tmp_path / "domain.jsonl").read_text().splitlines()
+    return [tuple(tokenizer(json.loads(t)["text"]).input_ids + [2]) for t in lines]
+
+
 def test_packing_loses_and_duplicates_no_token(make_config, tmp_path, tiny_tokenizer):
     cfg = make_config(weights=(1.0, 0.0, 0.0))
     stats = run_data(cfg, RunDir(tmp_path / "run"))
-    # D_K holds every domain document exactly once, each as tokenizer(text) + EOS
-    lines = (tmp_path / "domain.jsonl").read_text().splitlines()
-    expected = sorted(tuple(tiny_tokenizer(json.loads(t)["text"]).input_ids + [2]) for t in lines)
+    # D_MIX of the domain alone: every domain document exactly once, and D_K the same
+    expected = sorted(domain_documents(tmp_path, tiny_tokenizer))
+    assert sorted(stream_docs(tmp_path / "run" / "data" / "mix")) == expected
     assert sorted(stream_docs(tmp_path / "run" / "data" / "domain")) == expected
     assert stats["domain"]["n_tokens"] == sum(len(d) for d in expected)
+
+
+def test_d_k_is_the_domain_part_of_d_mix_in_its_order_with_its_repeats(
+    make_config, tmp_path, tiny_tokenizer
+):
+    # the domain's share needs more than the domain holds: oversampling repeats its documents
+    cfg = make_config(weights=(0.8, 0.1, 0.1), oversample=True)
+    stats = run_data(cfg, RunDir(tmp_path / "run"))
+    domain = set(domain_documents(tmp_path, tiny_tokenizer))
+    in_mix = [d for d in stream_docs(tmp_path / "run" / "data" / "mix") if d in domain]
+    assert len(in_mix) > len(domain)  # some were drawn twice
+    assert stream_docs(tmp_path / "run" / "data" / "domain") == in_mix
+    drawn = stats["mix"]["sources"]["domain.jsonl"]["tokens"]
+    assert stats["domain"]["n_tokens"] == drawn == sum(len(d) for d in in_mix)
 
 
 def test_blocks_have_labels_for_every_real_token_and_positions_reset_per_document(
@@ -34,13 +54,15 @@ def test_blocks_have_labels_for_every_real_token_and_positions_reset_per_documen
     run = RunDir(tmp_path / "run")
     run_data(make_config(), run)
     blocks = PackedBlocks(run.data / "mix")
-    last = blocks[len(blocks) - 1]
-    n_pad = blocks.block_size * len(blocks) - blocks.n_tokens
-    assert (last["labels"] == IGNORE_INDEX).sum() == n_pad
-    for i in range(len(blocks) - 1):
+    for i in range(len(blocks)):
         item = blocks[i]
-        assert (item["labels"] == item["input_ids"]).all()
         ids, pos = item["input_ids"].numpy(), item["position_ids"].numpy()
+        # every real token is a target but a document's first (the previous EOS predicts nothing)
+        real = i * blocks.block_size + np.arange(blocks.block_size) < blocks.n_tokens
+        expected = np.where((pos == 0) | ~real, IGNORE_INDEX, ids)
+        assert (item["labels"].numpy() == expected).all()
+        if not real.all():  # the padded tail of the last block
+            continue
         assert pos[0] == 0
         starts = np.flatnonzero(pos == 0)
         # every restart but the block's first follows an EOS: documents never share positions

@@ -6,7 +6,9 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from mixcpt.cli import main
-from mixcpt.rundir import ARMS, TRAINED_STAGES
+from mixcpt.rundir import TRAINED_STAGES
+
+ARMS = ("mixcpt", "baseline")  # what a config without `arms:` trains
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from mixcpt.config.arms import find_arm
 from mixcpt.errors import ConfigError
 from mixcpt.train import resumable, stage
 from mixcpt.train.stage import run_cpt
+from mixcpt.train.teachers import OnlineTeacher
 from mixcpt.train.trainer import LSSDTrainer
+
+from .conftest import DOMAIN, GENERAL
 
 
 def weights(folder):
@@ -56,9 +62,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninte
     cpt_run, monkeypatch
 ):
     make_config, run = cpt_run
-    cfg = make_config(teacher="online")
-    run_cpt(cfg, run, "baseline")  # the reference, uninterrupted: 4 steps
-    expected = weights(run.stage("baseline", "cpt"))
+    cfg = make_config(teacher="online", lssd_weight=0.0)  # plain CE: quick
+    run_cpt(cfg, run, "mixcpt")  # the reference, uninterrupted: 4 steps
+    expected = weights(run.stage("mixcpt", "cpt"))
 
     real_step = LSSDTrainer.training_step
     steps_run = []
@@ -72,18 +78,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninte
         steps_run.append(self.state.global_step)
         return real_step(self, *args, **kwargs)
 
-    shutil.rmtree(run.stage("baseline", "cpt"))
+    shutil.rmtree(run.stage("mixcpt", "cpt"))
     monkeypatch.setattr(LSSDTrainer, "training_step", crash_at_step_3)
     with pytest.raises(Interrupted):
-        run_cpt(cfg, run, "baseline")
-    assert not run.stage("baseline", "cpt").exists()
-    assert (run.work("baseline", "cpt") / "checkpoint-2").exists()
+        run_cpt(cfg, run, "mixcpt")
+    assert not run.stage("mixcpt", "cpt").exists()
+    assert (run.work("mixcpt", "cpt") / "checkpoint-2").exists()
 
     monkeypatch.setattr(LSSDTrainer, "training_step", count)
-    metrics = run_cpt(cfg, run, "baseline")
+    metrics = run_cpt(cfg, run, "mixcpt")
     assert steps_run == [2, 3]  # only the steps after the checkpoint
     assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
-    resumed = weights(run.stage("baseline", "cpt"))
+    resumed = weights(run.stage("mixcpt", "cpt"))
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=1e-5)
 
@@ -139,3 +145,83 @@ def test_both_loss_weights_zero_is_a_config_error(cpt_run):
     make_config, _ = cpt_run
     with pytest.raises(ConfigError, match="ce_weight and lssd_weight"):
         make_config(ce_weight=0, lssd_weight=0)
+
+
+def test_alpha_half_trains_the_loss_of_both_weights_half_and_the_baseline_stays_plain_ce(
+    cpt_run, tiny_model, tiny_tokenizer
+):
+    make_config, run = cpt_run
+    blocks = stage.training_blocks(run, "mixcpt")
+    batch = {k: torch.as_tensor(np.stack([blocks[i][k] for i in range(3)])) for k in blocks[0]}
+    teacher = OnlineTeacher(tiny_model, tiny_model.config.vocab_size)
+
+    def loss_of(cfg):
+        cpt = find_arm(cfg, "mixcpt").config.cpt
+        trainer = stage.cpt_trainer(
+            cfg, cpt, tiny_model, tiny_tokenizer, blocks, teacher, run.work("mixcpt", "cpt")
+        )
+        with torch.no_grad():
+            return trainer.compute_loss(tiny_model, batch).item()
+
+    alpha = loss_of(make_config(alpha=0.5))
+    assert alpha == loss_of(make_config(ce_weight=0.5, lssd_weight=0.5))
+    assert alpha != loss_of(make_config())  # the weights matter: 1 and 1 by default
+
+    baseline = find_arm(make_config(alpha=0.2), "baseline").config.cpt
+    assert (baseline.ce_weight, baseline.lssd_weight, baseline.alpha) == (1.0, 0.0, None)
+
+
+def test_both_arms_train_on_the_same_domain_tokens(cpt_run, tiny_tokenizer, monkeypatch):
+    """Mix-CPT's budget is 8 steps of 8 blocks: two passes over D_MIX's 32 blocks; the baseline
+    then makes two passes over D_K (fewer steps). The domain tokens of every D_MIX block Mix-CPT
+    trains on are, as a multiset, the tokens the baseline trains on."""
+    make_config, run = cpt_run
+    cfg = make_config(lssd_weight=0.0, training={"max_steps": 8, "per_device_batch_size": 8})
+    fed = []  # (arm, block indices) of every micro-batch
+    real_loss = LSSDTrainer.compute_loss
+
+    def record(self, model, inputs, *args, **kwargs):
+        fed.append((self.args.output_dir, inputs["block_index"].tolist()))
+        return real_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(LSSDTrainer, "compute_loss", record)
+    metrics = {arm: run_cpt(cfg, run, arm) for arm in ("mixcpt", "baseline")}
+
+    def trained_tokens(arm, keep):
+        """Counter of the token ids the arm's batches held at flat positions `keep` marks."""
+        blocks = stage.training_blocks(run, arm)
+        flat = np.asarray(blocks.input_ids).reshape(-1)
+        rows = [i for out, batch in fed if out == str(run.work(arm, "cpt")) for i in batch]
+        size = blocks.block_size
+        return Counter(
+            int(flat[p]) for i in rows for p in range(i * size, (i + 1) * size) if keep[p]
+        )
+
+    # D_MIX alternates domain and general documents (the fixture): mark the domain ones' tokens
+    lengths = [len(tiny_tokenizer(t).input_ids) + 1 for pair in zip(DOMAIN, GENERAL) for t in pair]
+    mix = stage.training_blocks(run, "mixcpt")
+    assert len(mix) == 32
+    is_domain = np.zeros(len(mix) * mix.block_size, dtype=bool)
+    is_domain[: sum(lengths)] = np.repeat(np.arange(len(lengths)) % 2 == 0, lengths)
+    domain = stage.training_blocks(run, "baseline")
+    is_real = np.arange(len(domain) * domain.block_size) < domain.n_tokens
+
+    from_mix, from_domain = trained_tokens("mixcpt", is_domain), trained_tokens("baseline", is_real)
+    assert from_mix == from_domain
+    assert sum(from_mix.values()) == 2 * domain.n_tokens
+    assert metrics["mixcpt"]["domain_tokens"] == metrics["baseline"]["domain_tokens"]
+    assert metrics["mixcpt"]["domain_tokens"] == 2 * domain.n_tokens
+    recorded = run.read_results()["data"]["domain_tokens_trained"]
+    assert recorded == {"mixcpt": 2 * domain.n_tokens, "baseline": 2 * domain.n_tokens}
+
+
+def test_with_max_steps_the_baseline_makes_as_many_passes_over_d_k(cpt_run):
+    make_config, run = cpt_run
+    # 32 blocks of D_MIX, 3 per step: 11 steps a pass (the last batch holds 2 blocks)
+    cfg = make_config(training={"max_steps": 22, "per_device_batch_size": 3})
+    matched = stage.domain_matched(find_arm(cfg, "baseline").config.cpt, run, processes=1)
+    assert (matched.training.max_steps, matched.training.num_epochs) == (-1, 2.0)
+    # two processes take 6 blocks a step: 6 steps a pass
+    matched = stage.domain_matched(find_arm(cfg, "baseline").config.cpt, run, processes=2)
+    assert matched.training.num_epochs == 22 / 6
+    assert matched.training.learning_rate == cfg.cpt.training.learning_rate

@@ -270,3 +270,45 @@ def test_the_loss_from_hidden_states_equals_ce_plus_lssd_on_full_logits_in_value
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_loss_of_a_two_document_block_leaves_out_the_first_documents_eos(tiny_model, tmp_path):
+    """CE and LSSD over a block of two packed documents equal the mean over the positions inside
+    each document, computed on each document alone: the EOS of the first is no target."""
+    V = tiny_model.config.vocab_size
+    g = np.random.default_rng(3)
+    a, b = [1, *g.integers(3, V, 6), 2], [1, *g.integers(3, V, 8), 2]  # 8 + 10 tokens
+    write_packed(
+        tmp_path / "two",
+        np.array([a + b]),
+        np.array([[*range(len(a)), *range(len(b))]]),
+        n_tokens=len(a) + len(b),
+        pad_token_id=0,
+        fingerprint="two",
+    )
+    blocks = IndexedBlocks(tmp_path / "two")
+    teacher = OnlineTeacher(tiny_model, V)
+    trainer = make_trainer(
+        tiny_model, blocks, tmp_path, ce_weight=0.5, lssd_weight=1.0, teacher=teacher
+    )
+    batch = {k: torch.as_tensor(v)[None] for k, v in blocks[0].items()}
+    with torch.no_grad():
+        loss = trainer.compute_loss(tiny_model, batch)
+
+        # by hand: each document alone, its position t predicting its token t + 1
+        nll, kl = [], []
+        for doc in (a, b):
+            ids = torch.tensor([doc])
+            logits = tiny_model(input_ids=ids).logits[0, :-1]  # [n - 1, V]
+            log_p = logits.log_softmax(-1)
+            nll += (-log_p.gather(-1, ids[0, 1:, None])).flatten().tolist()
+            # the swapped teacher (the same frozen model) as the LSSD target, per position
+            for t, y in enumerate(doc[1:]):
+                z = logits[t].clone()
+                m = int(z.argmax())
+                z[[y, m]] = z[[m, y]]
+                log_q = z.log_softmax(-1)
+                kl.append(float((log_q.exp() * (log_q - log_p[t])).sum()))
+    assert len(nll) == len(a) + len(b) - 2  # the block's 17 positions minus A's EOS
+    expected = 0.5 * np.mean(nll) + 1.0 * np.mean(kl)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)

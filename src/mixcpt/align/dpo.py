@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, Trainer
 from mixcpt.align.samples import alignment_inputs
 from mixcpt.align.sft import started_with
 from mixcpt.config import Config
+from mixcpt.config.arms import find_arm
 from mixcpt.fingerprints import begin
 from mixcpt.losses import dpo_loss
 from mixcpt.models import model_from
@@ -152,14 +153,16 @@ class DPOTrainer(Trainer):
 
 
 def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
-    """DPO of `arm` from its SFT model: "mixcpt" on the selected preference pairs, "baseline" on
-    the full pool. Saves `run.stage(arm, "dpo")`; returns the metrics recorded in results.json
+    """DPO of `arm` from its SFT model, with the arm's dpo settings, on its selected preference
+    pairs ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
+    `run.stage(arm, "dpo")`; returns the metrics recorded in results.json
     (those of the existing folder when it was built from the same inputs and not `force`)."""
     key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
     record = begin(cfg, run, f"dpo/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
     start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "sft", "preference")
+    cfg = find_arm(cfg, arm).config
     train_set = pair_features(rows, tokenizer, cfg.dpo.max_length, str(path))
 
     model, ref_model = model_from(cfg.model, start, trained=True), None

@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from mixcpt.align.samples import alignment_inputs
 from mixcpt.config import Config
+from mixcpt.config.arms import find_arm
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.fingerprints import begin
 from mixcpt.losses import next_token_labels
@@ -86,15 +87,16 @@ class SFTTrainer(Trainer):
 
 
 def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
-    """SFT of `arm`: "mixcpt" on the selected instructions from its stage-1 model, "baseline" on
-    the full pool from its CPT model. Saves `run.stage(arm, "sft")`; returns the metrics recorded
-    in results.json (those of the existing folder when it was built from the same inputs and not
-    `force`)."""
+    """SFT of `arm` from its stage-1 model, with the arm's sft settings, on its selected
+    instructions ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
+    `run.stage(arm, "sft")`; returns the metrics recorded in results.json (those of the existing
+    folder when it was built from the same inputs and not `force`)."""
     key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
     record = begin(cfg, run, f"sft/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
     start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "cpt", "instruction")
+    cfg = find_arm(cfg, arm).config
     train_set = sft_features(rows, tokenizer, cfg.sft.max_length, str(path))
 
     model = model_from(cfg.model, start, trained=True)
@@ -130,7 +132,8 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
 
 def started_with(cfg: Config, stage: str) -> dict:
     """What the checkpoints of alignment `stage` ("sft", "dpo") may only be resumed with
-    (`train_and_save`), besides the samples: its config section, the seed, the model settings."""
+    (`train_and_save`), besides the samples: its config section (`cfg`: the arm's config), the
+    seed, the model settings."""
     return {
         stage: getattr(cfg, stage).model_dump(mode="json"),
         "seed": cfg.seed,

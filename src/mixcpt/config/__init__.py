@@ -5,8 +5,8 @@ an unknown key, a wrong type or a value out of range is a `ConfigError` that nam
 Relative paths are resolved against the folder of the YAML file.
 
 One module per part of the run: `data` (model, sources, rendering), `training` (Trainer settings,
-stage 1), `alignment` (selection, SFT, DPO, the baseline arm), `evaluation`; this module holds the
-whole `Config` and reads it from YAML.
+stage 1), `alignment` (selection, SFT, DPO, the older `baseline:` switch), `arms` (the recipes
+trained side by side), `evaluation`; this module holds the whole `Config` and reads it from YAML.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mixcpt.config.alignment import BaselineConfig, DPOConfig, SelectConfig, SFTConfig
+from mixcpt.config.arms import ArmConfig, check_entries, resolve_arms
 from mixcpt.config.base import Strict
 from mixcpt.config.data import DataConfig, ModelConfig, SourceConfig, TemplateConfig
 from mixcpt.config.evaluation import BenchmarkConfig, EvalConfig
@@ -24,6 +26,7 @@ from mixcpt.config.training import CPTConfig, LoraSettings, TrainingConfig
 from mixcpt.errors import ConfigError
 
 __all__ = [
+    "ArmConfig",
     "BaselineConfig",
     "BenchmarkConfig",
     "CPTConfig",
@@ -50,14 +53,14 @@ class Config(Strict):
         description="Seed of the mixture's draw and order, D_K's order, random selection and "
         "TrainingArguments seed/data_seed. Changing it rebuilds the data.",
     )
-    model: ModelConfig = Field(description="The base model both arms start from.")
+    model: ModelConfig = Field(description="The base model every arm starts from.")
     data: DataConfig = Field(description="Sources, mixture and packing of the data stage.")
     cpt: CPTConfig = Field(
         default_factory=CPTConfig, description="Stage 1: continual pre-training."
     )
     select: SelectConfig = Field(
         default_factory=SelectConfig,
-        description="Stage 2a: choosing the mixcpt arm's samples from the general pool.",
+        description="Stage 2a: choosing the samples an arm aligns on from the general pool.",
     )
     sft: SFTConfig = Field(
         default_factory=SFTConfig, description="Stage 2b: supervised fine-tuning."
@@ -68,12 +71,47 @@ class Config(Strict):
     )
     baseline: BaselineConfig = Field(
         default_factory=BaselineConfig,
-        description="The traditional arm trained beside Mix-CPT for comparison.",
+        description="The older switch of the traditional arm (when `arms` is not given): whether "
+        "it is trained, and whether it runs DPO.",
+    )
+    arms: list[ArmConfig] | None = Field(
+        None,
+        description="The recipes trained side by side, each a name (built in: mixcpt, baseline, "
+        "mixture-ce, random-k, whole-pool) or a mapping {name, like, stream, align_on, run_dpo, "
+        "cpt, select, sft, dpo} (mixcpt.config.arms). Default: [mixcpt, baseline], or [mixcpt] "
+        "with baseline.enabled: false.",
     )
     eval: EvalConfig = Field(
         default_factory=EvalConfig,
         description="Benchmarks, lm-eval tasks and retention probe of the eval stage.",
     )
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _bare_names(cls, value):
+        """`- random-k` is short for `- {name: random-k}`."""
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _arms_resolve(self) -> Config:
+        """Every arm's overrides are valid over the top-level sections (errors name the arm)."""
+        if self.arms is not None:
+            listed = any(entry.name == "baseline" for entry in self.arms)
+            if "enabled" in self.baseline.model_fields_set and listed != self.baseline.enabled:
+                message = (
+                    f"{str(self.baseline.enabled).lower()}, but `arms` "
+                    f"{'lists' if listed else 'does not list'} the baseline; `arms` alone decides "
+                    "the arms trained (leave baseline.enabled out)"
+                )
+                error = InitErrorDetails(
+                    type=PydanticCustomError("arms", message), loc=("baseline", "enabled")
+                )
+                raise ValidationError.from_exception_data("Config", [error])
+            check_entries(self.arms)
+        resolve_arms(self)
+        return self
 
 
 def _resolve_paths(cfg: Config, root: Path) -> None:

@@ -1,4 +1,5 @@
-"""Stage 2, format alignment, and the traditional arm (`select:`, `sft:`, `dpo:`, `baseline:`)."""
+"""Stage 2, format alignment, and the traditional arm's older switches (`select:`, `sft:`, `dpo:`,
+`baseline:`)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,23 @@ class SelectConfig(Strict):
         description="Samples kept of the instruction pool and of the preference pool (each); "
         "more than a pool holds keeps all of it.",
     )
-    score: Literal["ppl", "fas"] = Field(
+    score: Literal["ppl", "fas", "fas_ratio"] = Field(
         "ppl",
-        description="ppl: exp(mean response NLL) under the plain stage-1 rendering; fas: mean "
-        "response NLL through the chat template / the same under the plain rendering. Lower is "
-        "easier; a preference pair is scored by its chosen response.",
+        description="ppl: exp(mean response NLL) under the plain stage-1 rendering. fas: the "
+        "format cost, mean NLL of the response's own tokens after the chat template's prompt "
+        "minus the same after the plain prompt, chosen among the samples the model already knows "
+        "(see fas_quantile). fas_ratio (an ablation; it favours long responses the model does "
+        "not know): mean response NLL through the chat template / the same under the plain "
+        "rendering. Lower is easier; a preference pair is scored by its chosen response.",
+    )
+    fas_quantile: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="With score fas: the share of the pool, by lowest plain response NLL (content "
+        "the model already knows), among which `easiest` keeps the k with the lowest format cost "
+        "(`hardest`: the share with the highest plain NLL, and the k highest costs); widened to "
+        "k samples when it holds fewer. 1 ranks the whole pool by format cost.",
     )
     strategy: Literal["easiest", "hardest", "random"] = Field(
         "easiest",
@@ -54,7 +67,8 @@ class SFTConfig(Strict):
         "mixcpt.chat_templates). Used by fas selection, SFT, DPO and chat-format evaluation.",
     )
     training: TrainingConfig = Field(
-        default_factory=TrainingConfig, description="Training settings of SFT, both arms."
+        default_factory=TrainingConfig,
+        description="Training settings of SFT, every arm's unless it overrides them.",
     )
 
     @field_validator("chat_template")
@@ -96,20 +110,22 @@ class DPOConfig(Strict):
     )
     training: DPOTraining = Field(
         default_factory=DPOTraining,
-        description="Training settings of DPO, both arms (DPO's defaults for the keys left out).",
+        description="Training settings of DPO, every arm's unless it overrides them (DPO's "
+        "defaults for the keys left out).",
     )
 
 
 class BaselineConfig(Strict):
-    """The traditional recipe, trained beside Mix-CPT for comparison."""
+    """The traditional recipe's older switches, from before `arms:` listed the arms."""
 
     enabled: bool = Field(
         True,
-        description="Also train the baseline arm: CPT on D_K with plain cross-entropy, then SFT "
-        "on the whole instruction pool (and DPO, see `dpo`). Off: only the mixcpt arm.",
+        description="When `arms` is not given: also train the baseline arm (CPT on D_K with plain "
+        "cross-entropy, then SFT on the whole instruction pool, and DPO, see `dpo`). Off: only "
+        "the mixcpt arm. With `arms`, list the baseline there or leave it out instead.",
     )
     dpo: bool = Field(
         True,
-        description="Also run DPO on the full preference pool after SFT (when data.preferences "
-        "is set).",
+        description="The baseline arm (and arms like it that do not set run_dpo) also runs DPO "
+        "on the full preference pool after SFT (when data.preferences is set).",
     )

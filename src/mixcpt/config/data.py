@@ -62,7 +62,7 @@ class SourceConfig(Strict):
         1.0,
         ge=0,
         description="Share of *tokens* this source gets in D_MIX, normalised over the sources of "
-        "all three groups; 0 leaves it out of D_MIX (a domain source still goes whole into D_K).",
+        "all three groups; 0 leaves it out of D_MIX (and so, for a domain source, out of D_K).",
     )
     text_field: str = Field(
         "text",
@@ -110,8 +110,9 @@ class TemplateConfig(Strict):
 
 class DataConfig(Strict):
     domain: list[SourceConfig] = Field(
-        description="Domain corpora (memorisation): drawn by weight into D_MIX and, every "
-        "document once, into D_K, the baseline arm's stage-1 stream. At least one is required."
+        description="Domain corpora (memorisation): drawn by weight into D_MIX; the domain "
+        "documents drawn (in D_MIX's order, repeats included) also make D_K, the baseline arm's "
+        "stage-1 stream, so both arms train on the same domain tokens. At least one is required."
     )
     instructions: list[SourceConfig] = Field(
         default_factory=list,

@@ -45,7 +45,7 @@ class BenchmarkConfig(Strict):
 class EvalConfig(Strict):
     benchmarks: list[BenchmarkConfig] = Field(
         default_factory=list,
-        description="JSONL benchmarks scored on the base model and every stage of both arms.",
+        description="JSONL benchmarks scored on the base model and every stage of every arm.",
     )
     lm_eval_tasks: list[str] = Field(
         default_factory=list,

@@ -265,18 +265,33 @@ class LoraSettings(Strict):
 
 
 class CPTConfig(Strict):
-    """Stage 1: knowledge-mixture continual pre-training, loss = ce_weight*CE + lssd_weight*LSSD."""
+    """Stage 1: knowledge-mixture continual pre-training, loss = ce_weight*CE + lssd_weight*LSSD.
+
+    `alpha` is the paper's parameterisation of the same loss, alpha*NTP + (1 - alpha)*LSSD: when
+    given, it sets the two weights (so the rest of mixcpt only ever reads them), and giving it
+    with either weight is an error."""
 
     ce_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of next-token cross-entropy (the baseline arm always uses 1).",
+        description="Weight of next-token cross-entropy (the baseline and mixture-ce arms use 1). "
+        "Exclusive with alpha.",
     )
     lssd_weight: float = Field(
         1.0,
         ge=0,
         description="Weight of logit swap self-distillation (0: plain CPT, no teacher; the "
-        "baseline arm always uses 0).",
+        "baseline and mixture-ce arms use 0). Exclusive with alpha.",
+    )
+    alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="The paper's form of the loss, alpha*NTP + (1 - alpha)*LSSD (its value is not "
+        "public): sets ce_weight = alpha and lssd_weight = 1 - alpha, so alpha 0.5 trains as "
+        "ce_weight = lssd_weight = 0.5 and alpha 1 is plain CPT with no teacher. Exclusive with "
+        "ce_weight and lssd_weight (a weight given beside it must be the one it sets); unset (the "
+        "default) uses those two. The baseline and mixture-ce arms ignore it (plain CE).",
     )
     temperature: float = Field(
         1.0,
@@ -319,13 +334,31 @@ class CPTConfig(Strict):
     )
     lora: LoraSettings = Field(
         default_factory=LoraSettings,
-        description="Used when teacher is lora: stage 1 of both arms then trains these adapters "
+        description="Used when teacher is lora: stage 1 of every arm then trains these adapters "
         "instead of the full model and merges them into the weights when saving.",
     )
     training: TrainingConfig = Field(
         default_factory=TrainingConfig,
-        description="Training settings of stage 1, shared by both arms.",
+        description="Training settings of stage 1, every arm's unless it overrides them.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_sets_the_weights(cls, data: Any) -> Any:
+        alpha = data.get("alpha") if isinstance(data, dict) else None
+        if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):  # else the field says why
+            return data
+        implied = {"ce_weight": alpha, "lssd_weight": 1 - alpha}
+        # A weight beside alpha is refused unless it is the one alpha sets, so that a dumped config
+        # (which lists all three) loads back.
+        clashing = [k for k, v in implied.items() if k in data and data[k] != v]
+        if clashing:
+            raise ValueError(
+                f"alpha and {' and '.join(clashing)} are exclusive: give alpha (the paper's "
+                "alpha*NTP + (1 - alpha)*LSSD, which sets ce_weight = alpha and lssd_weight = "
+                "1 - alpha) or the two weights, not both"
+            )
+        return {**data, **implied}
 
     @model_validator(mode="after")
     def _some_loss(self) -> CPTConfig:

@@ -5,6 +5,11 @@ A packed stream folder holds
     position_ids.npy  int32 [n_blocks, block_size]  restart at 0 at every document start
     meta.json         {"n_blocks", "block_size", "n_tokens", "pad_token_id", "fingerprint"}
 Only the tail of the last block is padding (flat index >= n_tokens); its labels are -100.
+The first token of every document is not a target either (its label is -100, `PackedBlocks`):
+otherwise the previous document's EOS would be trained to predict it, a pairing that only the
+packing order made. Every loss of every packed stream (CE and LSSD, online or cached teacher)
+reads these labels, so none trains that prediction; the teacher cache stores every position and
+simply goes unused at these.
 Position ids that restart per document, with no attention mask and no KV cache, make transformers
 build a block-diagonal causal mask (masking_utils.find_packed_sequence_indices), so tokens do not
 attend across document boundaries in models that support it (Llama, Qwen, Mistral, ...); the
@@ -30,7 +35,12 @@ IGNORE_INDEX = -100
 
 class PackedBlocks(Dataset):
     """Memory-mapped blocks of a packed stream: items are dicts of input_ids, position_ids,
-    labels."""
+    labels [block_size] int64.
+
+    labels are the input ids (unshifted: the trainer shifts them), IGNORE_INDEX on padding and
+    wherever the position id is 0: a document's first token, which the previous document's EOS
+    must not learn to predict (at a block's first position a 0 changes nothing, as no position
+    of the block predicts that token)."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -45,15 +55,12 @@ class PackedBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.array(self.input_ids[i], dtype=np.int64))
-        labels = ids.clone()
+        positions = torch.from_numpy(np.array(self.position_ids[i], dtype=np.int64))
+        labels = ids.masked_fill(positions == 0, IGNORE_INDEX)
         n_real = self.n_tokens - i * self.block_size  # > block_size except in the last block
         if n_real < self.block_size:
             labels[max(n_real, 0) :] = IGNORE_INDEX
-        return {
-            "input_ids": ids,
-            "position_ids": torch.from_numpy(np.array(self.position_ids[i], dtype=np.int64)),
-            "labels": labels,
-        }
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
 class IndexedBlocks(PackedBlocks):

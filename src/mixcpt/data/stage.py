@@ -6,13 +6,14 @@
             the tokens of each source to a flat int32 file; keep only document lengths in memory
     plan    choose the documents of the mixture by token shares (mixture.py)
     pass 2  copy the chosen documents, EOS-terminated, into fixed-length blocks (packing.py):
-            D_MIX with the statistics of each source, then D_K
+            D_MIX with the statistics of each source, then D_K (D_MIX's domain documents)
     pool    keep the general samples that were drawn into D_MIX
     stats   write data_stats.json and the fingerprint record of the inputs
 
 Outputs, all under `DIR/data/` (built in a temporary folder and renamed at the end):
     mix/      D_MIX, the stage-1 stream of the Mix-CPT arm
-    domain/   D_K alone, every domain document once, for the traditional arm
+    domain/   D_K, the traditional arm's stream: the domain documents of D_MIX, in its order and
+              with its repetitions (the same domain tokens per pass)
     pool/     instructions.jsonl, preferences.jsonl: the general samples mixed into D_MIX,
               for selection and alignment (stage 2)
     data_stats.json, fingerprint.json
@@ -148,7 +149,9 @@ def run_data(cfg: Config, run: RunDir, force: bool = False) -> dict:
         tokenize_s = time.perf_counter() - t0
         plan = _plan(cfg, sources)
         mix = _pack_mix(plan, sources, cfg, tokenizer.pad_token_id, tmp / "mix", fingerprint)
-        domain = _pack_domain(sources, cfg, tokenizer.pad_token_id, tmp / "domain", fingerprint)
+        domain = _pack_domain(
+            plan, sources, cfg, tokenizer.pad_token_id, tmp / "domain", fingerprint
+        )
         pool = _write_pool(plan, sources, tmp / "pool")
         shutil.rmtree(tmp / "_tokens")
         stats = {
@@ -241,23 +244,20 @@ def _source_stats(plan: MixturePlan, sources: list[TokenizedSource]) -> dict:
 
 
 def _pack_domain(
-    sources: list[TokenizedSource], cfg: Config, pad_id: int, folder: Path, fingerprint: str
+    plan: MixturePlan,
+    sources: list[TokenizedSource],
+    cfg: Config,
+    pad_id: int,
+    folder: Path,
+    fingerprint: str,
 ) -> dict:
-    """Pass 2 for D_K, the traditional arm's stream, into `folder`: every domain document once,
-    in an order shuffled with the run's seed. Returns `pack_documents`'s statistics."""
-    domain_ids = [i for i, s in enumerate(sources) if s.group == "domain"]
-    order = np.concatenate(
-        [
-            np.stack(
-                [np.full(len(sources[i].lengths), i), np.arange(len(sources[i].lengths))],
-                axis=1,
-            )
-            for i in domain_ids
-        ]
-    )
-    order = order[np.random.default_rng(cfg.seed).permutation(len(order))]
+    """Pass 2 for D_K, the traditional arm's stream, into `folder`: exactly the domain documents
+    drawn into D_MIX, in D_MIX's order and with its repetitions (oversampling), so that a pass over
+    D_K trains on the same domain tokens as a pass over D_MIX (`mixcpt.train.stage` gives the
+    baseline as many passes as Mix-CPT). Returns `pack_documents`'s statistics."""
+    domain = np.isin(plan.order[:, 0], [i for i, s in enumerate(sources) if s.group == "domain"])
     return pack_documents(
-        order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K"
+        plan.order[domain], sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K"
     )
 
 

@@ -44,7 +44,7 @@ def demo_config(run: RunDir, quick: bool, seed: int) -> dict:
 
 
 def run_demo(run: RunDir, quick: bool = False, seed: int = 0) -> None:
-    """World -> base model -> data, stage 1, selection, SFT, DPO (both arms) -> eval -> report.
+    """World -> base model -> data, stage 1, selection, SFT, DPO (every arm) -> eval -> report.
 
     Every step is cached in the run folder, so a rerun (or a rerun after an interruption)
     continues where it stopped. Prints the results table at the end.

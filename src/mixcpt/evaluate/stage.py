@@ -3,7 +3,9 @@ configured benchmark and lm-eval task, plus retention against the base model.
 
 Writes results["eval"]["rows"] (one row per arm and stage) and results["eval"]["benchmarks"]
 (kind, tag and main metric of each column). A stage whose folder does not exist, or that this
-config does not train, is a row with status "missing", so a partial run still gets a table.
+config does not train, is a row with status "missing", so a partial run still gets a table. An
+arm that shares another arm's stage-1 model gets that model's scores in its cpt row, marked
+`shared_with`, without evaluating it twice.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from mixcpt.evaluate.scoring import (
 )
 from mixcpt.fingerprints import begin, nodes
 from mixcpt.models import load_tokenizer, model_from
+from mixcpt.pipeline import arms, stage1_owner
 from mixcpt.processes import process_state
-from mixcpt.rundir import ARMS, TRAINED_STAGES, RunDir, base_model_path
+from mixcpt.rundir import TRAINED_STAGES, RunDir, base_model_path
 
 # lm-eval tasks report many metrics; the first of these present is the one tables show
 LM_EVAL_MAIN = ("acc_norm", "acc", "exact_match", "pass@1", "f1")
@@ -115,13 +118,14 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
 
 
 def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
-    """Evaluate the base model and every stage folder of both arms; write and return
+    """Evaluate the base model and every stage folder of every arm; write and return
     {"rows": [...], "benchmarks": {...}} (also stored as results["eval"]). The table recorded
     is returned as it is when it was computed from the same inputs (models, benchmarks, settings;
     mixcpt.fingerprints), unless `force`.
 
     Each row: {arm, stage, status ("ok" | "missing"), model (folder), scores {bench: {metric: v}},
-    retention {kl_to_base, delta {general bench: main score - base's}}}.
+    retention {kl_to_base, delta {general bench: main score - base's}}}, plus shared_with (the
+    arm whose stage-1 model it is) in the cpt row of an arm that shares one.
     Raises `InputError` for a malformed benchmark file before any model is loaded.
     """
     benchmarks = [(b, load_benchmark(b)) for b in cfg.eval.benchmarks]
@@ -156,9 +160,11 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
             "retention": retention(base_scores, 0.0 if probe else None),
         }
     ]
-    for arm in ARMS:
+    evaluated: dict[str, tuple[dict, dict]] = {}  # node -> (scores, retention): once per model
+    for arm in [a.name for a in arms(cfg)]:
         for stage in TRAINED_STAGES:
-            folder = run.stage(arm, stage)
+            owner = stage1_owner(cfg, arm) if stage == "cpt" else arm
+            folder, node = run.stage(owner, stage), f"{stage}/{owner}"
             row = {
                 "arm": arm,
                 "stage": stage,
@@ -167,7 +173,9 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                 "scores": {},
                 "retention": {},
             }
-            if folder.is_dir() and f"{stage}/{arm}" in trained:
+            if owner != arm:
+                row["shared_with"] = owner
+            if node not in evaluated and folder.is_dir() and node in trained:
                 model, tokenizer = _load(cfg, str(folder), str(folder))
                 scores = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
                 kl = (
@@ -177,8 +185,10 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                     if probe
                     else None
                 )
-                row.update(status="ok", scores=scores, retention=retention(scores, kl))
+                evaluated[node] = scores, retention(scores, kl)
                 del model  # one stage model in memory at a time, beside the base
+            if node in evaluated:
+                row.update(status="ok", scores=evaluated[node][0], retention=evaluated[node][1])
             rows.append(row)
     run.update_results("eval", "rows", rows)
     run.update_results("eval", "benchmarks", info)

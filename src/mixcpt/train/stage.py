@@ -1,11 +1,18 @@
 """The `cpt` stage: continual pre-training of one arm, resumable, written as a standard HF folder.
 
-arm "mixcpt":   D_MIX (data/mix) with cfg.cpt's losses and teacher
-arm "baseline": D_K (data/domain) with plain cross-entropy, same training settings and steps
+Each arm trains on its stream (`mix`: D_MIX in data/mix; `domain`: D_K in data/domain) with its
+own cpt section (mixcpt.config.arms): "mixcpt" with cfg.cpt's losses and teacher, "baseline" with
+plain cross-entropy on D_K and the same training settings. An arm on D_K makes as many passes
+over it as the same settings make over D_MIX (`domain_matched`), so both streams train on the
+same domain tokens: D_K is D_MIX's domain documents in D_MIX's order (mixcpt.data.stage), so a
+pass over either holds them once each. The number is recorded as `domain_tokens` in each arm's
+metrics and under data/domain_tokens_trained in results.json.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,12 +20,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from mixcpt.config import Config, CPTConfig, LoraSettings
+from mixcpt.config import Config, CPTConfig, LoraSettings, TrainingConfig
+from mixcpt.config.arms import find_arm, resolve_arms
 from mixcpt.data.packing import IndexedBlocks, PackedBlocks
 from mixcpt.errors import ConfigError, InputError
 from mixcpt.fingerprints import begin
 from mixcpt.models import DTYPES, load_tokenizer, model_from, vocab_size
-from mixcpt.pipeline import arm_cpt_config
 from mixcpt.processes import process_state
 from mixcpt.rundir import RunDir, base_model_path
 from mixcpt.train.arguments import training_arguments
@@ -29,19 +36,26 @@ from mixcpt.train.trainer import LSSDTrainer, shards_parameters
 
 
 def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
-    """Train stage 1 of `arm` ("mixcpt" or "baseline") and save `run.stage(arm, "cpt")`.
+    """Train stage 1 of `arm` (one of the config's arms) and save `run.stage(arm, "cpt")`.
 
     Resumes from the last checkpoint in `run.work(arm, "cpt")`; skips (returning the recorded
     metrics) when the final folder was built from the same inputs, unless `force`. With
-    `cpt.teacher: lora` both arms train LoRA adapters, merged into the weights before saving.
+    `cpt.teacher: lora` every arm trains LoRA adapters, merged into the weights before saving.
     Returns the metrics also written to results.json under stages/<arm>/cpt.
     """
     key, final, work = f"{arm}/cpt", run.stage(arm, "cpt"), run.work(arm, "cpt")
     record = begin(cfg, run, f"cpt/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
-    cpt = arm_cpt_config(cfg, arm)
-    blocks = training_blocks(run, arm)
+    this = find_arm(cfg, arm)
+    cpt = this.config.cpt
+    blocks = training_blocks(run, this.stream)
+    processes = process_state().num_processes
+    if this.stream == "domain":
+        cpt = domain_matched(cpt, run, processes)
+    passes = passes_over(cpt.training, len(blocks), processes)
+    per_pass = domain_tokens_per_pass(run)
+    domain_tokens = None if per_pass is None else round(passes * per_pass)
     model, tokenizer = load_student(cfg, run, cpt)
     teacher = (
         load_teacher(cpt, model, blocks, run, cfg.model.dtype) if cpt.lssd_weight > 0 else None
@@ -54,6 +68,8 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "runtime_s": output.metrics["train_runtime"],
             "steps": trainer.state.global_step,
             "tokens": trained_tokens(trainer, blocks.block_size),
+            "passes": passes,
+            "domain_tokens": domain_tokens,
             "ce_weight": cpt.ce_weight,
             "lssd_weight": cpt.lssd_weight,
             "teacher": cpt.teacher if teacher is not None else None,
@@ -65,6 +81,9 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
 
     merge_lora = cpt.teacher == "lora"
     started = started_with(cfg, cpt, blocks, teacher)
+    if trainer.is_world_process_zero():  # beside the mixture's shares, one entry per arm
+        trained = run.read_results().get("data", {}).get("domain_tokens_trained", {})
+        run.update_results("data", "domain_tokens_trained", {**trained, arm: domain_tokens})
     return train_and_save(
         trainer,
         tokenizer,
@@ -84,14 +103,21 @@ def run_cache(cfg: Config, run: RunDir, force: bool = False) -> dict:
     """`mixcpt cache`: build the `cache` teacher's files for D_MIX on their own (stage 1 builds
     them too, when missing), e.g. under a launch of their own before training's. Every process
     of a launch builds its share; an interrupted build resumes; `force` rebuilds from scratch.
-    Returns {"blocks", "bytes_per_token"}, or {} when stage 1 uses no cache."""
-    cpt = arm_cpt_config(cfg, "mixcpt")
-    if cpt.teacher != "cache" or cpt.lssd_weight == 0:
-        if process_state().is_main_process:
-            print("mixcpt: cache: nothing to build (stage 1 uses no cache: cpt.teacher)")
-        return {}
-    blocks = training_blocks(run, "mixcpt")
+    Returns {"blocks", "bytes_per_token"}, or {} when no arm's stage 1 uses the cache."""
+    users = [
+        arm
+        for arm in resolve_arms(cfg)
+        if arm.stream == "mix"
+        and arm.config.cpt.teacher == "cache"
+        and arm.config.cpt.lssd_weight > 0
+    ]
     state = process_state()
+    if not users:
+        if state.is_main_process:
+            print("mixcpt: cache: nothing to build (no arm's stage 1 uses cpt.teacher: cache)")
+        return {}
+    cpt = users[0].config.cpt  # the run has one cache: the first such arm's
+    blocks = training_blocks(run, "mix")
     if force and state.is_main_process:
         shutil.rmtree(run.root / "teacher_cache", ignore_errors=True)
     state.wait_for_everyone()
@@ -116,12 +142,45 @@ def started_with(
     }
 
 
-def training_blocks(run: RunDir, arm: str) -> IndexedBlocks:
-    """The packed stream `arm` trains on: D_MIX for Mix-CPT, D_K for the baseline."""
-    stream = run.data / ("mix" if arm == "mixcpt" else "domain")
+def training_blocks(run: RunDir, stream_name: str) -> IndexedBlocks:
+    """The packed stream an arm trains on: "mix" (D_MIX) or "domain" (D_K)."""
+    stream = run.data / stream_name
     if not (stream / "meta.json").is_file():
         raise InputError(stream, None, "packed training data missing; run the `data` stage first")
-    return IndexedBlocks(stream)
+    blocks = IndexedBlocks(stream)
+    if blocks.n_tokens == 0:
+        raise InputError(
+            stream, None, "holds no tokens: the domain sources have weight 0, so D_MIX drew none"
+        )
+    return blocks
+
+
+def passes_over(training: TrainingConfig, n_blocks: int, processes: int) -> float:
+    """Passes over a stream of `n_blocks` blocks that stage 1 makes with `training` on `processes`
+    processes: num_epochs, or max_steps over the optimizer steps of one pass (as the Trainer counts
+    them: batches per process, a short last one included, over gradient accumulation)."""
+    if training.max_steps == -1:
+        return training.num_epochs
+    batches = math.ceil(n_blocks / (training.per_device_batch_size * processes))
+    return training.max_steps / math.ceil(batches / training.gradient_accumulation_steps)
+
+
+def domain_matched(cpt: CPTConfig, run: RunDir, processes: int) -> CPTConfig:
+    """`cpt` with its budget set to as many passes over D_K as Mix-CPT's stage 1 (the same
+    cpt.training) makes over D_MIX: max_steps -1 and num_epochs those passes. A pass over D_K holds
+    exactly the domain tokens of a pass over D_MIX, so both arms train on the same domain tokens:
+    exactly when Mix-CPT trains whole passes (num_epochs, or max_steps a multiple of its steps
+    per pass), else up to the blocks each arm's Trainer samples for its last, partial pass."""
+    passes = passes_over(cpt.training, len(IndexedBlocks(run.data / "mix")), processes)
+    training = cpt.training.model_copy(update={"max_steps": -1, "num_epochs": passes})
+    return cpt.model_copy(update={"training": training})
+
+
+def domain_tokens_per_pass(run: RunDir) -> int | None:
+    """The domain tokens of one pass over D_MIX, which are those of one pass over D_K; None when
+    the run folder has no D_K (a D_MIX packed by other means than the data stage)."""
+    meta = run.data / "domain" / "meta.json"
+    return json.loads(meta.read_text())["n_tokens"] if meta.is_file() else None
 
 
 def load_student(

@@ -1,0 +1,226 @@
+"""The arms of a run (`arms:`): the recipes trained side by side from the same base and data and
+evaluated in one table.
+
+An arm is a name plus what makes it differ from the run's top-level sections: the stream stage 1
+trains on (`stream`), what stage 2 aligns on (`align_on`), whether DPO follows SFT (`run_dpo`),
+and partial `cpt:`, `select:`, `sft:`, `dpo:` mappings merged over the top-level sections of the
+same names and validated by the same models. Five arms are built in (`BUILTIN_ARMS`); a new name
+says which of them it is `like:` and overrides what differs. Without `arms:` a run trains
+[mixcpt, baseline], or [mixcpt] alone with the older `baseline: {enabled: false}`.
+
+`resolve_arms` turns the entries into `Arm`s, each holding the run's config with the arm's
+sections in place (`Arm.config`), which is what the stages of that arm read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from mixcpt.config.base import Strict
+
+if TYPE_CHECKING:
+    from mixcpt.config import Config
+
+# The config sections an arm may override, in the order the stages read them.
+ARM_SECTIONS = ("cpt", "select", "sft", "dpo")
+# Names an arm cannot take: they are other entries of the run folder (DIR/<arm>/ holds an arm's
+# models) or the eval table's row of the base model.
+RESERVED_NAMES = ("base", "data", "logs", "teacher_cache", "world")
+
+
+@dataclass(frozen=True)
+class BuiltinArm:
+    """A built-in arm's settings before any user override."""
+
+    stream: Literal["mix", "domain"]
+    align_on: Literal["selection", "pool"]
+    overrides: dict[str, dict] = field(default_factory=dict)  # section -> partial mapping
+
+
+# alpha None: a user alpha would otherwise contradict these weights
+PLAIN_CE = {"ce_weight": 1.0, "lssd_weight": 0.0, "alpha": None}
+
+BUILTIN_ARMS: dict[str, BuiltinArm] = {
+    # Mix-CPT: D_MIX with the cpt section's loss (CE + LSSD), then SFT and DPO on the k samples
+    # `select` keeps
+    "mixcpt": BuiltinArm("mix", "selection"),
+    # the traditional recipe: plain CE on D_K (no teacher), then SFT and DPO on the whole pool
+    # (DPO as baseline.dpo says)
+    "baseline": BuiltinArm("domain", "pool", {"cpt": PLAIN_CE}),
+    # the LSSD-off ablation: D_MIX with plain CE (no teacher), then Mix-CPT's stage 2
+    "mixture-ce": BuiltinArm("mix", "selection", {"cpt": PLAIN_CE}),
+    # Mix-CPT with k samples drawn at random (seeded by `seed`) instead of the easiest
+    "random-k": BuiltinArm("mix", "selection", {"select": {"strategy": "random"}}),
+    # Mix-CPT's stage 1, then SFT and DPO on the whole pool: no selection
+    "whole-pool": BuiltinArm("mix", "pool"),
+}
+# what `like` accepts: the names above (a new built-in needs no second list)
+BuiltinName = Literal[tuple(BUILTIN_ARMS)]
+
+
+class ArmConfig(Strict):
+    """One entry of `arms:`; a bare name (`- random-k`) is the same as `{name: random-k}`."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The arm's name: its folder DIR/<name>/ and its rows in the results. A "
+        f"built-in ({', '.join(BUILTIN_ARMS)}) or a new name with `like`.",
+    )
+    like: BuiltinName | None = Field(
+        None,
+        description="For a new name: the built-in arm it starts from, before its own overrides. "
+        "Not given for a built-in name.",
+    )
+    stream: Literal["mix", "domain"] | None = Field(
+        None,
+        description="What stage 1 trains on: mix (D_MIX, the domain corpus mixed with the general "
+        "samples) or domain (D_K, the domain corpus alone). Default: the built-in's.",
+    )
+    align_on: Literal["selection", "pool"] | None = Field(
+        None,
+        description="What SFT and DPO train on: selection (the k samples `select` keeps, scored "
+        "with this arm's stage-1 model) or pool (every general sample). Default: the built-in's.",
+    )
+    run_dpo: bool | None = Field(
+        None,
+        description="Run DPO after SFT (when data.preferences is set). Default: true, but "
+        "baseline.dpo for the baseline and arms like it.",
+    )
+    cpt: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the top-level `cpt:` that differ for this arm (e.g. {lssd_weight: "
+        "0}, {training: {max_steps: 200}}), merged over it and validated the same way.",
+    )
+    select: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the top-level `select:` that differ for this arm (e.g. {k: 50}).",
+    )
+    sft: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the top-level `sft:` that differ for this arm.",
+    )
+    dpo: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the top-level `dpo:` that differ for this arm.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is taken by the run folder; use another name")
+        return name
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A resolved arm: its name, the built-in it is (or is like), its stage-1 stream, what stage 2
+    aligns on, whether it runs DPO, and the run's config with its own sections in place."""
+
+    name: str
+    like: str
+    stream: str
+    align_on: str
+    run_dpo: bool
+    config: Config
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`base` with `override`'s keys set; mappings present in both are merged the same way."""
+    out = dict(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def arm_entries(cfg: Config) -> list[ArmConfig]:
+    """The configured arms, or the default: [mixcpt, baseline], or [mixcpt] alone when
+    `baseline.enabled` is false."""
+    if cfg.arms is not None:
+        return cfg.arms
+    names = ["mixcpt", "baseline"] if cfg.baseline.enabled else ["mixcpt"]
+    return [ArmConfig(name=name) for name in names]
+
+
+def _error(loc: tuple, message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("arm", message), loc=loc, input=value)
+
+
+def resolve_arm(cfg: Config, entry: ArmConfig) -> Arm:
+    """`entry` with its built-in's settings and the top-level sections filled in. Raises a
+    ValidationError whose keys start with arms.<name>. for an override its section refuses."""
+    builtin_name = entry.like or entry.name
+    builtin = BUILTIN_ARMS[builtin_name]
+    sections, errors = {}, []
+    for section in ARM_SECTIONS:
+        top = getattr(cfg, section)
+        override = merged(builtin.overrides.get(section, {}), getattr(entry, section))
+        if not override:
+            sections[section] = top
+            continue
+        # over the keys the user set, so that defaults stay defaults (DPO's own learning rate)
+        try:
+            sections[section] = type(top).model_validate(
+                merged(top.model_dump(exclude_unset=True), override)
+            )
+        except ValidationError as err:
+            for e in err.errors():
+                message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+                message = message.removeprefix("Value error, ")
+                errors.append(_error(("arms", entry.name, section, *e["loc"]), message, e["input"]))
+    if errors:
+        raise ValidationError.from_exception_data("Config", errors)
+    run_dpo = entry.run_dpo
+    if run_dpo is None:
+        run_dpo = cfg.baseline.dpo if builtin_name == "baseline" else True
+    return Arm(
+        name=entry.name,
+        like=builtin_name,
+        stream=entry.stream or builtin.stream,
+        align_on=entry.align_on or builtin.align_on,
+        run_dpo=run_dpo,
+        config=cfg.model_copy(update=sections),
+    )
+
+
+def check_entries(entries: list[ArmConfig]) -> None:
+    """Names are unique; a new name says what it is like, a built-in one does not. Raises a
+    ValidationError naming the arm."""
+    errors, seen = [], set()
+    for i, entry in enumerate(entries):
+        if entry.name in seen:
+            message = f"{entry.name!r} is listed twice"
+            errors.append(_error(("arms", i, "name"), message, entry.name))
+        seen.add(entry.name)
+        if entry.name in BUILTIN_ARMS and entry.like is not None:
+            message = f"{entry.name!r} is a built-in arm; `like` is for a new name"
+            errors.append(_error(("arms", entry.name, "like"), message, entry.like))
+        if entry.name not in BUILTIN_ARMS and entry.like is None:
+            message = (
+                f"{entry.name!r} is not a built-in arm ({', '.join(BUILTIN_ARMS)}); a new arm "
+                "says which one it is like: {name: ..., like: mixcpt, ...}"
+            )
+            errors.append(_error(("arms", entry.name, "like"), message, None))
+    if errors:
+        raise ValidationError.from_exception_data("Config", errors)
+
+
+def resolve_arms(cfg: Config) -> list[Arm]:
+    """Every arm of the run, in the configured order."""
+    return [resolve_arm(cfg, entry) for entry in arm_entries(cfg)]
+
+
+def find_arm(cfg: Config, name: str) -> Arm:
+    """The arm called `name`; a ConfigError naming the configured arms when there is none."""
+    from mixcpt.errors import ConfigError
+
+    for entry in arm_entries(cfg):
+        if entry.name == name:
+            return resolve_arm(cfg, entry)
+    names = ", ".join(entry.name for entry in arm_entries(cfg))
+    raise ConfigError(f"arm {name!r}: this config trains no such arm (its arms: {names})")
