@@ -64,3 +64,84 @@ def tiny_model_dir(tmp_path, tiny_tokenizer, tiny_model):
     tiny_model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+def _ones(fraction: float, n: int) -> list[int]:
+    """n per-item 0/1 scores whose mean is `fraction` (rounded to a whole item)."""
+    k = round(fraction * n)
+    return [1] * k + [0] * (n - k)
+
+
+def _fake_row(arm: str, stage: str, cell: dict, base: dict, n: int) -> dict:
+    dom, gen, kl = cell["domain"], cell["general"], cell.get("kl", 0.0)
+    items = {
+        "scores": {
+            "dom": _ones(dom, n),
+            "gen": _ones(gen, n),
+            "ppl": {"sum": [1.5] * n, "count": [1] * n},
+        },
+        "chat_scores": {},
+        "kl_to_base": {"sum": [kl * 10] * n, "count": [10] * n},
+    }
+    chat = {}
+    if stage in ("sft", "dpo"):
+        c_dom, c_gen = cell.get("chat_domain", dom), cell.get("chat_general", gen)
+        items["chat_scores"] = {"dom": _ones(c_dom, n), "gen": _ones(c_gen, n)}
+        chat = {"dom": {"acc_norm": c_dom}, "gen": {"exact_match": c_gen}}
+    return {
+        "arm": arm,
+        "stage": stage,
+        "status": "ok",
+        "model": f"/run/{arm}/{stage}",
+        "scores": {
+            "dom": {"acc": dom, "acc_norm": dom},
+            "gen": {"exact_match": gen, "contains": gen},
+            "ppl": {"perplexity": 3.0, "bits_per_byte": 1.5},
+        },
+        "chat_scores": chat,
+        "retention": {"kl_to_base": kl, "delta": {"gen": gen - base["general"], "ppl": 0.0}},
+        "items": items,
+    }
+
+
+FAKE_BENCHMARKS = {
+    "dom": {
+        "kind": "multiple_choice",
+        "tag": "domain",
+        "main_metric": "acc_norm",
+        "higher_is_better": True,
+        "format": "plain",
+        "chat_when_aligned": True,
+    },
+    "gen": {
+        "kind": "generation",
+        "tag": "general",
+        "main_metric": "exact_match",
+        "higher_is_better": True,
+        "format": "plain",
+        "chat_when_aligned": True,
+    },
+    "ppl": {
+        "kind": "perplexity",
+        "tag": "general",
+        "main_metric": "bits_per_byte",
+        "higher_is_better": False,
+        "format": None,
+        "chat_when_aligned": False,
+    },
+}
+
+
+@pytest.fixture
+def fake_eval_table():
+    """A builder of results["eval"] as the eval stage writes it, with per-item scores:
+    {(arm, stage): {"domain": p, "general": q, "kl": k, "chat_domain": ..., "chat_general": ...}}
+    -> {"rows", "benchmarks"}; the ("base", "base") cell is required; every score is a fraction of
+    `n` items (the first ones right)."""
+
+    def build(cells: dict, n: int = 40) -> dict:
+        base = cells[("base", "base")]
+        rows = [_fake_row(arm, stage, cell, base, n) for (arm, stage), cell in cells.items()]
+        return {"rows": rows, "benchmarks": FAKE_BENCHMARKS}
+
+    return build

@@ -236,3 +236,49 @@ def test_report_lists_any_number_of_arms_with_their_stage_one_and_budgets(tmp_pa
     assert "| the whole pool |  | no DPO |" in md
     assert "| late | cpt (= mixcpt) | 0.7 |" in md
     assert html_path.read_text().count("data:image/png;base64,") == 1  # domain vs general
+
+
+def test_report_shows_intervals_the_claims_table_and_error_bars(tmp_path, fake_eval_table):
+    from matplotlib.container import ErrorbarContainer
+
+    from mixcpt.evaluate.intervals import summarise
+    from mixcpt.report import domain_vs_general_figure
+
+    cells = {
+        ("base", "base"): {"domain": 0.25, "general": 0.8},
+        ("mixcpt", "cpt"): {"domain": 0.6, "general": 0.75, "kl": 0.1},
+        ("mixcpt", "sft"): {"domain": 0.6, "general": 0.7, "kl": 0.2, "chat_domain": 0.9},
+        ("random-k", "sft"): {
+            "domain": 0.6,
+            "general": 0.7,
+            "chat_domain": 0.1,
+            "chat_general": 0.3,
+        },
+    }
+    table = summarise([fake_eval_table(cells)], [0])
+    run = RunDir(tmp_path / "run")
+    for key in ("rows", "benchmarks", "bootstrap"):
+        run.update_results("eval", key, table[key])
+    run.set_results("claims", table["claims"])
+
+    html_path, md_path = write_report(run)
+    md = md_path.read_text()
+    results_part = md.split("## Claims")[0]
+    # plain and chat are separate columns; every cell has its interval
+    assert "dom (domain, acc_norm, plain)" in results_part
+    assert "dom (domain, acc_norm, chat)" in results_part
+    assert re.search(r"\| mixcpt \| sft \| 0\.6 \[0\.\d+, 0\.\d+\] \|", results_part)
+    assert "one seed: intervals over items only" in results_part
+    claims_part = md.split("## Claims")[1].split("## Retention")[0]
+    assert "| 4. Easiest-k selection" in claims_part and "✔ supported" in claims_part
+    assert "random-k: 0.1 [" in claims_part  # B's number with its interval
+    assert "arm baseline not in this run" in claims_part
+    assert "<h2>Claims</h2>" in html_path.read_text()
+
+    axes = domain_vs_general_figure(run.read_results()).axes[0]
+    bars = [c for c in axes.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 4  # base, mixcpt cpt and sft, random-k sft
+    # each bar spans the stored interval of the plotted point
+    low, high = table["rows"][1]["intervals"]["axes"]["domain"]["ci"]
+    spans = [seg[:, 0] for c in bars for seg in c.lines[2][0].get_segments()]
+    assert any(s.min() == pytest.approx(low) and s.max() == pytest.approx(high) for s in spans)

@@ -1,7 +1,8 @@
 """The `mixcpt` command line (design.md §3).
 
-    mixcpt demo --output DIR [--quick]          the embedded synthetic-knowledge demo, end to end
-    mixcpt run CONFIG --output DIR              every stage in order
+    mixcpt demo --output DIR [--quick] [--seeds N]
+                                                the embedded synthetic-knowledge demo, end to end
+    mixcpt run CONFIG --output DIR [--seeds N]  every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
     mixcpt status DIR [--config CONFIG]         each stage and arm: done, stale (why) or missing
     mixcpt check CONFIG [--output DIR]          what can be known without training (mixcpt.checks)
@@ -12,6 +13,10 @@ Exit codes: 0 done, 2 bad config or bad input (one line naming the file, line or
 folder in use by another mixcpt command), 1 anything else (a non-finite training loss and a full
 disk are one line too; other failures show their traceback), 143 stopped by SIGTERM or SIGUSR1
 (a training stage first saves a checkpoint; rerun the same command to resume).
+
+--seeds N runs the whole pipeline once per seed in DIR/seed-<s> (each resumable as any run folder)
+and writes DIR/results.json and DIR/report.{html,md} with means and 95% intervals over seeds and
+items, and the claims' verdicts (mixcpt.evaluate.seeds).
 
 One writer per run folder: every command holds `DIR/.mixcpt.lock` until it exits (mixcpt.runlock).
 Stop signals: mixcpt.preempt.
@@ -77,6 +82,20 @@ def _config(args: argparse.Namespace) -> Config | None:
     return cfg
 
 
+SEEDS_HELP = (
+    "run the whole pipeline once per seed (the seed + 0..N-1) in DIR/seed-<s>, then write "
+    "DIR/results.json and the report with the mean and 95%% interval of every score and the "
+    "claims' verdicts"
+)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixcpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)"
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed (the first, with --seeds)")
+    demo.add_argument("--seeds", type=_positive, help=SEEDS_HELP)
     commands = [("run", "run every stage in order")] + [(s, f"run the {s} stage") for s in STAGES]
     commands.insert(2, ("cache", "build stage 1's teacher cache alone (every process its share)"))
     for name, help_ in commands:
@@ -102,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                 "shares another's stage 1 or selection runs that arm's",
             )
         if name == "run":
+            sp.add_argument("--seeds", type=_positive, help=SEEDS_HELP)
             sp.add_argument(
                 "--force",
                 choices=STAGES,
@@ -267,16 +288,21 @@ def _run(args: argparse.Namespace, cfg: Config | None) -> int:
     if args.command == "demo":
         from mixcpt.demo.run import run_demo
 
-        run_demo(run, quick=args.quick, seed=args.seed)
+        run_demo(run, quick=args.quick, seed=args.seed, seeds=args.seeds)
         return 0
     if args.command == "run":
+        from mixcpt.evaluate.seeds import run_seeds
         from mixcpt.pipeline import run_pipeline
 
         start = time.perf_counter()
-        run_pipeline(cfg, run, args.force, check=False)
+        if args.seeds:
+            run_seeds(cfg, run, args.seeds, args.force)
+        else:
+            run_pipeline(cfg, run, args.force, check=False)
         if is_rank_zero():
             took = time.perf_counter() - start
-            print(f"mixcpt: run: done in {took:.1f} s; time per stage in {out / 'report.md'}")
+            where = "intervals and claims" if args.seeds else "time per stage"
+            print(f"mixcpt: run: done in {took:.1f} s; {where} in {out / 'report.md'}")
     else:
         from mixcpt.pipeline import run_stage
 

@@ -2,10 +2,14 @@
 
 Sections: the arms (each one's stage-1 stream and loss, what stage 2 aligned on and the budget
 each stage used: results["arms"], written by the report stage), the results table (arm x stage,
-each benchmark's main metric and KL to base), a domain-versus-general plot (what was gained
-against what was kept), training loss curves, the data mixture's token shares, and the time each
-stage took (mixcpt.timing). Each section says so when its part of results.json is absent, so a
-partial run still gets a report.
+each benchmark's main metric in the plain format and, for aligned stages, through the chat
+template, and KL to base; each with its 95% interval), the claims table (results["claims"],
+mixcpt.evaluate.claims), retention against the base, a domain-versus-general plot with interval
+error bars (what was gained against what was kept), training loss curves, the data mixture's
+token shares, and the time each stage took (mixcpt.timing). Each section says so when its part of
+results.json is absent, so a partial run still gets a report. The same code renders the aggregate
+of several seeds (mixcpt.evaluate.seeds), whose results.json has the same "eval" and "claims" and
+a "seeds" entry.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mixcpt.atomic import write_text_atomic  # noqa: E402
 from mixcpt.config import Config  # noqa: E402
 from mixcpt.config.arms import BUILTIN_ARMS  # noqa: E402
+from mixcpt.evaluate.intervals import axis  # noqa: E402
 from mixcpt.fingerprints import begin  # noqa: E402
 from mixcpt.pipeline import STAGES, arms, selection_owner, stage1_owner  # noqa: E402
 from mixcpt.rundir import RunDir  # noqa: E402
@@ -41,18 +46,27 @@ ARM_COLORS = {
     "whole-pool": "tab:purple",
 }
 OTHER_COLORS = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
-ARM_LABELS = {"mixcpt": "Mix-CPT", "baseline": "baseline (CPT, SFT, DPO)"}
+# How the built-in arms are named in plots; any other arm is named as it is.
+ARM_LABEL = {
+    "mixcpt": "Mix-CPT",
+    "baseline": "baseline (CPT, SFT, DPO)",
+    "mixture-ce": "mixture, CE only",
+    "random-k": "random k",
+    "whole-pool": "whole pool",
+}
+VERDICT_MARK = {"supported": "✔ supported", "contradicted": "✘ contradicted"}
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
        max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
 h1 { font-size: 1.6rem; }
 h2 { font-size: 1.25rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
-table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
+table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; display: block;
+        overflow-x: auto; }
+table.text td, table.text th { text-align: left; vertical-align: top; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
 tr.missing td { color: #999; font-style: italic; }
-table.words th, table.words td { text-align: left; }
 img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 .note { color: #666; font-size: .9rem; }
 """
@@ -170,57 +184,123 @@ def arm_summaries(cfg: Config, results: dict) -> list[dict]:
     return summaries
 
 
+def _with_ci(value: Any, ci: list[float] | None) -> str:
+    """ "0.75 [0.70, 0.80]": a value and its 95% interval, or the value alone when it has none."""
+    if value is None or ci is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def _columns(benchmarks: dict) -> list[tuple[str, str, str]]:
+    """(row key, benchmark, header) of every score column: each benchmark's main metric in its
+    format ("scores": plain unless the benchmark forces chat), then through the chat template
+    for the benchmarks that aligned stages are also scored in ("chat_scores")."""
+    columns = []
+    for name, b in benchmarks.items():
+        fmt = f", {b['format']}" if b.get("format") else ""
+        columns.append(
+            ("scores", name, f"{name} ({b.get('tag', '?')}, {b.get('main_metric')}{fmt})")
+        )
+    for name, b in benchmarks.items():
+        if b.get("chat_when_aligned"):
+            columns.append(
+                ("chat_scores", name, f"{name} ({b.get('tag', '?')}, {b.get('main_metric')}, chat)")
+            )
+    return columns
+
+
 def results_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]]:
     """(header, cells, row is missing) of the arm x stage table: one column per benchmark's
-    main metric, then KL to base."""
+    main metric in the plain format, one per benchmark scored through the chat template (aligned
+    stages only; blank elsewhere), then KL to base; each cell with its 95% interval when the
+    results have one."""
     ev = results.get("eval", {})
     benchmarks, rows = ev.get("benchmarks", {}), ev.get("rows", [])
-    header = ["arm", "stage"] + [
-        f"{name} ({b.get('tag', '?')}, {b.get('main_metric')})" for name, b in benchmarks.items()
-    ]
-    header.append("KL to base")
+    columns = _columns(benchmarks)
+    header = ["arm", "stage"] + [h for _, _, h in columns] + ["KL to base"]
     cells, missing = [], []
     for row in rows:
         line = [row.get("arm", "?"), _stage_cell(row)]
         if row.get("status") != "ok":
-            line += ["missing"] + [""] * len(benchmarks)
+            line += ["missing"] + [""] * len(columns)
         else:
-            for name, b in benchmarks.items():
-                line.append(_fmt(row.get("scores", {}).get(name, {}).get(b.get("main_metric"))))
-            line.append(_fmt(row.get("retention", {}).get("kl_to_base")))
+            intervals = row.get("intervals", {})
+            for key, name, _ in columns:
+                value = row.get(key, {}).get(name, {}).get(benchmarks[name].get("main_metric"))
+                line.append(_with_ci(value, intervals.get(key, {}).get(name)))
+            kl = row.get("retention", {}).get("kl_to_base")
+            line.append(_with_ci(kl, intervals.get("kl_to_base")))
         cells.append(line)
         missing.append(row.get("status") != "ok")
     return header, cells, missing
 
 
-def _axis(benchmarks: dict, tag: str) -> tuple[list[str], str]:
-    """Benchmarks averaged on the `tag` axis: the higher-is-better ones when there are any
-    (scores on one scale), else the lower-is-better ones; and the axis label."""
-    tagged = {n: b for n, b in benchmarks.items() if b.get("tag") == tag and b.get("main_metric")}
-    better = [n for n, b in tagged.items() if b.get("higher_is_better", True)]
-    if better:
-        return better, f"mean {tag} score (higher is better)"
-    return (
-        list(tagged),
-        f"mean {tag} {', '.join(sorted({tagged[n]['main_metric'] for n in tagged}))} "
-        "(lower is better)",
-    )
-
-
 def retention_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """(header, cells): for each evaluated stage, the change of every general benchmark's main
-    score against the base model, and KL to base."""
+    score (plain format) against the base model, and KL to base, with 95% intervals (paired with
+    the base) when the results have them."""
     ev = results.get("eval", {})
     rows = [r for r in ev.get("rows", []) if r.get("status") == "ok" and r.get("arm") != "base"]
     general = sorted({n for r in rows for n in r.get("retention", {}).get("delta", {})})
     metric = {n: ev.get("benchmarks", {}).get(n, {}).get("main_metric", "") for n in general}
     header = ["arm", "stage"] + [f"Δ {n} ({metric[n]})" for n in general] + ["KL to base"]
-    cells = [
-        [r["arm"], _stage_cell(r)]
-        + [_fmt(r["retention"]["delta"].get(n)) for n in general]
-        + [_fmt(r["retention"].get("kl_to_base"))]
-        for r in rows
+    cells = []
+    for r in rows:
+        intervals = r.get("intervals", {})
+        cells.append(
+            [r["arm"], _stage_cell(r)]
+            + [
+                _with_ci(r["retention"]["delta"].get(n), intervals.get("delta", {}).get(n))
+                for n in general
+            ]
+            + [_with_ci(r["retention"].get("kl_to_base"), intervals.get("kl_to_base"))]
+        )
+    return header, cells
+
+
+def claims_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, cells): one line per measure of each claim (results["claims"]), the claim's
+    verdict on its first line; numbers are means with 95% intervals."""
+    header = [
+        "claim",
+        "verdict",
+        "measure",
+        "stage",
+        "format",
+        "A",
+        "B",
+        "A − B",
+        "measure verdict",
     ]
+    cells = []
+    for claim in results.get("claims", []):
+        for i, m in enumerate(claim["measures"]):
+            first = i == 0
+            verdict = VERDICT_MARK.get(claim["verdict"], claim["verdict"])
+            if first and claim.get("reason"):
+                verdict += f" ({claim['reason']})"
+            stage = ", ".join(f"{a}: {s}" for a, s in m.get("stage", {}).items()) or m["when"]
+
+            def side(x: dict | None, arm: str) -> str:
+                return f"{arm}: {_with_ci(x['mean'], x['ci'])}" if x else arm
+
+            diff = m.get("difference")
+            m_verdict = m["verdict"] + ("" if m["decides"] else " (shown, does not decide)")
+            if m.get("reason"):
+                m_verdict += f": {m['reason']}"
+            cells.append(
+                [
+                    f"{claim['id']}. {claim['claim']}" if first else "",
+                    verdict if first else "",
+                    f"{m['measure']} ({', '.join(m['benchmarks'])})",
+                    stage,
+                    m["format"],
+                    side(m.get("a"), claim["arms"][0]),
+                    side(m.get("b"), claim["arms"][1]),
+                    _with_ci(diff["mean"], diff["ci"]) if diff else "",
+                    m_verdict,
+                ]
+            )
     return header, cells
 
 
@@ -291,14 +371,21 @@ def _png(fig) -> str:
 
 
 def plot_domain_vs_general(results: dict) -> str | None:
-    """Base64 PNG: each ok stage a point at (mean domain score, mean general score), each arm a
-    line base -> cpt -> sft -> dpo. None when there is nothing to plot."""
+    """Base64 PNG of `domain_vs_general_figure`, or None when there is nothing to plot."""
+    fig = domain_vs_general_figure(results)
+    return _png(fig) if fig is not None else None
+
+
+def domain_vs_general_figure(results: dict):
+    """Matplotlib figure: each ok stage a point at (mean domain score, mean general score), plain
+    format, each arm a line base -> cpt -> sft -> dpo, with 95% interval error bars on both axes
+    when the results have them. None when there is nothing to plot."""
     ev = results.get("eval", {})
     benchmarks, rows = (
         ev.get("benchmarks", {}),
         [r for r in ev.get("rows", []) if r.get("status") == "ok"],
     )
-    (domain, xlabel), (general, ylabel) = _axis(benchmarks, "domain"), _axis(benchmarks, "general")
+    (domain, xlabel), (general, ylabel) = axis(benchmarks, "domain"), axis(benchmarks, "general")
     if not rows or not domain or not general:
         return None
 
@@ -307,11 +394,20 @@ def plot_domain_vs_general(results: dict) -> str | None:
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    points = {(r["arm"], r["stage"]): (mean_main(r, domain), mean_main(r, general)) for r in rows}
+    def errors(row, tag, value):
+        ci = row.get("intervals", {}).get("axes", {}).get(tag, {}).get("ci")
+        return (value - ci[0], ci[1] - value) if ci else (0.0, 0.0)
+
+    points, bars = {}, {}
+    for r in rows:
+        x, y = mean_main(r, domain), mean_main(r, general)
+        points[(r["arm"], r["stage"])] = (x, y)
+        if None not in (x, y):
+            bars[(r["arm"], r["stage"])] = (errors(r, "domain", x), errors(r, "general", y))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = arm_colors(results)
     for arm in arm_order(results):
-        color, label = colors[arm], ARM_LABELS.get(arm, arm)
+        color = colors[arm]
         path = [
             (s, points.get((arm, s), points.get(("base", "base")) if s == "base" else None))
             for s in STAGE_ORDER
@@ -319,16 +415,44 @@ def plot_domain_vs_general(results: dict) -> str | None:
         path = [(s, p) for s, p in path if p and None not in p]
         if len(path) < 2:
             continue  # the base point alone is drawn below
-        ax.plot([p[0] for _, p in path], [p[1] for _, p in path], "-o", color=color, label=label)
+        ax.plot(
+            [p[0] for _, p in path],
+            [p[1] for _, p in path],
+            "-o",
+            color=color,
+            label=ARM_LABEL.get(arm, arm),
+        )
         for stage, (x, y) in path[1:]:
+            (xerr, yerr) = bars[(arm, stage)]
+            ax.errorbar(
+                x,
+                y,
+                xerr=[[xerr[0]], [xerr[1]]],
+                yerr=[[yerr[0]], [yerr[1]]],
+                color=color,
+                capsize=3,
+                alpha=0.6,
+                linestyle="none",
+            )
             ax.annotate(
                 stage, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, color=color
             )
     if None not in points.get(("base", "base"), (None,)):
-        ax.plot(*points[("base", "base")], "ks", markersize=8, label="base", zorder=3)
-    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend()
-    ax.set_title("Domain gained vs general kept"), ax.margins(0.12)  # room for the stage labels
-    return _png(fig)
+        (xerr, yerr) = bars[("base", "base")]
+        ax.errorbar(
+            *points[("base", "base")],
+            xerr=[[xerr[0]], [xerr[1]]],
+            yerr=[[yerr[0]], [yerr[1]]],
+            fmt="ks",
+            markersize=8,
+            capsize=3,
+            label="base",
+            zorder=3,
+        )
+    ax.set_xlabel(f"{xlabel}, plain format"), ax.set_ylabel(f"{ylabel}, plain format")
+    ax.grid(alpha=0.3), ax.legend()
+    ax.set_title("Domain gained vs general kept (bars: 95% intervals)"), ax.margins(0.12)
+    return fig
 
 
 def plot_losses(results: dict) -> str | None:
@@ -395,15 +519,15 @@ def _html_table(
     header: list[str],
     cells: list[list[str]],
     missing: list[bool] | None = None,
-    words: bool = False,
+    cls: str = "",
 ) -> str:
-    """An HTML table; numbers are right-aligned, and `words` left-aligns every column."""
+    """An HTML table (escaped); `missing` rows greyed; `cls` "text": every cell left-aligned."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = ""
     for i, line in enumerate(cells):
-        cls = ' class="missing"' if missing and missing[i] else ""
-        body += f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n"
-    table = "<table class='words'>" if words else "<table>"
+        row_cls = ' class="missing"' if missing and missing[i] else ""
+        body += f"<tr{row_cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>\n"
+    table = f'<table class="{cls}">' if cls else "<table>"
     return f"{table}<thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
@@ -420,6 +544,33 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     results = run.read_results()
     arm_header, arm_cells = arms_table(results)
     header, cells, missing = results_table(results)
+    claims = claims_table(results)
+    seeds = results.get("seeds")  # an aggregate over seeds (mixcpt.evaluate.seeds)
+    boot = results.get("eval", {}).get("bootstrap")
+    intervals_note = (
+        f"Cells: mean [{boot['level']:.0%} interval]; {boot['scheme']}. Seeds: "
+        f"{', '.join(map(str, boot['seeds']))}"
+        + (" (one seed: intervals over items only)." if len(boot["seeds"]) == 1 else ".")
+        if boot
+        else ""
+    )
+    claims_note = (
+        "A and B are the two arms compared; each measure is the mean main score of the "
+        "benchmarks named (or the KL to base on the probe, lower is better), at the stage named "
+        "for each arm. Rules: "
+        + "; ".join(sorted({f"{c['test']}: {c['rule']}" for c in results.get("claims", [])}))
+        + ". Retention measures use the plain format; comparisons of two aligned arms are "
+        "decided through the chat template (how an aligned model is used; both sides aligned)."
+    )
+    no_claims = "No claims yet: they are decided when the eval stage runs."
+    seeds_note = (
+        "Aggregate of one run per seed: "
+        + ", ".join(f"seed {s} in {f}/" for s, f in zip(seeds["values"], seeds["folders"]))
+        + ". Loss curves, data mixture and time per stage are in each seed's own report."
+        if seeds
+        else ""
+    )
+    per_seed = "in each seed's own report (seed-<s>/report.html)" if seeds else ""
     mix_header, mix_cells = mixture_table(results)
     ret = retention_table(results)
     time_header, time_cells, total_s = timing_table(results)
@@ -438,11 +589,16 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
             "<p class='note'>Each axis averages the main score of the benchmarks with that tag "
             "(the accuracy-type ones when there are any). Up and right is better.</p>",
         ),
-        ("Training loss", plot_losses(results), "no training stage has logged a loss yet", ""),
+        (
+            "Training loss",
+            plot_losses(results),
+            per_seed or "no training stage has logged a loss yet",
+            "",
+        ),
         (
             "Data mixture",
             plot_mixture(results),
-            "the data stage has not run yet",
+            per_seed or "the data stage has not run yet",
             _html_table(mix_header, mix_cells) if mix_cells else "",
         ),
     ]
@@ -459,16 +615,25 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     parts = [
         f"<h1>Mix-CPT report</h1><p class='note'>Run folder: {html.escape(str(run.root))}</p>",
         "<h2>Arms</h2>",
-        _html_table(arm_header, arm_cells, words=True)
+        _html_table(arm_header, arm_cells, cls="text")
         if arm_cells
         else f"<p class='note'>{html.escape(no_arms)}</p>",
         f"<p class='note'>{html.escape(arms_note)}</p>" if arm_cells else "",
+        f"<p class='note'>{html.escape(seeds_note)}</p>" if seeds_note else "",
         "<h2>Results</h2>",
         _html_table(header, cells, missing)
         if cells
         else f"<p class='note'>{html.escape(no_eval)}</p>",
-        "<p class='note'>Main metric per benchmark; KL to base is the mean per-token "
-        "KL(base || stage) on the general probe text (lower = more retained).</p>",
+        "<p class='note'>Main metric per benchmark, every stage in the plain format the base "
+        "and stage 1 saw; aligned stages (sft, dpo) also through the chat template, in the "
+        "columns marked chat. KL to base is the mean per-token KL(base || stage) on the general "
+        "probe text (lower = more retained).</p>",
+        f"<p class='note'>{html.escape(intervals_note)}</p>" if intervals_note else "",
+        "<h2>Claims</h2>",
+        _html_table(*claims, cls="text")
+        if claims[1]
+        else f"<p class='note'>{html.escape(no_claims)}</p>",
+        f"<p class='note'>{html.escape(claims_note)}</p>" if claims[1] else "",
         "<h2>Retention</h2>",
         _html_table(*ret) if ret[1] else "<p class='note'>No trained stage evaluated yet.</p>",
         "<p class='note'>Change of each general benchmark's main score against the base model "
@@ -485,7 +650,7 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "<h2>Time per stage</h2>",
         _html_table(time_header, time_cells)
         if time_cells
-        else f"<p class='note'>{html.escape(no_timing)}</p>",
+        else f"<p class='note'>{html.escape(seeds_note or no_timing)}</p>",
         f"<p class='note'>{html.escape(whole_run)}</p>" if time_cells else "",
     ]
     page = (
@@ -500,9 +665,15 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "",
         _md_table(arm_header, arm_cells) + "\n\n" + arms_note if arm_cells else no_arms,
         "",
+        *([seeds_note, ""] if seeds_note else []),
         "## Results",
         "",
         _md_table(header, cells) if cells else no_eval,
+        "",
+        *([intervals_note, ""] if intervals_note else []),
+        "## Claims",
+        "",
+        _md_table(*claims) + "\n\n" + claims_note if claims[1] else no_claims,
         "",
         "## Retention",
         "",
@@ -510,11 +681,15 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "",
         "## Data mixture",
         "",
-        _md_table(mix_header, mix_cells) if mix_cells else "The data stage has not run yet.",
+        _md_table(mix_header, mix_cells)
+        if mix_cells
+        else seeds_note or "The data stage has not run yet.",
         "",
         "## Time per stage",
         "",
-        _md_table(time_header, time_cells) + "\n\n" + whole_run if time_cells else no_timing,
+        _md_table(time_header, time_cells) + "\n\n" + whole_run
+        if time_cells
+        else seeds_note or no_timing,
         "",
         "Plots (domain versus general, training loss, mixture shares) are in report.html.",
         "",

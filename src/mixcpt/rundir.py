@@ -99,7 +99,8 @@ class RunDir:
         write_json_atomic(self.results_path, results)
 
     def set_results(self, section: str, value: Any) -> None:
-        """Set `results[section] = value` whole, keeping everything else; atomic on disk."""
+        """Set `results[section] = value` (a whole top-level entry, such as "claims"), keeping
+        everything else; atomic on disk."""
         results = self.read_results()
         results[section] = value
         write_json_atomic(self.results_path, results)

@@ -4,7 +4,12 @@ import pytest
 
 from mixcpt.config import BenchmarkConfig, TemplateConfig
 from mixcpt.errors import InputError
-from mixcpt.evaluate.benchmarks import format_prompt, load_benchmark, normalize_answer
+from mixcpt.evaluate.benchmarks import (
+    format_prompt,
+    load_benchmark,
+    normalize_answer,
+    prompt_formats,
+)
 
 
 def _bench(tmp_path, kind, lines, **kw):
@@ -74,14 +79,21 @@ def test_empty_benchmark_file_is_an_input_error(tmp_path):
         load_benchmark(_bench(tmp_path, "perplexity", [""]))
 
 
-def test_prompt_format_auto_is_plain_before_alignment_and_chat_after(tmp_path, tiny_tokenizer):
+def test_auto_scores_every_stage_plain_and_aligned_stages_also_through_chat(
+    tmp_path, tiny_tokenizer
+):
     bench = _bench(tmp_path, "multiple_choice", [GOOD_MC])
+    assert prompt_formats(bench, "base") == prompt_formats(bench, "cpt") == {"scores": "plain"}
+    assert prompt_formats(bench, "sft") == {"scores": "plain", "chat_scores": "chat"}
+    forced = bench.model_copy(update={"prompt_format": "chat"})
+    assert prompt_formats(forced, "base") == prompt_formats(forced, "dpo") == {"scores": "chat"}
+    ppl = _bench(tmp_path, "perplexity", ['{"text": "a"}'])
+    assert prompt_formats(ppl, "dpo") == {"scores": "plain"}  # no prompt: nothing to format
+
     template = TemplateConfig()
-    plain = format_prompt("Where?", bench, "cpt", tiny_tokenizer, template)
-    chat = format_prompt("Where?", bench, "sft", tiny_tokenizer, template)
+    plain = format_prompt("Where?", "plain", tiny_tokenizer, template)
+    chat = format_prompt("Where?", "chat", tiny_tokenizer, template)
     assert plain == "### Instruction:\nWhere?\n\n### Response:\n"
     assert chat == tiny_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Where?"}], add_generation_prompt=True, tokenize=False
     )
-    forced = bench.model_copy(update={"prompt_format": "plain"})
-    assert format_prompt("Where?", forced, "dpo", tiny_tokenizer, template) == plain

@@ -65,8 +65,9 @@ def test_run_eval_reports_missing_stages_and_retention(
     with torch.no_grad():
         for p in cpt.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    cpt.save_pretrained(run.stage("mixcpt", "cpt"))
-    tiny_tokenizer.save_pretrained(run.stage("mixcpt", "cpt"))
+    for stage in ("cpt", "sft"):  # the same weights stand in for an aligned stage too
+        cpt.save_pretrained(run.stage("mixcpt", stage))
+        tiny_tokenizer.save_pretrained(run.stage("mixcpt", stage))
 
     result = run_eval(eval_config, run)
 
@@ -75,6 +76,7 @@ def test_run_eval_reports_missing_stages_and_retention(
     assert {k for k, r in rows.items() if r["status"] == "ok"} == {
         ("base", "base"),
         ("mixcpt", "cpt"),
+        ("mixcpt", "sft"),
     }
     assert (
         rows[("baseline", "sft")]["status"] == "missing"
@@ -92,7 +94,37 @@ def test_run_eval_reports_missing_stages_and_retention(
     )
     assert result["benchmarks"]["zorbax"]["main_metric"] == "acc_norm"
     stored = run.read_results()["eval"]
-    assert {k: stored[k] for k in ("rows", "benchmarks")} == result
+    assert {k: stored[k] for k in ("rows", "benchmarks", "bootstrap")} == result
+
+
+def test_every_stage_is_scored_plain_and_aligned_stages_also_through_chat(
+    tmp_path, eval_config, tiny_model, tiny_tokenizer
+):
+    run = RunDir(tmp_path / "run")
+    for stage in ("cpt", "sft"):  # the base's weights: any score difference is the format's
+        tiny_model.save_pretrained(run.stage("mixcpt", stage))
+        tiny_tokenizer.save_pretrained(run.stage("mixcpt", stage))
+    rows = {(r["arm"], r["stage"]): r for r in run_eval(eval_config, run)["rows"]}
+    base, cpt, sft = rows[("base", "base")], rows[("mixcpt", "cpt")], rows[("mixcpt", "sft")]
+    # plain scores of the same weights are the same at every stage: no format confound
+    assert base["scores"] == cpt["scores"] == sft["scores"]
+    assert all(d == 0 for d in sft["retention"]["delta"].values())
+    assert base["chat_scores"] == cpt["chat_scores"] == {}
+    assert set(sft["chat_scores"]) == {"zorbax", "qa"}  # perplexity has no prompt
+    # per-item main scores, from which the score is the mean (or sum / sum for bits per byte)
+    items = sft["items"]
+    assert items["scores"]["zorbax"] == [sft["scores"]["zorbax"]["acc_norm"]]
+    assert items["chat_scores"]["qa"] == [sft["chat_scores"]["qa"]["exact_match"]]
+    bits = items["scores"]["text"]
+    assert sum(bits["sum"]) / sum(bits["count"]) == pytest.approx(
+        sft["scores"]["text"]["bits_per_byte"], rel=1e-5
+    )
+    kl = items["kl_to_base"]
+    assert sum(kl["count"]) > 0 and sum(kl["sum"]) == pytest.approx(0.0, abs=1e-6)
+    assert set(sft["intervals"]["chat_scores"]) == {"zorbax", "qa"}
+    claims = run.read_results()["claims"]
+    assert [c["id"] for c in claims] == [1, 2, 3, 4, 5]
+    assert "arm baseline not in this run" in claims[0]["measures"][0]["reason"]
 
 
 def test_rerun_reuses_the_table_until_a_model_changes(

@@ -151,7 +151,7 @@ def test_alpha_half_trains_the_loss_of_both_weights_half_and_the_baseline_stays_
     cpt_run, tiny_model, tiny_tokenizer
 ):
     make_config, run = cpt_run
-    blocks = stage.training_blocks(run, "mixcpt")
+    blocks = stage.training_blocks(run, "mix")
     batch = {k: torch.as_tensor(np.stack([blocks[i][k] for i in range(3)])) for k in blocks[0]}
     teacher = OnlineTeacher(tiny_model, tiny_model.config.vocab_size)
 
@@ -189,7 +189,7 @@ def test_both_arms_train_on_the_same_domain_tokens(cpt_run, tiny_tokenizer, monk
 
     def trained_tokens(arm, keep):
         """Counter of the token ids the arm's batches held at flat positions `keep` marks."""
-        blocks = stage.training_blocks(run, arm)
+        blocks = stage.training_blocks(run, {"mixcpt": "mix", "baseline": "domain"}[arm])
         flat = np.asarray(blocks.input_ids).reshape(-1)
         rows = [i for out, batch in fed if out == str(run.work(arm, "cpt")) for i in batch]
         size = blocks.block_size
@@ -199,11 +199,11 @@ def test_both_arms_train_on_the_same_domain_tokens(cpt_run, tiny_tokenizer, monk
 
     # D_MIX alternates domain and general documents (the fixture): mark the domain ones' tokens
     lengths = [len(tiny_tokenizer(t).input_ids) + 1 for pair in zip(DOMAIN, GENERAL) for t in pair]
-    mix = stage.training_blocks(run, "mixcpt")
+    mix = stage.training_blocks(run, "mix")
     assert len(mix) == 32
     is_domain = np.zeros(len(mix) * mix.block_size, dtype=bool)
     is_domain[: sum(lengths)] = np.repeat(np.arange(len(lengths)) % 2 == 0, lengths)
-    domain = stage.training_blocks(run, "baseline")
+    domain = stage.training_blocks(run, "domain")
     is_real = np.arange(len(domain) * domain.block_size) < domain.n_tokens
 
     from_mix, from_domain = trained_tokens("mixcpt", is_domain), trained_tokens("baseline", is_real)

@@ -28,8 +28,9 @@ class BenchmarkConfig(Strict):
     )
     prompt_format: Literal["auto", "plain", "chat"] = Field(
         "auto",
-        description="auto: chat template for aligned stages (sft, dpo), plain rendering "
-        "(data.template) otherwise; plain or chat forces one. Perplexity ignores it.",
+        description="auto: every stage in the plain rendering (data.template), and the aligned "
+        "stages (sft, dpo) also through the chat template, in separate columns; plain or chat: "
+        "that format alone at every stage. Perplexity ignores it.",
     )
     max_new_tokens: int = Field(
         32, ge=1, description="Most tokens generated per prompt (greedy; generation only)."

@@ -1,5 +1,6 @@
-"""`mixcpt demo`: build the synthetic world and its tiny base model, then run both recipes and
-evaluate them, all on the CPU in minutes with nothing downloaded (design.md §7)."""
+"""`mixcpt demo`: build the synthetic world and its tiny base model, then run every arm and
+evaluate them, all on the CPU in minutes with nothing downloaded (design.md §7); with --seeds,
+once per seed and aggregated with intervals."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import yaml
 from mixcpt.config import config_from_dict
 from mixcpt.demo.base_model import build_base_model
 from mixcpt.demo.world import write_world
+from mixcpt.evaluate.seeds import aggregate_seeds, seed_run, seed_values
 from mixcpt.pipeline import run_pipeline
 from mixcpt.report import results_table
 from mixcpt.rundir import RunDir
@@ -43,13 +45,14 @@ def demo_config(run: RunDir, quick: bool, seed: int) -> dict:
     return raw
 
 
-def run_demo(run: RunDir, quick: bool = False, seed: int = 0) -> None:
-    """World -> base model -> data, stage 1, selection, SFT, DPO (every arm) -> eval -> report.
+def _print_table(header: list[str], cells: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    for row in [header, ["-" * w for w in widths], *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
-    Every step is cached in the run folder, so a rerun (or a rerun after an interruption)
-    continues where it stopped. Prints the results table at the end.
-    """
-    start = time.time()
+
+def _run_one(run: RunDir, quick: bool, seed: int) -> None:
+    """World -> base model -> the pipeline, in `run`, for one seed."""
     size = "quick" if quick else "default"
     world = write_world(run.root / "world", seed=seed, size=size)
     build_base_model(world, run.base, seed=seed, size=size)
@@ -57,9 +60,30 @@ def run_demo(run: RunDir, quick: bool = False, seed: int = 0) -> None:
         demo_config(run, quick, seed), root=run.root, source=str(run.root / "config.yaml")
     )
     run_pipeline(cfg, run)
-    header, cells, _ = results_table(run.read_results())
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+
+
+def run_demo(run: RunDir, quick: bool = False, seed: int = 0, seeds: int | None = None) -> None:
+    """World -> base model -> data, stage 1, selection, SFT, DPO (every arm) -> eval -> report.
+
+    With `seeds`, the whole demo once per seed (`seed` + 0..seeds-1) in DIR/seed-<s>, world and
+    base model included, then the aggregate results.json and report in DIR (mean and 95%
+    interval over seeds and items; mixcpt.evaluate.seeds). Every step is cached in the run
+    folder, so a rerun (or a rerun after an interruption) continues where it stopped. Prints the
+    results table and the claims' verdicts at the end.
+    """
+    start = time.time()
+    if seeds is None:
+        _run_one(run, quick, seed)
+    else:
+        for s in seed_values(seed, seeds):
+            print(f"mixcpt demo: seed {s}: {seed_run(run, s).root}", flush=True)
+            _run_one(seed_run(run, s), quick, s)
+        aggregate_seeds(run, seed_values(seed, seeds))
+    results = run.read_results()
     print()
-    for row in [header, ["-" * w for w in widths], *cells]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    _print_table(*results_table(results)[:2])
+    print()
+    for claim in results.get("claims", []):
+        reason = f" ({claim['reason']})" if claim["reason"] else ""
+        print(f"claim {claim['id']}: {claim['verdict']}{reason}: {claim['claim']}")
     print(f"\nmixcpt demo: done in {time.time() - start:.0f} s. Report: {run.root / 'report.html'}")

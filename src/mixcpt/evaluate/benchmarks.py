@@ -84,18 +84,29 @@ def load_benchmark(bench: BenchmarkConfig) -> list[dict]:
     return items
 
 
+def prompt_formats(bench: BenchmarkConfig, stage: str) -> dict[str, str]:
+    """{row key: prompt format} that `bench` is scored in at `stage` ("base", "cpt", "sft",
+    "dpo"). "auto": every stage in the plain rendering the base and stage 1 saw ("scores"), and
+    the aligned stages also through the chat template ("chat_scores"), so that retention compares
+    like with like and the format change is measured apart. "plain" or "chat": that format alone,
+    at every stage. Perplexity has no prompt: "scores" only."""
+    if bench.kind == "perplexity":
+        return {"scores": "plain"}
+    if bench.prompt_format != "auto":
+        return {"scores": bench.prompt_format}
+    if stage in ALIGNED_STAGES:
+        return {"scores": "plain", "chat_scores": "chat"}
+    return {"scores": "plain"}
+
+
 def format_prompt(
     question: str,
-    bench: BenchmarkConfig,
-    stage: str,
+    fmt: str,
     tokenizer: PreTrainedTokenizerBase,
     template: TemplateConfig,
 ) -> str:
-    """The text a model is conditioned on: the stage-1 plain rendering (base, cpt) or the chat
-    template with a generation prompt (sft, dpo); `bench.prompt_format` can force either."""
-    fmt = bench.prompt_format
-    if fmt == "auto":
-        fmt = "chat" if stage in ALIGNED_STAGES else "plain"
+    """The text a model is conditioned on: `fmt` "plain" is the stage-1 rendering of the question
+    (`template`, an empty response), "chat" the chat template with a generation prompt."""
     if fmt == "plain":
         return render_plain_prompt(question, "", template)
     return tokenizer.apply_chat_template(

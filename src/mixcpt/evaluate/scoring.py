@@ -5,6 +5,10 @@ Log-likelihoods follow lm-evaluation-harness: the context's trailing whitespace 
 continuation, and context + continuation is tokenised as one string; the continuation's tokens
 are those that end past the context (`mixcpt.responses`, shared with selection and training).
 `acc_norm` divides each choice's log-likelihood by its length in characters.
+
+Each score has a per-item form (`multiple_choice_correct`, `generation_correct`,
+`perplexity_per_text`, `kl_per_window`) that the eval stage keeps, so that intervals can be
+bootstrapped over items (mixcpt.evaluate.intervals); the `score_*` functions pool it.
 """
 
 from __future__ import annotations
@@ -72,16 +76,16 @@ def loglikelihoods(
     return sums
 
 
-def score_multiple_choice(
+def multiple_choice_correct(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     items: list[dict],
     batch_size: int = 8,
     max_length: int = 1024,
-) -> dict[str, float]:
-    """Accuracy of picking the choice with the highest log-likelihood given the prompt (`acc`)
-    and the highest log-likelihood per character (`acc_norm`).
+) -> dict[str, list[int]]:
+    """Per item, 1 when the choice with the highest log-likelihood given the prompt is the answer
+    (`acc`), and when the one with the highest log-likelihood per character is (`acc_norm`).
 
     `items[i]` has "choices" and "answer"; each choice is scored as the continuation
     " " + choice (no space when the prompt already ends in whitespace).
@@ -91,13 +95,34 @@ def score_multiple_choice(
         delimiter = "" if prompt[-1:].isspace() else " "
         requests += [(prompt, delimiter + choice) for choice in item["choices"]]
     lls = iter(loglikelihoods(model, tokenizer, requests, batch_size, max_length))
-    correct = correct_norm = 0
+    correct = {"acc": [], "acc_norm": []}
     for item in items:
         choice_lls = [next(lls) for _ in item["choices"]]
         normed = [ll / max(len(c), 1) for ll, c in zip(choice_lls, item["choices"])]
-        correct += max(range(len(choice_lls)), key=choice_lls.__getitem__) == item["answer"]
-        correct_norm += max(range(len(normed)), key=normed.__getitem__) == item["answer"]
-    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+        best = max(range(len(choice_lls)), key=choice_lls.__getitem__)
+        best_norm = max(range(len(normed)), key=normed.__getitem__)
+        correct["acc"].append(int(best == item["answer"]))
+        correct["acc_norm"].append(int(best_norm == item["answer"]))
+    return correct
+
+
+def mean_scores(per_item: dict[str, list[float]]) -> dict[str, float]:
+    """{metric: mean over items} of {metric: per-item values}."""
+    return {metric: sum(values) / len(values) for metric, values in per_item.items()}
+
+
+def score_multiple_choice(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    items: list[dict],
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> dict[str, float]:
+    """`acc` and `acc_norm` of `multiple_choice_correct`, as fractions of the items."""
+    return mean_scores(
+        multiple_choice_correct(model, tokenizer, prompts, items, batch_size, max_length)
+    )
 
 
 @torch.inference_mode()
@@ -141,29 +166,66 @@ def generate_answers(
     return outputs
 
 
-def score_generation(predictions: list[str], answers: list[list[str]]) -> dict[str, float]:
-    """`exact_match`: the normalised prediction equals a normalised answer; `contains`: a
-    normalised answer occurs in the normalised prediction."""
-    exact = contains = 0
+def generation_correct(predictions: list[str], answers: list[list[str]]) -> dict[str, list[int]]:
+    """Per item, `exact_match`: 1 when the normalised prediction equals a normalised answer;
+    `contains`: 1 when a normalised answer occurs in the normalised prediction."""
+    correct = {"exact_match": [], "contains": []}
     for pred, refs in zip(predictions, answers):
         pred, refs = normalize_answer(pred), [normalize_answer(r) for r in refs]
-        exact += pred in refs
-        contains += any(r in pred for r in refs)
-    return {"exact_match": exact / len(predictions), "contains": contains / len(predictions)}
+        correct["exact_match"].append(int(pred in refs))
+        correct["contains"].append(int(any(r in pred for r in refs)))
+    return correct
 
 
-def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[dict]:
+def score_generation(predictions: list[str], answers: list[list[str]]) -> dict[str, float]:
+    """`exact_match` and `contains` of `generation_correct`, as fractions of the items."""
+    return mean_scores(generation_correct(predictions, answers))
+
+
+def _windows(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> tuple[list[dict], list[int]]:
     """`features` rows of at most `max_length + 1` ids (the model sees `max_length` of them, as in
     lm-evaluation-harness's rolling windows) such that every token of every text (after the
-    prefix token) is predicted exactly once, each window conditioned on its first id."""
-    windows = []
-    for text in texts:
+    prefix token) is predicted exactly once, each window conditioned on its first id; and the
+    index of the text each window comes from."""
+    windows, owners = [], []
+    for i, text in enumerate(texts):
         ids = encode(tokenizer, text)
         if not ids or ids[0] != _prefix_id(tokenizer):
             ids = [_prefix_id(tokenizer)] + ids
         for start in range(1, len(ids), max_length):
             windows.append(features(ids[start - 1 : start], ids[start : start + max_length]))
-    return windows
+            owners.append(i)
+    return windows, owners
+
+
+def perplexity_per_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> dict[str, list[float]]:
+    """Per text: `nll` (summed over its predicted tokens, in nats), `tokens` (how many were
+    predicted) and `bytes` (its UTF-8 length)."""
+    windows, owners = _windows(tokenizer, texts, max_length)
+    logps, counts = score_responses(
+        model, windows, batch_size, tokenizer.pad_token_id, "perplexity"
+    )
+    nll, tokens = [0.0] * len(texts), [0] * len(texts)
+    for owner, logp, count in zip(owners, logps, counts):
+        nll[owner] -= logp
+        tokens[owner] += count
+    return {"nll": nll, "tokens": tokens, "bytes": [len(t.encode("utf-8")) for t in texts]}
+
+
+def perplexity_scores(per_text: dict[str, list[float]]) -> dict[str, float]:
+    """Corpus-level `perplexity` = exp(total NLL / predicted tokens) and `bits_per_byte` =
+    total NLL in bits / UTF-8 bytes of the texts (comparable across tokenizers), from
+    `perplexity_per_text`."""
+    nll, n_tokens, n_bytes = (sum(per_text[k]) for k in ("nll", "tokens", "bytes"))
+    return {"perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / n_bytes}
 
 
 def score_perplexity(
@@ -173,33 +235,25 @@ def score_perplexity(
     batch_size: int = 8,
     max_length: int = 1024,
 ) -> dict[str, float]:
-    """Corpus-level `perplexity` = exp(total NLL / predicted tokens) and `bits_per_byte` =
-    total NLL in bits / UTF-8 bytes of the texts (comparable across tokenizers)."""
-    windows = _windows(tokenizer, texts, max_length)
-    logps, counts = score_responses(
-        model, windows, batch_size, tokenizer.pad_token_id, "perplexity"
-    )
-    nll, n_tokens = -sum(logps), sum(counts)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / n_bytes}
+    """`perplexity_scores` of the texts."""
+    return perplexity_scores(perplexity_per_text(model, tokenizer, texts, batch_size, max_length))
 
 
 @torch.inference_mode()
-def kl_to_base(
+def kl_per_window(
     base_model: PreTrainedModel,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     batch_size: int = 8,
     max_length: int = 1024,
-) -> float:
-    """Mean over predicted tokens of KL(p_base || p_model) = sum_v p_base (log p_base - log
-    p_model): how far the stage model's next-token distributions moved from the base on general
-    text."""
+) -> dict[str, list[float]]:
+    """Per window of the texts (`_windows`): `sum` over its predicted tokens of KL(p_base ||
+    p_model) = sum_v p_base (log p_base - log p_model), and `count`, how many tokens that is."""
     base_model.eval()
     model.eval()
-    windows = _windows(tokenizer, texts, max_length)
-    total, count = 0.0, 0
+    windows, _ = _windows(tokenizer, texts, max_length)
+    sums, counts = [0.0] * len(windows), [0] * len(windows)
     for idx in _batches(list(range(len(windows))), batch_size, "KL to base"):
         batch = pad_batch([windows[i] for i in idx], tokenizer.pad_token_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -214,8 +268,24 @@ def kl_to_base(
             raise ValueError(
                 f"vocabulary sizes differ: base {base_logits.shape[-1]}, model {logits.shape[-1]}"
             )
-        base_logp = F.log_softmax(base_logits[scored].float(), dim=-1)  # [N, V]
-        logp = F.log_softmax(logits[scored].float(), dim=-1)  # [N, V]
-        total += (base_logp.exp() * (base_logp - logp)).sum().item()
-        count += int(scored.sum())
-    return total / count
+        base_logp = F.log_softmax(base_logits.float(), dim=-1)  # [B, T-1, V]
+        logp = F.log_softmax(logits.float(), dim=-1)  # [B, T-1, V]
+        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # [B, T-1]
+        kl = torch.where(scored, kl, 0.0)  # padding may hold anything, even NaN
+        for row, i in enumerate(idx):
+            sums[i], counts[i] = kl[row].sum().item(), int(scored[row].sum())
+    return {"sum": sums, "count": counts}
+
+
+def kl_to_base(
+    base_model: PreTrainedModel,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> float:
+    """Mean over predicted tokens of KL(p_base || p_model) (`kl_per_window` pooled): how far the
+    stage model's next-token distributions moved from the base on general text."""
+    windows = kl_per_window(base_model, model, tokenizer, texts, batch_size, max_length)
+    return sum(windows["sum"]) / sum(windows["count"])

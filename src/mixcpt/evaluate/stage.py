@@ -1,29 +1,46 @@
 """The eval stage: every model of the run (base, then each arm's cpt, sft, dpo) on every
 configured benchmark and lm-eval task, plus retention against the base model.
 
-Writes results["eval"]["rows"] (one row per arm and stage) and results["eval"]["benchmarks"]
-(kind, tag and main metric of each column). A stage whose folder does not exist, or that this
-config does not train, is a row with status "missing", so a partial run still gets a table. An
-arm that shares another arm's stage-1 model gets that model's scores in its cpt row, marked
+Writes results["eval"]["rows"] (one row per arm and stage), results["eval"]["benchmarks"]
+(kind, tag, main metric and prompt format of each column), results["eval"]["bootstrap"] (how the
+intervals were made) and results["claims"] (mixcpt.evaluate.claims). A stage whose folder does not
+exist, or that this config does not train, is a row with status "missing", so a partial run still
+gets a table.
+
+Formats: every model, base included, is scored in the plain rendering the base and stage 1 saw
+("scores"); aligned models (sft, dpo) are also scored through the chat template ("chat_scores").
+Retention deltas and KL use the plain scores, so a change of format is never read as forgetting.
+An arm that shares another arm's stage-1 model gets that model's row as its cpt row, marked
 `shared_with`, without evaluating it twice.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.config import Config
-from mixcpt.evaluate.benchmarks import HIGHER_IS_BETTER, MAIN_METRIC, format_prompt, load_benchmark
+from mixcpt.evaluate.benchmarks import (
+    ALIGNED_STAGES,
+    HIGHER_IS_BETTER,
+    MAIN_METRIC,
+    format_prompt,
+    load_benchmark,
+    prompt_formats,
+)
+from mixcpt.evaluate.intervals import summarise
 from mixcpt.evaluate.lm_eval_bridge import lm_eval_scores, run_lm_eval
 from mixcpt.evaluate.scoring import (
     generate_answers,
-    kl_to_base,
-    score_generation,
-    score_multiple_choice,
-    score_perplexity,
+    generation_correct,
+    kl_per_window,
+    mean_scores,
+    multiple_choice_correct,
+    perplexity_per_text,
+    perplexity_scores,
 )
 from mixcpt.fingerprints import begin, nodes
 from mixcpt.models import load_tokenizer, model_from
@@ -49,35 +66,56 @@ def _load(
     return model, tokenizer
 
 
+def _main_items(kind: str, per_item: dict[str, list]) -> list[int] | dict[str, list[float]]:
+    """The per-item form of a benchmark's main metric, as results.json keeps it: the 0/1 list of
+    acc_norm or exact_match (the score is its mean), or for bits per byte {"sum": bits of each
+    text, "count": its bytes} (the score is sum / sum)."""
+    if kind == "perplexity":
+        bits = [round(nll / math.log(2), 6) for nll in per_item["nll"]]
+        return {"sum": bits, "count": per_item["bytes"]}
+    return per_item[MAIN_METRIC[kind]]
+
+
 def evaluate_model(
     cfg: Config,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     stage: str,
     benchmarks: list,
-) -> dict[str, dict[str, float]]:
-    """{benchmark or lm-eval task: {metric: value}} for one model; `benchmarks` holds
-    (BenchmarkConfig, items) pairs, `stage` picks the prompt format of "auto" benchmarks."""
-    ev, scores = cfg.eval, {}
+) -> dict[str, dict]:
+    """One model on every benchmark and lm-eval task. `benchmarks` holds (BenchmarkConfig, items)
+    pairs; `stage` decides the prompt formats (`prompt_formats`).
+
+    Returns {"scores": {benchmark or task: {metric: value}}, "chat_scores": {benchmark: {metric:
+    value}} (aligned stages, through the chat template), "items": {"scores": {benchmark: per-item
+    main metric (`_main_items`)}, "chat_scores": {...}}}. lm-eval tasks have no per-item form.
+    """
+    ev = cfg.eval
+    out = {"scores": {}, "chat_scores": {}, "items": {"scores": {}, "chat_scores": {}}}
     for bench, items in benchmarks:
         if bench.kind == "perplexity":
-            scores[bench.name] = score_perplexity(
+            per_text = perplexity_per_text(
                 model, tokenizer, [it["text"] for it in items], ev.batch_size, ev.max_length
             )
+            out["scores"][bench.name] = perplexity_scores(per_text)
+            out["items"]["scores"][bench.name] = _main_items(bench.kind, per_text)
             continue
         question = "question" if bench.kind == "multiple_choice" else "prompt"
-        prompts = [
-            format_prompt(it[question], bench, stage, tokenizer, cfg.data.template) for it in items
-        ]
-        if bench.kind == "multiple_choice":
-            scores[bench.name] = score_multiple_choice(
-                model, tokenizer, prompts, items, ev.batch_size, ev.max_length
-            )
-        else:
-            predictions = generate_answers(
-                model, tokenizer, prompts, bench.max_new_tokens, bench.stop, ev.batch_size
-            )
-            scores[bench.name] = score_generation(predictions, [it["answers"] for it in items])
+        for key, fmt in prompt_formats(bench, stage).items():
+            prompts = [
+                format_prompt(it[question], fmt, tokenizer, cfg.data.template) for it in items
+            ]
+            if bench.kind == "multiple_choice":
+                per_item = multiple_choice_correct(
+                    model, tokenizer, prompts, items, ev.batch_size, ev.max_length
+                )
+            else:
+                predictions = generate_answers(
+                    model, tokenizer, prompts, bench.max_new_tokens, bench.stop, ev.batch_size
+                )
+                per_item = generation_correct(predictions, [it["answers"] for it in items])
+            out[key][bench.name] = mean_scores(per_item)
+            out["items"][key][bench.name] = _main_items(bench.kind, per_item)
     if ev.lm_eval_tasks:
         output = run_lm_eval(
             model,
@@ -89,8 +127,8 @@ def evaluate_model(
             ev.lm_eval_limit,
             ev.lm_eval_num_fewshot,
         )
-        scores.update(lm_eval_scores(output))
-    return scores
+        out["scores"].update(lm_eval_scores(output))
+    return out
 
 
 def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, Any]]:
@@ -98,11 +136,16 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
     info = {}
     for b in cfg.eval.benchmarks:
         main = MAIN_METRIC[b.kind]
+        formats = prompt_formats(b, ALIGNED_STAGES[0])
         info[b.name] = {
             "kind": b.kind,
             "tag": b.tag,
             "main_metric": main,
             "higher_is_better": main in HIGHER_IS_BETTER,
+            # the prompt format of "scores" (None: perplexity has no prompt); whether aligned
+            # stages also have "chat_scores"
+            "format": None if b.kind == "perplexity" else formats["scores"],
+            "chat_when_aligned": "chat_scores" in formats,
         }
     for task in cfg.eval.lm_eval_tasks:
         metrics = base_scores.get(task, {})
@@ -113,54 +156,73 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
             "tag": tag,
             "main_metric": main,
             "higher_is_better": main != "perplexity",
+            "format": "lm_eval",  # the task's own prompts
+            "chat_when_aligned": False,
         }
     return info
 
 
 def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     """Evaluate the base model and every stage folder of every arm; write and return
-    {"rows": [...], "benchmarks": {...}} (also stored as results["eval"]). The table recorded
-    is returned as it is when it was computed from the same inputs (models, benchmarks, settings;
+    {"rows": [...], "benchmarks": {...}, "bootstrap": {...}} (also stored as results["eval"]) and
+    the claims (results["claims"], mixcpt.evaluate.claims). The table recorded is returned as it
+    is when it was computed from the same inputs (models, benchmarks, settings;
     mixcpt.fingerprints), unless `force`.
 
-    Each row: {arm, stage, status ("ok" | "missing"), model (folder), scores {bench: {metric: v}},
-    retention {kl_to_base, delta {general bench: main score - base's}}}, plus shared_with (the
-    arm whose stage-1 model it is) in the cpt row of an arm that shares one.
+    Each row: {arm, stage, status ("ok" | "missing"), model (folder), scores {bench: {metric: v}}
+    (plain format unless the benchmark forces chat), chat_scores {bench: {metric: v}} (aligned
+    stages through the chat template), retention {kl_to_base, delta {general bench: main score -
+    base's, from "scores"}}, items {"scores"|"chat_scores": {bench: per-item main metric},
+    "kl_to_base": {"sum", "count"} per probe window or None}, intervals (the 95% bootstrap
+    interval of each main score, delta and KL; mixcpt.evaluate.intervals)}. The cpt row of an arm
+    that shares another's stage-1 model also has shared_with (that arm).
+
     Raises `InputError` for a malformed benchmark file before any model is loaded.
     """
     benchmarks = [(b, load_benchmark(b)) for b in cfg.eval.benchmarks]
     record = begin(cfg, run, "eval", force)
     if record is None:
         done = run.read_results()["eval"]
-        return {"rows": done["rows"], "benchmarks": done["benchmarks"]}
+        return {k: done.get(k) for k in ("rows", "benchmarks", "bootstrap")}
     trained = set(nodes(cfg))  # a folder left by another config is not this run's
     probe = [Path(cfg.eval.probe).read_text(encoding="utf-8")] if cfg.eval.probe else None
 
     base_path = base_model_path(cfg.model, run.base)
     tokenizer_path = base_path if run.base.exists() else (cfg.model.tokenizer or cfg.model.path)
     base, base_tokenizer = _load(cfg, base_path, tokenizer_path)
-    base_scores = evaluate_model(cfg, base, base_tokenizer, "base", benchmarks)
+    base_eval = evaluate_model(cfg, base, base_tokenizer, "base", benchmarks)
+    base_scores = base_eval["scores"]
     info = _describe_benchmarks(cfg, base_scores)
     general = [name for name, b in info.items() if b["tag"] == "general" and b["main_metric"]]
 
-    def retention(scores: dict, kl: float | None) -> dict[str, Any]:
+    def retention(scores: dict, kl: dict | None) -> dict[str, Any]:
         delta = {
             n: scores[n][info[n]["main_metric"]] - base_scores[n][info[n]["main_metric"]]
             for n in general
         }
-        return {"kl_to_base": kl, "delta": delta}
+        return {"kl_to_base": sum(kl["sum"]) / sum(kl["count"]) if kl else None, "delta": delta}
 
-    rows = [
-        {
-            "arm": "base",
-            "stage": "base",
+    def ok_row(arm: str, stage: str, model: str, result: dict, kl: dict | None) -> dict:
+        return {
+            "arm": arm,
+            "stage": stage,
             "status": "ok",
-            "model": base_path,
-            "scores": base_scores,
-            "retention": retention(base_scores, 0.0 if probe else None),
+            "model": model,
+            "scores": result["scores"],
+            "chat_scores": result["chat_scores"],
+            "retention": retention(result["scores"], kl),
+            "items": {**result["items"], "kl_to_base": kl},
         }
-    ]
-    evaluated: dict[str, tuple[dict, dict]] = {}  # node -> (scores, retention): once per model
+
+    def probe_kl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict | None:
+        if not probe:
+            return None
+        kl = kl_per_window(base, model, tokenizer, probe, cfg.eval.batch_size, cfg.eval.max_length)
+        return {"sum": [round(v, 8) for v in kl["sum"]], "count": kl["count"]}
+
+    # the base against itself: zero in every window, kept so base rows have the same shape
+    rows = [ok_row("base", "base", base_path, base_eval, probe_kl(base, base_tokenizer))]
+    evaluated: dict[str, dict] = {}  # node -> its row: each model is scored once
     for arm in [a.name for a in arms(cfg)]:
         for stage in TRAINED_STAGES:
             owner = stage1_owner(cfg, arm) if stage == "cpt" else arm
@@ -171,26 +233,25 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                 "status": "missing",
                 "model": str(folder),
                 "scores": {},
+                "chat_scores": {},
                 "retention": {},
+                "items": {},
             }
-            if owner != arm:
-                row["shared_with"] = owner
             if node not in evaluated and folder.is_dir() and node in trained:
                 model, tokenizer = _load(cfg, str(folder), str(folder))
-                scores = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
-                kl = (
-                    kl_to_base(
-                        base, model, tokenizer, probe, cfg.eval.batch_size, cfg.eval.max_length
-                    )
-                    if probe
-                    else None
-                )
-                evaluated[node] = scores, retention(scores, kl)
+                result = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
+                kl = probe_kl(model, tokenizer)
+                evaluated[node] = ok_row(owner, stage, str(folder), result, kl)
                 del model  # one stage model in memory at a time, beside the base
             if node in evaluated:
-                row.update(status="ok", scores=evaluated[node][0], retention=evaluated[node][1])
+                row = {**evaluated[node], "arm": arm}
+            if owner != arm:
+                row["shared_with"] = owner
             rows.append(row)
-    run.update_results("eval", "rows", rows)
+    table = summarise([{"rows": rows, "benchmarks": info}], [cfg.seed])
+    run.update_results("eval", "rows", table["rows"])
     run.update_results("eval", "benchmarks", info)
+    run.update_results("eval", "bootstrap", table["bootstrap"])
+    run.set_results("claims", table["claims"])
     run.update_results("eval", "fingerprint", record)  # last: the table is complete
-    return {"rows": rows, "benchmarks": info}
+    return {k: table[k] for k in ("rows", "benchmarks", "bootstrap")}
