@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -441,3 +442,83 @@ def test_a_one_process_stage_may_outlast_the_process_groups_timeout(tmp_path, ti
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("mixcpt:")]
     assert len(lines) == 1 and "d.jsonl" in lines[0] and ":2" in lines[0], proc.stderr[-3000:]
+
+
+def test_two_processes_share_out_the_models_to_evaluate(tmp_path, tiny_model, tiny_tokenizer):
+    """`mixcpt eval` under torchrun: the models are dealt out to the processes and the results
+    gathered; the table is the one a single process writes."""
+    (tmp_path / "d.txt").write_text("The planet Zorbax orbits the star Vega.\n")
+    (tmp_path / "probe.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    mc = {"question": "Which star does Zorbax orbit?", "choices": ["Vega", "the Sun"], "answer": 0}
+    (tmp_path / "mc.jsonl").write_text(json.dumps(mc) + "\n")
+    (tmp_path / "ppl.jsonl").write_text(json.dumps({"text": "Alice was born in Paris."}) + "\n")
+    tiny_model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "base"},
+                "data": {"domain": [{"path": "d.txt"}]},
+                "eval": {
+                    "benchmarks": [
+                        {
+                            "name": "mc",
+                            "path": "mc.jsonl",
+                            "kind": "multiple_choice",
+                            "tag": "domain",
+                        },
+                        {
+                            "name": "ppl",
+                            "path": "ppl.jsonl",
+                            "kind": "perplexity",
+                            "tag": "general",
+                        },
+                    ],
+                    "probe": "probe.txt",
+                },
+            }
+        )
+    )
+    for out in ("one", "two"):  # three trained stages: the base moved a little, three ways
+        for i, (arm, stage) in enumerate(
+            [("mixcpt", "cpt"), ("mixcpt", "sft"), ("baseline", "cpt")]
+        ):
+            torch.manual_seed(i)
+            model = type(tiny_model)(tiny_model.config)
+            model.load_state_dict(tiny_model.state_dict())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            model.save_pretrained(tmp_path / out / arm / stage)
+            tiny_tokenizer.save_pretrained(tmp_path / out / arm / stage)
+    assert main(["eval", str(config), "--output", str(tmp_path / "one")]) == 0
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "mixcpt.cli", "eval", str(config), "--output", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=launch_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (
+        json.loads((tmp_path / out / "results.json").read_text())["eval"] for out in ("one", "two")
+    )
+    assert sum(r["status"] == "ok" for r in two["rows"]) == 4
+    for rank in (0, 1):  # the four models (base included) dealt out two by two
+        assert f"mixcpt: eval: process {rank} of 2 scores 2 of the 4 models" in proc.stdout
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        assert (a["arm"], a["stage"], a["status"]) == (b["arm"], b["stage"], b["status"])
+        # the same numbers (one thread per process there, two here: float rounding differs)
+        assert flat(b) == pytest.approx(flat(a), rel=1e-4, abs=1e-6)
+
+
+def flat(value, key: str = "") -> dict:
+    """A row's numbers as {"scores.mc.acc": 0.5, ...} (None and strings left out)."""
+    if isinstance(value, dict):
+        return {
+            k: v for name, item in value.items() for k, v in flat(item, f"{key}.{name}").items()
+        }
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}.{i}").items()}
+    return {key: float(value)} if isinstance(value, (int, float)) else {}

@@ -89,7 +89,7 @@ def builder(cfg: Config, stage: str, arm: str) -> str | None:
 # Stages that are one process's work: under a launcher (torchrun, accelerate launch) the main
 # process runs them while the others wait (however long: processes.main_process_runs), instead
 # of every process writing the same folders.
-SINGLE_PROCESS = ("data", "select", "eval", "report")
+SINGLE_PROCESS = ("data", "select", "report")
 
 
 def run_stage(

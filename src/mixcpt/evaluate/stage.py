@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.config import Config
@@ -189,8 +190,48 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
 
     base_path = base_model_path(cfg.model, run.base)
     tokenizer_path = base_path if run.base.exists() else (cfg.model.tokenizer or cfg.model.path)
+    # every process holds the base: each model's KL is measured against it
     base, base_tokenizer = _load(cfg, base_path, tokenizer_path)
-    base_eval = evaluate_model(cfg, base, base_tokenizer, "base", benchmarks)
+
+    def probe_kl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict | None:
+        if not probe:
+            return None
+        kl = kl_per_window(base, model, tokenizer, probe, cfg.eval.batch_size, cfg.eval.max_length)
+        return {"sum": [round(v, 8) for v in kl["sum"]], "count": kl["count"]}
+
+    # Each model once (an arm sharing another's stage 1 reuses its row), the base first. Under a
+    # launch the models are dealt out to the processes in turn and the results gathered, so N
+    # GPUs evaluate N models at a time and none waits for the whole table.
+    models = {}  # node -> (stage, folder) of every model of the run that exists
+    for arm in [a.name for a in arms(cfg)]:
+        for stage in TRAINED_STAGES:
+            owner = stage1_owner(cfg, arm) if stage == "cpt" else arm
+            folder, node = run.stage(owner, stage), f"{stage}/{owner}"
+            if folder.is_dir() and node in trained:
+                models.setdefault(node, (stage, str(folder)))
+    jobs = [("base", ("base", base_path)), *models.items()]
+    state = process_state()
+    evaluated = {}  # node -> (the evaluate_model result, its KL items)
+    mine = jobs[state.process_index :: state.num_processes]
+    if state.num_processes > 1:
+        where = f"process {state.process_index} of {state.num_processes}"
+        print(f"mixcpt: eval: {where} scores {len(mine)} of the {len(jobs)} models", flush=True)
+    for node, (stage, folder) in mine:
+        if node == "base":  # the base against itself: zero in every window, kept for its shape
+            model, tokenizer = base, base_tokenizer
+        else:
+            model, tokenizer = _load(cfg, folder, folder)
+        evaluated[node] = (
+            evaluate_model(cfg, model, tokenizer, stage, benchmarks),
+            probe_kl(model, tokenizer),
+        )
+        del model  # one stage model in memory at a time, beside the base
+    if state.num_processes > 1:
+        evaluated = {k: v for part in gather_object([evaluated]) for k, v in part.items()}
+        if not state.is_main_process:
+            return {}  # the main process writes the table
+
+    base_eval = evaluated["base"][0]
     base_scores = base_eval["scores"]
     info = _describe_benchmarks(cfg, base_scores)
     general = [name for name, b in info.items() if b["tag"] == "general" and b["main_metric"]]
@@ -202,7 +243,8 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         }
         return {"kl_to_base": sum(kl["sum"]) / sum(kl["count"]) if kl else None, "delta": delta}
 
-    def ok_row(arm: str, stage: str, model: str, result: dict, kl: dict | None) -> dict:
+    def ok_row(arm: str, stage: str, model: str, node: str) -> dict:
+        result, kl = evaluated[node]
         return {
             "arm": arm,
             "stage": stage,
@@ -214,15 +256,7 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
             "items": {**result["items"], "kl_to_base": kl},
         }
 
-    def probe_kl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict | None:
-        if not probe:
-            return None
-        kl = kl_per_window(base, model, tokenizer, probe, cfg.eval.batch_size, cfg.eval.max_length)
-        return {"sum": [round(v, 8) for v in kl["sum"]], "count": kl["count"]}
-
-    # the base against itself: zero in every window, kept so base rows have the same shape
-    rows = [ok_row("base", "base", base_path, base_eval, probe_kl(base, base_tokenizer))]
-    evaluated: dict[str, dict] = {}  # node -> its row: each model is scored once
+    rows = [ok_row("base", "base", base_path, "base")]
     for arm in [a.name for a in arms(cfg)]:
         for stage in TRAINED_STAGES:
             owner = stage1_owner(cfg, arm) if stage == "cpt" else arm
@@ -237,14 +271,8 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                 "retention": {},
                 "items": {},
             }
-            if node not in evaluated and folder.is_dir() and node in trained:
-                model, tokenizer = _load(cfg, str(folder), str(folder))
-                result = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
-                kl = probe_kl(model, tokenizer)
-                evaluated[node] = ok_row(owner, stage, str(folder), result, kl)
-                del model  # one stage model in memory at a time, beside the base
             if node in evaluated:
-                row = {**evaluated[node], "arm": arm}
+                row = ok_row(arm, stage, str(folder), node)
             if owner != arm:
                 row["shared_with"] = owner
             rows.append(row)
