@@ -163,10 +163,10 @@ def workload_of(cfg, stage: str, changes: dict):
 def measure(args) -> dict:
     """Train `args.steps` steps of the case's stage; returns its peak memory growth."""
     import torch
-    from transformers import Trainer
     from transformers.trainer_utils import SaveStrategy
 
     from mixcpt.align.dpo import DPOTrainer, pair_collate, precompute_reference
+    from mixcpt.align.sft import SFTTrainer
     from mixcpt.config.arms import find_arm
     from mixcpt.malloc_tuning import keep_freed_memory
     from mixcpt.models import load_tokenizer, model_from
@@ -215,7 +215,7 @@ def measure(args) -> dict:
             ids = torch.randint(3, vocab, (length,), generator=g).tolist()
             return features(ids[:2], ids[2:])
 
-        # one token shorter every other row: each batch is padded, and so masked, as real ones are
+        # one token shorter every other row: each batch is padded, as real ones are
         rows = [sample(work.length - i % 2) for i in range(items)]
         if args.stage == "dpo":
             rows = [{"chosen": rows[i], "rejected": sample(work.length)} for i in range(items // 2)]
@@ -225,7 +225,7 @@ def measure(args) -> dict:
         pad = tokenizer.pad_token_id
         if args.stage == "sft":
             collate = lambda batch: pad_batch(batch, pad)  # noqa: E731
-            trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate)
+            trainer = SFTTrainer(model=model, args=targs, train_dataset=rows, data_collator=collate)
         else:
             precompute_reference(model, rows, targs.per_device_train_batch_size, pad)
             model.train()

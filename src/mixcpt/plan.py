@@ -14,9 +14,10 @@ stages do (mixcpt.train, mixcpt.align, mixcpt.evaluate):
 - Activations are counted tensor by tensor for a Llama-style decoder layer (RMSNorm, SDPA
   attention, SwiGLU MLP), as what autograd saves (`layer_activation_bytes`); other architectures
   get the same count, approximately.
-- The loss comes on top of the activations: stage 1's chunked loss keeps a few float32
-  [chunk, V] tensors and the gradients it forms in its forward (`_cpt_loss`); SFT's and DPO's
-  losses, and scoring, hold [B, T, V] logits and their float32 log-softmax (`LOGITS_BYTES`).
+- The loss comes on top of the activations: stage 1's chunked loss, which SFT's loss goes
+  through too, keeps a few float32 [chunk, V] tensors and the gradients it forms in its forward
+  (`_chunked_loss`); DPO's loss and scoring make logits at the scored (response) positions only,
+  up to [B, T, V] with their float32 log-softmax when every position is scored (`LOGITS_BYTES`).
 - A step's peak is its largest moment, not the sum of its parts: with
   gradient_accumulation_steps 1 the gradients are created while the backward frees the
   activations (the Trainer sets gradients to None after each step), so the peak is the larger of
@@ -350,14 +351,14 @@ def _teacher_forward(shape: ModelShape, work: Workload) -> int:
     return residual + tokens * layer_activation_bytes(shape, work, work.storage)
 
 
-def _cpt_loss(shape: ModelShape, work: Workload, launch: Launch, compute: int) -> int:
-    """Bytes of stage 1's chunked loss (`fused_loss.cpt_loss`) beside the activations: it keeps
-    the gradient of its input (the final hidden states, or under FSDP/DeepSpeed the [B, T, V]
-    logits, which are then made in full) and of the output layer (float32 [V, H], when trained);
-    the backward scales both into new tensors. Per chunk: the student's float32 logits,
-    log-softmax and gradient, and the teacher's logits (plus its softmax on a GPU; the CPU kernel
-    works a row at a time); with several chunks, the next chunk's logits are made while the last
-    chunk's are still held, so at least 4 [chunk, V] float32 tensors."""
+def _chunked_loss(shape: ModelShape, work: Workload, launch: Launch, compute: int) -> int:
+    """Bytes of stage 1's chunked loss (`fused_loss.cpt_loss`; SFT's too, without a teacher)
+    beside the activations: it keeps the gradient of its input (the final hidden states, or under
+    FSDP/DeepSpeed the [B, T, V] logits, which are then made in full) and of the output layer
+    (float32 [V, H], when trained); the backward scales both into new tensors. Per chunk: the
+    student's float32 logits, log-softmax and gradient, and the teacher's logits (plus its softmax
+    on a GPU; the CPU kernel works a row at a time); with several chunks, the next chunk's logits
+    are made while the last chunk's are still held, so at least 4 [chunk, V] float32 tensors."""
     tokens = work.batch * work.length
     if launch.mode in ("fsdp", "zero1", "zero2", "zero3"):
         logits = tokens * shape.vocab * compute
@@ -382,10 +383,11 @@ def _cpt_loss(shape: ModelShape, work: Workload, launch: Launch, compute: int) -
     return max(during, backward, teacher_forward)
 
 
-# Bytes per element of a [rows, T, V] logits tensor while a model's own loss (SFT), DPO's
-# response log-probs or a scoring pass use it: the logits, their float32 copy (a no-op in float32)
-# or the scored positions' copy, and the float32 log-softmax; in the backward, the log-softmax's
-# output, the incoming gradient and the outgoing one. 12 either way, in float32 and in bf16.
+# Bytes per element of a [rows, T, V] logits tensor while DPO's response log-probs or a scoring
+# pass use it (they are made at the scored positions only: this counts every position scored):
+# the logits, their float32 copy (a no-op in float32) or the scored positions' copy, and the
+# float32 log-softmax; in the backward, the log-softmax's output, the incoming gradient and the
+# outgoing one. 12 either way, in float32 and in bf16.
 LOGITS_BYTES = 12
 
 
@@ -442,9 +444,9 @@ def estimate_stage(shape: ModelShape, work: Workload, launch: Launch) -> StageMe
         frozen = frozen // launch.processes + (outside + 2 * shape.layer_params) * work.storage
     full, checkpointed = _activations(shape, work, compute)
     acts = checkpointed if work.checkpointing else full
-    if work.stage.startswith("cpt"):
-        loss = _cpt_loss(shape, work, launch, compute)
-    else:  # the model's own loss (SFT), DPO's log-probs (and a reference model's)
+    if work.stage.startswith("cpt") or work.stage == "sft":  # SFT: `align.sft.SFTTrainer`
+        loss = _chunked_loss(shape, work, launch, compute)
+    else:  # DPO's log-probs (and a reference model's) at the response positions, at most all
         loss = (1 + work.frozen_models) * tokens * shape.vocab * LOGITS_BYTES
     other = gathered + context
     held = gradients if work.accumulation > 1 else 0  # module docstring
@@ -464,6 +466,9 @@ def workloads(cfg: Config) -> list[Workload]:
         storage=DTYPE_BYTES[cfg.model.dtype],
         masked=cfg.model.attn_implementation != "flash_attention_2",
     )
+    # selection, SFT and DPO run their right-padded batches without an attention mask
+    # (`responses.padded_forward_inputs`): SDPA keeps its causal path, with no [T, T] mask
+    padded = {**common, "masked": False}
 
     def training(tc) -> dict:
         return dict(
@@ -489,11 +494,11 @@ def workloads(cfg: Config) -> list[Workload]:
                 **common,
             )
         )
-    stages.append(Workload("select", False, cfg.select.batch_size, cfg.select.max_length, **common))
+    stages.append(Workload("select", False, cfg.select.batch_size, cfg.select.max_length, **padded))
     tc = cfg.sft.training
     stages.append(
         Workload(
-            "sft", True, tc.per_device_batch_size, cfg.sft.max_length, **training(tc), **common
+            "sft", True, tc.per_device_batch_size, cfg.sft.max_length, **training(tc), **padded
         )
     )
     if stage_arms(cfg, "dpo"):
@@ -506,7 +511,7 @@ def workloads(cfg: Config) -> list[Workload]:
                 cfg.dpo.max_length,
                 frozen_models=int(not cfg.dpo.precompute_ref),
                 **training(tc),
-                **common,
+                **padded,
             )
         )
     # the base model stays loaded beside each stage's; with a probe both score the same batch

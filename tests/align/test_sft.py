@@ -1,11 +1,12 @@
+import copy
 import json
 import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from mixcpt.align.sft import run_sft, sft_features
+from mixcpt.align.sft import SFTTrainer, run_sft, sft_features
 from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.errors import ConfigError
 from mixcpt.models import load_model
@@ -152,3 +153,25 @@ def test_bf16_sft_updates_the_weights_as_much_as_float32(make_cfg, run, monkeypa
     float32 = trained_update(make_cfg, run, monkeypatch, "float32").norm().item()
     bfloat16 = trained_update(make_cfg, run, monkeypatch, "bfloat16").norm().item()
     assert bfloat16 == pytest.approx(float32, rel=0.1)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 40])
+def test_sft_loss_and_gradient_are_the_model_s_own(
+    tiny_model, tiny_tokenizer, pool_rows, tmp_path, num_items_in_batch
+):
+    """`SFTTrainer`'s fused loss (the output layer on response positions only) has the value and
+    the gradient of the model's own loss, which the plain Trainer would take."""
+    rows = sft_features(pool_rows[0][:4], tiny_tokenizer, max_length=64, source="pool")
+    batch = pad_batch(rows, tiny_tokenizer.pad_token_id)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    results = []
+    for cls in (Trainer, SFTTrainer):
+        model = copy.deepcopy(tiny_model).train()
+        trainer = cls(model=model, args=args)
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (own, own_grads), (fused, fused_grads) = results
+    assert fused == pytest.approx(own, rel=1e-5)
+    for a, b in zip(fused_grads, own_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

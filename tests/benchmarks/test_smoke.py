@@ -66,6 +66,21 @@ def test_benchmark_prints_one_json_line_of_positive_ratios(script, args, ratios)
     assert all(figures[name] > 0 for name in ratios)
 
 
+def test_stage_floors_prints_one_json_line_per_stage_with_its_ratio():
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "stage_floors.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    stages = ["data", "cache", "select", "mc", "ppl", "generate", "sft", "dpo"]
+    assert [figures["stage"] for figures in lines] == stages
+    assert all(figures["ratio"] > 0 and figures["cpu_ratio"] > 0 for figures in lines)
+
+
 def test_plan_vs_measured_prints_predicted_and_measured(tmp_path):
     run = subprocess.run(
         [

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.evaluate.scoring import (
     encode,
     generate_answers,
@@ -14,6 +15,7 @@ from mixcpt.evaluate.scoring import (
     score_multiple_choice,
     score_perplexity,
 )
+from mixcpt.responses import features, response_logps, score_responses
 
 ITEMS = [
     {"question": "Where was Alice born?", "choices": ["Paris", "London town", "Vega"], "answer": 0},
@@ -153,3 +155,42 @@ def test_kl_to_base_zero_for_same_model_and_matches_direct_kl(tiny_model, tiny_t
     assert kl_to_base(tiny_model, other, tiny_tokenizer, texts, batch_size=2) == pytest.approx(
         total / count, rel=1e-5
     )
+
+
+def test_rows_feeding_the_same_ids_share_one_forward_with_the_same_scores(
+    tiny_model, tiny_tokenizer
+):
+    """One-token continuations of one context feed the same ids (the context): one forward for
+    all of them, as lm-evaluation-harness does, and the scores of separate forwards."""
+    context = tiny_tokenizer("Where was Alice born? Answer:").input_ids
+    rows = [features(context, [t]) for t in (5, 9, 17)]  # three one-token answers
+    rows.append(features(context, [5, 9]))  # feeds context + [5]: a forward of its own
+    fed = []
+    hook = tiny_model.register_forward_hook(
+        lambda _m, _a, kwargs, _out: fed.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    try:
+        sums, counts = score_responses(tiny_model, rows, 8, tiny_tokenizer.pad_token_id, "t")
+    finally:
+        hook.remove()
+    assert fed == [2]  # one forward of the two distinct inputs
+    expected = [direct_logprob(tiny_model, r["input_ids"], len(r["input_ids"]) - len(context))
+                for r in rows]  # fmt: skip
+    assert sums == pytest.approx(expected, abs=1e-5) and counts == [1, 1, 1, 2]
+
+
+def test_response_logps_from_hidden_states_equal_those_from_logits(tiny_model):
+    torch.manual_seed(0)
+    ids = torch.randint(3, tiny_model.config.vocab_size, (3, 12))
+    labels = ids.clone()
+    labels[:, :7] = IGNORE_INDEX
+    labels[2, 10:] = IGNORE_INDEX  # right padding
+    out = tiny_model(input_ids=ids, output_hidden_states=True)
+    from_logits = response_logps(out.logits, labels)
+    from_hidden = response_logps(out.hidden_states[-1], labels, tiny_model.lm_head.weight)
+    torch.testing.assert_close(from_hidden[0], from_logits[0], atol=1e-5, rtol=0)
+    assert torch.equal(from_hidden[1], from_logits[1])
+    # rows 0 and 2 scored on row 0's logits
+    shared = response_logps(out.logits, labels[[0, 2]], logit_rows=torch.tensor([0, 0]))
+    assert shared[0][0] == from_logits[0][0]
+    assert shared[1].tolist() == [5, 3]

@@ -1,5 +1,5 @@
-"""The fused CPU kernel for the LSSD target: the same numbers as the eager path it replaces, built
-once and reused, and a clean fallback where it cannot be built."""
+"""The fused CPU kernels (the LSSD target, the teacher cache's top-k): the same numbers as the
+eager paths they replace, built once and reused, and a clean fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mixcpt.losses import logit_swap
 from mixcpt.train import lssd_cpu_kernel
 from mixcpt.train.fused_loss import StudentChunk, SwappedTeacher
+from mixcpt.train.teacher_cache import top_k_logprobs
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None, reason="no C compiler on this machine"
@@ -136,3 +137,72 @@ def test_the_kernel_can_be_turned_off(fresh_library, monkeypatch):
     monkeypatch.setenv("MIXCPT_CPU_KERNEL", "0")
     assert fresh_library() is None
     assert not list(lssd_cpu_kernel.cache_folder().glob("*"))
+
+
+def reference_top_k(z: torch.Tensor, k: int):
+    """float64 log-softmax; top k by value, ties by lower index (a stable sort); the exact log of
+    the rest's mass."""
+    log_q = z.double().log_softmax(-1)
+    order = torch.sort(-log_q, dim=-1, stable=True).indices[:, :k]
+    tail = log_q.scatter(-1, order, float("-inf")).logsumexp(-1)
+    return log_q.gather(-1, order), order, tail
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "V,k,scale,rounded",
+    [
+        (8192, 64, 1.0, False),  # the cache's usual case
+        (1000, 5, 30.0, False),  # a ragged last group; peaked: tails near e^-250
+        (8192, 64, 3.0, True),  # many ties, inside the top k and across its edge
+        (37, 36, 1.0, False),  # k = V - 1; fewer groups than k + 1
+        (40, 1, 1.0, True),
+    ],
+)
+def test_teacher_top_k_matches_a_float64_reference(V, k, scale, rounded):
+    g = torch.Generator().manual_seed(V + k)
+    z = (torch.randn(64, 16, generator=g) @ torch.randn(V, 16, generator=g).T) * scale
+    z = z.round() if rounded else z
+    values, ids, tail = lssd_cpu_kernel.teacher_top_k(z, k)
+    ref_values, ref_ids, ref_tail = reference_top_k(z, k)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(values.double(), ref_values, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(tail.double(), ref_tail, atol=1e-5, rtol=1e-6)
+
+
+@needs_compiler
+def test_teacher_top_k_with_masked_logits_and_a_nan():
+    z = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    z[0, 10:] = float("-inf")  # 10 finite logits: the top 5 and a tail of 5
+    z[1, :] = float("-inf")
+    z[1, 3] = 0.0  # one finite logit: the rest of the top k and the tail have no mass
+    z[2, 50] = float("nan")
+    values, ids, tail = lssd_cpu_kernel.teacher_top_k(z, 5)
+    ref_values, ref_ids, ref_tail = reference_top_k(z[:1], 5)
+    assert torch.equal(ids[0], ref_ids[0])
+    torch.testing.assert_close(values[0].double(), ref_values[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tail[0].double(), ref_tail[0], atol=1e-6, rtol=0)
+    assert ids[1, 0] == 3 and values[1, 0] == 0 and torch.isneginf(values[1, 1:]).all()
+    assert torch.isneginf(tail[1])
+    assert torch.isnan(values[2]).all() and torch.isnan(tail[2])  # as the eager logsumexp
+
+
+@needs_compiler
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_cache_top_k_takes_the_kernel_on_the_cpu_and_agrees_with_the_eager_path(
+    temperature, monkeypatch
+):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(300, 16, generator=g), torch.randn(4096, 16, generator=g)
+    calls = []
+    kernel = lssd_cpu_kernel.teacher_top_k
+    monkeypatch.setattr(
+        lssd_cpu_kernel, "teacher_top_k", lambda z, k: calls.append(z.shape) or kernel(z, k)
+    )
+    fused = top_k_logprobs(hidden, weight, 64, temperature, chunk_size=128)
+    assert calls == [(128, 4096), (128, 4096), (44, 4096)]
+    monkeypatch.setattr(lssd_cpu_kernel, "top_k_applies", lambda z, k: False)
+    eager = top_k_logprobs(hidden, weight, 64, temperature, chunk_size=128)
+    assert torch.equal(fused[1], eager[1])
+    for got, expected in ((fused[0], eager[0]), (fused[2], eager[2])):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)

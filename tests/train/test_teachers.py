@@ -12,6 +12,7 @@ from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
 from mixcpt.losses import next_token_labels
 from mixcpt.models import load_model
+from mixcpt.train import teacher_cache
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache, top_k_logprobs
@@ -177,6 +178,26 @@ def test_cache_building_resumes_where_it_stopped(blocks, teacher_model, tmp_path
     )
     assert np.all(resumed.logprobs[:2] == 0)  # not recomputed
     np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
+
+
+@pytest.mark.parametrize("sync_seconds,marked", [(0.0, [0, 2, 4]), (1e9, [0, 0, 0])])
+def test_cache_progress_is_marked_every_sync_interval_and_at_the_end(
+    blocks, teacher_model, tmp_path, monkeypatch, sync_seconds, marked
+):
+    """The maps are synced and their blocks marked in done.npy at most every SYNC_SECONDS (a sync
+    waits on the disk) and always after the last batch, so a finished cache is complete on disk."""
+    monkeypatch.setattr(teacher_cache, "SYNC_SECONDS", sync_seconds)
+    folder, seen = tmp_path / "c", []
+    compute = teacher_cache.teacher_top_k
+
+    def spy(*args, **kwargs):  # the blocks marked done when each batch begins
+        seen.append(int(np.load(folder / "done.npy").sum()))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "teacher_top_k", spy)
+    build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
+    assert seen == marked  # 5 blocks: batches of 2, 2 and 1
+    assert np.load(folder / "done.npy").all()
 
 
 def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_model, tmp_path):

@@ -29,6 +29,7 @@ from mixcpt.responses import (
     features,
     fit_to_length,
     pad_batch,
+    padded_forward_inputs,
     response_logps,
     score_responses,
     share_prompt,
@@ -36,7 +37,9 @@ from mixcpt.responses import (
 from mixcpt.rundir import RunDir
 from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
+from mixcpt.train.forward import LossForward
 from mixcpt.train.resumable import train_and_save, trained_samples
+from mixcpt.train.trainer import shards_parameters
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +106,30 @@ class DPOTrainer(Trainer):
             else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         )
         self.reward_logs = defaultdict(list)
+        # The output layer runs on the response positions only, from the final hidden states, as
+        # in `score_responses` (which computes the precomputed reference log-probs): FSDP and
+        # DeepSpeed ZeRO-3 gather its weight only inside forward, so they use logits.
+        hidden = not shards_parameters(self)
+        self.policy_forward = LossForward(self.model, hidden=hidden)
+        self.ref_forward = None if ref_model is None else LossForward(ref_model, hidden=hidden)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).logits  # [2B, T, V]
-        policy_logps, _ = response_logps(logits, inputs["labels"])  # [2B]
+        batch = padded_forward_inputs(inputs)
+        if return_outputs:  # the caller wants the logits (prediction_step): make them
+            outputs = model(**batch)
+            rows, weight = outputs.logits, None  # [2B, T, V]
+        else:
+            rows, weight, outputs = self.policy_forward(model, inputs, batch)  # [2B, T, H | V]
+        with self.accelerator.autocast():  # the output layer in the forward's precision
+            policy_logps, _ = response_logps(rows, inputs["labels"], weight)  # [2B]
         policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B], [B]
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            with torch.no_grad():
-                ref_logits = self.ref_model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).logits  # [2B, T, V]
-                ref_chosen, ref_rejected = response_logps(ref_logits, inputs["labels"])[0].chunk(2)
+            with torch.no_grad(), self.accelerator.autocast():
+                ref_rows, ref_weight, _ = self.ref_forward(self.ref_model, inputs, batch)
+                ref_logps, _ = response_logps(ref_rows, inputs["labels"], ref_weight)
+            ref_chosen, ref_rejected = ref_logps.chunk(2)
         loss, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta
         )
@@ -132,7 +144,7 @@ class DPOTrainer(Trainer):
         self.reward_logs["rewards/margins"].append(
             (chosen_rewards - rejected_rewards).mean().item()
         )
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"logits": outputs.logits}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update({name: sum(values) / len(values) for name, values in self.reward_logs.items()})

@@ -1,11 +1,14 @@
 """Stage 2b: supervised fine-tuning on instructions, loss on response tokens only (design §1).
 
-The plain `transformers.Trainer` does it: the collator right-pads and labels the prompt
-IGNORE_INDEX, and the model's own loss then averages over response tokens (normalised across
-gradient-accumulation steps by the Trainer). No subclass is needed. TRL's SFTTrainer was not
-used because it truncates the whole sequence (keep_start; keep_end is deprecated), while we
-must cut the prompt from the left and keep the response, and it would add a second
-tokenisation path beside the one selection, DPO and evaluation share (mixcpt.responses).
+The collator right-pads and labels the prompt IGNORE_INDEX; the loss is the mean cross-entropy
+over response tokens (normalised across gradient-accumulation steps by the Trainer), the value
+of the model's own loss. `SFTTrainer` computes it with stage 1's fused chunked cross-entropy
+(`fused_loss.cpt_loss`) from the final hidden states, so the output layer runs on response
+positions only and the [B, T, V] logits are never made (benchmarks/RESULTS.md: against TRL's
+SFTTrainer). TRL's SFTTrainer was not used because it truncates the whole sequence (keep_start;
+keep_end is deprecated), while we must cut the prompt from the left and keep the response, and it
+would add a second tokenisation path beside the one selection, DPO and evaluation share
+(mixcpt.responses).
 """
 
 from __future__ import annotations
@@ -17,13 +20,24 @@ from transformers import Trainer
 from mixcpt.align.samples import alignment_inputs
 from mixcpt.config import Config
 from mixcpt.config.arms import find_arm
+from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.fingerprints import begin
+from mixcpt.losses import next_token_labels
 from mixcpt.models import model_from
-from mixcpt.responses import encode_chat, features, fit_to_length, pad_batch
+from mixcpt.responses import (
+    encode_chat,
+    features,
+    fit_to_length,
+    pad_batch,
+    padded_forward_inputs,
+)
 from mixcpt.rundir import RunDir
 from mixcpt.stage_inputs import file_hash
 from mixcpt.train.arguments import training_arguments
+from mixcpt.train.forward import LossForward
+from mixcpt.train.fused_loss import cpt_loss
 from mixcpt.train.resumable import train_and_save, trained_samples
+from mixcpt.train.trainer import shards_parameters
 
 
 def sft_features(
@@ -36,6 +50,40 @@ def sft_features(
         for row in rows
     ]
     return [features(*sample[0]) for sample in fit_to_length(encoded, max_length, source)]
+
+
+class SFTTrainer(Trainer):
+    """Trainer whose loss is the model's own (mean cross-entropy over the labelled tokens, summed
+    and divided by Trainer's `num_items_in_batch` when it counts them), computed by
+    `fused_loss.cpt_loss` from the final hidden states (`train.forward.LossForward`, which falls
+    back to logits where the output layer is not a plain linear one)."""
+
+    def __init__(self, *args, loss_chunk_size: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # Trainer counts the labelled tokens of each step
+        self.loss_chunk_size = loss_chunk_size
+        # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward
+        self.sft_forward = LossForward(self.model, hidden=not shards_parameters(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:  # the caller wants the logits (prediction_step): the model's own loss
+            return super().compute_loss(model, inputs, True, num_items_in_batch)
+        rows, weight, _ = self.sft_forward(model, inputs, padded_forward_inputs(inputs))
+        labels = next_token_labels(inputs["labels"])  # [B, T]: the target of position t
+        with self.accelerator.autocast():  # the output layer in the forward's precision
+            result = cpt_loss(
+                rows, labels, None, weight, lssd_weight=0.0, chunk_size=self.loss_chunk_size
+            )
+        loss = result.loss  # mean over this micro-batch's labelled tokens
+        if num_items_in_batch is not None:  # -> their sum / the labelled tokens of the step
+            loss = loss * (labels != IGNORE_INDEX).sum() / num_items_in_batch
+            # the count spans processes, and DDP averages gradients (as Trainer.compute_loss
+            # scales a model's own loss)
+            if self.args.average_tokens_across_devices:
+                loss = loss * (
+                    self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu
+                )
+        return loss
 
 
 def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
@@ -55,7 +103,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     args = training_arguments(
         cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
     )
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_set,

@@ -1,4 +1,5 @@
-"""The forward pass of stage 1's student and teacher over a packed batch.
+"""The forward pass of stage 1's student and teacher over a packed batch (and of the response
+scorer and the alignment losses over right-padded ones, `mixcpt.responses`).
 
 Packed blocks hold several documents; position ids restart at each, and transformers then masks
 attention block-diagonally (see `mixcpt.data.packing`). The vocabulary-wide loss wants the
@@ -51,10 +52,17 @@ class LossForward:
         self.decoder = decoder
         self.checked = False
 
-    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        forward_inputs: dict | None = None,
+    ):
         """Returns (rows, output weight or None, model outputs): rows are hidden states [B, T, H]
-        with the weight [V, H], or logits [B, T, V] with None."""
-        batch = packed_forward_inputs(inputs)
+        with the weight [V, H], or logits [B, T, V] with None. The forward's arguments are those of
+        a packed batch (`packed_forward_inputs`), or `forward_inputs` (e.g. a right-padded batch,
+        `responses.padded_forward_inputs`)."""
+        batch = packed_forward_inputs(inputs) if forward_inputs is None else forward_inputs
         if self.head is not None and isinstance(self.head.weight, DTensor):
             # sharded by FSDP2: outside forward this process holds only its rows of the weight
             self.head = None

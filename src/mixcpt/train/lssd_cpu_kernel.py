@@ -1,10 +1,12 @@
-"""The fused CPU kernel for the LSSD target (`lssd_cpu_kernel.c`), built on first use.
+"""The fused CPU kernels of the teacher's vocabulary-wide work (`lssd_cpu_kernel.c`), built on
+first use.
 
 `fused_loss.SwappedTeacher.chunk` calls `swapped_target` when `applies` says so (CPU, float32,
 contiguous), and otherwise runs its eager PyTorch code, which is also the reference the tests hold
-the kernel to. Why a kernel: eager PyTorch makes five or six passes over a [chunk, V] tensor that
-has left the cache; the kernel does all of them a row at a time while the row is in L1/L2
-(timings in benchmarks/RESULTS.md).
+the kernel to; likewise `teacher_cache.top_k_logprobs` calls `teacher_top_k` (the teacher cache's
+top-k) when `top_k_applies`. Why kernels: eager PyTorch makes five to seven passes over a [chunk,
+V] tensor that has left the cache; a kernel does all of them a row at a time while the row is in
+L1/L2 (timings in benchmarks/RESULTS.md).
 
 The C source is compiled once per source, compiler and CPU (`-march=native`) with the system C
 compiler (`$CC`, else `cc`) into `$XDG_CACHE_HOME/mixcpt/kernels` (default `~/.cache`), written
@@ -103,6 +105,12 @@ def library() -> ctypes.CDLL | None:
         + [ctypes.c_void_p] * 3
         + [ctypes.c_int]
     )
+    lib.teacher_top_k.restype = None
+    lib.teacher_top_k.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 5
+        + [ctypes.c_int]
+    )
     return lib
 
 
@@ -149,3 +157,43 @@ def swapped_target(
         threads,
     )
     return kl.sum().to(log_p.dtype), (top1 == labels).sum()
+
+
+def top_k_applies(z: torch.Tensor, k: int) -> bool:
+    """Whether `teacher_top_k` takes these [c, V] logits: float32, contiguous, on the CPU,
+    0 < k < V, and the kernel could be built."""
+    return (
+        z.device.type == "cpu"
+        and z.dtype == torch.float32
+        and z.dim() == 2
+        and z.is_contiguous()
+        and 0 < k < z.shape[1]
+        and library() is not None
+    )
+
+
+def teacher_top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `teacher_cache.top_k_logprobs` on logits z [c, V] (temperature already applied):
+    (log-probabilities [c, k] most likely first, their ids [c, k], log of the remaining mass [c]),
+    float32, int64 and float32."""
+    rows, v = z.shape
+    threads = torch.get_num_threads()
+    # each thread's candidates, up to V (float value, int64 index) entries of 16 bytes, and its
+    # V / 16 + 1 group maxima
+    candidates = torch.empty(threads * v * 2, dtype=torch.int64)
+    maxima = torch.empty(threads * (v // 16 + 1))
+    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
+    tail = torch.empty(rows)
+    library().teacher_top_k(
+        z.data_ptr(),
+        rows,
+        v,
+        k,
+        values.data_ptr(),
+        ids.data_ptr(),
+        tail.data_ptr(),
+        candidates.data_ptr(),
+        maxima.data_ptr(),
+        threads,
+    )
+    return values, ids, tail

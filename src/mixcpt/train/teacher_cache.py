@@ -38,6 +38,7 @@ from mixcpt.data.packing import PackedBlocks
 from mixcpt.errors import ConfigError, DiskFullError
 from mixcpt.models import vocab_size
 from mixcpt.processes import process_state
+from mixcpt.train import lssd_cpu_kernel
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import SwappedTopK
 from mixcpt.train.teachers import Teacher
@@ -134,12 +135,17 @@ def top_k_logprobs(
 
     rows: hidden states [N, H] with the output layer's `weight` [V, H], or logits [N, V] with None.
     Returns (log-probabilities [N, k] most likely first, their ids [N, k], the log of the remaining
-    mass [N], -inf when k = V), float32 and int64."""
+    mass [N], -inf when k = V), float32 and int64. On the CPU (float32, k < V) the fused kernel
+    `lssd_cpu_kernel.teacher_top_k` does the vocabulary-wide work; elsewhere eager PyTorch."""
     values, ids, tails = [], [], []
     for start in range(0, len(rows), chunk_size):
         x = rows[start : start + chunk_size]
         z = (x if weight is None else x @ weight.T).float()  # [c, V]
         z = z if temperature == 1 else z / temperature
+        if lssd_cpu_kernel.top_k_applies(z, k):  # CPU: the fused kernel, three passes over a row
+            for out, part in zip((values, ids, tails), lssd_cpu_kernel.teacher_top_k(z, k)):
+                out.append(part)
+            continue
         lse = z.logsumexp(-1)  # [c]
         top_z, top_ids = z.topk(k, dim=-1)  # [c, k]
         values.append(top_z - lse.unsqueeze(-1))
