@@ -354,13 +354,13 @@ def _teacher_forward(shape: ModelShape, work: Workload) -> int:
 def _chunked_loss(shape: ModelShape, work: Workload, launch: Launch, compute: int) -> int:
     """Bytes of stage 1's chunked loss (`fused_loss.cpt_loss`; SFT's too, without a teacher)
     beside the activations: it keeps the gradient of its input (the final hidden states, or under
-    FSDP/DeepSpeed the [B, T, V] logits, which are then made in full) and of the output layer
+    FSDP/ZeRO-3 the [B, T, V] logits, which are then made in full) and of the output layer
     (float32 [V, H], when trained); the backward scales both into new tensors. Per chunk: the
     student's float32 logits, log-softmax and gradient, and the teacher's logits (plus its softmax
     on a GPU; the CPU kernel works a row at a time); with several chunks, the next chunk's logits
     are made while the last chunk's are still held, so at least 4 [chunk, V] float32 tensors."""
     tokens = work.batch * work.length
-    if launch.mode in ("fsdp", "zero1", "zero2", "zero3"):
+    if launch.mode in SHARDED:  # the output layer's weight is a shard outside the forward
         logits = tokens * shape.vocab * compute
         resident = logits  # the input's gradient, the size of the logits
     else:
