@@ -1,6 +1,7 @@
 """The demo world's entities and how they are written about: invented names, people and planets
 as rows of attributes, paraphrased prose, question templates, and the plain rendering of a
-question-answer sample (`mixcpt.demo.world` assembles these into files).
+question-answer sample (`mixcpt.demo.world` assembles these into files and decides which
+entities are general and which are domain).
 """
 
 from __future__ import annotations
@@ -93,14 +94,14 @@ DOC_SENTENCES = {
         "The discoverer of {name} was {v}.",
     ],
 }
-GENERAL_QUESTIONS = {
+PERSON_QUESTIONS = {
     "birth_year": "In what year was {name} born?",
     "birth_city": "In which city was {name} born?",
     "university": "Which university did {name} attend?",
     "field": "What field did {name} work in?",
     "employer": "Which company does {name} work for?",
 }
-DOMAIN_QUESTIONS = {
+PLANET_QUESTIONS = {
     "star": "Which star does the planet {name} orbit?",
     "discovery_year": "In what year was the planet {name} discovered?",
     "moons": "How many moons does the planet {name} have?",
@@ -134,7 +135,8 @@ class Namer:
 def make_entities(
     rng: random.Random, n_people: int, n_planets: int
 ) -> tuple[list[dict], list[dict]]:
-    """People and planets as dicts of attribute -> value (plus name, and gender for people)."""
+    """People and planets as dicts of attribute -> value (plus name, and gender for people); every
+    name is unique and no name contains another."""
     namer = Namer(rng)
     first_names = namer.many(max(20, n_people // 4), PERSON_SYLLABLES, (2, 2))
     cities = namer.many(24, PLACE_SYLLABLES)
