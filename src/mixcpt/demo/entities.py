@@ -175,13 +175,19 @@ def make_entities(
 
 # ---- rendering ------------------------------------------------------------------------------
 def prose(
-    rng: random.Random, entity: dict, sentences: dict[str, list[str]], pronoun: str, poss: str
+    rng: random.Random,
+    entity: dict,
+    sentences: dict[str, list[str]],
+    pronoun: str | None,
+    poss: str,
 ) -> str:
     """One paraphrase: every attribute once, in random order, each from a random template; the
-    first sentence names the entity, later ones use the name or the pronoun at random."""
+    first sentence names the entity, later ones use the name or the pronoun at random (always the
+    name when `pronoun` is None)."""
     parts = []
     for i, attr in enumerate(rng.sample(list(sentences), len(sentences))):
-        subject = entity["name"] if i == 0 or rng.random() < 0.5 else pronoun
+        named = pronoun is None or i == 0 or rng.random() < 0.5
+        subject = entity["name"] if named else pronoun
         parts.append(
             rng.choice(sentences[attr]).format(
                 s=subject, name=entity["name"], poss=poss, v=entity[attr]
@@ -200,7 +206,10 @@ def planet_doc(rng: random.Random, planet: dict) -> str:
         attrs = rng.sample(list(DOC_SENTENCES), len(DOC_SENTENCES))
         entries = " ".join(f"{a.replace('_', ' ').capitalize()}: {planet[a]}." for a in attrs)
         return f"Planet {planet['name']}. {entries}"
-    return prose(rng, planet, DOC_SENTENCES, "It", "its")
+    # The name in every sentence, never "It": a fact stated next to the name is stored where a
+    # question about that name can find it ("fullname" augmentation in Physics of Language Models
+    # 3.1 raised QA accuracy on entities known only from their texts).
+    return prose(rng, planet, DOC_SENTENCES, None, "its")
 
 
 def paraphrases(

@@ -60,13 +60,16 @@ class WorldSize:
 
 
 # fmt: off
+# Chosen by experiment (benchmarks/demo_world_sizing.py, docs/demo-world-sizing.md): few domain
+# planets with many paraphrases each are learnt within the stage-1 budget; many planets with few
+# paraphrases are not.
 SIZES = {
-    "default": WorldSize(people=120, general_planets=120, domain_planets=60, bios_per_person=4,
-                         docs_per_general_planet=4, docs_per_domain_planet=8, tasks_per_kind=100,
-                         preferences=400, general_bench=200, probe_bios=40),
-    "quick": WorldSize(people=60, general_planets=60, domain_planets=24, bios_per_person=3,
-                       docs_per_general_planet=3, docs_per_domain_planet=6, tasks_per_kind=30,
-                       preferences=120, general_bench=60, probe_bios=15),
+    "default": WorldSize(people=60, general_planets=60, domain_planets=24, bios_per_person=4,
+                         docs_per_general_planet=4, docs_per_domain_planet=12, tasks_per_kind=60,
+                         preferences=200, general_bench=120, probe_bios=30),
+    "quick": WorldSize(people=30, general_planets=30, domain_planets=12, bios_per_person=3,
+                       docs_per_general_planet=3, docs_per_domain_planet=8, tasks_per_kind=20,
+                       preferences=80, general_bench=60, probe_bios=15),
 }
 # fmt: on
 
