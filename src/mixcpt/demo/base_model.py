@@ -3,8 +3,9 @@ pre-trained on the general world (bios and planet documents mixed with QA about 
 entity and the other tasks, as plain text) with plain causal-LM cross-entropy.
 
 It plays the part of a pretrained general model: it knows the general people and planets and
-answers questions about them, and it has never seen a domain planet. Built once and cached: a folder whose `mixcpt_base.json`
-holds the same fingerprint (world contents + recipe + seed) is reused as it is.
+answers questions about them, and it has never seen a domain planet. Built once and cached: a
+folder whose `mixcpt_base.json` holds the same fingerprint (world contents + recipe + seed) is
+reused as it is.
 """
 
 from __future__ import annotations
