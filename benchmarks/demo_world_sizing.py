@@ -112,16 +112,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
 
-    # the sizes under test, as one more entry of the demo's size tables
+    # the sizes under test replace the --from entry of the demo's size tables (in this process
+    # only), so that a base built here with the demo's own sizes is the one `mixcpt demo` reuses
     sz = replace(world.SIZES[a.start], **overrides(a.world, world.WorldSize))
     recipe = replace(base_model.RECIPES[a.start], **overrides(a.base, base_model.BaseRecipe))
-    world.SIZES["sizing"], base_model.RECIPES["sizing"] = sz, recipe
+    world.SIZES[a.start], base_model.RECIPES[a.start] = sz, recipe
 
     run = RunDir(a.output)
     run.root.mkdir(parents=True, exist_ok=True)
-    files = world.write_world(run.root / "world", seed=a.seed, size="sizing")
+    files = world.write_world(run.root / "world", seed=a.seed, size=a.start)
     wall, cpu = time.perf_counter(), time.process_time()
-    base_model.build_base_model(files, run.base, seed=a.seed, size="sizing")
+    base_model.build_base_model(files, run.base, seed=a.seed, size=a.start)
     base_record = json.loads((run.base / base_model.MARKER).read_text())
     base_times = {
         "wall_s": round(time.perf_counter() - wall, 1),  # ~0 when the cached base was reused

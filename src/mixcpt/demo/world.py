@@ -64,7 +64,7 @@ class WorldSize:
 # planets with many paraphrases each are learnt within the stage-1 budget; many planets with few
 # paraphrases are not.
 SIZES = {
-    "default": WorldSize(people=60, general_planets=60, domain_planets=24, bios_per_person=4,
+    "default": WorldSize(people=60, general_planets=60, domain_planets=32, bios_per_person=4,
                          docs_per_general_planet=4, docs_per_domain_planet=12, tasks_per_kind=60,
                          preferences=200, general_bench=120, probe_bios=30),
     "quick": WorldSize(people=30, general_planets=30, domain_planets=12, bios_per_person=3,
@@ -128,6 +128,8 @@ class _Split:
         return _facts(self.pool_people, self.pool_planets)
 
     def bench_facts(self) -> list[tuple[dict, str, dict]]:
+        """(entity, attribute, its question templates) for every fact the general benchmarks
+        may ask."""
         return _facts(self.bench_people, self.bench_planets)
 
 
@@ -158,6 +160,8 @@ def _split(people: list[dict], planets: list[dict], sz: WorldSize) -> _Split:
 
 @dataclass(frozen=True)
 class _Texts:
+    """The paraphrased prose of the world (see `_paraphrased_texts`)."""
+
     bios: list[list[str]]  # the training bios of each person
     heldout_bios: list[str]  # one per person, unlike all of that person's training bios
     general_docs: list[str]  # documents about the general planets (pretraining)
@@ -167,6 +171,8 @@ class _Texts:
 def _paraphrased_texts(
     rng: random.Random, people: list[dict], split: _Split, sz: WorldSize
 ) -> _Texts:
+    """Every person's bios, every general planet's and every domain planet's documents, each a set
+    of distinct paraphrases of the sizes `sz` asks for."""
     bios = [paraphrases(rng, bio, p, sz.bios_per_person) for p in people]
     heldout_bios = [paraphrases(rng, bio, p, 1, avoid=set(b))[0] for p, b in zip(people, bios)]
     general_planets = split.pool_planets + split.bench_planets
