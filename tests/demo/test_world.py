@@ -5,8 +5,8 @@ from dataclasses import fields
 import pytest
 
 from mixcpt.data.render import render_plain_prompt, render_plain_response
-from mixcpt.demo.entities import DEMO_TEMPLATE, DOMAIN_QUESTIONS, GENERAL_QUESTIONS, render_plain
-from mixcpt.demo.world import WorldFiles, write_world
+from mixcpt.demo.entities import DEMO_TEMPLATE, render_plain
+from mixcpt.demo.world import QUESTIONS, WorldFiles, write_world
 
 
 def read_jsonl(path):
@@ -36,47 +36,62 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path,
     assert other.fingerprint() != world.fingerprint() == again.fingerprint()
 
 
-def test_heldout_planets_are_only_in_the_domain_corpus_and_benchmarks(world, facts):
-    heldout = facts["split"]["heldout"]
-    assert heldout and set(heldout).isdisjoint(facts["split"]["train"])
-    mentions = re.compile(r"\b(" + "|".join(heldout) + r")\b")
+def mentions_of(names):
+    """A regex matching any of `names` as a whole word."""
+    return re.compile(r"\b(" + "|".join(names) + r")\b")
+
+
+def test_no_domain_entity_is_named_in_any_instruction_preference_or_pretraining_sample(
+    world, facts
+):
+    domain = facts["split"]["domain"]
+    mentions = mentions_of(domain)
     for training_file in (world.instructions, world.preferences, world.general_pretrain):
-        assert not mentions.search(training_file.read_text()), training_file.name
-    domain_text = world.domain.read_text()
-    assert all(re.search(rf"\b{name}\b", domain_text) for name in heldout)
-    asked = {
-        m.group(1)
-        for r in read_jsonl(world.bench_domain_mc)
-        for m in [mentions.search(r["question"])]
-        if m
-    }
-    assert asked == set(heldout)
+        for row in read_jsonl(training_file):
+            assert not mentions.search(json.dumps(row, ensure_ascii=False)), training_file.name
+    domain_names = set(domain)
+    general_planets = [p["name"] for p in facts["planets"] if p["name"] not in domain_names]
+    assert general_planets and mentions_of(general_planets).search(world.instructions.read_text())
 
 
-def test_train_planet_questions_are_in_the_instruction_pool_and_planets_nowhere_else(world, facts):
-    train = set(facts["split"]["train"])
-    asked = {
-        name
-        for r in read_jsonl(world.instructions)
-        for name in train
-        if f" {name} " in r["instruction"]
-    }
-    assert asked == train
-    planet = re.compile(r"\b(" + "|".join(p["name"] for p in facts["planets"]) + r")\b")
-    assert not planet.search(world.general_pretrain.read_text())  # the base never sees a planet
+def test_the_corpus_describes_every_domain_planet_in_several_paraphrases(world, facts):
+    docs = [r["text"] for r in read_jsonl(world.domain)]
+    for name in facts["split"]["domain"]:
+        about = {d for d in docs if re.search(rf"\b{name}\b", d)}
+        assert len(about) >= 3, name
 
 
-def test_general_benchmark_people_are_known_to_the_base_but_absent_from_the_pools(world, facts):
+def test_every_domain_question_is_about_a_domain_planet_and_its_answer_is_in_its_documents(
+    world, facts
+):
+    domain = set(facts["split"]["domain"])
+    planets = {p["name"]: p for p in facts["planets"]}
+    docs = [r["text"] for r in read_jsonl(world.domain)]
+    mentions = mentions_of(domain)
+    items = [(r["question"], r["choices"][r["answer"]]) for r in read_jsonl(world.bench_domain_mc)]
+    items += [(r["prompt"], r["answers"][0]) for r in read_jsonl(world.bench_domain_gen)]
+    asked = set()
+    for question, answer in items:
+        name = mentions.search(question).group(1)
+        asked.add(name)
+        assert answer in planets[name].values()
+        about = [d for d in docs if re.search(rf"\b{name}\b", d)]
+        assert about and all(answer in d for d in about), (question, answer)
+    assert asked == domain  # every domain planet is asked about
+
+
+def test_general_benchmark_entities_are_known_to_the_base_but_absent_from_the_pools(world, facts):
     bench = facts["split"]["general_benchmark"]
     assert bench and set(bench).isdisjoint(facts["split"]["general_pool"])
-    mentions = re.compile(r"\b(" + "|".join(bench) + r")\b")
+    mentions = mentions_of(bench)
     for pool_file in (world.instructions, world.preferences):
         assert not mentions.search(pool_file.read_text()), pool_file.name
-    assert {
-        mentions.search(r["question"]).group(1) for r in read_jsonl(world.bench_general_mc)
-    } <= set(bench)
+    asked = {mentions.search(r["question"]).group(1) for r in read_jsonl(world.bench_general_mc)}
+    assert asked <= set(bench)
     pretrain = world.general_pretrain.read_text()
-    assert all(f"was {name} born?" in pretrain for name in bench)  # the base is taught their QA
+    assert all(
+        f"was {name} born?" in pretrain or f"planet {name} " in pretrain for name in bench
+    )  # the base is taught their QA
 
 
 def test_every_file_parses_in_its_declared_format(world):
@@ -110,7 +125,7 @@ def test_benchmark_answers_are_the_true_values_and_distractors_other_values_of_t
     world, facts
 ):
     truth = {}  # question -> (true value, every value of that attribute)
-    for kind, questions in (("people", GENERAL_QUESTIONS), ("planets", DOMAIN_QUESTIONS)):
+    for kind, questions in QUESTIONS.items():
         for attr, question in questions.items():
             pool = {e[attr] for e in facts[kind]}
             truth.update({question.format(name=e["name"]): (e[attr], pool) for e in facts[kind]})
@@ -123,9 +138,7 @@ def test_benchmark_answers_are_the_true_values_and_distractors_other_values_of_t
 
 def test_general_pretrain_holds_the_qa_in_the_stage1_plain_rendering(world):
     pretrain = {r["text"] for r in read_jsonl(world.general_pretrain)}
-    general = [
-        r for r in read_jsonl(world.instructions) if "planet" not in r["instruction"]
-    ]  # pool people, tasks
+    general = read_jsonl(world.instructions)  # pool people and planets, tasks
     assert general and all(render_plain(r) in pretrain for r in general)
     r = general[0]
     assert render_plain(r) == (

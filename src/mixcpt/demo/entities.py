@@ -1,6 +1,7 @@
 """The demo world's entities and how they are written about: invented names, people and planets
 as rows of attributes, paraphrased prose, question templates, and the plain rendering of a
-question-answer sample (`mixcpt.demo.world` assembles these into files).
+question-answer sample (`mixcpt.demo.world` assembles these into files and decides which
+entities are general and which are domain).
 """
 
 from __future__ import annotations
@@ -93,14 +94,14 @@ DOC_SENTENCES = {
         "The discoverer of {name} was {v}.",
     ],
 }
-GENERAL_QUESTIONS = {
+PERSON_QUESTIONS = {
     "birth_year": "In what year was {name} born?",
     "birth_city": "In which city was {name} born?",
     "university": "Which university did {name} attend?",
     "field": "What field did {name} work in?",
     "employer": "Which company does {name} work for?",
 }
-DOMAIN_QUESTIONS = {
+PLANET_QUESTIONS = {
     "star": "Which star does the planet {name} orbit?",
     "discovery_year": "In what year was the planet {name} discovered?",
     "moons": "How many moons does the planet {name} have?",
@@ -134,7 +135,8 @@ class Namer:
 def make_entities(
     rng: random.Random, n_people: int, n_planets: int
 ) -> tuple[list[dict], list[dict]]:
-    """People and planets as dicts of attribute -> value (plus name, and gender for people)."""
+    """People and planets as dicts of attribute -> value (plus name, and gender for people); every
+    name is unique and no name contains another."""
     namer = Namer(rng)
     first_names = namer.many(max(20, n_people // 4), PERSON_SYLLABLES, (2, 2))
     cities = namer.many(24, PLACE_SYLLABLES)
@@ -173,13 +175,19 @@ def make_entities(
 
 # ---- rendering ------------------------------------------------------------------------------
 def prose(
-    rng: random.Random, entity: dict, sentences: dict[str, list[str]], pronoun: str, poss: str
+    rng: random.Random,
+    entity: dict,
+    sentences: dict[str, list[str]],
+    pronoun: str | None,
+    poss: str,
 ) -> str:
     """One paraphrase: every attribute once, in random order, each from a random template; the
-    first sentence names the entity, later ones use the name or the pronoun at random."""
+    first sentence names the entity, later ones use the name or the pronoun at random (always the
+    name when `pronoun` is None)."""
     parts = []
     for i, attr in enumerate(rng.sample(list(sentences), len(sentences))):
-        subject = entity["name"] if i == 0 or rng.random() < 0.5 else pronoun
+        named = pronoun is None or i == 0 or rng.random() < 0.5
+        subject = entity["name"] if named else pronoun
         parts.append(
             rng.choice(sentences[attr]).format(
                 s=subject, name=entity["name"], poss=poss, v=entity[attr]
@@ -198,7 +206,10 @@ def planet_doc(rng: random.Random, planet: dict) -> str:
         attrs = rng.sample(list(DOC_SENTENCES), len(DOC_SENTENCES))
         entries = " ".join(f"{a.replace('_', ' ').capitalize()}: {planet[a]}." for a in attrs)
         return f"Planet {planet['name']}. {entries}"
-    return prose(rng, planet, DOC_SENTENCES, "It", "its")
+    # The name in every sentence, never "It": a fact stated next to the name is stored where a
+    # question about that name can find it ("fullname" augmentation in Physics of Language Models
+    # 3.1 raised QA accuracy on entities known only from their texts).
+    return prose(rng, planet, DOC_SENTENCES, None, "its")
 
 
 def paraphrases(

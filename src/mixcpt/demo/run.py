@@ -19,8 +19,8 @@ from mixcpt.rundir import RunDir
 
 # What --quick changes (a smaller world, a smaller base, fewer steps): dotted key -> value.
 QUICK = {
-    "cpt.training.max_steps": 300,
-    "cpt.training.save_steps": 100,
+    "cpt.training.max_steps": 150,
+    "cpt.training.save_steps": 50,
     "select.k": 100,
     "sft.training.max_steps": 30,
     "dpo.training.max_steps": 15,

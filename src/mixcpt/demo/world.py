@@ -1,16 +1,19 @@
-"""The demo's synthetic world (design.md §7): seeded, deterministic, written in the input
-formats of §5.
+"""The demo's synthetic world (design.md §7; the claims issue's faithful world): seeded,
+deterministic, written in the input formats of §5.
 
-Two kinds of entities, each a row of attributes:
-- general world: fictional *people* (birth year, birth city, university, field, employer), each
-  described in several paraphrased bios (templates and sentence order vary, so a fact is stored
-  as knowledge rather than as one string), plus question-answer instructions about them. The
-  base learns everyone; the instruction pool asks about half of them, the general benchmarks
+Two kinds of entities, each a row of attributes, described in paraphrased prose (templates and
+sentence order vary, so a fact is stored as knowledge rather than as one string):
+- fictional *people* (birth year, birth city, university, field, employer) and *planets* (star,
+  discovery year, moons, atmosphere, discoverer);
+- the *general* world is every person and the first `general_planets` planets. The base is
+  pretrained on their texts mixed with question-answer pairs about all of them (mixed training of
+  texts and QA is what makes facts extractable, Allen-Zhu & Li, "Physics of Language Models
+  3.1"). The instruction and preference pools ask about half of them, the general benchmarks
   about the other half;
-- domain world: fictional *planets* (star, discovery year, moons, atmosphere, discoverer),
-  described only in the domain corpus. Planets are split into `train` (their QA may be in the
-  instruction pool, which makes knowledge extraction learnable) and `heldout` (asked about only
-  in the benchmarks, never in any training file).
+- the *domain* world is the remaining planets: new planets the base never saw, described only in
+  the domain corpus (several paraphrases each), asked about only in the domain benchmarks. No
+  training file other than the domain corpus names one, so a domain question can be answered
+  only from what the corpus taught, in the answer format general planet questions taught.
 
 `write_world(folder, seed, size)` writes every file; the same seed and size give byte-identical
 files. It reads as its list of steps (entities, split, paraphrased texts, instruction and
@@ -27,8 +30,8 @@ from pathlib import Path
 
 from mixcpt.atomic import atomic_dir
 from mixcpt.demo.entities import (
-    DOMAIN_QUESTIONS,
-    GENERAL_QUESTIONS,
+    PERSON_QUESTIONS,
+    PLANET_QUESTIONS,
     bio,
     facts,
     generation_item,
@@ -45,10 +48,11 @@ from mixcpt.demo.entities import (
 @dataclass(frozen=True)
 class WorldSize:
     people: int
-    planets: int
-    heldout_planets: int
+    general_planets: int  # known to the base; their QA teaches the planet-question format
+    domain_planets: int  # described only in the domain corpus
     bios_per_person: int  # training paraphrases; one more per person is held out for perplexity
-    docs_per_planet: int
+    docs_per_general_planet: int  # in the base's pretraining text
+    docs_per_domain_planet: int  # in the domain corpus
     tasks_per_kind: int  # arithmetic, list reversal, sorting samples each
     preferences: int
     general_bench: int  # items of each general benchmark (multiple choice, generation)
@@ -56,15 +60,20 @@ class WorldSize:
 
 
 # fmt: off
+# Chosen by experiment (benchmarks/demo_world_sizing.py, docs/demo-world-sizing.md): few domain
+# planets with many paraphrases each are learnt within the stage-1 budget; many planets with few
+# paraphrases are not.
 SIZES = {
-    "default": WorldSize(people=120, planets=200, heldout_planets=50, bios_per_person=4,
-                         docs_per_planet=4, tasks_per_kind=100, preferences=400, general_bench=200,
-                         probe_bios=40),
-    "quick": WorldSize(people=60, planets=60, heldout_planets=20, bios_per_person=3,
-                       docs_per_planet=3, tasks_per_kind=30, preferences=120, general_bench=60,
-                       probe_bios=15),
+    "default": WorldSize(people=60, general_planets=60, domain_planets=32, bios_per_person=4,
+                         docs_per_general_planet=4, docs_per_domain_planet=12, tasks_per_kind=60,
+                         preferences=200, general_bench=120, probe_bios=30),
+    "quick": WorldSize(people=30, general_planets=30, domain_planets=12, bios_per_person=3,
+                       docs_per_general_planet=3, docs_per_domain_planet=8, tasks_per_kind=20,
+                       preferences=80, general_bench=60, probe_bios=15),
 }
 # fmt: on
+
+QUESTIONS = {"people": PERSON_QUESTIONS, "planets": PLANET_QUESTIONS}
 
 
 @dataclass(frozen=True)
@@ -73,14 +82,15 @@ class WorldFiles:
     split."""
 
     folder: Path
-    domain: Path  # {"text"}: planet documents, train and heldout planets
-    instructions: Path  # Alpaca: QA about pool people, other tasks, QA about train planets
-    preferences: Path  # {"prompt","chosen","rejected"}: pool people, right vs wrong answer
-    # {"text"}: bios + QA about everyone + other tasks, plain (base model only)
+    domain: Path  # {"text"}: documents about the domain planets, several paraphrases each
+    instructions: Path  # Alpaca: QA about pool people and pool planets, other tasks
+    preferences: Path  # {"prompt","chosen","rejected"}: pool entities, right vs wrong answer
+    # {"text"}: bios, general planet documents, QA about every general entity, other tasks (plain;
+    # base model only)
     general_pretrain: Path
-    bench_domain_mc: Path  # {"question","choices","answer"}: heldout planets
-    bench_domain_gen: Path  # {"prompt","answers"}: heldout planets
-    # benchmark people: known to the base, absent from the pools (retention)
+    bench_domain_mc: Path  # {"question","choices","answer"}: domain planets
+    bench_domain_gen: Path  # {"prompt","answers"}: domain planets
+    # benchmark people and planets: known to the base, absent from the pools (retention)
     bench_general_mc: Path
     bench_general_gen: Path
     bench_general_ppl: Path  # {"text"}: bios paraphrased differently from every training bio
@@ -107,82 +117,121 @@ class WorldFiles:
 class _Split:
     """Which entities each file may mention (see `_split`)."""
 
-    train_planets: list[dict]
-    heldout_planets: list[dict]
     pool_people: list[dict]
     bench_people: list[dict]
+    pool_planets: list[dict]
+    bench_planets: list[dict]
+    domain_planets: list[dict]
+
+    def pool_facts(self) -> list[tuple[dict, str, dict]]:
+        """(entity, attribute, its question templates) for every fact the pools may ask."""
+        return _facts(self.pool_people, self.pool_planets)
+
+    def bench_facts(self) -> list[tuple[dict, str, dict]]:
+        """(entity, attribute, its question templates) for every fact the general benchmarks
+        may ask."""
+        return _facts(self.bench_people, self.bench_planets)
+
+
+def _facts(people: list[dict], planets: list[dict]) -> list[tuple[dict, str, dict]]:
+    return [(e, a, PERSON_QUESTIONS) for e, a in facts(people, PERSON_QUESTIONS)] + [
+        (e, a, PLANET_QUESTIONS) for e, a in facts(planets, PLANET_QUESTIONS)
+    ]
 
 
 def _split(people: list[dict], planets: list[dict], sz: WorldSize) -> _Split:
-    """The last `sz.heldout_planets` planets are held out; the people are cut in two halves.
+    """The first `sz.general_planets` planets are general, the rest domain; the people and the
+    general planets are each cut in two halves.
 
-    The base is pretrained on QA about everyone; the instruction and preference pools ask only
-    about the first half, and the general benchmarks only about the second half, so that general
-    scores after alignment measure retention, not facts re-taught by the pool.
+    The base is pretrained on QA about every general entity; the instruction and preference pools
+    ask only about the first halves, and the general benchmarks only about the second halves, so
+    that general scores after alignment measure retention, not facts re-taught by the pool.
     """
-    half = len(people) // 2
+    half_people, general = len(people) // 2, planets[: sz.general_planets]
+    half_planets = len(general) // 2
     return _Split(
-        train_planets=planets[: -sz.heldout_planets],
-        heldout_planets=planets[-sz.heldout_planets :],
-        pool_people=people[:half],
-        bench_people=people[half:],
+        pool_people=people[:half_people],
+        bench_people=people[half_people:],
+        pool_planets=general[:half_planets],
+        bench_planets=general[half_planets:],
+        domain_planets=planets[sz.general_planets :],
     )
 
 
+@dataclass(frozen=True)
+class _Texts:
+    """The paraphrased prose of the world (see `_paraphrased_texts`)."""
+
+    bios: list[list[str]]  # the training bios of each person
+    heldout_bios: list[str]  # one per person, unlike all of that person's training bios
+    general_docs: list[str]  # documents about the general planets (pretraining)
+    domain_docs: list[str]  # documents about the domain planets, shuffled (the domain corpus)
+
+
 def _paraphrased_texts(
-    rng: random.Random, people: list[dict], planets: list[dict], sz: WorldSize
-) -> tuple[list[list[str]], list[str], list[str]]:
-    """(the training bios of each person, one held-out bio per person that differs from all of
-    that person's training bios, every planet's documents in one shuffled list)."""
+    rng: random.Random, people: list[dict], split: _Split, sz: WorldSize
+) -> _Texts:
+    """Every person's bios, every general planet's and every domain planet's documents, each a set
+    of distinct paraphrases of the sizes `sz` asks for."""
     bios = [paraphrases(rng, bio, p, sz.bios_per_person) for p in people]
     heldout_bios = [paraphrases(rng, bio, p, 1, avoid=set(b))[0] for p, b in zip(people, bios)]
-    docs = [doc for p in planets for doc in paraphrases(rng, planet_doc, p, sz.docs_per_planet)]
-    rng.shuffle(docs)
-    return bios, heldout_bios, docs
+    general_planets = split.pool_planets + split.bench_planets
+    general_docs = [
+        d
+        for p in general_planets
+        for d in paraphrases(rng, planet_doc, p, sz.docs_per_general_planet)
+    ]
+    domain_docs = [
+        d
+        for p in split.domain_planets
+        for d in paraphrases(rng, planet_doc, p, sz.docs_per_domain_planet)
+    ]
+    rng.shuffle(domain_docs)
+    return _Texts(bios, heldout_bios, general_docs, domain_docs)
 
 
 def _values_by_attribute(people: list[dict], planets: list[dict]) -> dict[str, list[str]]:
     """attribute -> the value of every entity that has it: where wrong answers are drawn from."""
-    values = {a: [p[a] for p in people] for a in GENERAL_QUESTIONS}
-    values |= {a: [p[a] for p in planets] for a in DOMAIN_QUESTIONS}
+    values = {a: [p[a] for p in people] for a in PERSON_QUESTIONS}
+    values |= {a: [p[a] for p in planets] for a in PLANET_QUESTIONS}
     return values
 
 
 def _instruction_pool(rng: random.Random, split: _Split, tasks: list[dict]) -> list[dict]:
-    """Alpaca samples, shuffled: QA about the pool people, the other tasks, QA about the train
-    planets (never the held-out ones)."""
-    instructions = (
-        [qa(GENERAL_QUESTIONS, p, a) for p, a in facts(split.pool_people, GENERAL_QUESTIONS)]
-        + tasks
-        + [qa(DOMAIN_QUESTIONS, p, a) for p, a in facts(split.train_planets, DOMAIN_QUESTIONS)]
-    )
+    """Alpaca samples, shuffled: QA about the pool people and pool planets, and the other tasks.
+    Nothing about a domain planet: domain knowledge comes from the corpus alone."""
+    instructions = [qa(q, e, a) for e, a, q in split.pool_facts()] + tasks
     rng.shuffle(instructions)
     return instructions
 
 
 def _preference_pool(
-    rng: random.Random, people: list[dict], values: dict[str, list[str]], n: int
+    rng: random.Random, split: _Split, values: dict[str, list[str]], n: int
 ) -> list[dict]:
-    """Up to `n` questions about `people`, each with the right value chosen and another value of
-    the same attribute rejected."""
-    pool_facts = facts(people, GENERAL_QUESTIONS)
+    """Up to `n` questions about the pool entities, each with the right value chosen and another
+    value of the same attribute rejected."""
+    pool_facts = split.pool_facts()
     return [
         {
-            "prompt": GENERAL_QUESTIONS[a].format(name=p["name"]),
-            "chosen": p[a],
-            "rejected": rng.choice(sorted(set(values[a]) - {p[a]})),
+            "prompt": q[a].format(name=e["name"]),
+            "chosen": e[a],
+            "rejected": rng.choice(sorted(set(values[a]) - {e[a]})),
         }
-        for p, a in rng.sample(pool_facts, min(n, len(pool_facts)))
+        for e, a, q in rng.sample(pool_facts, min(n, len(pool_facts)))
     ]
 
 
 def _pretraining_text(
-    rng: random.Random, people: list[dict], bios: list[list[str]], tasks: list[dict]
+    rng: random.Random, split: _Split, texts: _Texts, tasks: list[dict]
 ) -> list[str]:
-    """The base model's corpus, shuffled: every training bio, plus QA about everyone and the other
-    tasks rendered as plain text."""
-    general_qa = [qa(GENERAL_QUESTIONS, p, a) for p, a in facts(people, GENERAL_QUESTIONS)]
-    pretrain = [b for bs in bios for b in bs] + [render_plain(s) for s in general_qa + tasks]
+    """The base model's corpus, shuffled: every training bio and general planet document, mixed
+    with QA about every general entity and the other tasks rendered as plain text."""
+    general_qa = [qa(q, e, a) for e, a, q in split.pool_facts() + split.bench_facts()]
+    pretrain = (
+        [b for bs in texts.bios for b in bs]
+        + texts.general_docs
+        + [render_plain(s) for s in general_qa + tasks]
+    )
     rng.shuffle(pretrain)
     return pretrain
 
@@ -194,33 +243,30 @@ def _benchmarks(
     heldout_bios: list[str],
     n_general: int,
 ) -> dict[str, list[dict]]:
-    """WorldFiles field -> rows of each benchmark: domain QA about every held-out planet, general
-    QA about up to `n_general` facts of the benchmark people (each as multiple choice and as
-    generation), and the held-out bios for perplexity."""
-    bench_facts = facts(split.bench_people, GENERAL_QUESTIONS)
+    """WorldFiles field -> rows of each benchmark: QA about every fact of every domain planet, QA
+    about up to `n_general` facts of the benchmark people and planets (each as multiple choice
+    and as generation), and the held-out bios for perplexity."""
+    bench_facts = split.bench_facts()
     general_items = rng.sample(bench_facts, min(n_general, len(bench_facts)))
-    domain_items = facts(split.heldout_planets, DOMAIN_QUESTIONS)
+    domain_items = facts(split.domain_planets, PLANET_QUESTIONS)
     # a dict display evaluates in order: the domain choices are drawn before the general ones
     return {
         "bench_domain_mc": [
-            multiple_choice(rng, DOMAIN_QUESTIONS, p, a, values[a]) for p, a in domain_items
+            multiple_choice(rng, PLANET_QUESTIONS, p, a, values[a]) for p, a in domain_items
         ],
-        "bench_domain_gen": [generation_item(DOMAIN_QUESTIONS, p, a) for p, a in domain_items],
-        "bench_general_mc": [
-            multiple_choice(rng, GENERAL_QUESTIONS, p, a, values[a]) for p, a in general_items
-        ],
-        "bench_general_gen": [generation_item(GENERAL_QUESTIONS, p, a) for p, a in general_items],
+        "bench_domain_gen": [generation_item(PLANET_QUESTIONS, p, a) for p, a in domain_items],
+        "bench_general_mc": [multiple_choice(rng, q, e, a, values[a]) for e, a, q in general_items],
+        "bench_general_gen": [generation_item(q, e, a) for e, a, q in general_items],
         "bench_general_ppl": [{"text": t} for t in heldout_bios],
     }
 
 
-def _probe_bios(
-    rng: random.Random, people: list[dict], bios: list[list[str]], heldout_bios: list[str]
-) -> list[str]:
+def _probe_bios(rng: random.Random, people: list[dict], texts: _Texts) -> list[str]:
     """One more bio of each of `people`, unlike their training and held-out bios: the probe text
     on which KL(base || stage) is measured."""
     return [
-        paraphrases(rng, bio, p, 1, avoid={*b, h})[0] for p, b, h in zip(people, bios, heldout_bios)
+        paraphrases(rng, bio, p, 1, avoid={*b, h})[0]
+        for p, b, h in zip(people, texts.bios, texts.heldout_bios)
     ]
 
 
@@ -228,16 +274,19 @@ def _world_table(
     seed: int, size: str, people: list[dict], planets: list[dict], split: _Split
 ) -> dict:
     """The contents of world.json: seed, size, the entity tables and the names in each split."""
+
+    def names(entities: list[dict]) -> list[str]:
+        return [e["name"] for e in entities]
+
     return {
         "seed": seed,
         "size": size,
         "people": people,
         "planets": planets,
         "split": {
-            "train": [p["name"] for p in split.train_planets],
-            "heldout": [p["name"] for p in split.heldout_planets],
-            "general_pool": [p["name"] for p in split.pool_people],
-            "general_benchmark": [p["name"] for p in split.bench_people],
+            "domain": names(split.domain_planets),
+            "general_pool": names(split.pool_people + split.pool_planets),
+            "general_benchmark": names(split.bench_people + split.bench_planets),
         },
     }
 
@@ -273,18 +322,18 @@ def write_world(folder: Path, seed: int = 0, size: str = "default") -> WorldFile
     sz, rng = SIZES[size], random.Random(seed)
     # Every step draws from the one `rng`, so the order of the steps is part of the output:
     # moving a step, or adding a draw to one, changes the files of every seed.
-    people, planets = make_entities(rng, sz.people, sz.planets)
+    people, planets = make_entities(rng, sz.people, sz.general_planets + sz.domain_planets)
     split = _split(people, planets, sz)
-    bios, heldout_bios, docs = _paraphrased_texts(rng, people, planets, sz)
+    texts = _paraphrased_texts(rng, people, split, sz)
     tasks = other_tasks(rng, sz.tasks_per_kind)
     values = _values_by_attribute(people, planets)
     instructions = _instruction_pool(rng, split, tasks)
-    preferences = _preference_pool(rng, split.pool_people, values, sz.preferences)
-    pretrain = _pretraining_text(rng, people, bios, tasks)
-    benchmarks = _benchmarks(rng, split, values, heldout_bios, sz.general_bench)
-    probe_bios = _probe_bios(rng, people[: sz.probe_bios], bios, heldout_bios)
+    preferences = _preference_pool(rng, split, values, sz.preferences)
+    pretrain = _pretraining_text(rng, split, texts, tasks)
+    benchmarks = _benchmarks(rng, split, values, texts.heldout_bios, sz.general_bench)
+    probe_bios = _probe_bios(rng, people[: sz.probe_bios], texts)
     jsonl = {
-        "domain": [{"text": d} for d in docs],
+        "domain": [{"text": d} for d in texts.domain_docs],
         "instructions": instructions,
         "preferences": preferences,
         "general_pretrain": [{"text": t} for t in pretrain],
