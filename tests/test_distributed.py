@@ -353,15 +353,16 @@ def test_a_nan_on_one_process_is_skipped_by_every_process(tmp_path, tiny_model_d
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-# A torchrun worker whose teacher-cache batches each take SLOW_S seconds longer.
-SLOW_CACHE_WRAPPER = """
-import os, sys, time
-from mixcpt.train import teacher_cache
-real = teacher_cache.teacher_top_k
+# A torchrun worker in which every call of PATCHED ("module:function") takes SLOW_S seconds longer.
+SLOW_WRAPPER = """
+import importlib, os, sys, time
+module, name = os.environ["PATCHED"].split(":")
+owner = importlib.import_module(module)
+real = getattr(owner, name)
 def slow(*args, **kwargs):
     time.sleep(float(os.environ["SLOW_S"]))
     return real(*args, **kwargs)
-teacher_cache.teacher_top_k = slow
+setattr(owner, name, slow)
 from mixcpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -383,10 +384,10 @@ def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
     shutil.copytree(out / "data", one / "data")
     assert main(["cache", str(config), "--output", str(one)]) == 0
 
-    (tmp_path / "slow.py").write_text(SLOW_CACHE_WRAPPER)
+    (tmp_path / "slow.py").write_text(SLOW_WRAPPER)
     proc = subprocess.run(  # 8 batches of 2 blocks, 2 s each: 16 s for one process, 8 s for two
         [*TORCHRUN, str(tmp_path / "slow.py"), "cache", str(config), "--output", str(out)],
-        env={**launch_env(), "SLOW_S": "2"},
+        env={**launch_env(), "SLOW_S": "2", "PATCHED": "mixcpt.train.teacher_cache:teacher_top_k"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -396,20 +397,6 @@ def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
         assert (out / "teacher_cache" / name).read_bytes() == (
             one / "teacher_cache" / name
         ).read_bytes(), name
-
-
-# A torchrun worker whose data stage renders each row SLOW_S seconds slower.
-SLOW_DATA_WRAPPER = """
-import os, sys, time
-from mixcpt.data import stage
-real = stage._render
-def slow(*args, **kwargs):
-    time.sleep(float(os.environ["SLOW_S"]))
-    return real(*args, **kwargs)
-stage._render = slow
-from mixcpt.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_a_one_process_stage_may_outlast_the_process_groups_timeout(tmp_path, tiny_model_dir):
@@ -425,9 +412,9 @@ def test_a_one_process_stage_may_outlast_the_process_groups_timeout(tmp_path, ti
         "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n"
         + timeouts
     )
-    (tmp_path / "slow.py").write_text(SLOW_DATA_WRAPPER)
+    (tmp_path / "slow.py").write_text(SLOW_WRAPPER)
     launch = [*TORCHRUN, str(tmp_path / "slow.py"), "data", str(config), "--output"]
-    env = {**launch_env(), "SLOW_S": "0.1"}
+    env = {**launch_env(), "SLOW_S": "0.1", "PATCHED": "mixcpt.data.stage:_render"}
     proc = subprocess.run(
         launch + [str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300
     )
