@@ -276,8 +276,8 @@ def begin(cfg: Config, run: RunDir, node: str, force: bool = False) -> dict | No
     output, after the main process dropped the node's results.json entry and its checkpoints,
     unless those were made from the same inputs (a rerun resuming). Raises `UserError` when an
     output it depends on was built from other inputs than the config's: that stage must be
-    rebuilt first. Training stages call it on every process of a launch, the others on the main
-    process only.
+    rebuilt first. Every stage but data and report calls it on every process of a launch (only
+    the main process prints and discards); those two on the main process only.
     """
     # imported here: `status` reads fingerprints without loading torch
     from mixcpt.processes import process_state

@@ -101,8 +101,9 @@ def run_stage(
     check: bool = True,
 ) -> None:
     """Run one stage (for `arm`, or every arm the stage applies to); `force` rebuilds it even when
-    its output is current. Training stages run on every process of a distributed launch; the
-    others on the main process only.
+    its output is current. Under a distributed launch data and report run on the main process
+    only (SINGLE_PROCESS); the others on every process: training, the teacher cache and the
+    scoring of select and eval shared out.
 
     Every process first runs the checks of mixcpt.checks (each fails the same way, so none is
     left waiting at a barrier), unless `check` is False: the caller has just run them."""

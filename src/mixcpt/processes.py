@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -102,38 +105,113 @@ def valid_zero_stage(value, key: str) -> int:
     return stage
 
 
+# How often a process of a launch says it is alive while others wait on it through files, and
+# how long they wait without hearing from it before they give up (it was killed outright).
+HEARTBEAT_S = 5.0
+SILENCE_S = 120.0
+
+
+class _Rendezvous:
+    """Files through which the processes of a launch wait for each other without a collective:
+    a barrier or all-gather waits only as long as the process group's timeout (30 minutes by
+    default), after which the watchdog kills the launch, while a one-process stage or an uneven
+    share of models to evaluate can take longer. A folder named for this launch under
+    `work_dir`; each process keeps a heartbeat file fresh while it works, so one killed outright
+    (no launcher to stop the others) is noticed after SILENCE_S."""
+
+    def __init__(self, state: PartialState, work_dir: Path):
+        self.state, self.work_dir = state, work_dir
+        token = broadcast_object_list([uuid.uuid4().hex if state.is_main_process else None])[0]
+        self.folder = work_dir / f"launch-{token}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # this process's heartbeat, kept fresh until `close`
+        self._stop, beat = threading.Event(), self.folder / f"alive-{state.process_index}"
+
+        def run() -> None:
+            while not self._stop.is_set():
+                beat.touch()
+                self._stop.wait(HEARTBEAT_S)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def fail(self) -> None:
+        """Tell the others that this process stopped on an error (it says why itself)."""
+        self._stop.set()
+        (self.folder / f"failed-{self.state.process_index}").touch()
+
+    def wait_for(self, path: Path, rank: int) -> None:
+        """Poll until `path` exists; SystemExit(1) (quietly: that process says why) when `rank`
+        wrote `failed` instead, or its heartbeat has been silent for SILENCE_S."""
+        beat = self.folder / f"alive-{rank}"
+        while not path.exists():
+            if (self.folder / f"failed-{rank}").exists():
+                raise SystemExit(1)
+            if beat.exists() and time.time() - beat.stat().st_mtime > SILENCE_S:
+                print(f"mixcpt: error: process {rank} of the launch stopped responding", flush=True)
+                raise SystemExit(1)
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        """Meet (every process is past its waits), then the main process removes the folder."""
+        self._stop.set()
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            try:
+                self.work_dir.rmdir()  # when nothing else is in progress there
+            except OSError:
+                pass
+
+
 def main_process_runs(state: PartialState, work_dir: Path, name: str, work: Callable[[], None]):
     """Run `work()` on the main process of a launch while the others wait for it without a
-    collective (one process alone: just run it).
-
-    A barrier would let them wait only as long as the process group's timeout (30 minutes by
-    default), after which the watchdog kills the launch: too short for the data stage of a large
-    corpus, or an evaluation. So the others poll a marker file that the main process writes when
-    `work` ends (under `work_dir`, named for this launch); the launch meets in a barrier only once
-    it is there. If `work` raises on the main process, the others exit with status 1 and print
-    nothing (the main process says why); if the main process dies, the launcher stops them."""
+    collective (`_Rendezvous`; one process alone: just run it). If `work` raises on the main
+    process, the others exit with status 1 and print nothing (the main process says why)."""
     if state.num_processes == 1:
         work()
         return
-    token = broadcast_object_list([uuid.uuid4().hex if state.is_main_process else None])[0]
-    folder = work_dir / f"launch-{token}"
+    meet = _Rendezvous(state, work_dir)
+    done = meet.folder / f"{name}.done"
     if state.is_main_process:
-        outcome = "failed"
         try:
             work()
-            outcome = "done"
-        finally:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{name}.{outcome}").touch()
+        except BaseException:
+            meet.fail()
+            raise
+        done.touch()
     else:
-        while not (folder / f"{name}.done").exists():
-            if (folder / f"{name}.failed").exists():
-                raise SystemExit(1)
-            time.sleep(0.5)
-    state.wait_for_everyone()  # every process has seen the marker
+        meet.wait_for(done, 0)
+    meet.close()
+
+
+def gather_through_files(state: PartialState, work_dir: Path, name: str, work: Callable[[], Any]):
+    """Every process runs `work()`; returns the list of all their results, in process order, on
+    the main process (None on the others). The results travel through pickle files (`_Rendezvous`),
+    so a process whose share takes much longer than another's never leaves that one in a
+    collective past the process group's timeout. One process alone: [work()]."""
+    if state.num_processes == 1:
+        return [work()]
+    meet = _Rendezvous(state, work_dir)
+    rank = state.process_index
+    try:
+        result = work()
+    except BaseException:
+        meet.fail()
+        raise
+    path = meet.folder / f"{name}-{rank}.pkl"
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        pickle.dump(result, f)
+    path.with_suffix(".tmp").replace(path)  # whole or absent
+    results, gathered = None, meet.folder / f"{name}.gathered"
     if state.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            work_dir.rmdir()  # when nothing else is in progress there
-        except OSError:
-            pass
+        for other in range(1, state.num_processes):
+            meet.wait_for(meet.folder / f"{name}-{other}.pkl", other)
+        results = [
+            pickle.loads((meet.folder / f"{name}-{r}.pkl").read_bytes())
+            for r in range(state.num_processes)
+        ]
+        gathered.touch()
+    else:  # not in a barrier: the main process may wait long for the slowest share
+        meet.wait_for(gathered, 0)
+    meet.close()
+    return results

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -198,6 +200,24 @@ def test_cache_progress_is_marked_every_sync_interval_and_at_the_end(
     build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0, batch_size=2)
     assert seen == marked  # 5 blocks: batches of 2, 2 and 1
     assert np.load(folder / "done.npy").all()
+
+
+def test_a_partial_cache_from_before_done_npy_resumes_from_its_progress(
+    blocks, teacher_model, tmp_path
+):
+    folder = tmp_path / "cache"
+    expected = np.array(
+        build_teacher_cache(teacher_model, blocks, folder, 4, 1.0, batch_size=2).logprobs
+    )
+    logprobs = np.load(folder / "logprobs.npy", mmap_mode="r+")
+    logprobs[:] = 0
+    logprobs.flush()
+    (folder / "done.npy").unlink()  # as an older mixcpt left it: a prefix in progress.json
+    (folder / "progress.json").write_text(json.dumps({"blocks_done": 2}))
+
+    resumed = build_teacher_cache(teacher_model, blocks, folder, 4, 1.0, batch_size=2)
+    assert np.all(resumed.logprobs[:2] == 0)  # kept as done
+    np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
 
 
 def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_model, tmp_path):

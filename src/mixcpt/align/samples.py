@@ -126,8 +126,8 @@ def alignment_inputs(
     """What an alignment stage of `arm` starts from: the model folder of its `previous` stage
     ("cpt": the arm's stage-1 model, its own or the one it shares; "sft": its own) and that
     model's chat tokenizer, then the usable samples of `kind` it aligns on (its selection, or the
-    whole pool for an arm with `align_on: pool`) and the file they came from. `cfg` is the arm's
-    config."""
+    whole pool for an arm with `align_on: pool`) and the file they came from. `cfg` is the run's
+    config (with its arms)."""
     start = run.finished_model(stage1_owner(cfg, arm) if previous == "cpt" else arm, previous)
     selection = selection_owner(cfg, arm)
     folder = run.selection(selection) if selection else run.data / "pool"

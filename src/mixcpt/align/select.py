@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-
-from accelerate.utils import gather_object
+from pathlib import Path
 
 from mixcpt.align.samples import POOL_FILES, read_samples, usable_indices, write_samples
 from mixcpt.atomic import atomic_dir
@@ -31,7 +30,7 @@ from mixcpt.data.render import render_plain_response
 from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import load_tokenizer, model_from
 from mixcpt.pipeline import stage1_owner
-from mixcpt.processes import process_state
+from mixcpt.processes import gather_through_files, process_state
 from mixcpt.responses import (
     encode_chat,
     encode_plain,
@@ -152,19 +151,29 @@ def score_pool(
     return [math.exp(x) for x in nll], nll, nll_chat, counts
 
 
-def score_in_shares(model, tokenizer, rows: list[dict], indices: list[int], kind: str, cfg: Config):
-    """`score_pool`, each process of a launch scoring every Nth sample of `indices`, gathered in
-    order on every process (which then all choose alike; the main one writes)."""
+def score_in_shares(
+    model, tokenizer, rows: list[dict], indices: list[int], kind: str, cfg: Config, work_dir: Path
+):
+    """`score_pool`, each process of a launch scoring every Nth sample of `indices`; the columns
+    in order on the main process (through files under `work_dir`, `gather_through_files`), None
+    on the others."""
     state = process_state()
     n = state.num_processes
     if n == 1:
         return score_pool(model, tokenizer, rows, indices, kind, cfg)
-    share = indices[state.process_index :: n]
+    mine = indices[state.process_index :: n]
     where = f"process {state.process_index} of {n}"
-    print(f"mixcpt: select: {where} scores {len(share)} of the {len(indices)} {kind}s", flush=True)
-    part = score_pool(model, tokenizer, rows, share, kind, cfg)
+    print(f"mixcpt: select: {where} scores {len(mine)} of the {len(indices)} {kind}s", flush=True)
+    parts = gather_through_files(
+        state,
+        work_dir,
+        f"select-{kind}",
+        lambda: score_pool(model, tokenizer, rows, mine, kind, cfg),
+    )
+    if parts is None:
+        return None
     columns = [[None] * len(indices) for _ in range(4)]
-    for rank, values in gather_object([(state.process_index, part)]):
+    for rank, values in enumerate(parts):
         for column, share in zip(columns, values):
             if share is not None:
                 column[rank::n] = share
@@ -173,13 +182,17 @@ def score_in_shares(model, tokenizer, rows: list[dict], indices: list[int], kind
 
 
 def select_kind(
-    model, tokenizer, rows: list[dict], kind: str, cfg: Config
-) -> tuple[list[dict], list[dict], dict]:
+    model, tokenizer, rows: list[dict], kind: str, cfg: Config, work_dir: Path | None = None
+) -> tuple[list[dict], list[dict], dict] | None:
     """Score and select one pool. Returns (selected rows in pool order, one record per row,
-    summary)."""
+    summary); under a launch the processes score it in shares (exchanged under `work_dir`) and
+    the others return None."""
     usable, skipped = usable_indices(rows, kind, f"{kind} pool")
     score = cfg.select.score
-    scores, nll, nll_chat, counts = score_in_shares(model, tokenizer, rows, usable, kind, cfg)
+    scored = score_in_shares(model, tokenizer, rows, usable, kind, cfg, work_dir)
+    if scored is None:
+        return None
+    scores, nll, nll_chat, counts = scored
 
     k = cfg.select.k
     if k > len(usable):
@@ -266,11 +279,12 @@ def run_select(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     selected, records = {}, []
     for kind, name in POOL_FILES.items():
         rows = read_samples(run.data / "pool" / name, kind)
-        selected[name], kind_records, summary[f"{kind}s"] = select_kind(
-            model, tokenizer, rows, kind, cfg
-        )
+        chosen = select_kind(model, tokenizer, rows, kind, cfg, run.root / ".work")
+        if chosen is None:  # another process of the launch chooses and writes
+            continue
+        selected[name], kind_records, summary[f"{kind}s"] = chosen
         records += kind_records
-    if not process_state().is_main_process:  # every process scored its share; one writes
+    if not process_state().is_main_process:
         return summary
     with atomic_dir(run.selection(arm)) as tmp:
         for name, rows in selected.items():

@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.config import Config
@@ -46,7 +45,7 @@ from mixcpt.evaluate.scoring import (
 from mixcpt.fingerprints import begin, nodes
 from mixcpt.models import load_tokenizer, model_from
 from mixcpt.pipeline import arms, stage1_owner
-from mixcpt.processes import process_state
+from mixcpt.processes import gather_through_files, process_state
 from mixcpt.rundir import TRAINED_STAGES, RunDir, base_model_path
 
 # lm-eval tasks report many metrics; the first of these present is the one tables show
@@ -211,25 +210,29 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                 models.setdefault(node, (stage, str(folder)))
     jobs = [("base", ("base", base_path)), *models.items()]
     state = process_state()
-    evaluated = {}  # node -> (the evaluate_model result, its KL items)
     mine = jobs[state.process_index :: state.num_processes]
     if state.num_processes > 1:
         where = f"process {state.process_index} of {state.num_processes}"
         print(f"mixcpt: eval: {where} scores {len(mine)} of the {len(jobs)} models", flush=True)
-    for node, (stage, folder) in mine:
-        if node == "base":  # the base against itself: zero in every window, kept for its shape
-            model, tokenizer = base, base_tokenizer
-        else:
-            model, tokenizer = _load(cfg, folder, folder)
-        evaluated[node] = (
-            evaluate_model(cfg, model, tokenizer, stage, benchmarks),
-            probe_kl(model, tokenizer),
-        )
-        del model  # one stage model in memory at a time, beside the base
-    if state.num_processes > 1:
-        evaluated = {k: v for part in gather_object([evaluated]) for k, v in part.items()}
-        if not state.is_main_process:
-            return {}  # the main process writes the table
+
+    def score_mine() -> dict:
+        """node -> (the evaluate_model result, its KL items) of this process's models."""
+        scored = {}
+        for node, (stage, folder) in mine:
+            if node == "base":  # the base against itself: zero in every window, kept for its shape
+                model, tokenizer = base, base_tokenizer
+            else:
+                model, tokenizer = _load(cfg, folder, folder)
+            result = evaluate_model(cfg, model, tokenizer, stage, benchmarks)
+            scored[node] = result, probe_kl(model, tokenizer)
+            del model  # one stage model in memory at a time, beside the base
+        return scored
+
+    # through files, not a collective: one process's share can take much longer than another's
+    parts = gather_through_files(state, run.root / ".work", "eval", score_mine)
+    if not state.is_main_process:
+        return {}  # the main process writes the table
+    evaluated = {node: scored for part in parts for node, scored in part.items()}
 
     base_eval = evaluated["base"][0]
     base_scores = base_eval["scores"]

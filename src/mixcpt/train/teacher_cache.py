@@ -95,7 +95,7 @@ class CachedTeacher(Teacher):
         wanted = {"fingerprint": fingerprint, "temperature": temperature}
         if any(self.meta[k] != v for k, v in wanted.items()):
             raise _mismatch(self.folder, self.meta, wanted)
-        done = int(np.load(self.folder / DONE_FILE, mmap_mode="r").sum())
+        done = int(done_blocks(self.folder).sum())
         if done < self.meta["n_blocks"]:
             raise ConfigError(
                 f"{self.folder}: the teacher cache is incomplete "
@@ -184,6 +184,19 @@ def cache_layout(n_blocks: int, block_size: int, top_k: int, dtype: str) -> dict
     }
 
 
+def done_blocks(folder: Path) -> np.ndarray:
+    """`folder`'s done.npy (uint8 [n_blocks], 1 where a block is on disk), memory-mapped for
+    writing. A cache built before done.npy existed recorded a prefix in progress.json instead:
+    done.npy is made from it."""
+    if not (folder / DONE_FILE).exists():
+        n_blocks = json.loads((folder / "meta.json").read_text())["n_blocks"]
+        done = np.zeros(n_blocks, dtype=np.uint8)
+        done[: json.loads((folder / "progress.json").read_text())["blocks_done"]] = 1
+        np.save(folder / "done.tmp.npy", done)
+        (folder / "done.tmp.npy").replace(folder / DONE_FILE)
+    return np.load(folder / DONE_FILE, mmap_mode="r+")
+
+
 def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> None:
     """Create the cache's empty files for `key` in `folder`, or check that the cache already
     there was built for `key` (it then resumes); one built for another key is a `ConfigError`,
@@ -191,6 +204,7 @@ def open_cache_files(folder: Path, key: dict, replace_stale: bool = False) -> No
     if (folder / "meta.json").exists():
         found = json.loads((folder / "meta.json").read_text())
         if found == key:
+            done_blocks(folder)  # a cache from before done.npy gets one
             return
         if not replace_stale:
             raise _mismatch(folder, found, key)
@@ -247,7 +261,7 @@ def build_teacher_cache(
     if found != key:  # each process hashed its own copy of the teacher
         raise _mismatch(folder, found, key)
     arrays = [np.load(folder / name, mmap_mode="r+") for name in CACHE_FILES]  # ids, logprobs, tail
-    done = np.load(folder / DONE_FILE, mmap_mode="r+")
+    done = done_blocks(folder)
     n = len(blocks)
     todo = [
         range(s, min(s + batch_size, n))

@@ -74,14 +74,18 @@ class OnlineTeacher(Teacher):
     def follow(self, student):
         if self.sharded or not isinstance(student, FSDPModule):
             return
-        # Wrap the teacher's modules that fully_shard wrapped in the student (the decoder layers
-        # and the root, as accelerate's FSDP2 wrap policy chose them), innermost first, on the
-        # student's device mesh: its forward then gathers one layer at a time, as the student's.
+        # Shard each decoder layer (the classes a transformers model names as units that must not
+        # be split: those FSDP wraps), then the root, which keeps the embeddings, final norm and
+        # output layer in one unit (so tied embeddings stay tied), on the student's device mesh:
+        # its forward then gathers a layer at a time, as the student's. The student's own units
+        # (accelerate may group them otherwise, or wrap them for activation checkpointing) need
+        # not be mirrored: the teacher only runs forwards.
         mesh = next(p for p in student.parameters() if isinstance(p, DTensor)).device_mesh
-        names = [name for name, module in student.named_modules() if isinstance(module, FSDPModule)]
-        modules = dict(self.model.named_modules())
-        for name in sorted(names, key=lambda n: -n.count(".") if n else 1):
-            fully_shard(modules[name], mesh=mesh)
+        units = set(getattr(self.model, "_no_split_modules", None) or ())
+        for module in self.model.modules():
+            if type(module).__name__ in units:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
         self.sharded = True
 
 
