@@ -242,7 +242,7 @@ def test_report_shows_intervals_the_claims_table_and_error_bars(tmp_path, fake_e
     from matplotlib.container import ErrorbarContainer
 
     from mixcpt.evaluate.intervals import summarise
-    from mixcpt.report import domain_vs_general_figure
+    from mixcpt.report.plots import domain_vs_general_figure
 
     cells = {
         ("base", "base"): {"domain": 0.25, "general": 0.8},

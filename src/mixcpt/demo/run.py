@@ -14,7 +14,7 @@ from mixcpt.demo.base_model import build_base_model
 from mixcpt.demo.world import write_world
 from mixcpt.evaluate.seeds import aggregate_seeds, seed_run, seed_values
 from mixcpt.pipeline import run_pipeline
-from mixcpt.report import results_table
+from mixcpt.report.tables import results_table
 from mixcpt.rundir import RunDir
 
 # What --quick changes (a smaller world, a smaller base, fewer steps): dotted key -> value.
