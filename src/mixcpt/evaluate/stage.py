@@ -201,13 +201,17 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     # Each model once (an arm sharing another's stage 1 reuses its row), the base first. Under a
     # launch the models are dealt out to the processes in turn and the results gathered, so N
     # GPUs evaluate N models at a time and none waits for the whole table.
+    # (arm, stage, the arm whose model it is, its folder, its node): one per row of the table
+    slots = [
+        (arm.name, stage, owner, run.stage(owner, stage), f"{stage}/{owner}")
+        for arm in arms(cfg)
+        for stage in TRAINED_STAGES
+        for owner in [stage1_owner(cfg, arm.name) if stage == "cpt" else arm.name]
+    ]
     models = {}  # node -> (stage, folder) of every model of the run that exists
-    for arm in [a.name for a in arms(cfg)]:
-        for stage in TRAINED_STAGES:
-            owner = stage1_owner(cfg, arm) if stage == "cpt" else arm
-            folder, node = run.stage(owner, stage), f"{stage}/{owner}"
-            if folder.is_dir() and node in trained:
-                models.setdefault(node, (stage, str(folder)))
+    for _, stage, _, folder, node in slots:
+        if folder.is_dir() and node in trained:
+            models.setdefault(node, (stage, str(folder)))
     jobs = [("base", ("base", base_path)), *models.items()]
     state = process_state()
     mine = jobs[state.process_index :: state.num_processes]
@@ -260,25 +264,22 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         }
 
     rows = [ok_row("base", "base", base_path, "base")]
-    for arm in [a.name for a in arms(cfg)]:
-        for stage in TRAINED_STAGES:
-            owner = stage1_owner(cfg, arm) if stage == "cpt" else arm
-            folder, node = run.stage(owner, stage), f"{stage}/{owner}"
-            row = {
-                "arm": arm,
-                "stage": stage,
-                "status": "missing",
-                "model": str(folder),
-                "scores": {},
-                "chat_scores": {},
-                "retention": {},
-                "items": {},
-            }
-            if node in evaluated:
-                row = ok_row(arm, stage, str(folder), node)
-            if owner != arm:
-                row["shared_with"] = owner
-            rows.append(row)
+    for arm, stage, owner, folder, node in slots:
+        row = {
+            "arm": arm,
+            "stage": stage,
+            "status": "missing",
+            "model": str(folder),
+            "scores": {},
+            "chat_scores": {},
+            "retention": {},
+            "items": {},
+        }
+        if node in evaluated:
+            row = ok_row(arm, stage, str(folder), node)
+        if owner != arm:
+            row["shared_with"] = owner
+        rows.append(row)
     table = summarise([{"rows": rows, "benchmarks": info}], [cfg.seed])
     run.update_results("eval", "rows", table["rows"])
     run.update_results("eval", "benchmarks", info)
