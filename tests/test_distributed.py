@@ -9,6 +9,7 @@ block is mostly padding and the two processes see different numbers of supervise
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -40,9 +41,12 @@ def launch_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
+def make_run(
+    tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int, passthrough: dict | None = None
+):
     """A config file and a run folder whose data stage is done: N_BLOCKS blocks of seeded
-    tokens, the last one holding 3 tokens and then padding."""
+    tokens, the last one holding 3 tokens and then padding. `passthrough`: TrainingArguments
+    fields for cpt.training (e.g. deepspeed)."""
     (tmp_path / "domain.txt").write_text(
         "unused: the packed stream below stands for the data stage's output"
     )
@@ -60,6 +64,7 @@ def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
                 "logging_steps": 1,
                 "save_steps": 100,
                 "per_device_batch_size": per_device_batch_size,
+                **(passthrough or {}),
             },
         },
     }
@@ -82,8 +87,33 @@ def make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size: int):
     return config_path, out
 
 
+# DeepSpeed ZeRO-3 on the CPU (its CPU accelerator, gloo): the student's parameters are
+# partitioned, and so is the online teacher's (OnlineTeacher.follow)
+ZERO3 = {
+    "deepspeed": {
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "ddp",
+        pytest.param(
+            "zero3",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed"
+            ),
+        ),
+    ],
+)
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, tiny_model_dir, tiny_tokenizer
+    tmp_path, tiny_model_dir, tiny_tokenizer, backend
 ):
     one_config, one_out = make_run(
         tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=4
@@ -91,7 +121,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert main(["cpt", str(one_config), "--output", str(one_out), "--arm", "mixcpt"]) == 0
 
     two_config, two_out = make_run(
-        tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=2
+        tmp_path,
+        tiny_model_dir,
+        tiny_tokenizer,
+        per_device_batch_size=2,
+        passthrough=ZERO3 if backend == "zero3" else None,
     )
     env = launch_env()
     proc = subprocess.run(

@@ -138,3 +138,18 @@ def test_gradient_checkpointing_lowers_the_paper_sft_peak(checkpointing):
         sft.activations_checkpointed if checkpointing else sft.activations_full
     )
     assert sft.activations_checkpointed < sft.activations_full / 5
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
+def test_an_online_teacher_is_counted_sharded_where_the_student_is(mode):
+    cfg = load_config(EXAMPLES / "paper" / "math.yaml")
+    cfg.cpt.teacher = "online"
+    replica = 2 * 8_030_261_248  # the bfloat16 teacher, whole on every GPU under DDP and ZeRO-2
+
+    def frozen(mode: str) -> int:
+        stages = plan(cfg, gpus=8, gpu_memory_gib=80, mode=mode).stages
+        return next(m for m in stages if m.stage == "cpt/mixcpt").frozen
+
+    assert frozen("zero2") == replica
+    # an eighth of it, plus the units its forward gathers
+    assert replica / 8 < frozen(mode) < replica / 2

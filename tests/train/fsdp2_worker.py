@@ -53,9 +53,8 @@ def reference(base: LlamaForCausalLM, inputs) -> tuple[float, dict[str, torch.Te
     return result.loss.item(), {n: p.grad for n, p in student.named_parameters()}
 
 
-def main(out: str) -> None:
-    state = process_state()  # joins the launch (gloo on the CPU, NCCL on GPUs)
-    rank, world = state.process_index, state.num_processes
+def tiny_llama() -> LlamaForCausalLM:
+    """The base model, the same on every process (seeded)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=V,
@@ -66,7 +65,13 @@ def main(out: str) -> None:
         num_key_value_heads=4,
         tie_word_embeddings=False,
     )
-    base = LlamaForCausalLM(config).to(state.device)
+    return LlamaForCausalLM(config)
+
+
+def main(out: str) -> None:
+    state = process_state()  # joins the launch (gloo on the CPU, NCCL on GPUs)
+    rank, world = state.process_index, state.num_processes
+    base = tiny_llama().to(state.device)
     inputs = {k: v.to(state.device) for k, v in batch().items()}
     expected_loss, expected_grads = reference(base, inputs)
 

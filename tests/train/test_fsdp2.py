@@ -1,10 +1,12 @@
-"""Stage 1 under FSDP2 on the CPU (gloo, 2 processes): the sharded student's loss and gradients
-equal one process's, and the online teacher is sharded like the student instead of copied whole
-into every process (accelerate runs FSDP only on GPUs, so the worker shards with `fully_shard`
-itself, as accelerate's FSDP2 plugin does, and calls the trainer's `compute_loss`)."""
+"""Stage 1 under FSDP2 and DeepSpeed ZeRO-3 on the CPU (gloo, 2 processes): the sharded student's
+loss and gradients equal one process's, and the online teacher is sharded like the student instead
+of copied whole into every process. accelerate runs FSDP only on GPUs, so the FSDP2 worker shards
+with `fully_shard` itself, as accelerate's FSDP2 plugin does; the ZeRO-3 worker wraps the student
+with `deepspeed.initialize`, as accelerate does; both call the trainer's `compute_loss`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +18,21 @@ import pytest
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def test_fsdp2_matches_one_process_and_shards_the_online_teacher(tmp_path):
+@pytest.mark.parametrize(
+    "worker",
+    [
+        "fsdp2_worker.py",
+        pytest.param(
+            "zero3_worker.py",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed"
+            ),
+        ),
+    ],
+)
+def test_sharded_student_matches_one_process_and_shards_the_online_teacher(tmp_path, worker):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    worker = Path(__file__).with_name("fsdp2_worker.py")
+    worker = Path(__file__).with_name(worker)
     proc = subprocess.run(
         [*TORCHRUN, str(worker), str(tmp_path)],
         capture_output=True,

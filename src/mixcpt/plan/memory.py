@@ -200,6 +200,11 @@ def estimate_stage(shape: ModelShape, work: Workload, launch: Launch) -> StageMe
         # forward gathers the root unit and a layer at a time (and the next, prefetched)
         outside = shape.params - shape.layers * shape.layer_params
         frozen = frozen // launch.processes + (outside + 2 * shape.layer_params) * work.storage
+    elif launch.mode == "zero3" and work.teacher == "online":
+        # ZeRO-3 partitions it in an inference engine of its own (OnlineTeacher.follow): its
+        # forward gathers a unit at a time, and the next, prefetched, as the student's does
+        largest = max(shape.layer_params, shape.vocab * shape.hidden)
+        frozen = frozen // launch.processes + 2 * largest * work.storage
     full, checkpointed = _activations(shape, work, compute)
     acts = checkpointed if work.checkpointing else full
     if work.stage.startswith("cpt") or work.stage == "sft":  # SFT: `align.sft.SFTTrainer`

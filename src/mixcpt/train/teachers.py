@@ -39,10 +39,10 @@ class Teacher:
 class OnlineTeacher(Teacher):
     """A frozen deep copy of `teacher_model` (eval mode, no grad), its parameters in `dtype`
     (default: theirs), moved to the student's device on first use. It is not part of the trained
-    model, so the Trainer never wraps it: under DDP each process holds a whole copy, and under
-    FSDP2 (`fully_shard`) `follow` shards it the way the student is sharded, so each of N
-    processes holds 1/N of it. Its logits are made a chunk at a time inside the loss, in its own
-    dtype (from its hidden states, see `LossForward`; a sharded teacher gives logits)."""
+    model, so the Trainer never wraps it: under DDP each process holds a whole copy, while under
+    FSDP2 (`fully_shard`) and DeepSpeed ZeRO-3 `follow` shards it the way the student is sharded,
+    so each of N processes holds 1/N of it. Its logits are made a chunk at a time inside the loss,
+    in its own dtype (from its hidden states, see `LossForward`; a sharded teacher gives logits)."""
 
     def __init__(
         self,
@@ -63,7 +63,7 @@ class OnlineTeacher(Teacher):
             self.model.to(inputs["input_ids"].device)  # a no-op after the first batch
         with torch.no_grad():
             rows, weight, _ = self.forward(self.model, inputs)
-        if self.sharded:
+        if isinstance(self.model, FSDPModule):
             # FSDP2 keeps the root's parameters (embeddings, output layer) gathered after forward
             # for the backward that follows; a teacher has none, so they go back to their shards
             self.model.reshard()
@@ -72,8 +72,14 @@ class OnlineTeacher(Teacher):
     sharded = False
 
     def follow(self, student):
-        if self.sharded or not isinstance(student, FSDPModule):
+        if self.sharded:
             return
+        if isinstance(student, FSDPModule):
+            self._shard_like_fsdp2(student)
+        elif zero_stage(student) == 3:
+            self._partition_like_zero3(student)
+
+    def _shard_like_fsdp2(self, student: FSDPModule) -> None:
         # Shard each decoder layer (the classes a transformers model names as units that must not
         # be split: those FSDP wraps), then the root, which keeps the embeddings, final norm and
         # output layer in one unit (so tied embeddings stay tied), on the student's device mesh:
@@ -86,6 +92,33 @@ class OnlineTeacher(Teacher):
             if type(module).__name__ in units:
                 fully_shard(module, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
+        self.sharded = True
+
+    def _partition_like_zero3(self, engine: torch.nn.Module) -> None:
+        """Wrap the teacher in a DeepSpeed engine of its own with the student's ZeRO-3 config and
+        no optimizer (an inference engine, as TRL wraps its reference models): its parameters are
+        partitioned over the processes and gathered a layer at a time inside forward. The
+        persistence threshold (parameters smaller than it stay whole on every process) and the
+        buckets are sized to the model, as TRL does, so the small norms stay whole and the large
+        matrices are split."""
+        import deepspeed  # only under ZeRO-3, where it is installed
+
+        config = copy.deepcopy(engine.config)  # the student's resolved config (no "auto" left)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        zero = config.setdefault("zero_optimization", {})
+        zero["stage"] = 3
+        if hidden:
+            zero.update(
+                reduce_bucket_size=hidden * hidden,
+                stage3_param_persistence_threshold=10 * hidden,
+                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            )
+        self.model, *_ = deepspeed.initialize(model=self.model, config=config)
+        self.model.eval()
+        # outside forward the output layer holds an empty partition: the loss takes logits
+        self.forward = LossForward(self.model.module, hidden=False)
         self.sharded = True
 
 
@@ -112,6 +145,13 @@ class LoraTeacher(Teacher):
             finally:
                 tuner.enable_adapter_layers()
         return SwappedTeacher(rows, weight)
+
+
+def zero_stage(model: torch.nn.Module) -> int:
+    """The DeepSpeed ZeRO stage of `model` when it is a DeepSpeed engine (accelerate wraps the
+    student in one under DeepSpeed), else 0. Read without importing deepspeed."""
+    stage = getattr(model, "zero_optimization_stage", None)
+    return stage() if callable(stage) else 0
 
 
 def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
