@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mixcpt.train import lssd_cpu_kernel
-from mixcpt.train.fused_loss import SwappedTeacher, cpt_loss
+from mixcpt.train.fused_loss import cpt_loss
+from mixcpt.train.targets import TeacherRows
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
@@ -35,7 +36,7 @@ def loss_and_gradients(compile: bool) -> tuple[torch.Tensor, ...]:
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, :4] = -100
     labels[1, :3] = (teacher_hidden[1, :3] @ teacher_weight.T).argmax(-1)  # no swap at these
-    target = SwappedTeacher(teacher_hidden, teacher_weight)
+    target = TeacherRows(teacher_hidden, teacher_weight)
     result = cpt_loss(hidden, labels, target, weight, 1.0, 1.0, 1.0, chunk_size=4, compile=compile)
     result.loss.backward()
     return (*result, hidden.grad, weight.grad)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mixcpt.losses import logit_swap
 from mixcpt.train import lssd_cpu_kernel
-from mixcpt.train.fused_loss import StudentChunk, SwappedTeacher
+from mixcpt.train.targets import Correction, StudentChunk, TeacherRows
 from mixcpt.train.teacher_cache import top_k_logprobs
 
 needs_compiler = pytest.mark.skipif(
@@ -45,7 +45,7 @@ def eager_chunk(z, log_p, labels, q_scale, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
         student = StudentChunk(log_p, grad, q_scale, labels)
-        kl, matches = SwappedTeacher(z).chunk(student, z.clone(), temperature=1.0)
+        kl, _, matches = TeacherRows(z).chunk(student, z.clone(), 1.0, Correction("lssd"))
     return grad, kl, matches
 
 
@@ -62,7 +62,7 @@ def test_the_kernel_builds_here_and_is_what_float32_cpu_chunks_use():
 def test_kernel_matches_the_eager_path_and_a_float64_reference(V, monkeypatch):
     z, log_p, labels = chunk_case(V=V)
     grad = log_p.exp()
-    kl, matches = lssd_cpu_kernel.swapped_target(z, log_p, grad, 0.7, labels)
+    kl, _, matches = lssd_cpu_kernel.teacher_target(z, log_p, grad, 0.7, labels)
 
     eager_grad, eager_kl, eager_matches = eager_chunk(z, log_p, labels, 0.7, monkeypatch)
     q64 = F.softmax(logit_swap(z.double(), labels), -1)
@@ -82,7 +82,7 @@ def test_kernel_matches_the_eager_path_and_a_float64_reference(V, monkeypatch):
 def test_kernel_passes_a_nan_logit_on_so_the_trainer_can_stop():
     z, log_p, labels = chunk_case(rows=4, V=256)
     z[2, 100] = float("nan")
-    kl, _ = lssd_cpu_kernel.swapped_target(z, log_p, log_p.exp(), 1.0, labels)
+    kl, _, _ = lssd_cpu_kernel.teacher_target(z, log_p, log_p.exp(), 1.0, labels)
     assert torch.isnan(kl)
 
 
@@ -91,7 +91,7 @@ def test_kernel_rejects_labels_outside_the_vocabulary_instead_of_writing_past_th
     z, log_p, labels = chunk_case(rows=4, V=256)
     labels[1] = 256
     with pytest.raises(IndexError, match=r"\[0, 256\)"):
-        lssd_cpu_kernel.swapped_target(z, log_p, log_p.exp(), 1.0, labels)
+        lssd_cpu_kernel.teacher_target(z, log_p, log_p.exp(), 1.0, labels)
 
 
 @needs_compiler
