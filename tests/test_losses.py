@@ -66,17 +66,27 @@ def test_logit_swap_leaves_rows_where_the_label_already_is_the_argmax():
 
 
 # ---- lssd_loss ----------------------------------------------------------------------------
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_lssd_loss_is_the_loop_over_positions_in_value_and_gradient(temperature):
-    student, teacher, labels = random_case(seed=1)
-    student.requires_grad_()
-    loss = lssd_loss(student, teacher, labels, temperature)
+def assert_equal_in_value_and_gradient(loss_of, reference_of, student):
+    """loss_of(student) (float32) against reference_of(the same student in float64), in value and
+    in the gradient to the student."""
+    student = student.detach().requires_grad_()
+    loss = loss_of(student)
     loss.backward()
     student64 = student.detach().double().requires_grad_()
-    expected = loop_reference_lssd(student64, teacher, labels, temperature)
+    expected = reference_of(student64)
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_lssd_loss_is_the_loop_over_positions_in_value_and_gradient(temperature):
+    student, teacher, labels = random_case(seed=1)
+    assert_equal_in_value_and_gradient(
+        lambda s: lssd_loss(s, teacher, labels, temperature),
+        lambda s: loop_reference_lssd(s, teacher, labels, temperature),
+        student,
+    )
 
 
 def test_lssd_loss_in_float64_equals_the_loop_to_rounding():
@@ -162,14 +172,11 @@ def case_with_top1_labels(seed, ties=False):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_kl_loss_is_the_loop_over_positions_in_value_and_gradient(temperature):
     student, teacher, labels = case_with_top1_labels(seed=3)
-    student.requires_grad_()
-    loss = kl_loss(student, teacher, labels, temperature)
-    loss.backward()
-    student64 = student.detach().double().requires_grad_()
-    expected = loop_reference(student64, teacher, labels, temperature, lambda t, y: t)
-    expected.backward()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
+    assert_equal_in_value_and_gradient(
+        lambda s: kl_loss(s, teacher, labels, temperature),
+        lambda s: loop_reference(s, teacher, labels, temperature, lambda t, y: t),
+        student,
+    )
     assert kl_loss(teacher.clone(), teacher, labels).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -178,15 +185,12 @@ def test_kl_loss_is_the_loop_over_positions_in_value_and_gradient(temperature):
 )
 def test_mft_loss_is_modelopts_correction_in_value_and_gradient(temperature, threshold, ties):
     student, teacher, labels = case_with_top1_labels(seed=4, ties=ties)
-    student.requires_grad_()
-    loss = mft_loss(student, teacher, labels, threshold, temperature)
-    loss.backward()
-    student64 = student.detach().double().requires_grad_()
     target_of = minifinetuning_target(threshold)
-    expected = loop_reference(student64, teacher, labels, temperature, target_of)
-    expected.backward()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    torch.testing.assert_close(student.grad.double(), student64.grad, atol=1e-5, rtol=0)
+    assert_equal_in_value_and_gradient(
+        lambda s: mft_loss(s, teacher, labels, threshold, temperature),
+        lambda s: loop_reference(s, teacher, labels, temperature, target_of),
+        student,
+    )
 
 
 def test_mft_target_puts_the_label_ahead_of_the_top1_by_the_threshold():

@@ -54,26 +54,6 @@ def logit_swap(
     return teacher_logits.scatter(-1, top1, z_label).scatter(-1, label, z_top1)
 
 
-def lssd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    """L_LSSD = mean over supervised positions of KL(softmax(swap(z) / T) || softmax(s / T)).
-
-    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar (float32, float64
-    for float64 inputs), differentiable in the student logits; 0 when nothing is supervised.
-    """
-    supervised = labels != ignore_index  # [B, T]
-    z_swapped = logit_swap(teacher_logits, labels, ignore_index)[supervised]  # [N, V] z'
-    log_q = F.log_softmax(as_float32(z_swapped) / temperature, dim=-1)  # [N, V] log q
-    log_p = F.log_softmax(as_float32(student_logits[supervised]) / temperature, dim=-1)  # [N, V]
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # [N] KL(q || p), the q log q term included
-    return kl.sum() / max(len(kl), 1)
-
-
 def kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -84,13 +64,31 @@ def kl_loss(
     """L_KL = mean over supervised positions of KL(softmax(z / T) || softmax(s / T)): plain
     distillation to the teacher, uncorrected (labels only choose the positions).
 
-    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar as `lssd_loss` does.
+    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar (float32, float64
+    for float64 inputs), differentiable in the student logits; 0 when nothing is supervised.
     """
     supervised = labels != ignore_index  # [B, T]
     log_t = F.log_softmax(as_float32(teacher_logits[supervised]) / temperature, dim=-1)  # [N, V]
     log_p = F.log_softmax(as_float32(student_logits[supervised]) / temperature, dim=-1)  # [N, V]
-    kl = (log_t.exp() * (log_t - log_p)).sum(-1)  # [N] KL(t || p)
+    kl = (log_t.exp() * (log_t - log_p)).sum(-1)  # [N] KL(t || p), the t log t term included
     return kl.sum() / max(len(kl), 1)
+
+
+def lssd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """L_LSSD = mean over supervised positions of KL(softmax(swap(z) / T) || softmax(s / T)): plain
+    distillation (`kl_loss`) to the swapped teacher.
+
+    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar (float32, float64
+    for float64 inputs), differentiable in the student logits; 0 when nothing is supervised.
+    """
+    z_swapped = logit_swap(teacher_logits, labels, ignore_index)  # [B, T, V] z'
+    return kl_loss(student_logits, z_swapped, labels, temperature, ignore_index)
 
 
 def mft_mixin(
@@ -137,7 +135,7 @@ def mft_loss(
     t = softmax(z / T) with threshold tau (Minifinetuning, arXiv 2506.15702; ModelOpt's `MFTLoss`
     without its T^2 factor, as the other losses here).
 
-    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar as `lssd_loss` does.
+    student_logits, teacher_logits [B, T, V]; labels [B, T]. Returns a scalar as `kl_loss` does.
     """
     supervised = labels != ignore_index  # [B, T]
     t = torch.softmax(as_float32(teacher_logits[supervised]) / temperature, dim=-1)  # [N, V]

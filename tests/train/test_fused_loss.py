@@ -12,20 +12,13 @@ import torch
 
 from mixcpt import losses
 from mixcpt.losses import logit_swap
-from mixcpt.train import lssd_cpu_kernel
 from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
 from mixcpt.train.targets import TeacherRows, TeacherTopK, max_with_index, swap_topk_ids
 
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True, params=["fused CPU kernel", "eager"])
-def lssd_path(request, monkeypatch):
-    """Every test runs on both of TeacherRows's paths: the C kernel (float32 on the CPU, where it
-    builds) and the eager PyTorch one (GPUs, other dtypes, no compiler)."""
-    if request.param == "eager":
-        monkeypatch.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
-    return request.param
+pytestmark = pytest.mark.usefixtures("both_target_paths")
 
 
 def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):

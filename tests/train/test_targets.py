@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from mixcpt import losses
-from mixcpt.train import lssd_cpu_kernel
 from mixcpt.train.fused_loss import cpt_loss
 from mixcpt.train.targets import TeacherRows, TeacherTopK
 
@@ -19,13 +18,7 @@ IGNORE = -100
 OBJECTIVES = ["lssd", "kl", "mft"]
 
 
-@pytest.fixture(autouse=True, params=["fused CPU kernel", "eager"])
-def target_path(request, monkeypatch):
-    """Every test runs on both of TeacherRows's paths: the C kernel (float32 on the CPU, where it
-    builds) and the eager PyTorch one (GPUs, other dtypes, no compiler)."""
-    if request.param == "eager":
-        monkeypatch.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
-    return request.param
+pytestmark = pytest.mark.usefixtures("both_target_paths")
 
 
 def case(B=3, T=7, V=37, seed=0, n_ignored=5, ties=False):
