@@ -20,8 +20,10 @@ the teacher's top-1 m = argmax z (its first index), at every supervised position
 
 These functions hold whole [N, V] float32 tensors and are the definitions. Training computes the
 same L_CPT a chunk of positions at a time, from hidden states, with the gradient in closed form
-(`mixcpt.train.fused_loss.cpt_loss`, and a C kernel on the CPU); tests/train/test_fused_loss.py
-holds that path equal to these definitions in value and gradient. None has a T^2 factor.
+(`mixcpt.train.fused_loss.cpt_loss`, and a C kernel on the CPU), and beside it `kl_to_base`, the
+KL(t || p) of `kl_loss` that monitors forgetting; tests/train/test_fused_loss.py and
+tests/train/test_targets.py hold that path equal to these definitions in value and gradient. None
+has a T^2 factor.
 """
 
 from __future__ import annotations
