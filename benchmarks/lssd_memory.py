@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from mixcpt.losses import logit_swap
-from mixcpt.train.fused_loss import SwappedTeacher, cpt_loss
+from mixcpt.train.fused_loss import cpt_loss
+from mixcpt.train.targets import TeacherRows
 
 
 def naive_lssd(hidden, weight, teacher_hidden, teacher_weight, labels):
@@ -41,7 +42,7 @@ def naive_lssd(hidden, weight, teacher_hidden, teacher_weight, labels):
 
 
 def chunked_lssd(hidden, weight, teacher_hidden, teacher_weight, labels, chunk):
-    target = SwappedTeacher(teacher_hidden[None], teacher_weight)
+    target = TeacherRows(teacher_hidden[None], teacher_weight)
     return cpt_loss(
         hidden[None], labels[None], target, weight, ce_weight=0.0, chunk_size=chunk
     ).loss

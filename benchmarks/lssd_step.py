@@ -1,4 +1,5 @@
-"""Step time of LSSD (online, cache, LoRA teachers) relative to plain cross-entropy CPT.
+"""Step time of LSSD (online, cache, LoRA teachers) relative to plain cross-entropy CPT, and of the
+other objectives (cpt.objective kl, mft; online teacher) relative to LSSD.
 
 One full optimizer step per variant (LSSDTrainer.training_step = compute_loss + backward, then the
 optimizer step), every variant on its own copy of the same Llama built from config and the same
@@ -173,8 +174,9 @@ def main() -> None:
             model = lora(model)
         if name in ("plain", "lora_plain"):
             loss["lssd_weight"] = 0.0
-        elif name == "online":
+        elif name.startswith("online"):  # online, online_kl, online_mft
             loss["teacher"] = OnlineTeacher(model, a.vocab)
+            loss["objective"] = name.partition("_")[2] or "lssd"
         elif name == "cache":
             loss["teacher"] = build_teacher_cache(
                 model, blocks, Path(tmp.name) / "cache", a.top_k, 1.0, a.batch
@@ -183,7 +185,16 @@ def main() -> None:
             loss["teacher"] = LoraTeacher(model)
         return LSSDTrainer(model=model, args=args, **loss), batch
 
-    variants = ["plain", "hf_ce", "online", "cache", "lora_plain", "lora_lssd"]
+    variants = [
+        "plain",
+        "hf_ce",
+        "online",
+        "online_kl",
+        "online_mft",
+        "cache",
+        "lora_plain",
+        "lora_lssd",
+    ]
     trainers = {name: make(name) for name in variants}
     times = {name: [] for name in variants}
     for round_ in range(a.warmup + a.steps):
@@ -216,6 +227,8 @@ def main() -> None:
         "online_over_hf_ce": round(
             median["online"] / median["hf_ce"], 3
         ),  # vs a CPT script on Trainer's own CE
+        "online_kl_over_online": round(median["online_kl"] / median["online"], 3),
+        "online_mft_over_online": round(median["online_mft"] / median["online"], 3),
         "cache_over_plain": round(median["cache"] / median["plain"], 3),
         "lora_over_lora_plain": round(median["lora_lssd"] / median["lora_plain"], 3),
         "cache_bytes_per_token": trainers["cache"][0].teacher.bytes_per_token,

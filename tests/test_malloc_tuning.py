@@ -18,13 +18,14 @@ from mixcpt.malloc_tuning import keep_freed_memory
 # what is measured.
 STEPS = """
 import resource, torch
-from mixcpt.train.fused_loss import SwappedTeacher, cpt_loss
+from mixcpt.train.fused_loss import cpt_loss
+from mixcpt.train.targets import TeacherRows
 from mixcpt.malloc_tuning import keep_freed_memory
 keep_freed_memory()
 g = torch.Generator().manual_seed(0)
 hidden = torch.randn(4, 256, 64, generator=g, requires_grad=True)
 weight = torch.randn(8192, 64, generator=g, requires_grad=True)
-teacher = SwappedTeacher(torch.randn(4, 256, 64, generator=g), torch.randn(8192, 64, generator=g))
+teacher = TeacherRows(torch.randn(4, 256, 64, generator=g), torch.randn(8192, 64, generator=g))
 labels = torch.randint(0, 8192, (4, 256), generator=g)
 def steps(n):
     for _ in range(n):

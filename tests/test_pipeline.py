@@ -60,6 +60,26 @@ def test_arms_with_the_same_stage_one_settings_share_one_model_and_selection(arm
     assert len(stage_arms(cfg, "sft")) == len(stage_arms(cfg, "dpo")) == 9
 
 
+def test_the_distillation_objective_makes_a_stage_one_model_of_its_own(arms_cfg):
+    cfg = arms_cfg(
+        [
+            "mixcpt",
+            "mixture-kl",
+            "mixture-mft",
+            {"name": "mft-half", "like": "mixture-mft", "cpt": {"mft_threshold": 0.5}},
+            # the threshold is mft's alone: still mixture-kl's model
+            {"name": "kl-margin", "like": "mixture-kl", "cpt": {"mft_threshold": 0.5}},
+            # without a teacher the objective changes nothing: mixture-ce's model
+            {"name": "ce-kl", "like": "mixture-ce", "cpt": {"objective": "kl"}},
+            "mixture-ce",
+        ]
+    )
+    assert cfg.cpt.objective == "lssd"  # the default, mixcpt's
+    assert stage_arms(cfg, "cpt") == ["mixcpt", "mixture-kl", "mixture-mft", "mft-half", "ce-kl"]
+    assert stage1_owner(cfg, "kl-margin") == "mixture-kl"
+    assert stage1_owner(cfg, "mixture-ce") == "ce-kl"
+
+
 def test_baseline_dpo_and_no_preferences_decide_which_arms_run_dpo(arms_cfg, tmp_path):
     cfg = arms_cfg(["mixcpt", "baseline", {"name": "sft-only", "like": "mixcpt", "run_dpo": False}])
     assert stage_arms(cfg, "dpo") == ["mixcpt", "baseline"]

@@ -182,10 +182,12 @@ def cpt_settings(arm: Arm) -> dict:
     # alpha is in the two weights it sets: alpha 0.5 and weights 0.5, 0.5 are one build
     unused = {"loss_chunk_size", "compile_loss", "training", "alpha"}
     if cpt.lssd_weight == 0:  # no teacher; `teacher: lora` still means training adapters
-        unused |= {"temperature", "cache_top_k", "cache_dtype"}
+        unused |= {"temperature", "cache_top_k", "cache_dtype", "objective", "mft_threshold"}
         unused |= {"teacher"} if cpt.teacher != "lora" else set()
     if cpt.teacher != "cache":
         unused |= {"cache_top_k", "cache_dtype"}
+    if cpt.objective != "mft":
+        unused.add("mft_threshold")
     if cpt.teacher != "lora":
         unused.add("lora")
     return {

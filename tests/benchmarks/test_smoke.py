@@ -41,7 +41,14 @@ TINY_MODEL = [
         (
             "lssd_step.py",
             [*TINY_MODEL, "--top-k", "4"],
-            ["online_over_plain", "cache_over_plain", "lora_over_lora_plain", "plain_over_hf_ce"],
+            [
+                "online_over_plain",
+                "online_kl_over_online",
+                "online_mft_over_online",
+                "cache_over_plain",
+                "lora_over_lora_plain",
+                "plain_over_hf_ce",
+            ],
         ),
         ("vs_trl.py", TINY_MODEL, ["ours_over_trl"]),
         (

@@ -9,6 +9,7 @@ import pytest
 from mixcpt.config import config_from_dict
 from mixcpt.data.packing import PackedBlocks, write_packed
 from mixcpt.rundir import RunDir
+from mixcpt.train import lssd_cpu_kernel
 
 DOMAIN = [
     f"The planet Zorbax {i} orbits the star Vega {i % 3}. Its moon is called Ixi {i}."
@@ -77,3 +78,13 @@ def cpt_run(tmp_path, tiny_tokenizer, tiny_model):
         return config_from_dict(data, root=tmp_path)
 
     return make_config, run
+
+
+@pytest.fixture(params=["fused CPU kernel", "eager"])
+def both_target_paths(request, monkeypatch):
+    """Runs a test on both paths of `TeacherRows`: the C kernel (float32 on the CPU, where it
+    builds) and the eager PyTorch one (GPUs, other dtypes, no compiler). A module takes it with
+    `pytestmark = pytest.mark.usefixtures("both_target_paths")`."""
+    if request.param == "eager":
+        monkeypatch.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
+    return request.param

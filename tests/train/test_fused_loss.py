@@ -1,7 +1,7 @@
 """The fused, chunked stage-1 loss (`mixcpt.train.fused_loss`) is the function `mixcpt.losses`
 defines, computed another way: value and gradient equal the definitions evaluated in float64
 (themselves checked against an explicit loop in tests/test_losses.py), on both of
-SwappedTeacher's paths (the C kernel and eager PyTorch). The top-k target is checked against the
+TeacherRows's paths (the C kernel and eager PyTorch). The top-k target is checked against the
 bucketed KL of design §9."""
 
 from __future__ import annotations
@@ -12,26 +12,13 @@ import torch
 
 from mixcpt import losses
 from mixcpt.losses import logit_swap
-from mixcpt.train import lssd_cpu_kernel
-from mixcpt.train.fused_loss import (
-    SwappedTeacher,
-    SwappedTopK,
-    cpt_loss,
-    lssd_loss_topk,
-    max_with_index,
-    swap_topk_ids,
-)
+from mixcpt.train.fused_loss import cpt_loss, lssd_loss_topk
+from mixcpt.train.targets import TeacherRows, TeacherTopK, max_with_index, swap_topk_ids
 
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True, params=["fused CPU kernel", "eager"])
-def lssd_path(request, monkeypatch):
-    """Every test runs on both of SwappedTeacher's paths: the C kernel (float32 on the CPU, where it
-    builds) and the eager PyTorch one (GPUs, other dtypes, no compiler)."""
-    if request.param == "eager":
-        monkeypatch.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
-    return request.param
+pytestmark = pytest.mark.usefixtures("both_target_paths")
 
 
 def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):
@@ -45,7 +32,7 @@ def random_case(B=3, T=7, V=37, seed=0, n_ignored=5):
 
 def fused_lssd(student, teacher, labels, temperature=1.0, chunk_size=256, weight=None):
     """L_LSSD alone through the fused path (ce_weight 0, lssd_weight 1)."""
-    target = SwappedTeacher(teacher)
+    target = TeacherRows(teacher)
     return cpt_loss(student, labels, target, weight, 0.0, 1.0, temperature, IGNORE, chunk_size).loss
 
 
@@ -274,7 +261,7 @@ def test_cpt_loss_matches_the_reference_in_value_and_gradients(
     got = cpt_loss(
         student,
         labels,
-        SwappedTeacher(teacher),
+        TeacherRows(teacher),
         weight if from_hidden else None,
         ce_weight,
         lssd_weight,
@@ -302,7 +289,7 @@ def test_cpt_loss_matches_the_reference_in_value_and_gradients(
     assert got.ce.item() == pytest.approx(
         losses.cross_entropy(hidden @ weight.T, labels).item(), abs=1e-5
     )
-    assert got.lssd.item() == pytest.approx(
+    assert got.distill.item() == pytest.approx(
         losses.lssd_loss(hidden @ weight.T, teacher, labels, temperature).item(), abs=1e-5
     )
     keep = labels != IGNORE
@@ -317,10 +304,10 @@ def test_cpt_loss_with_a_teacher_given_by_hidden_states_equals_the_one_given_by_
     )
     student, _, labels = random_case(2, 9, 23, seed=6)
     from_logits = cpt_loss(
-        student, labels, SwappedTeacher(teacher_hidden @ teacher_weight.T), chunk_size=4
+        student, labels, TeacherRows(teacher_hidden @ teacher_weight.T), chunk_size=4
     )
     from_hidden = cpt_loss(
-        student, labels, SwappedTeacher(teacher_hidden, teacher_weight), chunk_size=4
+        student, labels, TeacherRows(teacher_hidden, teacher_weight), chunk_size=4
     )
     for got, want in zip(from_hidden, from_logits):
         assert got.item() == pytest.approx(want.item(), abs=1e-5)
@@ -330,7 +317,7 @@ def test_cpt_loss_against_a_top_k_target_sums_ce_and_the_bucketed_kl():
     student, teacher, labels = random_case(V=31, seed=8)
     student.requires_grad_()
     ids, values, tail = teacher_topk(teacher, 6, 1.0)
-    got = cpt_loss(student, labels, SwappedTopK(ids, values.float(), tail.float()), chunk_size=4)
+    got = cpt_loss(student, labels, TeacherTopK(ids, values.float(), tail.float()), chunk_size=4)
     got.loss.backward()
     student2 = student.detach().clone().requires_grad_()
     expected = losses.cross_entropy(student2, labels) + lssd_loss_topk(
@@ -348,4 +335,4 @@ def test_cpt_loss_without_a_target_is_plain_cross_entropy():
         student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE
     )
     assert got.loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    assert got.lssd.item() == 0.0
+    assert got.distill.item() == 0.0

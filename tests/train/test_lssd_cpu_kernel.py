@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixcpt.losses import logit_swap
+from mixcpt.losses import logit_swap, mft_target
 from mixcpt.train import lssd_cpu_kernel
-from mixcpt.train.fused_loss import StudentChunk, SwappedTeacher
+from mixcpt.train.targets import Correction, StudentChunk, TeacherRows
 from mixcpt.train.teacher_cache import top_k_logprobs
 
 needs_compiler = pytest.mark.skipif(
@@ -40,13 +40,21 @@ def chunk_case(rows=64, V=8192, H=16, seed=0):
     return z, log_p, labels
 
 
-def eager_chunk(z, log_p, labels, q_scale, monkeypatch):
+def eager_chunk(z, log_p, labels, q_scale, monkeypatch, objective="lssd"):
     grad = log_p.exp()
     with monkeypatch.context() as m:
         m.setattr(lssd_cpu_kernel, "applies", lambda *tensors: False)
         student = StudentChunk(log_p, grad, q_scale, labels)
-        kl, matches = SwappedTeacher(z).chunk(student, z.clone(), temperature=1.0)
-    return grad, kl, matches
+        sums = TeacherRows(z).chunk(student, z.clone(), 1.0, Correction(objective))
+    return grad, *sums
+
+
+def target64(objective, z, labels):
+    """The objective's q [c, V] from teacher logits z [c, V], in float64 (`mixcpt.losses`)."""
+    if objective == "lssd":
+        return F.softmax(logit_swap(z.double(), labels), -1)
+    t = F.softmax(z.double(), -1)
+    return t if objective == "kl" else mft_target(t, labels, 0.2)
 
 
 @needs_compiler
@@ -58,20 +66,26 @@ def test_the_kernel_builds_here_and_is_what_float32_cpu_chunks_use():
 
 
 @needs_compiler
+@pytest.mark.parametrize("objective", ["lssd", "kl", "mft"])
 @pytest.mark.parametrize("V", [8192, 1000])  # 64-wide blocks, and a ragged last block
-def test_kernel_matches_the_eager_path_and_a_float64_reference(V, monkeypatch):
+def test_kernel_matches_the_eager_path_and_a_float64_reference(V, objective, monkeypatch):
     z, log_p, labels = chunk_case(V=V)
     grad = log_p.exp()
-    kl, matches = lssd_cpu_kernel.swapped_target(z, log_p, grad, 0.7, labels)
+    kl, kl_base, matches = lssd_cpu_kernel.teacher_target(z, log_p, grad, 0.7, labels, objective)
 
-    eager_grad, eager_kl, eager_matches = eager_chunk(z, log_p, labels, 0.7, monkeypatch)
-    q64 = F.softmax(logit_swap(z.double(), labels), -1)
-    kl64 = (q64 * (q64.log() - log_p.double())).sum()
+    eager_grad, eager_kl, eager_base, eager_matches = eager_chunk(
+        z, log_p, labels, 0.7, monkeypatch, objective
+    )
+    q64, t64 = target64(objective, z, labels), F.softmax(z.double(), -1)
+    kl64 = (torch.xlogy(q64, q64) - q64 * log_p.double()).sum()
+    base64 = (torch.xlogy(t64, t64) - t64 * log_p.double()).sum()
     assert matches.item() == eager_matches.item() == (z.argmax(-1) == labels).sum().item() >= 16
     assert kl.item() == pytest.approx(kl64.item(), rel=1e-6)
+    assert kl_base.item() == pytest.approx(base64.item(), rel=1e-6)
     # The eager path sums the KL's terms in float32 over the whole chunk: 2e-5 to 5e-5 relative
     # error here, depending on the CPU's vector width (benchmarks/RESULTS.md, fourth pass).
     assert eager_kl.item() == pytest.approx(kl64.item(), rel=1e-4)
+    assert eager_base.item() == pytest.approx(base64.item(), rel=1e-4)
     torch.testing.assert_close(grad.double(), log_p.double().exp() - 0.7 * q64, atol=1e-7, rtol=0)
     torch.testing.assert_close(
         grad, eager_grad, atol=1e-5, rtol=0
@@ -82,7 +96,7 @@ def test_kernel_matches_the_eager_path_and_a_float64_reference(V, monkeypatch):
 def test_kernel_passes_a_nan_logit_on_so_the_trainer_can_stop():
     z, log_p, labels = chunk_case(rows=4, V=256)
     z[2, 100] = float("nan")
-    kl, _ = lssd_cpu_kernel.swapped_target(z, log_p, log_p.exp(), 1.0, labels)
+    kl, _, _ = lssd_cpu_kernel.teacher_target(z, log_p, log_p.exp(), 1.0, labels)
     assert torch.isnan(kl)
 
 
@@ -91,7 +105,7 @@ def test_kernel_rejects_labels_outside_the_vocabulary_instead_of_writing_past_th
     z, log_p, labels = chunk_case(rows=4, V=256)
     labels[1] = 256
     with pytest.raises(IndexError, match=r"\[0, 256\)"):
-        lssd_cpu_kernel.swapped_target(z, log_p, log_p.exp(), 1.0, labels)
+        lssd_cpu_kernel.teacher_target(z, log_p, log_p.exp(), 1.0, labels)
 
 
 @needs_compiler

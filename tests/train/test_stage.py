@@ -37,9 +37,21 @@ def test_mixcpt_arm_trains_saves_a_plain_model_and_records_metrics(cpt_run):
     assert recorded["steps"] == metrics["steps"] == 4
     logged = [h for h in recorded["log_history"] if "lssd_loss" in h]
     assert logged and all(0 <= h["teacher_top1_match"] <= 1 for h in logged)
+    # the forgetting monitor: the student starts as the teacher and drifts from it
+    assert all(h["kl_to_base"] >= 0 for h in logged) and logged[-1]["kl_to_base"] > 0
 
     # A second call finds the folder and returns what was recorded, without training.
     assert run_cpt(make_config(), run, "mixcpt") == recorded
+
+
+def test_minifinetuning_trains_and_logs_its_term_and_the_distance_to_the_base(cpt_run):
+    make_config, run = cpt_run
+    metrics = run_cpt(make_config(objective="mft", mft_threshold=0.3), run, "mixcpt")
+    assert metrics["objective"] == "mft" and metrics["teacher"] == "online"
+    logged = [h for h in metrics["log_history"] if "mft_loss" in h]
+    assert len(logged) == 2 and not any("lssd_loss" in h for h in metrics["log_history"])
+    assert all(h["mft_loss"] > 0 and h["kl_to_base"] >= 0 for h in logged)
+    assert logged[-1]["kl_to_base"] > 0
 
 
 def test_baseline_arm_is_plain_cross_entropy_on_the_domain_stream(cpt_run, monkeypatch):

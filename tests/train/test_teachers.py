@@ -77,8 +77,9 @@ def student_logits_and_labels(batch, seed=7):
     return torch.randn(*labels.shape, V, generator=g) * 2, labels
 
 
-def teacher_lssd(teacher, batch, student, labels, temperature, chunk_size):
-    """(L_LSSD, teacher top-1 matches) of the teacher's target for the batch."""
+def teacher_lssd(teacher, batch, student, labels, temperature, chunk_size, objective="lssd"):
+    """(the objective's distillation term, teacher top-1 matches) of the teacher's target for the
+    batch."""
     result = cpt_loss(
         student,
         labels,
@@ -86,6 +87,7 @@ def teacher_lssd(teacher, batch, student, labels, temperature, chunk_size):
         ce_weight=0.0,
         temperature=temperature,
         chunk_size=chunk_size,
+        objective=objective,
     )
     return result.loss, result.teacher_top1_matches
 
@@ -95,7 +97,10 @@ def target_logits(target):
     return target.rows if target.output_weight is None else target.rows @ target.output_weight.T
 
 
-def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model, tmp_path):
+@pytest.mark.parametrize("objective", ["lssd", "kl", "mft"])
+def test_cache_with_k_equal_to_vocab_gives_the_online_loss(
+    blocks, teacher_model, tmp_path, objective
+):
     cache = build_teacher_cache(
         teacher_model,
         blocks,
@@ -108,8 +113,8 @@ def test_cache_with_k_equal_to_vocab_gives_the_online_loss(blocks, teacher_model
     online = OnlineTeacher(teacher_model, V)
     batch = batch_of(blocks, [4, 1, 3])  # block 4 has padding (ignored labels)
     student, labels = student_logits_and_labels(batch)
-    exact, exact_top1 = teacher_lssd(online, batch, student, labels, temperature=2.0, chunk_size=7)
-    cached, cached_top1 = teacher_lssd(cache, batch, student, labels, temperature=2.0, chunk_size=7)
+    exact, exact_top1 = teacher_lssd(online, batch, student, labels, 2.0, 7, objective)
+    cached, cached_top1 = teacher_lssd(cache, batch, student, labels, 2.0, 7, objective)
     assert cached.item() == pytest.approx(exact.item(), abs=1e-5)
     assert cached_top1 == exact_top1
 

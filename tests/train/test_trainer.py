@@ -13,7 +13,7 @@ from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
 from mixcpt.losses import lssd_loss
 from mixcpt.train.arguments import training_arguments
-from mixcpt.train.fused_loss import SwappedTeacher
+from mixcpt.train.targets import TeacherRows
 from mixcpt.train.teachers import OnlineTeacher, Teacher
 from mixcpt.train.trainer import LSSDTrainer, NonFiniteLossError
 
@@ -202,7 +202,7 @@ class NaNTeacher(Teacher):
 
     def target(self, inputs):
         B, T = inputs["input_ids"].shape
-        return SwappedTeacher(torch.full((B, T, self.vocab_size), float("nan")))
+        return TeacherRows(torch.full((B, T, self.vocab_size), float("nan")))
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error(tiny_model, domain_blocks, tmp_path):

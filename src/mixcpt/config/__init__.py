@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mixcpt.config.alignment import BaselineConfig, DPOConfig, SelectConfig, SFTConfig
-from mixcpt.config.arms import ArmConfig, check_entries, resolve_arms
+from mixcpt.config.arms import BUILTIN_ARMS, ArmConfig, check_entries, resolve_arms
 from mixcpt.config.base import Strict
 from mixcpt.config.data import DataConfig, ModelConfig, SourceConfig, TemplateConfig
 from mixcpt.config.evaluation import BenchmarkConfig, EvalConfig
@@ -76,8 +76,8 @@ class Config(Strict):
     )
     arms: list[ArmConfig] | None = Field(
         None,
-        description="The recipes trained side by side, each a name (built in: mixcpt, baseline, "
-        "mixture-ce, random-k, whole-pool) or a mapping {name, like, stream, align_on, run_dpo, "
+        description="The recipes trained side by side, each a name (built in: "
+        f"{', '.join(BUILTIN_ARMS)}) or a mapping {{name, like, stream, align_on, run_dpo, "
         "cpt, select, sft, dpo} (mixcpt.config.arms). Default: [mixcpt, baseline], or [mixcpt] "
         "with baseline.enabled: false.",
     )

@@ -57,6 +57,10 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
     "random-k": BuiltinArm("mix", "selection", {"select": {"strategy": "random"}}),
     # Mix-CPT's stage 1, then SFT and DPO on the whole pool: no selection
     "whole-pool": BuiltinArm("mix", "pool"),
+    # Mix-CPT with another corrected teacher (design §1; the weights as mixcpt's): plain
+    # distillation to the frozen base, and Minifinetuning
+    "mixture-kl": BuiltinArm("mix", "selection", {"cpt": {"objective": "kl"}}),
+    "mixture-mft": BuiltinArm("mix", "selection", {"cpt": {"objective": "mft"}}),
 }
 # what `like` accepts: the names above (a new built-in needs no second list)
 BuiltinName = Literal[tuple(BUILTIN_ARMS)]

@@ -265,7 +265,8 @@ class LoraSettings(Strict):
 
 
 class CPTConfig(Strict):
-    """Stage 1: knowledge-mixture continual pre-training, loss = ce_weight*CE + lssd_weight*LSSD.
+    """Stage 1: knowledge-mixture continual pre-training, loss = ce_weight*CE + lssd_weight*D, D the
+    distillation term `objective` names (LSSD by default).
 
     `alpha` is the paper's parameterisation of the same loss, alpha*NTP + (1 - alpha)*LSSD: when
     given, it sets the two weights (so the rest of mixcpt only ever reads them), and giving it
@@ -280,8 +281,25 @@ class CPTConfig(Strict):
     lssd_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of logit swap self-distillation (0: plain CPT, no teacher; the "
-        "baseline and mixture-ce arms use 0). Exclusive with alpha.",
+        description="Weight of the distillation term `objective` names (logit swap "
+        "self-distillation by default; 0: plain CPT, no teacher; the baseline and mixture-ce arms "
+        "use 0). Exclusive with alpha.",
+    )
+    objective: Literal["lssd", "kl", "mft"] = Field(
+        "lssd",
+        description="The distillation term's target, from the frozen base as teacher (design §1): "
+        "lssd (the paper's logit swap: the label and the teacher's top-1 exchange logits), kl "
+        "(plain distillation to the teacher, uncorrected) or mft (Minifinetuning, arXiv "
+        "2506.15702: the label's one-hot mixed in so it leads the teacher's top-1 by "
+        "mft_threshold).",
+    )
+    mft_threshold: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Minifinetuning's margin tau in (0, 1], used when objective is mft: the "
+        "target puts the label tau above the teacher's top-1 (or lifts it by tau, capped at 1, "
+        "where the top-1 is the label).",
     )
     alpha: float | None = Field(
         None,
@@ -296,8 +314,8 @@ class CPTConfig(Strict):
     temperature: float = Field(
         1.0,
         gt=0,
-        description="Softmax temperature of the LSSD target and student (cross-entropy stays "
-        "at 1); part of the cache teacher's key.",
+        description="Softmax temperature of the distillation target and student, and of "
+        "kl_to_base (cross-entropy stays at 1); part of the cache teacher's key.",
     )
     teacher: Literal["online", "lora", "cache"] = Field(
         "online",

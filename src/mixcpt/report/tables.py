@@ -37,7 +37,8 @@ def arm_order(results: dict) -> list[str]:
 def _loss(summary: dict) -> str:
     ce, lssd, teacher = summary["ce_weight"], summary["lssd_weight"], summary["teacher"]
     terms = [f"{ce:g} CE"] if ce else []
-    terms += [f"{lssd:g} LSSD ({teacher} teacher)"] if lssd else []
+    objective = summary.get("objective", "lssd").upper()  # results written before objectives: lssd
+    terms += [f"{lssd:g} {objective} ({teacher} teacher)"] if lssd else []
     return " + ".join(terms)
 
 
@@ -80,9 +81,9 @@ def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def arm_summaries(cfg: Config, results: dict) -> list[dict]:
     """What results["arms"] holds, per arm of `cfg` in order: its name and the built-in it is or is
-    like; stage 1's stream, loss weights, teacher (None without LSSD), the arm whose stage-1 model
-    it uses when not its own, and that model's steps and tokens; stage 2's selection ({k,
-    strategy, score}, None on the whole pool) and whose it is when shared; SFT's samples and
+    like; stage 1's stream, loss weights and objective, teacher (None without one), the arm whose
+    stage-1 model it uses when not its own, and that model's steps and tokens; stage 2's selection
+    ({k, strategy, score}, None on the whole pool) and whose it is when shared; SFT's samples and
     steps; whether it runs DPO, and DPO's pairs and steps. Counts are those results.json records
     (None for a stage not run yet)."""
     stages = results.get("stages", {})
@@ -99,6 +100,7 @@ def arm_summaries(cfg: Config, results: dict) -> list[dict]:
                 "stream": arm.stream,
                 "ce_weight": cpt.ce_weight,
                 "lssd_weight": cpt.lssd_weight,
+                "objective": cpt.objective,
                 "teacher": cpt.teacher if cpt.lssd_weight > 0 else None,
                 "stage1_shared_with": stage1 if stage1 != arm.name else None,
                 "stage1_tokens": trained["cpt"].get("tokens"),

@@ -1,13 +1,23 @@
-/* The LSSD target's vocabulary-wide work for one chunk of positions, fused, on the CPU
-   (fused_loss.SwappedTeacher.chunk; design.md §1). Built and loaded by lssd_cpu_kernel.py.
+/* The teacher target's vocabulary-wide work for one chunk of positions, fused, on the CPU
+   (targets.TeacherRows.chunk; design.md §1). Built and loaded by lssd_cpu_kernel.py.
 
    For each row r of a chunk (one supervised position), with z the teacher's logits [V], y the label,
-   m the first index of z's maximum, q = softmax(z) and q' = q with q[y] and q[m] exchanged (the logit
-   swap permutes the row, so its softmax is q permuted), and log p the student's log-softmax [V]:
+   m the first index of z's maximum, t = softmax(z), log p the student's log-softmax [V], and q the
+   objective's target:
 
-       grad[r] -= q_scale * q'                     (grad holds the student's p on entry)
-       kl[r]    = KL(q' || p) = sum q log q - sum q' log p,  with  sum q log q = sum q (z - m) - log sum exp(z - m)
-       top1[r]  = m
+       lssd (0)  q = t with t[y] and t[m] exchanged (the logit swap permutes the row)
+       kl   (1)  q = t
+       mft  (2)  q = (1 - lam) t + lam onehot(y), lam as losses.mft_mixin
+
+       grad[r]   -= q_scale * q                    (grad holds the student's p on entry)
+       kl[r]      = KL(q || p) = sum q log q - sum q log p
+       kl_base[r] = KL(t || p) = sum t log t - sum t log p,  sum t log t = sum t (z - m) - log sum exp(z - m)
+       top1[r]    = m
+
+   KL(q || p) follows from the row's sums in closed form: lssd's q is a permutation of t (the same
+   sum q log q; sum q log p moves by (t_m - t_y)(log p_m - log p_y)); mft's q log q is
+   (1 - lam)(sum t log t - t_y log t_y) + (1 - t_y) xlogx(1 - lam) + xlogx(q_y), and its
+   sum q log p = (1 - lam) sum t log p + lam log p_y.
 
    Eager PyTorch makes max, softmax, the swap, two dot products and the update separate passes over
    a [chunk, V] tensor that has long left the cache; here each row (32 KB at V = 8k) comes from
@@ -23,9 +33,13 @@
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
-void lssd_swapped_target(const float *z, const float *log_p, float *grad, const int64_t *labels,
-                         int64_t rows, int64_t v, float q_scale, float *scratch, double *kl, int64_t *top1,
-                         int threads) {
+enum { LSSD = 0, KL = 1, MFT = 2 };
+
+static inline double xlogx(double x) { return x > 0 ? x * log(x) : 0; }
+
+void teacher_target(const float *z, const float *log_p, float *grad, const int64_t *labels,
+                    int64_t rows, int64_t v, int objective, float q_scale, float threshold,
+                    float *scratch, double *kl, double *kl_base, int64_t *top1, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *zr = z + r * v, *lp = log_p + r * v;
@@ -55,18 +69,39 @@ void lssd_swapped_target(const float *z, const float *log_p, float *grad, const 
             e[j] = x;
         }
         int64_t y = labels[r];
-        float swapped = e[y];
-        e[y] = e[mi];
-        e[mi] = swapped;
+        double t_y = e[y] / se, t_m = e[mi] / se, rest = (se - e[y]) / se;  /* rest = 1 - t_y */
+        double lam = 0;
+        if (objective == MFT)
+            lam = mi != y ? (t_m - t_y + threshold) / (1 + t_m - t_y)
+                          : (t_y + threshold >= 1 ? 1 : threshold / rest);
+        if (objective == LSSD) {
+            float swapped = e[y];
+            e[y] = e[mi];
+            e[mi] = swapped;
+        }
 
-        float a = q_scale / (float)se;
-        double cross = 0;  /* sum exp(z' - m) log p */
+        float a = q_scale * (float)(1 - lam) / (float)se;
+        double cross = 0;  /* sum e log p: exp(z' - m) for lssd, exp(z - m) otherwise */
         #pragma omp simd reduction(+:cross)
         for (int64_t j = 0; j < v; j++) {
             cross += e[j] * lp[j];
             g[j] -= a * e[j];
         }
-        kl[r] = (sez - cross) / se - log(se);
+        g[y] -= q_scale * (float)lam;
+
+        double neg_entropy = sez / se - log(se), q_cross = cross / se;  /* sum t log t, sum q log p */
+        double gap = (t_m - t_y) * ((double)lp[mi] - lp[y]);
+        if (objective == LSSD) {
+            kl[r] = neg_entropy - q_cross;
+            kl_base[r] = kl[r] - gap;  /* KL(q || p) = KL(t || p) + (t_m - t_y)(log p_m - log p_y) */
+        } else if (objective == KL) {
+            kl[r] = kl_base[r] = neg_entropy - q_cross;
+        } else {
+            double q_y = (1 - lam) * t_y + lam;
+            kl_base[r] = neg_entropy - q_cross;
+            kl[r] = (1 - lam) * (neg_entropy - xlogx(t_y)) + rest * xlogx(1 - lam) + xlogx(q_y)
+                    - ((1 - lam) * q_cross + lam * lp[y]);
+        }
         top1[r] = mi;
     }
 }

@@ -1,7 +1,7 @@
 """The fused CPU kernels of the teacher's vocabulary-wide work (`lssd_cpu_kernel.c`), built on
 first use.
 
-`fused_loss.SwappedTeacher.chunk` calls `swapped_target` when `applies` says so (CPU, float32,
+`targets.TeacherRows.chunk` calls `teacher_target` when `applies` says so (CPU, float32,
 contiguous), and otherwise runs its eager PyTorch code, which is also the reference the tests hold
 the kernel to; likewise `teacher_cache.top_k_logprobs` calls `teacher_top_k` (the teacher cache's
 top-k) when `top_k_applies`. Why kernels: eager PyTorch makes five to seven passes over a [chunk,
@@ -62,7 +62,9 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.warning("no C compiler (CC, cc) found: LSSD uses its eager CPU path (slower)")
+        log.warning(
+            "no C compiler (CC, cc) found: the teacher target uses its eager CPU path (slower)"
+        )
         return None
     source = resources.files("mixcpt.train").joinpath(SOURCE).read_bytes()
     try:
@@ -91,18 +93,19 @@ def library() -> ctypes.CDLL | None:
                         f"{compiler} failed: {next((x for x in lines if 'error' in x), lines[-1])}"
                     )
                 os.replace(built, path)  # atomic: another process may be building the same file
-            log.info("built the fused LSSD CPU kernel: %s", path)
+            log.info("built the fused teacher-target CPU kernel: %s", path)
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         log.warning(
-            "could not build the fused LSSD CPU kernel (%s): LSSD uses its eager CPU path", e
+            "could not build the fused CPU kernel (%s): the teacher target uses its eager CPU path",
+            e,
         )
         return None
-    lib.lssd_swapped_target.restype = None
-    lib.lssd_swapped_target.argtypes = (
+    lib.teacher_target.restype = None
+    lib.teacher_target.argtypes = (
         [ctypes.c_void_p] * 4
-        + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_float]
+        + [ctypes.c_void_p] * 4
         + [ctypes.c_int]
     )
     lib.teacher_top_k.restype = None
@@ -115,7 +118,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether `swapped_target` takes these [c, V] tensors: float32, contiguous, on the CPU, and
+    """Whether `teacher_target` takes these [c, V] tensors: float32, contiguous, on the CPU, and
     the kernel could be built."""
     tensors = (z, log_p, grad)
     return (
@@ -128,12 +131,23 @@ def applies(z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor) -> bool:
     )
 
 
-def swapped_target(
-    z: torch.Tensor, log_p: torch.Tensor, grad: torch.Tensor, q_scale: float, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `fused_loss.SwappedTeacher.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad
-    holding p, turned in place into p - q_scale * q'), labels [c] in [0, V). Returns (sum over rows
-    of KL(q' || p) in log_p's dtype, teacher top-1 matches)."""
+# the kernel's codes of `cpt.objective`
+OBJECTIVES = {"lssd": 0, "kl": 1, "mft": 2}
+
+
+def teacher_target(
+    z: torch.Tensor,
+    log_p: torch.Tensor,
+    grad: torch.Tensor,
+    q_scale: float,
+    labels: torch.Tensor,
+    objective: str = "lssd",
+    threshold: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `targets.TeacherRows.chunk` from the teacher's logits: z, log_p, grad [c, V] (grad
+    holding p, turned in place into p - q_scale * q, q the `objective`'s target), labels [c] in
+    [0, V). Returns (sum over rows of KL(q || p), of KL(t || p), both in log_p's dtype, teacher
+    top-1 matches)."""
     rows, v = z.shape
     labels = labels.to(torch.int64).contiguous()
     if rows and (labels.min() < 0 or labels.max() >= v):  # the kernel indexes with them unchecked
@@ -142,21 +156,25 @@ def swapped_target(
         )
     threads = torch.get_num_threads()
     scratch = torch.empty(threads, v)  # each thread's exp(z - max) row
-    kl, top1 = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.int64)
-    library().lssd_swapped_target(
+    kl, kl_base = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    top1 = torch.empty(rows, dtype=torch.int64)
+    library().teacher_target(
         z.data_ptr(),
         log_p.data_ptr(),
         grad.data_ptr(),
         labels.data_ptr(),
         rows,
         v,
+        OBJECTIVES[objective],
         q_scale,
+        threshold,
         scratch.data_ptr(),
         kl.data_ptr(),
+        kl_base.data_ptr(),
         top1.data_ptr(),
         threads,
     )
-    return kl.sum().to(log_p.dtype), (top1 == labels).sum()
+    return kl.sum().to(log_p.dtype), kl_base.sum().to(log_p.dtype), (top1 == labels).sum()
 
 
 def top_k_applies(z: torch.Tensor, k: int) -> bool:

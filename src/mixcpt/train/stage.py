@@ -72,6 +72,7 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "domain_tokens": domain_tokens,
             "ce_weight": cpt.ce_weight,
             "lssd_weight": cpt.lssd_weight,
+            "objective": cpt.objective if teacher is not None else None,
             "teacher": cpt.teacher if teacher is not None else None,
             "log_history": trainer.state.log_history,
         }
@@ -258,6 +259,8 @@ def cpt_trainer(
         ce_weight=cpt.ce_weight,
         lssd_weight=cpt.lssd_weight,
         temperature=cpt.temperature,
+        objective=cpt.objective,
+        mft_threshold=cpt.mft_threshold,
         loss_chunk_size=cpt.loss_chunk_size,
         compile_loss=cpt.compile_loss,
         on_nonfinite=cpt.training.on_nonfinite,

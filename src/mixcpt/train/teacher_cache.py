@@ -10,10 +10,10 @@ token t + 1), P = block_size - 1:
                   of the teacher's weights, k, T, dtype, vocabulary and shapes
     done.npy      uint8        [n_blocks]        1 where a block's rows are on disk: a build
                   resumes from the others after an interruption, with any number of processes
-The swap is applied at training time, from the labels (`fused_loss.swap_topk_ids`): it only
-exchanges the label's and the top-1's slots, and leaves the tail's mass unchanged, so nothing
-about the label has to be stored. With k < V the loss is the bucketed KL documented in
-`fused_loss.SwappedTopK`; with k = V it is exact.
+The objective's correction (LSSD's swap, MFT's mixture) is applied at training time, from the
+labels (`targets.TeacherTopK`), so nothing about the label has to be stored and one cache serves
+every objective. With k < V the loss is the bucketed KL documented in
+`targets.TeacherTopK`; with k = V it is exact.
 
 Under a launch (torchrun, accelerate launch) every process builds its share of the blocks into
 the same files (`build_teacher_cache`), so the build takes 1/N of the time on N GPUs and no
@@ -40,7 +40,7 @@ from mixcpt.models import vocab_size
 from mixcpt.processes import process_state
 from mixcpt.train import lssd_cpu_kernel
 from mixcpt.train.forward import LossForward
-from mixcpt.train.fused_loss import SwappedTopK
+from mixcpt.train.targets import TeacherTopK
 from mixcpt.train.teachers import Teacher
 
 CACHE_FILES = ("ids.npy", "logprobs.npy", "tail.npy")
@@ -119,7 +119,7 @@ class CachedTeacher(Teacher):
             x = torch.from_numpy(array[rows]).to(device)
             return torch.cat([x, x[:, -1:]], dim=1)
 
-        return SwappedTopK(load(self.ids), load(self.logprobs), load(self.tail))
+        return TeacherTopK(load(self.ids), load(self.logprobs), load(self.tail))
 
 
 def top_k_logprobs(

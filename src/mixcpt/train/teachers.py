@@ -1,4 +1,4 @@
-"""Where the LSSD teacher's logits come from (design §6).
+"""Where the teacher's logits come from (design §6), for whichever `cpt.objective` distils from it.
 
 The teacher is the model as it was before stage 1. Three sources, one interface
 (`Teacher.target`), chosen by `cpt.teacher`:
@@ -20,15 +20,16 @@ from torch.distributed.tensor import DTensor
 from mixcpt.errors import ConfigError
 from mixcpt.models import vocab_size
 from mixcpt.train.forward import LossForward
-from mixcpt.train.fused_loss import SwappedTeacher, SwappedTopK
+from mixcpt.train.targets import Target, TeacherRows
 
 
 class Teacher:
-    """A source of LSSD targets."""
+    """A source of teacher targets."""
 
-    def target(self, inputs: dict[str, torch.Tensor]) -> SwappedTeacher | SwappedTopK:
-        """The LSSD target of a batch (`inputs` as the dataset gives them, on the student's device):
-        position t holds the teacher's prediction of token t + 1, as the student's rows do."""
+    def target(self, inputs: dict[str, torch.Tensor]) -> Target:
+        """The teacher target of a batch (`inputs` as the dataset gives them, on the student's
+        device): position t holds the teacher's prediction of token t + 1, as the student's rows
+        do."""
         raise NotImplementedError
 
     def follow(self, student: torch.nn.Module) -> None:
@@ -67,7 +68,7 @@ class OnlineTeacher(Teacher):
             # FSDP2 keeps the root's parameters (embeddings, output layer) gathered after forward
             # for the backward that follows; a teacher has none, so they go back to their shards
             self.model.reshard()
-        return SwappedTeacher(rows, weight)
+        return TeacherRows(rows, weight)
 
     sharded = False
 
@@ -144,7 +145,7 @@ class LoraTeacher(Teacher):
                 rows, weight, _ = self.forward(self.peft_model, inputs)
             finally:
                 tuner.enable_adapter_layers()
-        return SwappedTeacher(rows, weight)
+        return TeacherRows(rows, weight)
 
 
 def zero_stage(model: torch.nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""The stage-1 trainer: `transformers.Trainer` with loss = ce_weight * L_CE + lssd_weight * L_LSSD.
+"""The stage-1 trainer: `transformers.Trainer` with loss = ce_weight * L_CE + lssd_weight * L_D, L_D
+the distillation term of `objective` (L_LSSD, L_KL or L_MFT, design §1).
 
 Only `compute_loss` (and `log`, to report the loss terms) is overridden; schedules, gradient
 accumulation, checkpoints, resume, logging and DDP/FSDP/DeepSpeed all come from Trainer.
@@ -14,6 +15,7 @@ from mixcpt.errors import ConfigError
 from mixcpt.losses import IGNORE_INDEX, next_token_labels
 from mixcpt.train.forward import LossForward, packed_forward_inputs
 from mixcpt.train.fused_loss import cpt_loss
+from mixcpt.train.targets import Objective
 from mixcpt.train.teachers import Teacher
 
 
@@ -28,11 +30,16 @@ class LSSDTrainer(Trainer):
     """Trains on packed blocks (input_ids, position_ids, labels[, block_index]).
 
     Extra arguments: `teacher` (needed when lssd_weight > 0, never run otherwise), the two loss
-    weights, the LSSD `temperature`, `loss_chunk_size` (positions per chunk of the
-    vocabulary-wide loss), `compile_loss` (that loss's chunks through torch.compile) and
-    `on_nonfinite` ("stop" raises `NonFiniteLossError`, leaving the last checkpoint intact; "skip"
-    gives the batch zero gradient). Logs `ce_loss`, `lssd_loss` and `teacher_top1_match` (share of
-    supervised positions where the teacher's top-1 was the label).
+    weights, the distillation `objective` ("lssd", "kl" or "mft", with `mft_threshold`) and its
+    `temperature`, `loss_chunk_size` (positions per chunk of the vocabulary-wide loss),
+    `compile_loss` (that loss's chunks through torch.compile) and `on_nonfinite` ("stop" raises
+    `NonFiniteLossError`, leaving the last checkpoint intact; "skip" gives the batch zero
+    gradient). Logs `ce_loss` and, with a teacher, the distillation term under the objective's name
+    (`lssd_loss`, `kl_loss` or `mft_loss`), `teacher_top1_match` (share of supervised positions
+    where the teacher's top-1 was the label) and `kl_to_base`, the forgetting monitor: the mean
+    KL(t || p) at the loss's temperature from the unmodified teacher t (the model before stage 1)
+    to the student on the supervised training tokens (arXiv 2509.04259; bucketed with the cache
+    teacher at k < V), computed in the same pass at nearly no cost.
 
     Both terms come from one fused chunked pass (`fused_loss.cpt_loss`) over the student's final
     hidden states and output layer, so the student's [B, T, V] logits are never made (see
@@ -47,6 +54,8 @@ class LSSDTrainer(Trainer):
         ce_weight: float = 1.0,
         lssd_weight: float = 1.0,
         temperature: float = 1.0,
+        objective: Objective = "lssd",
+        mft_threshold: float = 0.2,
         loss_chunk_size: int = 256,
         compile_loss: bool = False,
         on_nonfinite: str = "stop",
@@ -55,7 +64,7 @@ class LSSDTrainer(Trainer):
         if ce_weight == 0 and lssd_weight == 0:
             raise ConfigError("cpt: ce_weight and lssd_weight are both 0; nothing would be trained")
         if lssd_weight > 0 and teacher is None:
-            raise ValueError("LSSDTrainer: lssd_weight > 0 needs a teacher")
+            raise ValueError(f"LSSDTrainer: lssd_weight > 0 ({objective}) needs a teacher")
         super().__init__(*args, **kwargs)
         # Have Trainer count the supervised positions of each optimizer step (`num_items_in_batch`,
         # over every micro-batch of gradient accumulation and every process) whatever the model's
@@ -70,6 +79,7 @@ class LSSDTrainer(Trainer):
             on_nonfinite,
         )
         self.compile_loss = compile_loss
+        self.objective, self.mft_threshold = objective, mft_threshold
         # FSDP and DeepSpeed ZeRO-3 gather the output layer's weight only inside forward: use logits
         # there. DDP and ZeRO-1/2 hold it whole on every process: the memory-flat path applies.
         self.student_forward = LossForward(self.model, hidden=not shards_parameters(self))
@@ -100,6 +110,8 @@ class LSSDTrainer(Trainer):
                 IGNORE_INDEX,
                 self.loss_chunk_size,
                 self.compile_loss,
+                self.objective,
+                self.mft_threshold,
             )
         supervised = (labels != IGNORE_INDEX).sum()
         loss = result.loss  # mean over this micro-batch's supervised positions
@@ -117,7 +129,8 @@ class LSSDTrainer(Trainer):
         # in `log`.
         terms = {
             "ce": result.ce * supervised,
-            "lssd": result.lssd * supervised,
+            "distill": result.distill * supervised,
+            "kl_to_base": result.kl_to_base * supervised,
             "teacher_top1_matches": result.teacher_top1_matches,
             "supervised": supervised,
             "skipped_batches": torch.zeros_like(result.ce),
@@ -128,6 +141,11 @@ class LSSDTrainer(Trainer):
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0) + value.float()
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def distill_key(self) -> str:
+        """The log key of the distillation term: lssd_loss, kl_loss or mft_loss."""
+        return f"{self.objective}_loss"
 
     def _nonfinite_processes(self, loss: torch.Tensor) -> list[int]:
         """The indices of the processes whose micro-batch loss is not finite ([] when all are).
@@ -153,7 +171,8 @@ class LSSDTrainer(Trainer):
                 where += f" of {self.accelerator.num_processes}"
             error = NonFiniteLossError(
                 f"non-finite loss at step {self.state.global_step}{where} "
-                f"(ce_loss={result.ce.item():.4g}, lssd_loss={result.lssd.item():.4g}); "
+                f"(ce_loss={result.ce.item():.4g}, "
+                f"{self.distill_key}={result.distill.item():.4g}); "
                 f"the last checkpoint in {self.args.output_dir} is intact. Set on_nonfinite: "
                 f"skip and rerun to resume from it, or lower the learning rate and delete "
                 f"{self.args.output_dir} to restart the stage."
@@ -162,9 +181,7 @@ class LSSDTrainer(Trainer):
             error.report = self.accelerator.process_index == processes[0]
             raise error
         zero = torch.zeros_like(result.ce)
-        terms.update(
-            ce=zero, lssd=zero, teacher_top1_matches=zero, supervised=zero, skipped_batches=zero + 1
-        )
+        terms.update(dict.fromkeys(terms, zero), skipped_batches=zero + 1)
         # A zero that touches every trainable parameter and none of the poisoned graph: the batch
         # adds nothing to the gradients, and DDP still sees a gradient for each parameter.
         return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
@@ -179,8 +196,9 @@ class LSSDTrainer(Trainer):
             supervised = max(sums["supervised"], 1)
             logs["ce_loss"] = round(sums["ce"] / supervised, 6)
             if self.teacher is not None:
-                logs["lssd_loss"] = round(sums["lssd"] / supervised, 6)
+                logs[self.distill_key] = round(sums["distill"] / supervised, 6)
                 logs["teacher_top1_match"] = round(sums["teacher_top1_matches"] / supervised, 6)
+                logs["kl_to_base"] = round(sums["kl_to_base"] / supervised, 6)
             if sums["skipped_batches"]:
                 logs["skipped_batches"] = int(sums["skipped_batches"])
             self._sums = {}
