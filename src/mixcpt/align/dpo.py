@@ -157,7 +157,7 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     pairs ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
     `run.stage(arm, "dpo")`; returns the metrics recorded in results.json
     (those of the existing folder when it was built from the same inputs and not `force`)."""
-    key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
+    key, work = f"{arm}/dpo", run.work(arm, "dpo")
     record = begin(cfg, run, f"dpo/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
@@ -209,8 +209,6 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     return train_and_save(
         trainer,
         tokenizer,
-        final,
-        work,
         run,
         key,
         metrics_of,

@@ -91,7 +91,7 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     instructions ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
     `run.stage(arm, "sft")`; returns the metrics recorded in results.json (those of the existing
     folder when it was built from the same inputs and not `force`)."""
-    key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
+    key, work = f"{arm}/sft", run.work(arm, "sft")
     record = begin(cfg, run, f"sft/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
@@ -112,8 +112,6 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     return train_and_save(
         trainer,
         tokenizer,
-        final,
-        work,
         run,
         key,
         lambda output: {
