@@ -29,7 +29,7 @@ def tiny_tokenizer():
     return train_bpe_tokenizer(TINY_TEXT, vocab_size=400)
 
 
-def make_tiny_llama(
+def build_tiny_llama(
     vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for
@@ -52,9 +52,15 @@ def make_tiny_llama(
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """`build_tiny_llama`, for a test that wants another vocabulary, seed, width or depth."""
+    return build_tiny_llama
+
+
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
-    return make_tiny_llama(len(tiny_tokenizer))
+    return build_tiny_llama(len(tiny_tokenizer))
 
 
 @pytest.fixture
