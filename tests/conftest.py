@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,6 +52,58 @@ def build_tiny_llama(
         use_cache=False,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+class Launcher:
+    """A command run in fresh processes as a user runs it: each process with one thread (a
+    launch's processes share the cores), no progress bars, offline, plus the variables given."""
+
+    def __init__(self, *command: str):
+        self.command = list(command)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The launch's environment: this process's, one thread, no progress bars, offline, then
+        `extra`."""
+        quiet = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+        return {**os.environ, **quiet, **extra}
+
+    def __call__(self, *args, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        """Run the command with `args` to the end; returns the finished process, its stdout and
+        stderr as text."""
+        return subprocess.run(
+            [*self.command, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=self.env(**env),
+            timeout=timeout,
+        )
+
+    def start(self, *args, **env: str) -> subprocess.Popen:
+        """Start the command with `args` and return at once: stdout dropped, stderr a text
+        pipe."""
+        return subprocess.Popen(
+            [*self.command, *map(str, args)],
+            env=self.env(**env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Launcher:
+    """Two CPU processes (gloo) under torchrun, as a user launches a run on two GPUs:
+    `torchrun(SCRIPT or "-m", MODULE, *args, timeout=300, **env)` runs them to the end,
+    `torchrun.start(...)` leaves them running (`Launcher`)."""
+    python = sys.executable
+    return Launcher(python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+@pytest.fixture(scope="session")
+def mixcpt_cli() -> Launcher:
+    """The `mixcpt` command in a process of its own: `mixcpt_cli(*argv, timeout=300, **env)`
+    (`Launcher`)."""
+    return Launcher(sys.executable, "-m", "mixcpt.cli")
 
 
 @pytest.fixture(scope="session")

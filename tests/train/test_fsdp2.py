@@ -6,26 +6,13 @@ itself, as accelerate's FSDP2 plugin does, and calls the trainer's `compute_loss
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
-
-def test_fsdp2_matches_one_process_and_shards_the_online_teacher(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    worker = Path(__file__).with_name("fsdp2_worker.py")
-    proc = subprocess.run(
-        [*TORCHRUN, str(worker), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def test_fsdp2_matches_one_process_and_shards_the_online_teacher(tmp_path, torchrun):
+    proc = torchrun(Path(__file__).with_name("fsdp2_worker.py"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
