@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,7 +31,7 @@ def tiny_tokenizer():
     return train_bpe_tokenizer(TINY_TEXT, vocab_size=400)
 
 
-def make_tiny_llama(
+def build_tiny_llama(
     vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for
@@ -52,9 +54,67 @@ def make_tiny_llama(
     return LlamaForCausalLM(cfg).eval()
 
 
+class Launcher:
+    """A command run in fresh processes as a user runs it: each process with one thread (a
+    launch's processes share the cores), no progress bars, offline, plus the variables given."""
+
+    def __init__(self, *command: str):
+        self.command = list(command)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The launch's environment: this process's, one thread, no progress bars, offline, then
+        `extra`."""
+        quiet = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+        return {**os.environ, **quiet, **extra}
+
+    def __call__(self, *args, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        """Run the command with `args` to the end; returns the finished process, its stdout and
+        stderr as text."""
+        return subprocess.run(
+            [*self.command, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=self.env(**env),
+            timeout=timeout,
+        )
+
+    def start(self, *args, **env: str) -> subprocess.Popen:
+        """Start the command with `args` and return at once: stdout dropped, stderr a text
+        pipe."""
+        return subprocess.Popen(
+            [*self.command, *map(str, args)],
+            env=self.env(**env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Launcher:
+    """Two CPU processes (gloo) under torchrun, as a user launches a run on two GPUs:
+    `torchrun(SCRIPT or "-m", MODULE, *args, timeout=300, **env)` runs them to the end,
+    `torchrun.start(...)` leaves them running (`Launcher`)."""
+    python = sys.executable
+    return Launcher(python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+@pytest.fixture(scope="session")
+def mixcpt_cli() -> Launcher:
+    """The `mixcpt` command in a process of its own: `mixcpt_cli(*argv, timeout=300, **env)`
+    (`Launcher`)."""
+    return Launcher(sys.executable, "-m", "mixcpt.cli")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """`build_tiny_llama`, for a test that wants another vocabulary, seed, width or depth."""
+    return build_tiny_llama
+
+
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
-    return make_tiny_llama(len(tiny_tokenizer))
+    return build_tiny_llama(len(tiny_tokenizer))
 
 
 @pytest.fixture

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +18,7 @@ def test_data_stage_from_the_command_line(tmp_path, tiny_model_dir):
     assert "data" in json.loads((tmp_path / "run" / "results.json").read_text())
 
 
-def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, mixcpt_cli):
     (tmp_path / "c.yaml").write_text(
         "model: {path: m}\ndata: {domain: [{path: d.txt}]}\nbogus: 1\n"
     )
@@ -39,9 +37,7 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
             "must be a folder",
         ),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mixcpt.cli", *args], capture_output=True, text=True
-        )
+        proc = mixcpt_cli(*args)
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1

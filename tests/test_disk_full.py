@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from mixcpt.cli import main
 from mixcpt.data.packing import write_packed
 
 STEPS, SAVE_STEPS = 8, 3
-ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -177,17 +175,9 @@ def test_the_final_model_save_on_a_full_disk_leaves_no_partial_folder(
     assert (work / "checkpoint-6" / "trainer_state.json").exists()  # the stage resumes from here
 
 
-def run_cli(argv) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mixcpt.cli", *argv],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=180,
-    )
-
-
-def test_the_data_stage_on_a_full_disk_stops_with_one_line(disk, tmp_path, tiny_model_dir):
+def test_the_data_stage_on_a_full_disk_stops_with_one_line(
+    disk, tmp_path, tiny_model_dir, mixcpt_cli
+):
     rows = [{"text": f"The planet P{i} orbits the star S{i % 7}."} for i in range(3000)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "c.yaml").write_text(
@@ -196,7 +186,7 @@ def test_the_data_stage_on_a_full_disk_stops_with_one_line(disk, tmp_path, tiny_
     out = disk / "run"
     out.mkdir()
     fill(disk, leave=600 * 1024)  # the tokens fit, the packed memory maps do not
-    proc = run_cli(["data", str(tmp_path / "c.yaml"), "--output", str(out)])
+    proc = mixcpt_cli("data", tmp_path / "c.yaml", "--output", out, timeout=180)
     assert proc.returncode == 1, proc.stderr[-3000:]  # not -7 (SIGBUS)
     line = error_line(proc.stderr)
     assert line.startswith(f"mixcpt: error: {out / 'data'}: no space left on device (needs about")
@@ -204,11 +194,11 @@ def test_the_data_stage_on_a_full_disk_stops_with_one_line(disk, tmp_path, tiny_
     assert sorted(p.name for p in out.iterdir()) == []  # no data/, no .data.tmp-*, no lock
 
 
-def test_the_teacher_cache_on_a_full_disk_stops_before_its_memory_maps(disk, cpt_run):
+def test_the_teacher_cache_on_a_full_disk_stops_before_its_memory_maps(disk, cpt_run, mixcpt_cli):
     out = disk / "run"
     argv = cpt_run(out, teacher="cache")
     fill(disk, leave=64 * 1024)
-    proc = run_cli(argv)
+    proc = mixcpt_cli(*argv, timeout=180)
     assert proc.returncode == 1, proc.stderr[-3000:]  # not -7 (SIGBUS)
     line = error_line(proc.stderr)
     assert line.startswith(

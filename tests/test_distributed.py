@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,16 +27,6 @@ from mixcpt.cli import main
 from mixcpt.data.packing import write_packed
 
 BLOCK_SIZE, N_BLOCKS, STEPS = 32, 16, 4  # 4 steps of 4 blocks: one epoch, every block used
-
-
-# Two CPU processes under torchrun, as a user launches a run on two GPUs.
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def launch_env() -> dict[str, str]:
-    """The environment of a launched run: one thread per process (two share the two cores), no
-    progress bars, offline."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def make_run(
@@ -113,7 +101,7 @@ ZERO3 = {
     ],
 )
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, tiny_model_dir, tiny_tokenizer, backend
+    tmp_path, tiny_model_dir, tiny_tokenizer, torchrun, backend
 ):
     one_config, one_out = make_run(
         tmp_path, tiny_model_dir, tiny_tokenizer, per_device_batch_size=4
@@ -127,24 +115,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         per_device_batch_size=2,
         passthrough=ZERO3 if backend == "zero3" else None,
     )
-    env = launch_env()
-    proc = subprocess.run(
-        [
-            *TORCHRUN,
-            "-m",
-            "mixcpt.cli",
-            "cpt",
-            str(two_config),
-            "--output",
-            str(two_out),
-            "--arm",
-            "mixcpt",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = torchrun("-m", "mixcpt.cli", "cpt", two_config, "--output", two_out, "--arm", "mixcpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one, two = (
@@ -203,7 +174,7 @@ def test_launcher_configs_parse_and_the_zero3_save_gathers_full_weights():
     )
 
 
-def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_model_dir):
+def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_model_dir, torchrun):
     """`mixcpt data` under torchrun: the main process builds the data, the other waits, and the
     result is the one a plain run builds (no second writer racing for the same folder)."""
     (tmp_path / "d.jsonl").write_text(
@@ -213,22 +184,7 @@ def test_single_process_stages_run_once_under_a_launcher(tmp_path, tiny_model_di
     config.write_text(
         "model: {path: ./tiny-llama}\ndata: {domain: [{path: d.jsonl}], block_size: 32}\n"
     )
-    env = launch_env()
-    proc = subprocess.run(
-        [
-            *TORCHRUN,
-            "-m",
-            "mixcpt.cli",
-            "data",
-            str(config),
-            "--output",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = torchrun("-m", "mixcpt.cli", "data", config, "--output", tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # one process built the data: the other knew it was not the main one (on the CPU too)
     assert proc.stdout.count("mixcpt: data: building") == 1, proc.stdout
@@ -257,7 +213,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(
-    tmp_path, tiny_model_dir, tiny_tokenizer
+    tmp_path, tiny_model_dir, tiny_tokenizer, torchrun
 ):
     """SLURM or a user may signal only some processes of a launch: the processes agree at each step
     end, so all save the same checkpoint (each its RNG state) and exit 143; the same launch
@@ -276,15 +232,8 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(
     (tmp_path / "wrapper.py").write_text(RANK_WRAPPER)
     pids = tmp_path / "pids"
     pids.mkdir()
-    env = launch_env()
-    launch = [*TORCHRUN, str(tmp_path / "wrapper.py"), "cpt", str(config), "--output", str(out)]
-    proc = subprocess.Popen(
-        launch + ["--arm", "mixcpt"],
-        env={**env, "SLOW_S": "1", "PIDS": str(pids)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launch = [tmp_path / "wrapper.py", "cpt", config, "--output", out, "--arm", "mixcpt"]
+    proc = torchrun.start(*launch, SLOW_S="1", PIDS=str(pids))
     work = out / ".work" / "mixcpt-cpt"
     deadline = time.monotonic() + 240
     while not (work / "checkpoint-2" / "trainer_state.json").exists():
@@ -304,13 +253,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(
     assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
     assert not (out / "mixcpt").exists() and not (out / ".mixcpt.lock").exists()
 
-    rerun = subprocess.run(
-        launch + ["--arm", "mixcpt"],
-        env={**env, "SLOW_S": "0", "PIDS": str(pids)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rerun = torchrun(*launch, SLOW_S="0", PIDS=str(pids))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     two = json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"]
     assert two["resumed_from"].endswith(f"checkpoint-{saved}") and two["steps"] == 8
@@ -341,7 +284,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def nan_launch(tmp_path, tiny_model_dir, tokenizer, on_nonfinite: str, steps: str):
+def nan_launch(torchrun, tmp_path, tiny_model_dir, tokenizer, on_nonfinite: str, steps: str):
     """Launch 2 processes of stage 1 (plain CE, 4 steps) whose rank 1 alone sees NaN in `steps`;
     returns the finished process and the run folder."""
     config, out = make_run(tmp_path, tiny_model_dir, tokenizer, per_device_batch_size=2)
@@ -350,21 +293,16 @@ def nan_launch(tmp_path, tiny_model_dir, tokenizer, on_nonfinite: str, steps: st
     raw["cpt"]["training"].update(save_steps=1, on_nonfinite=on_nonfinite)
     config.write_text(yaml.safe_dump(raw))
     (tmp_path / "nan.py").write_text(NAN_WRAPPER)
-    launch = [*TORCHRUN, str(tmp_path / "nan.py"), "cpt", str(config), "--output", str(out)]
-    proc = subprocess.run(
-        launch + ["--arm", "mixcpt"],
-        env={**launch_env(), "NAN_RANK": "1", "NAN_STEPS": steps},
-        capture_output=True,
-        text=True,
-        timeout=240,  # a rank left waiting in an all-reduce would hang here, not exit
-    )
+    launch = [tmp_path / "nan.py", "cpt", config, "--output", out, "--arm", "mixcpt"]
+    # a rank left waiting in an all-reduce would hang here, not exit
+    proc = torchrun(*launch, timeout=240, NAN_RANK="1", NAN_STEPS=steps)
     return proc, out
 
 
 def test_a_nan_on_one_process_stops_every_process_with_one_line(
-    tmp_path, tiny_model_dir, tiny_tokenizer
+    tmp_path, tiny_model_dir, tiny_tokenizer, torchrun
 ):
-    proc, out = nan_launch(tmp_path, tiny_model_dir, tiny_tokenizer, "stop", "2-3")
+    proc, out = nan_launch(torchrun, tmp_path, tiny_model_dir, tiny_tokenizer, "stop", "2-3")
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("mixcpt:")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -376,8 +314,10 @@ def test_a_nan_on_one_process_stops_every_process_with_one_line(
     assert not (out / "mixcpt" / "cpt").exists()
 
 
-def test_a_nan_on_one_process_is_skipped_by_every_process(tmp_path, tiny_model_dir, tiny_tokenizer):
-    proc, out = nan_launch(tmp_path, tiny_model_dir, tiny_tokenizer, "skip", "1-1")
+def test_a_nan_on_one_process_is_skipped_by_every_process(
+    tmp_path, tiny_model_dir, tiny_tokenizer, torchrun
+):
+    proc, out = nan_launch(torchrun, tmp_path, tiny_model_dir, tiny_tokenizer, "skip", "1-1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((out / "results.json").read_text())["stages"]["mixcpt/cpt"]["log_history"]
     # step 2 (the second) skipped its micro-batch on both processes, the others none
@@ -403,7 +343,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
-    tmp_path, tiny_model_dir, tiny_tokenizer
+    tmp_path, tiny_model_dir, tiny_tokenizer, torchrun
 ):
     """`mixcpt cache` under torchrun: each process builds half of the cache, so no process waits
     at a barrier while another builds it all (the one-process build here takes longer than the
@@ -419,13 +359,9 @@ def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
     assert main(["cache", str(config), "--output", str(one)]) == 0
 
     (tmp_path / "slow.py").write_text(SLOW_WRAPPER)
-    proc = subprocess.run(  # 8 batches of 2 blocks, 2 s each: 16 s for one process, 8 s for two
-        [*TORCHRUN, str(tmp_path / "slow.py"), "cache", str(config), "--output", str(out)],
-        env={**launch_env(), "SLOW_S": "2", "PATCHED": "mixcpt.train.teacher_cache:teacher_top_k"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    slow = {"SLOW_S": "2", "PATCHED": "mixcpt.train.teacher_cache:teacher_top_k"}
+    # 8 batches of 2 blocks, 2 s each: 16 s for one process, 8 s for two
+    proc = torchrun(tmp_path / "slow.py", "cache", config, "--output", out, **slow)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("ids.npy", "logprobs.npy", "tail.npy", "done.npy", "meta.json"):
         assert (out / "teacher_cache" / name).read_bytes() == (
@@ -433,7 +369,9 @@ def test_two_processes_build_the_teacher_cache_together_past_the_timeout(
         ).read_bytes(), name
 
 
-def test_a_one_process_stage_may_outlast_the_process_groups_timeout(tmp_path, tiny_model_dir):
+def test_a_one_process_stage_may_outlast_the_process_groups_timeout(
+    tmp_path, tiny_model_dir, torchrun
+):
     """The other processes wait for the main one's data stage without a collective, so a stage
     longer than the process group's timeout (here 5 s against about 12 s of data) still ends
     well; a failure there stops every process, with the main one's message only."""
@@ -447,25 +385,23 @@ def test_a_one_process_stage_may_outlast_the_process_groups_timeout(tmp_path, ti
         + timeouts
     )
     (tmp_path / "slow.py").write_text(SLOW_WRAPPER)
-    launch = [*TORCHRUN, str(tmp_path / "slow.py"), "data", str(config), "--output"]
-    env = {**launch_env(), "SLOW_S": "0.1", "PATCHED": "mixcpt.data.stage:_render"}
-    proc = subprocess.run(
-        launch + [str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300
-    )
+    launch = [tmp_path / "slow.py", "data", config, "--output"]
+    slow = {"SLOW_S": "0.1", "PATCHED": "mixcpt.data.stage:_render"}
+    proc = torchrun(*launch, tmp_path / "run", **slow)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "data" / "mix" / "meta.json").exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data", "results.json"]
 
     (tmp_path / "d.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    proc = subprocess.run(
-        launch + [str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=300
-    )
+    proc = torchrun(*launch, tmp_path / "bad", **slow)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("mixcpt:")]
     assert len(lines) == 1 and "d.jsonl" in lines[0] and ":2" in lines[0], proc.stderr[-3000:]
 
 
-def test_two_processes_share_out_the_models_to_evaluate(tmp_path, tiny_model, tiny_tokenizer):
+def test_two_processes_share_out_the_models_to_evaluate(
+    tmp_path, tiny_model, tiny_tokenizer, torchrun
+):
     """`mixcpt eval` under torchrun: the models are dealt out to the processes and the results
     gathered; the table is the one a single process writes."""
     (tmp_path / "d.txt").write_text("The planet Zorbax orbits the star Vega.\n")
@@ -514,13 +450,7 @@ def test_two_processes_share_out_the_models_to_evaluate(tmp_path, tiny_model, ti
             model.save_pretrained(tmp_path / out / arm / stage)
             tiny_tokenizer.save_pretrained(tmp_path / out / arm / stage)
     assert main(["eval", str(config), "--output", str(tmp_path / "one")]) == 0
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "mixcpt.cli", "eval", str(config), "--output", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=launch_env(),
-        timeout=300,
-    )
+    proc = torchrun("-m", "mixcpt.cli", "eval", config, "--output", tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (
         json.loads((tmp_path / out / "results.json").read_text())["eval"] for out in ("one", "two")

@@ -40,17 +40,9 @@ def data_argv(tmp_path, tiny_model_dir):
     return ["data", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out")]
 
 
-def cli(argv) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mixcpt.cli", *argv],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
-
-
-def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path, data_argv):
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(
+    tmp_path, data_argv, mixcpt_cli
+):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(
@@ -58,7 +50,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = cli(data_argv)
+        proc = mixcpt_cli(*data_argv, timeout=120)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("mixcpt: error: "), proc.stderr
@@ -70,7 +62,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
         holder.wait()
 
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid
-    proc = cli(data_argv)
+    proc = mixcpt_cli(*data_argv, timeout=120)
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("mixcpt:")]
     assert len(warnings) == 1, proc.stderr

@@ -67,11 +67,9 @@ class RunInputs:
         try:
             config = AutoConfig.from_pretrained(**self.base_source, trust_remote_code=trust)
         except (OSError, ValueError) as err:
-            if "trust_remote_code" in str(err):
-                raise ConfigError(
-                    f"model.path: {self.base_name}: this model needs its own code; set "
-                    "model.trust_remote_code: true only if you trust its authors"
-                ) from None
+            from mixcpt.models import refuse_remote_code  # loads torch: only on this error
+
+            refuse_remote_code(err, f"model.path: {self.base_name}")
             raise ConfigError(
                 f"model.path: {self.base_name}: no model configuration to read ({_first_line(err)})"
             ) from None

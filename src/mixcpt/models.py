@@ -38,6 +38,17 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tok
 
 
+def refuse_remote_code(err: Exception, name: str) -> None:
+    """Raise a ConfigError naming `name` (the model as the message shows it) when `err` is
+    transformers refusing to run a model's own code without `trust_remote_code`; return when it
+    is any other error."""
+    if "trust_remote_code" in str(err):
+        raise ConfigError(
+            f"{name}: this model needs its own code; set model.trust_remote_code: true only if "
+            "you trust its authors"
+        ) from None
+
+
 def load_model(
     path: str | Path,
     dtype: str = "float32",
@@ -55,11 +66,7 @@ def load_model(
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (ValueError, OSError) as err:
-        if "trust_remote_code" in str(err):
-            raise ConfigError(
-                f"{path}: this model needs its own code; set model.trust_remote_code: true "
-                "only if you trust its authors"
-            ) from None
+        refuse_remote_code(err, str(path))
         if "safetensors" in str(err):
             raise ConfigError(
                 f"{path}: no safetensors weights (mixcpt never loads pickled weights); "

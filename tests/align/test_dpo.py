@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from mixcpt.align import dpo as dpo_stage
+from mixcpt.align import stage as alignment_stage
 from mixcpt.align.dpo import pair_collate, pair_features, run_dpo
 from mixcpt.losses import dpo_loss
 from mixcpt.models import load_model, load_tokenizer
@@ -126,7 +126,7 @@ def one_bf16_dpo_step(make_cfg, run, monkeypatch) -> tuple[StepSpy, dict]:
         trainer.add_callback(spy)
         return resumable.train_and_save(trainer, *args, **kwargs)
 
-    monkeypatch.setattr(dpo_stage, "train_and_save", train_and_save)
+    monkeypatch.setattr(alignment_stage, "train_and_save", train_and_save)
     training = {"max_steps": 1, "learning_rate": 5e-7, "per_device_batch_size": 2}
     cfg = make_cfg(model={"dtype": "bfloat16"}, dpo={"training": training})
     return spy, run_dpo(cfg, run, "baseline")

@@ -194,13 +194,10 @@ def test_fas_choice_rule():
     assert len(picked) == 2 and candidates == set(plain)
 
 
-def test_two_processes_score_the_pool_in_shares_and_choose_alike(make_cfg, run, tmp_path):
+def test_two_processes_score_the_pool_in_shares_and_choose_alike(make_cfg, run, tmp_path, torchrun):
     """`mixcpt select` under torchrun: each process scores every other sample, and the
     selection written is the one a single process makes."""
-    import os
     import shutil
-    import subprocess
-    import sys
 
     import yaml
 
@@ -210,22 +207,7 @@ def test_two_processes_score_the_pool_in_shares_and_choose_alike(make_cfg, run, 
     run_select(cfg, run, "mixcpt")
     config = tmp_path / "select.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    proc = subprocess.run(
-        [*launch, "-m", "mixcpt.cli", "select", str(config), "--output", str(two)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = torchrun("-m", "mixcpt.cli", "select", config, "--output", two)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert f"mixcpt: select: process {rank} of 2 scores" in proc.stdout

@@ -5,11 +5,8 @@ naming the file (and line or key), no traceback, and no half-written output fold
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,7 +88,9 @@ def half_written(out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys, monkeypatch):
+def test_bad_input_exits_2_with_one_line(
+    case, workspace, tmp_path, capsys, monkeypatch, mixcpt_cli
+):
     out = tmp_path / "out"
     for var, value in case.get("env", {}).items():
         monkeypatch.setenv(var, value)
@@ -104,14 +103,7 @@ def test_bad_input_exits_2_with_one_line(case, workspace, tmp_path, capsys, monk
         (out / LOCK_NAME).write_text(json.dumps(holder))
     argv = [case["stage"], str(case_config(case, workspace)), "--output", str(out)]
     if case.get("subprocess"):
-        env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "mixcpt.cli", *argv],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        proc = mixcpt_cli(*argv, timeout=120)
         code, stderr = proc.returncode, proc.stderr
     else:
         code = main(argv)

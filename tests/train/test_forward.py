@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mixcpt.train.forward import LossForward
 from mixcpt.train.teachers import OnlineTeacher
@@ -49,25 +49,8 @@ class PeakLiveBytes(TorchDispatchMode):
                 del self.live[key]
 
 
-def tiny_llama(layers: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=2 * H,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=T,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def teacher_peak_bytes(layers: int) -> int:
-    """Peak live bytes of one online-teacher target, past the weights."""
-    model = tiny_llama(layers)
+def teacher_peak_bytes(model: LlamaForCausalLM) -> int:
+    """Peak live bytes of one online-teacher target of `model`, past the weights."""
     teacher = OnlineTeacher(model, V)
     inputs = {
         "input_ids": torch.randint(3, V, (B, T)),
@@ -81,16 +64,18 @@ def teacher_peak_bytes(layers: int) -> int:
     return mode.peak
 
 
-def test_the_teacher_forward_keeps_no_per_layer_hidden_states():
+def test_the_teacher_forward_keeps_no_per_layer_hidden_states(make_tiny_llama):
     """An 8B teacher's 33 layer outputs at 8 x 4096 tokens are 8.9 GB: a teacher 4x deeper must
     not hold more at its peak than one layer's hidden states more (today's bar: none)."""
     one_layer_states = B * T * H * 4
-    shallow, deep = teacher_peak_bytes(2), teacher_peak_bytes(8)
+    shallow, deep = (
+        teacher_peak_bytes(make_tiny_llama(V, hidden=H, layers=layers)) for layers in (2, 8)
+    )
     assert deep - shallow < one_layer_states, (shallow, deep)
 
 
-def test_the_captured_hidden_states_give_the_models_logits():
-    model = tiny_llama(2)
+def test_the_captured_hidden_states_give_the_models_logits(make_tiny_llama):
+    model = make_tiny_llama(V, hidden=H)
     inputs = {
         "input_ids": torch.randint(3, V, (B, T)),
         "position_ids": torch.arange(T).repeat(B, 1),

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 @pytest.mark.parametrize(
@@ -30,16 +25,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
         ),
     ],
 )
-def test_sharded_student_matches_one_process_and_shards_the_online_teacher(tmp_path, worker):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    worker = Path(__file__).with_name(worker)
-    proc = subprocess.run(
-        [*TORCHRUN, str(worker), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def test_sharded_student_matches_one_process_and_shards_the_online_teacher(
+    tmp_path, torchrun, worker
+):
+    proc = torchrun(Path(__file__).with_name(worker), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"{rank}.json").read_text())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mixcpt.data.packing import IndexedBlocks, write_packed
 from mixcpt.errors import ConfigError
@@ -21,24 +21,6 @@ from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache, top_k
 from mixcpt.train.teachers import LoraTeacher, OnlineTeacher
 
 V, BLOCK = 400, 16
-
-
-def make_tiny_llama(vocab_size, seed=0):
-    """A random Llama of about 30k parameters (as tests/conftest.py builds, with the vocabulary
-    and seed given)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def write_blocks(folder, seed, fingerprint, n_blocks=5):
@@ -63,7 +45,7 @@ def blocks(tmp_path):
 
 
 @pytest.fixture
-def teacher_model():
+def teacher_model(make_tiny_llama):
     return make_tiny_llama(V, seed=1)
 
 
@@ -225,7 +207,9 @@ def test_a_partial_cache_from_before_done_npy_resumes_from_its_progress(
     np.testing.assert_array_equal(resumed.logprobs[2:], expected[2:])
 
 
-def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_model, tmp_path):
+def test_a_cache_from_other_data_or_another_teacher_is_refused(
+    blocks, teacher_model, tmp_path, make_tiny_llama
+):
     folder = tmp_path / "cache"
     build_teacher_cache(teacher_model, blocks, folder, top_k=4, temperature=1.0)
     other_data = write_blocks(tmp_path / "other", seed=1, fingerprint="mix-b")
@@ -239,7 +223,9 @@ def test_a_cache_from_other_data_or_another_teacher_is_refused(blocks, teacher_m
         CachedTeacher(folder, "mix-b", V, temperature=1.0)
 
 
-def test_a_teacher_with_another_vocabulary_is_refused(blocks, teacher_model, tmp_path):
+def test_a_teacher_with_another_vocabulary_is_refused(
+    blocks, teacher_model, tmp_path, make_tiny_llama
+):
     with pytest.raises(ConfigError, match="vocabulary has 500 tokens, the student's 400"):
         OnlineTeacher(make_tiny_llama(500), student_vocab_size=V)
     build_teacher_cache(teacher_model, blocks, tmp_path / "cache", top_k=4, temperature=1.0)

@@ -17,11 +17,8 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from mixcpt.align.samples import alignment_inputs
-from mixcpt.align.sft import started_with
+from mixcpt.align.stage import begin_alignment
 from mixcpt.config import Config
-from mixcpt.config.arms import find_arm
-from mixcpt.fingerprints import begin
 from mixcpt.losses import dpo_loss
 from mixcpt.models import model_from
 from mixcpt.responses import (
@@ -35,10 +32,8 @@ from mixcpt.responses import (
     share_prompt,
 )
 from mixcpt.rundir import RunDir
-from mixcpt.stage_inputs import file_hash
-from mixcpt.train.arguments import training_arguments
 from mixcpt.train.forward import LossForward
-from mixcpt.train.resumable import train_and_save, trained_samples
+from mixcpt.train.resumable import trained_samples
 from mixcpt.train.trainer import shards_parameters
 
 log = logging.getLogger(__name__)
@@ -157,20 +152,16 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     pairs ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
     `run.stage(arm, "dpo")`; returns the metrics recorded in results.json
     (those of the existing folder when it was built from the same inputs and not `force`)."""
-    key, final, work = f"{arm}/dpo", run.stage(arm, "dpo"), run.work(arm, "dpo")
-    record = begin(cfg, run, f"dpo/{arm}", force)
-    if record is None:
-        return run.recorded_metrics(key)
-    start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "sft", "preference")
-    cfg = find_arm(cfg, arm).config
-    train_set = pair_features(rows, tokenizer, cfg.dpo.max_length, str(path))
+    stage = begin_alignment(cfg, run, arm, "dpo", force)
+    if stage is None:
+        return run.recorded_metrics(f"{arm}/dpo")
+    cfg, tokenizer, start = stage.cfg, stage.tokenizer, stage.start
+    train_set = pair_features(stage.rows, tokenizer, cfg.dpo.max_length, str(stage.samples))
 
     model, ref_model = model_from(cfg.model, start, trained=True), None
     if not cfg.dpo.precompute_ref:  # a frozen copy, stored in model.dtype
         ref_model = model_from(cfg.model, start).eval().requires_grad_(False)
-    args = training_arguments(
-        cfg.dpo.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
-    )
+    args = stage.training_arguments()
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -205,19 +196,7 @@ def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "log_history": history,
         }
 
-    started = {**started_with(cfg, "dpo"), "samples": file_hash(path)}
-    return train_and_save(
-        trainer,
-        tokenizer,
-        final,
-        work,
-        run,
-        key,
-        metrics_of,
-        record=record,
-        started_with=started,
-        dtype=cfg.model.dtype,
-    )
+    return stage.train_and_save(trainer, metrics_of)
 
 
 def log_history_metrics(log_history: list[dict], names: tuple[str, ...]) -> dict:

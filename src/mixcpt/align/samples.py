@@ -13,15 +13,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
-
-from mixcpt.config import Config
-from mixcpt.config.arms import find_arm
 from mixcpt.data.readers import read_jsonl
 from mixcpt.errors import InputError
-from mixcpt.pipeline import selection_owner, stage1_owner
-from mixcpt.responses import chat_tokenizer
-from mixcpt.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +111,3 @@ def usable_rows(path: Path, kind: str) -> list[dict]:
     if not usable:
         raise InputError(path, None, f"no usable {kind} samples to train on")
     return [rows[i] for i in usable]
-
-
-def alignment_inputs(
-    cfg: Config, run: RunDir, arm: str, previous: str, kind: str
-) -> tuple[Path, PreTrainedTokenizerBase, list[dict], Path]:
-    """What an alignment stage of `arm` starts from: the model folder of its `previous` stage
-    ("cpt": the arm's stage-1 model, its own or the one it shares; "sft": its own) and that
-    model's chat tokenizer, then the usable samples of `kind` it aligns on (its selection, or the
-    whole pool for an arm with `align_on: pool`) and the file they came from. `cfg` is the run's
-    config (with its arms)."""
-    start = run.finished_model(stage1_owner(cfg, arm) if previous == "cpt" else arm, previous)
-    selection = selection_owner(cfg, arm)
-    folder = run.selection(selection) if selection else run.data / "pool"
-    path = folder / POOL_FILES[kind]
-    return start, chat_tokenizer(find_arm(cfg, arm).config, start), usable_rows(path, kind), path

@@ -17,11 +17,9 @@ from functools import partial
 
 from transformers import Trainer
 
-from mixcpt.align.samples import alignment_inputs
+from mixcpt.align.stage import begin_alignment
 from mixcpt.config import Config
-from mixcpt.config.arms import find_arm
 from mixcpt.data.packing import IGNORE_INDEX
-from mixcpt.fingerprints import begin
 from mixcpt.losses import next_token_labels
 from mixcpt.models import model_from
 from mixcpt.responses import (
@@ -32,11 +30,9 @@ from mixcpt.responses import (
     padded_forward_inputs,
 )
 from mixcpt.rundir import RunDir
-from mixcpt.stage_inputs import file_hash
-from mixcpt.train.arguments import training_arguments
 from mixcpt.train.forward import LossForward
 from mixcpt.train.fused_loss import cpt_loss
-from mixcpt.train.resumable import train_and_save, trained_samples
+from mixcpt.train.resumable import trained_samples
 from mixcpt.train.trainer import shards_parameters
 
 
@@ -91,31 +87,20 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     instructions ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
     `run.stage(arm, "sft")`; returns the metrics recorded in results.json (those of the existing
     folder when it was built from the same inputs and not `force`)."""
-    key, final, work = f"{arm}/sft", run.stage(arm, "sft"), run.work(arm, "sft")
-    record = begin(cfg, run, f"sft/{arm}", force)
-    if record is None:
-        return run.recorded_metrics(key)
-    start, tokenizer, rows, path = alignment_inputs(cfg, run, arm, "cpt", "instruction")
-    cfg = find_arm(cfg, arm).config
-    train_set = sft_features(rows, tokenizer, cfg.sft.max_length, str(path))
+    stage = begin_alignment(cfg, run, arm, "sft", force)
+    if stage is None:
+        return run.recorded_metrics(f"{arm}/sft")
+    cfg, tokenizer = stage.cfg, stage.tokenizer
+    train_set = sft_features(stage.rows, tokenizer, cfg.sft.max_length, str(stage.samples))
 
-    model = model_from(cfg.model, start, trained=True)
-    args = training_arguments(
-        cfg.sft.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
-    )
     trainer = SFTTrainer(
-        model=model,
-        args=args,
+        model=model_from(cfg.model, stage.start, trained=True),
+        args=stage.training_arguments(),
         train_dataset=train_set,
         data_collator=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
     )
-    return train_and_save(
+    return stage.train_and_save(
         trainer,
-        tokenizer,
-        final,
-        work,
-        run,
-        key,
         lambda output: {
             "train_loss": output.training_loss,
             "runtime_s": output.metrics["train_runtime"],
@@ -124,18 +109,4 @@ def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "n_samples": len(train_set),
             "samples": trained_samples(trainer),  # n_samples x epochs, or as max_steps allows
         },
-        record=record,
-        started_with={**started_with(cfg, "sft"), "samples": file_hash(path)},
-        dtype=cfg.model.dtype,
     )
-
-
-def started_with(cfg: Config, stage: str) -> dict:
-    """What the checkpoints of alignment `stage` ("sft", "dpo") may only be resumed with
-    (`train_and_save`), besides the samples: its config section (`cfg`: the arm's config), the
-    seed, the model settings."""
-    return {
-        stage: getattr(cfg, stage).model_dump(mode="json"),
-        "seed": cfg.seed,
-        "model": cfg.model.model_dump(mode="json"),
-    }

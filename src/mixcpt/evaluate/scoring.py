@@ -287,5 +287,10 @@ def kl_to_base(
 ) -> float:
     """Mean over predicted tokens of KL(p_base || p_model) (`kl_per_window` pooled): how far the
     stage model's next-token distributions moved from the base on general text."""
-    windows = kl_per_window(base_model, model, tokenizer, texts, batch_size, max_length)
-    return sum(windows["sum"]) / sum(windows["count"])
+    return mean_kl(kl_per_window(base_model, model, tokenizer, texts, batch_size, max_length))
+
+
+def mean_kl(per_window: dict[str, list[float]]) -> float:
+    """Mean KL per predicted token, pooled over the windows of `kl_per_window`: total `sum` over
+    total `count`."""
+    return sum(per_window["sum"]) / sum(per_window["count"])

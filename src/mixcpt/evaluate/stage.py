@@ -37,6 +37,7 @@ from mixcpt.evaluate.scoring import (
     generate_answers,
     generation_correct,
     kl_per_window,
+    mean_kl,
     mean_scores,
     multiple_choice_correct,
     perplexity_per_text,
@@ -248,7 +249,7 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
             n: scores[n][info[n]["main_metric"]] - base_scores[n][info[n]["main_metric"]]
             for n in general
         }
-        return {"kl_to_base": sum(kl["sum"]) / sum(kl["count"]) if kl else None, "delta": delta}
+        return {"kl_to_base": mean_kl(kl) if kl else None, "delta": delta}
 
     def ok_row(arm: str, stage: str, model: str, node: str) -> dict:
         result, kl = evaluated[node]

@@ -4,7 +4,9 @@ paper's models' config.json."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,39 +14,15 @@ from mixcpt.config import Config
 from mixcpt.errors import ConfigError
 from mixcpt.rundir import RunDir
 
-# The paper's base models (design §1) as their published config.json gives them, so that
-# `mixcpt plan examples/paper/*.yaml` works with no hub access; a local or cached config wins.
-_LLAMA3_8B = dict(
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-_QWEN2_7B = dict(
-    model_type="qwen2",
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=131072,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+# The paper's base models (design §1): their published config.json, copied into PAPER_CONFIGS
+# so that `mixcpt plan examples/paper/*.yaml` works with no hub access; a local or cached config
+# wins.
+PAPER_CONFIGS = Path(__file__).with_name("paper_configs")
 KNOWN_CONFIGS = {
-    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
-    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
-    "Qwen/Qwen2-7B": _QWEN2_7B,
-    "Qwen/Qwen2-7B-Instruct": _QWEN2_7B,
+    "meta-llama/Meta-Llama-3-8B": "Meta-Llama-3-8B.json",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "Meta-Llama-3-8B.json",
+    "Qwen/Qwen2-7B": "Qwen2-7B.json",
+    "Qwen/Qwen2-7B-Instruct": "Qwen2-7B.json",
 }
 
 
@@ -86,7 +64,7 @@ def _read_config(cfg: Config, run: RunDir | None):
         return config, f"{m.path} (config.json)"
     except OSError:
         if m.path in KNOWN_CONFIGS:
-            spec = dict(KNOWN_CONFIGS[m.path])
+            spec = json.loads((PAPER_CONFIGS / KNOWN_CONFIGS[m.path]).read_text())
             return AutoConfig.for_model(spec.pop("model_type"), **spec), (
                 f"{m.path} (mixcpt's copy of its config.json; not on this machine)"
             )

@@ -78,22 +78,22 @@ def is_complete(checkpoint: Path) -> bool:
 def train_and_save(
     trainer: Trainer,
     tokenizer: PreTrainedTokenizerBase,
-    final: Path,
-    work: Path,
     run: RunDir,
     key: str,
     metrics_of: Callable[[TrainOutput], dict],
+    *,
     merge_lora: bool = False,
     record: dict | None = None,
     started_with: dict[str, Any] | None = None,
     dtype: str = "float32",
 ) -> dict:
-    """Train (resuming from the last complete checkpoint in `work` if a previous run left one),
-    record `metrics_of(output)` plus `resumed_from` in results.json under stages/`key` ("<arm>/
-    <stage>", also naming its TensorBoard folder: `log_to`), write the model (weights in `dtype`,
-    the run's `model.dtype`) and tokenizer to `final` atomically (LoRA adapters merged with
-    `merge_lora`, the fingerprint `record` beside them), then delete the checkpoints. Call on every
-    process; returns the metrics.
+    """Train stage `key` ("<arm>/<stage>") of `run`, resuming from the last complete checkpoint in
+    its work folder (`run.work(arm, stage)`, where the Trainer's `output_dir` must point) if a
+    previous run left one; record `metrics_of(output)` plus `resumed_from` in results.json under
+    stages/`key`; log to `run.logs(arm, stage)` (`log_to`); write the model (weights in `dtype`,
+    the run's `model.dtype`) and tokenizer to `run.stage(arm, stage)` atomically (LoRA adapters
+    merged with `merge_lora`, the fingerprint `record` beside them), then delete the checkpoints.
+    Call on every process; returns the metrics.
 
     Metrics are recorded before the folder appears: a process killed in between leaves no folder,
     so the stage reruns (from its last checkpoint), and a finished stage always has its metrics.
@@ -104,11 +104,13 @@ def train_and_save(
     optimizer step and raises `Preempted` (`StopOnSignal`); one after training lets the final save
     finish first. A checkpoint save that runs out of space raises `DiskFullError`.
     """
+    arm, stage = key.split("/")
+    final, work = run.stage(arm, stage), run.work(arm, stage)
     with preempt.deferred(f"{key} finished first and was saved"):
         resume = last_complete_checkpoint(work)
         if started_with is not None:
             check_started_with(work, started_with, resume, trainer.is_world_process_zero())
-        log_to(trainer, run.logs(*key.split("/")), resume)
+        log_to(trainer, run.logs(arm, stage), resume)
         stop = StopOnSignal()
         trainer.add_callback(stop)
         report_full_disk(trainer, work)

@@ -43,7 +43,7 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     `cpt.teacher: lora` every arm trains LoRA adapters, merged into the weights before saving.
     Returns the metrics also written to results.json under stages/<arm>/cpt.
     """
-    key, final, work = f"{arm}/cpt", run.stage(arm, "cpt"), run.work(arm, "cpt")
+    key, work = f"{arm}/cpt", run.work(arm, "cpt")
     record = begin(cfg, run, f"cpt/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
@@ -88,14 +88,12 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     return train_and_save(
         trainer,
         tokenizer,
-        final,
-        work,
         run,
         key,
         metrics_of,
-        merge_lora,
-        record,
-        started,
+        merge_lora=merge_lora,
+        record=record,
+        started_with=started,
         dtype=cfg.model.dtype,
     )
 
