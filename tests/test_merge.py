@@ -19,7 +19,7 @@ from mixcpt.config import config_from_dict, load_config
 from mixcpt.config.arms import ArmConfig, arms_named
 from mixcpt.errors import ConfigError
 from mixcpt.fingerprints import RECORD_FILE, nodes, recorded
-from mixcpt.merge import merge_into, merge_model
+from mixcpt.merge import merge_into, merged_model, save_merged
 from mixcpt.rundir import RunDir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -77,14 +77,15 @@ def two_models(tmp_path, tiny_tokenizer):
 def test_the_merge_is_a_loadable_folder_in_the_model_dtype(two_models, tmp_path):
     cfg, arm, base = two_models
     final = tmp_path / "merged"
-    merged = merge_model(cfg, arm, str(base), 0.25, final, {"build": "x"})
+    merged, tokenizer, tensors = merged_model(cfg, arm, str(base), 0.25)
+    save_merged(merged, tokenizer, final, {"build": "x"})
     model = AutoModelForCausalLM.from_pretrained(final)
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
     assert json.loads((final / RECORD_FILE).read_text()) == {"build": "x"}
     assert (final / "tokenizer.json").is_file() and list(final.glob("*.safetensors"))
     arm_state = AutoModelForCausalLM.from_pretrained(arm).state_dict()
     base_state = AutoModelForCausalLM.from_pretrained(base).state_dict()
-    assert merged == len(arm_state)  # untied: every tensor on its own
+    assert tensors == len(arm_state)  # untied: every tensor on its own
     for name, tensor in model.state_dict().items():
         # float32 sums of the arm's weights as loaded (bfloat16) and the base's as stored (float32
         # here), rounded to bfloat16 once
@@ -95,7 +96,7 @@ def test_the_merge_is_a_loadable_folder_in_the_model_dtype(two_models, tmp_path)
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory) -> tuple[Path, Path]:
     """(config, run folder) of the quickstart cut to the baseline arm and its merge at 0.25, a
-    few steps each, no preference data, run once by `mixcpt run`."""
+    few steps, no preference data and one benchmark (and the probe), run once by `mixcpt run`."""
     root = tmp_path_factory.mktemp("merge")
     shutil.copytree(EXAMPLES / "quickstart", root / "quickstart")
     raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
@@ -103,6 +104,7 @@ def merged_run(tmp_path_factory) -> tuple[Path, Path]:
     raw["arms"] = ["baseline", MERGE]
     raw["cpt"]["training"].update(max_steps=4, save_steps=4)
     raw["sft"]["training"]["max_steps"] = 2
+    raw["eval"]["benchmarks"] = [b for b in raw["eval"]["benchmarks"] if b["name"] == "general_mc"]
     config = root / "merge.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = root / "run"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config
@@ -33,7 +33,7 @@ from mixcpt.config.arms import find_arm
 from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import load_tokenizer, model_from, save_model
 from mixcpt.pipeline import stage1_owner
-from mixcpt.processes import process_state
+from mixcpt.processes import main_process_runs, process_state
 from mixcpt.rundir import RunDir, base_model_path
 
 
@@ -80,12 +80,11 @@ def weight_files(path: str) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def merge_model(
-    cfg: Config, arm_path: Path, base_path: str, base_weight: float, final: Path, record: dict
-) -> int:
-    """Write the merge of the model at `arm_path` with the base at `base_path` (weight
-    `base_weight`) to `final` atomically, with the arm's tokenizer and the fingerprint `record`.
-    Returns the number of tensors merged."""
+def merged_model(
+    cfg: Config, arm_path: Path, base_path: str, base_weight: float
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, int]:
+    """(the model at `arm_path` merged with the base at `base_path` with weight `base_weight`,
+    in `model.dtype`; the arm's tokenizer; the number of tensors merged)."""
     model = model_from(cfg.model, arm_path)
     tokenizer = load_tokenizer(arm_path, cfg.model.trust_remote_code)
     with ExitStack() as files:
@@ -106,11 +105,18 @@ def merge_model(
                 return base_state[names[0]]
 
         merged = merge_into(model, base_tensor, base_weight)
+    return model, tokenizer, merged
+
+
+def save_merged(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, final: Path, record: dict
+) -> None:
+    """Write `model` and `tokenizer` to `final` as an HF folder, atomically, with the fingerprint
+    `record`."""
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     with atomic_dir(final, size) as tmp:
         save_model(model, tokenizer, tmp)
         write_record(tmp, record)
-    return merged
 
 
 def run_merge(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
@@ -125,13 +131,14 @@ def run_merge(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     record = begin(cfg, run, f"cpt/{arm}", force)
     if record is None:
         return run.recorded_metrics(key)
-    this, state = find_arm(cfg, arm), process_state()
+    this = find_arm(cfg, arm)
     model_of = stage1_owner(cfg, this.merge_of)
-    if state.is_main_process:
+
+    def build() -> None:
         start = time.perf_counter()
         source = run.finished_model(model_of, "cpt")
         base = base_model_path(cfg.model, run.base)
-        tensors = merge_model(cfg, source, base, this.base_weight, final, record)
+        model, tokenizer, tensors = merged_model(cfg, source, base, this.base_weight)
         metrics = {
             "merge_of": this.merge_of,
             "model_of": model_of,
@@ -141,7 +148,11 @@ def run_merge(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
             "steps": 0,
             "tokens": 0,
         }
+        # before the folder appears, as a trained stage's: a finished merge has its metrics
         run.update_results("stages", key, metrics)
+        save_merged(model, tokenizer, final, record)
         shutil.rmtree(run.work(arm, "cpt"), ignore_errors=True)  # begin() made it; no checkpoints
-    state.wait_for_everyone()
+
+    # the others wait without a collective: an 8B merge on the CPU may outlast its timeout
+    main_process_runs(process_state(), run.root / ".work", f"merge-{arm}", build)
     return run.recorded_metrics(key)
