@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mixcpt.cli import main
-from mixcpt.config import config_from_dict, load_config
+from mixcpt.config import Config, config_from_dict, load_config
 from mixcpt.config.arms import ArmConfig, arms_named
 from mixcpt.errors import ConfigError
 from mixcpt.fingerprints import RECORD_FILE, nodes, recorded
@@ -196,6 +196,8 @@ def test_arms_are_named_by_builtin_config_or_merge_names_or_all():
     for bad in ("nope", "mixcpt-merge-2", "nope-merge-0.5"):
         with pytest.raises(ConfigError, match=f"no arm '{bad}'; the arms are mixcpt, short, "):
             arms_named([bad], configured)
+    with pytest.raises(ConfigError, match="--arms: arms.mixcpt-merge-0.5.of: a merge arm names"):
+        arms_named(["baseline", "mixcpt-merge-0.5"], configured)  # a merge of an arm left out
 
 
 def test_demo_arms_are_written_to_the_run_config_before_anything_is_built(tmp_path, capsys):
@@ -203,6 +205,7 @@ def test_demo_arms_are_written_to_the_run_config_before_anything_is_built(tmp_pa
 
     raw = demo_config(RunDir(tmp_path), quick=True, seed=0, arms=["mixcpt", "mixcpt-merge-0.5"])
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    Config.model_validate(written)  # a valid config (its files are written later)
     assert (
         written["arms"]
         == raw["arms"]

@@ -40,10 +40,7 @@ def owners(cfg: Config) -> tuple[dict[str, str], dict[str, str | None]]:
             key = json.dumps(["merge", stage1[arm.merge_of], cpt_settings(arm)], sort_keys=True)
             stage1[arm.name] = seen.setdefault(key, arm.name)
     for arm in arms(cfg):
-        if arm.merge_of:
-            selection[arm.name] = None
-            continue
-        if arm.align_on == "pool":
+        if arm.merge_of or arm.align_on == "pool":
             selection[arm.name] = None
             continue
         key = json.dumps(["select", stage1[arm.name], select_settings(arm.config)], sort_keys=True)

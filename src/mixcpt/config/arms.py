@@ -291,7 +291,8 @@ def arms_named(names: list[str], configured: list[ArmConfig]) -> list[ArmConfig]
     """The arms a list of names asks for (`mixcpt demo --arms`), in its order: an entry of
     `configured` by its name, a built-in arm, `<arm>-merge-<λ>` (the merge of a listed arm or a
     built-in at base weight λ), or `all`: every built-in arm, then the merges of `MERGED_IN_ALL` at
-    each of `MERGE_WEIGHTS`. Raises a ConfigError naming what it accepts for an unknown name."""
+    each of `MERGE_WEIGHTS`. Raises a ConfigError naming what it accepts for an unknown name, or
+    naming the entry and key `check_entries` refuses (a merge of an arm not in the list)."""
     from mixcpt.errors import ConfigError
 
     known = {e.name: e for e in configured} | {
@@ -306,18 +307,25 @@ def arms_named(names: list[str], configured: list[ArmConfig]) -> list[ArmConfig]
             wanted.append(name)
     out = {}
     for name in wanted:
-        of, _, weight = name.rpartition("-merge-")
+        of, _, text = name.rpartition("-merge-")
+        weight = _weight(text)
         if name in known:
             out[name] = known[name]
-        elif of in known and _weight(weight) is not None:
-            out[name] = ArmConfig(name=name, like=MERGE, of=of, base_weight=_weight(weight))
+        elif of in known and weight is not None:
+            out[name] = ArmConfig(name=name, like=MERGE, of=of, base_weight=weight)
         else:
             raise ConfigError(
                 f"--arms: no arm {name!r}; the arms are {', '.join(known)}, "
                 "ARM-merge-λ (ARM merged toward the base, λ from 0 to 1, e.g. mixcpt-merge-0.5) "
                 "and all"
             )
-    return list(out.values())
+    chosen = list(out.values())
+    try:  # a merge of an arm left out, say: said now, before a run starts
+        check_entries(chosen)
+    except ValidationError as err:
+        where = ", ".join(".".join(map(str, e["loc"])) + f": {e['msg']}" for e in err.errors())
+        raise ConfigError(f"--arms: {where}") from None
+    return chosen
 
 
 def _weight(text: str) -> float | None:
