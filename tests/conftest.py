@@ -30,10 +30,10 @@ def tiny_tokenizer():
 
 
 def make_tiny_llama(
-    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tied: bool = False
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for
-    `seed`."""
+    `seed`; `tied`: one tensor for the input and output embeddings."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -43,13 +43,19 @@ def make_tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,  # every max_length's default fits (mixcpt.checks)
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
         use_cache=False,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """`make_tiny_llama`, for tests that build several models."""
+    return make_tiny_llama
 
 
 @pytest.fixture

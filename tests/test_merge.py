@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from mixcpt.cli import main
 from mixcpt.config import Config, config_from_dict, load_config
@@ -26,23 +26,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MERGE = {"name": "baseline-merge-0.25", "like": "merge", "of": "baseline", "base_weight": 0.25}
 
 
-def tiny_llama(vocab: int, seed: int, tied: bool) -> LlamaForCausalLM:
-    """A random two-layer Llama, deterministic for `seed`."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
-def test_each_tensor_moves_toward_the_base_by_its_weight(weight):
-    arm, base = tiny_llama(50, 0, tied=True), tiny_llama(50, 1, tied=True)
+def test_each_tensor_moves_toward_the_base_by_its_weight(weight, tiny_llama):
+    arm, base = tiny_llama(50, seed=0, tied=True), tiny_llama(50, seed=1, tied=True)
     before = {n: t.clone() for n, t in arm.state_dict().items()}
     base_state = base.state_dict()
     asked = []
@@ -62,11 +48,11 @@ def test_each_tensor_moves_toward_the_base_by_its_weight(weight):
 
 
 @pytest.fixture
-def two_models(tmp_path, tiny_tokenizer):
+def two_models(tmp_path, tiny_tokenizer, tiny_llama):
     """(config in bfloat16, arm folder, base folder) of two tiny Llamas with untied embeddings."""
     folders = []
     for seed, name in ((0, "arm"), (1, "base")):
-        tiny_llama(len(tiny_tokenizer), seed, tied=False).save_pretrained(tmp_path / name)
+        tiny_llama(len(tiny_tokenizer), seed=seed).save_pretrained(tmp_path / name)
         tiny_tokenizer.save_pretrained(tmp_path / name)
         folders.append(tmp_path / name)
     (tmp_path / "d.txt").write_text("a domain document")
