@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from mixcpt.cli import main
 from mixcpt.config import Config, config_from_dict, load_config
-from mixcpt.config.arms import ArmConfig, arms_named
+from mixcpt.config.arm_names import arms_named
+from mixcpt.config.arms import ArmConfig
 from mixcpt.errors import ConfigError
 from mixcpt.fingerprints import RECORD_FILE, nodes, recorded
 from mixcpt.merge import merge_into, merged_model, save_merged

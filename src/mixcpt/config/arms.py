@@ -13,9 +13,8 @@ nothing: its stage-1 model is the stage-1 model of the arm it is `of`, interpola
 θ = (1 − λ)·θ_arm + λ·θ_base with λ = `base_weight` (mixcpt.merge). Stage 1 is where forgetting
 happens, so the merged model is one more stage-1 point between domain knowledge and what the base
 knew; a merge arm has no stage 2. One arm per λ: each is one model, one folder DIR/<name>/cpt and
-one row of the eval table, like any other arm's stage 1. `arms_named` turns names such as
-`mixcpt-merge-0.25` and `all` (every built-in arm and the merges of `MERGED_IN_ALL` at
-`MERGE_WEIGHTS`) into entries: the vocabulary of `mixcpt demo --arms`.
+one row of the eval table, like any other arm's stage 1. The names `mixcpt demo --arms` accepts
+(`all`, `mixcpt-merge-0.25`, ...) are in mixcpt.config.arm_names.
 
 `resolve_arms` turns the entries into `Arm`s, each holding the run's config with the arm's
 sections in place (`Arm.config`), which is what the stages of that arm read.
@@ -70,9 +69,6 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
 # what `like` accepts: the names above (a new built-in needs no second list), or a merge
 BuiltinName = Literal[tuple(BUILTIN_ARMS)]
 MERGE = "merge"
-# What `all` merges toward the base, and at which base weights λ (`arms_named`).
-MERGED_IN_ALL = ("mixcpt", "baseline")
-MERGE_WEIGHTS = (0.25, 0.5, 0.75)
 
 
 class ArmConfig(Strict):
@@ -280,61 +276,6 @@ def _merge_errors(entry: ArmConfig, entries: list[ArmConfig]) -> list[InitErrorD
         message = f"a merge arm names the trained arm it merges, one of: {', '.join(trained)}"
         errors.append(_error((*loc, "of"), message, entry.of))
     return errors
-
-
-def merge_name(of: str, base_weight: float) -> str:
-    """The name `arms_named` gives the merge of `of` at λ = `base_weight`: "mixcpt-merge-0.25"."""
-    return f"{of}-merge-{base_weight:g}"
-
-
-def arms_named(names: list[str], configured: list[ArmConfig]) -> list[ArmConfig]:
-    """The arms a list of names asks for (`mixcpt demo --arms`), in its order: an entry of
-    `configured` by its name, a built-in arm, `<arm>-merge-<λ>` (the merge of a listed arm or a
-    built-in at base weight λ), or `all`: every built-in arm, then the merges of `MERGED_IN_ALL` at
-    each of `MERGE_WEIGHTS`. Raises a ConfigError naming what it accepts for an unknown name, or
-    naming the entry and key `check_entries` refuses (a merge of an arm not in the list)."""
-    from mixcpt.errors import ConfigError
-
-    known = {e.name: e for e in configured} | {
-        n: ArmConfig(name=n) for n in BUILTIN_ARMS if n not in {e.name for e in configured}
-    }
-    wanted = []
-    for name in names:
-        if name == "all":
-            wanted += list(BUILTIN_ARMS)
-            wanted += [merge_name(a, w) for a in MERGED_IN_ALL for w in MERGE_WEIGHTS]
-        else:
-            wanted.append(name)
-    out = {}
-    for name in wanted:
-        of, _, text = name.rpartition("-merge-")
-        weight = _weight(text)
-        if name in known:
-            out[name] = known[name]
-        elif of in known and weight is not None:
-            out[name] = ArmConfig(name=name, like=MERGE, of=of, base_weight=weight)
-        else:
-            raise ConfigError(
-                f"--arms: no arm {name!r}; the arms are {', '.join(known)}, "
-                "ARM-merge-λ (ARM merged toward the base, λ from 0 to 1, e.g. mixcpt-merge-0.5) "
-                "and all"
-            )
-    chosen = list(out.values())
-    try:  # a merge of an arm left out, say: said now, before a run starts
-        check_entries(chosen)
-    except ValidationError as err:
-        where = ", ".join(".".join(map(str, e["loc"])) + f": {e['msg']}" for e in err.errors())
-        raise ConfigError(f"--arms: {where}") from None
-    return chosen
-
-
-def _weight(text: str) -> float | None:
-    """λ written in a merge's name, or None when it is not a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if 0 <= value <= 1 else None
 
 
 def resolve_arms(cfg: Config) -> list[Arm]:

@@ -10,7 +10,7 @@ from importlib.resources import files
 import yaml
 
 from mixcpt.config import ArmConfig, config_from_dict
-from mixcpt.config.arms import arms_named
+from mixcpt.config.arm_names import arms_named
 from mixcpt.demo.base_model import build_base_model
 from mixcpt.demo.world import write_world
 from mixcpt.evaluate.seeds import aggregate_seeds, seed_run, seed_values
@@ -38,7 +38,7 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 def _raw_config(quick: bool, arms: list[str] | None) -> dict:
     """The demo's config as a dict, with --quick's changes and the arms --arms names (`all`, a
-    built-in, an arm of the demo config or ARM-merge-λ: mixcpt.config.arms.arms_named) written
+    built-in, an arm of the demo config or ARM-merge-λ: mixcpt.config.arm_names) written
     out in full, so that DIR/config.yaml reruns them by hand. A ConfigError for an unknown arm."""
     raw = yaml.safe_load(files("mixcpt.demo").joinpath("config.yaml").read_text(encoding="utf-8"))
     for dotted, value in (QUICK if quick else {}).items():
