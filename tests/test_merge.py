@@ -80,6 +80,19 @@ def test_the_merge_is_a_loadable_folder_in_the_model_dtype(two_models, tmp_path)
         assert torch.equal(tensor, (0.75 * a + 0.25 * b).bfloat16()), name
 
 
+def test_a_base_stored_in_another_layout_is_merged_as_transformers_loads_it(
+    two_models, monkeypatch
+):
+    import mixcpt.merge
+
+    cfg, arm, base = two_models
+    streamed = merged_model(cfg, arm, str(base), 0.25)[0].state_dict()
+    # files whose tensor names are not the model's: none of them found
+    monkeypatch.setattr(mixcpt.merge, "weight_files", lambda path: [])
+    loaded = merged_model(cfg, arm, str(base), 0.25)[0].state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in streamed.items())
+
+
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory) -> tuple[Path, Path]:
     """(config, run folder) of the quickstart cut to the baseline arm and its merge at 0.25, a

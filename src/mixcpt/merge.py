@@ -10,7 +10,8 @@ upstream is the merged arm's cpt node and whose files are the base's).
 Memory: one model is loaded (the arm's, in `model.dtype`); the base's tensors are read one at a
 time from its safetensors files (`safe_open`), so an 8B merge needs about one 8B model of memory.
 A base whose files name its tensors otherwise than the model does (a checkpoint layout that
-transformers converts when loading) is loaded as a second model instead. Tied tensors (input and
+transformers converts when loading) is loaded as a second model instead, in float32 (the values
+streaming would read). Tied tensors (input and
 output embeddings) are one tensor, merged once. A LoRA-trained arm's folder holds whole weights
 (its adapters were merged when it was saved), so it merges like any other.
 """
@@ -31,7 +32,7 @@ from mixcpt.atomic import atomic_dir
 from mixcpt.config import Config
 from mixcpt.config.arms import find_arm
 from mixcpt.fingerprints import begin, write_record
-from mixcpt.models import load_tokenizer, model_from, save_model
+from mixcpt.models import load_model, load_tokenizer, model_from, save_model
 from mixcpt.pipeline import stage1_owner
 from mixcpt.processes import main_process_runs, process_state
 from mixcpt.rundir import RunDir, base_model_path
@@ -98,8 +99,11 @@ def merged_model(
                 name = next(n for n in names if n in where)
                 return where[name].get_tensor(name)
 
-        else:  # another layout on disk: the base as transformers loads it
-            base_state = model_from(cfg.model, base_path).state_dict()
+        else:  # another layout on disk: the base as transformers loads it, its values exact
+            m = cfg.model
+            base_state = load_model(
+                base_path, "float32", m.trust_remote_code, m.attn_implementation
+            ).state_dict()
 
             def base_tensor(names: list[str]) -> torch.Tensor:
                 return base_state[names[0]]
