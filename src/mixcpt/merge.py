@@ -11,9 +11,9 @@ Memory: one model is loaded (the arm's, in `model.dtype`); the base's tensors ar
 time from its safetensors files (`safe_open`), so an 8B merge needs about one 8B model of memory.
 A base whose files name its tensors otherwise than the model does (a checkpoint layout that
 transformers converts when loading) is loaded as a second model instead, in float32 (the values
-streaming would read). Tied tensors (input and
-output embeddings) are one tensor, merged once. A LoRA-trained arm's folder holds whole weights
-(its adapters were merged when it was saved), so it merges like any other.
+streaming would read). Tied tensors (input and output embeddings) are one tensor, merged once. A
+LoRA-trained arm's folder holds whole weights (its adapters were merged when it was saved), so it
+merges like any other.
 """
 
 from __future__ import annotations
