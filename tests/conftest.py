@@ -32,10 +32,10 @@ def tiny_tokenizer():
 
 
 def build_tiny_llama(
-    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tied: bool = False
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama of a few tens of thousands of parameters, deterministic for
-    `seed`."""
+    `seed`; `tied`: one tensor for the input and output embeddings."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -45,7 +45,7 @@ def build_tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,  # every max_length's default fits (mixcpt.checks)
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -108,7 +108,8 @@ def mixcpt_cli() -> Launcher:
 
 @pytest.fixture(scope="session")
 def make_tiny_llama():
-    """`build_tiny_llama`, for a test that wants another vocabulary, seed, width or depth."""
+    """`build_tiny_llama`, for a test that wants another vocabulary, seed, width, depth or tied
+    embeddings, or several models."""
     return build_tiny_llama
 
 

@@ -90,7 +90,7 @@ def test_demo_seeds_with_quick(tmp_path, fake_eval_table, monkeypatch, capsys):
     calls = []
     run_one = _fake_runs(fake_eval_table, calls)
     monkeypatch.setattr(
-        mixcpt.demo.run, "_run_one", lambda run, quick, seed: run_one(seed, run.root)
+        mixcpt.demo.run, "_run_one", lambda run, quick, seed, arms=None: run_one(seed, run.root)
     )
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--seeds", "3", "--output", str(out)]) == 0

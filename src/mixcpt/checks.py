@@ -132,6 +132,8 @@ def sequence_lengths(cfg: Config) -> dict[str, int]:
     lengths = {"data.block_size": cfg.data.block_size}
     dpo = stage_arms(cfg, "dpo")
     for arm in arms(cfg):
+        if arm.merge_of:  # trains and scores nothing
+            continue
         for section in ("select", "sft", "dpo"):
             if section == "dpo" and arm.name not in dpo:
                 continue
@@ -233,7 +235,8 @@ def check_teacher(inputs: RunInputs) -> str:
     for arm in arms(cfg):
         cpt = arm.config.cpt
         sharding = weight_sharding(cpt.training)
-        if cpt.teacher == "lora" and sharding and arm.name in stage_arms(cfg, "cpt"):
+        trains = arm.name in stage_arms(cfg, "cpt") and not arm.merge_of
+        if cpt.teacher == "lora" and sharding and trains:
             key = "cpt.teacher" if cfg.cpt.teacher == "lora" else f"arms.{arm.name}.cpt.teacher"
             raise ConfigError(
                 f"{key}: lora is not supported under {sharding} (the adapters cannot be merged "

@@ -1,6 +1,6 @@
 """The `mixcpt` command line (design.md §3).
 
-    mixcpt demo --output DIR [--quick] [--seeds N]
+    mixcpt demo --output DIR [--quick] [--seeds N] [--arms A,B,...|all]
                                                 the embedded synthetic-knowledge demo, end to end
     mixcpt run CONFIG --output DIR [--seeds N]  every stage in order
     mixcpt STAGE CONFIG --output DIR [--arm A]  one stage: data, cpt, select, sft, dpo, eval, report
@@ -96,6 +96,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names (--arms)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one arm")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixcpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="seed (the first, with --seeds)")
     demo.add_argument("--seeds", type=_positive, help=SEEDS_HELP)
+    demo.add_argument(
+        "--arms",
+        type=_names,
+        metavar="A,B,...",
+        help="the arms to run instead of the demo config's: built-in names, ARM-merge-λ (ARM's "
+        "stage-1 model merged toward the base with weight λ, e.g. mixcpt-merge-0.5), or all "
+        "(every built-in arm, and mixcpt and baseline merged at 0.25, 0.5 and 0.75)",
+    )
     commands = [("run", "run every stage in order")] + [(s, f"run the {s} stage") for s in STAGES]
     commands.insert(2, ("cache", "build stage 1's teacher cache alone (every process its share)"))
     for name, help_ in commands:
@@ -288,7 +304,7 @@ def _run(args: argparse.Namespace, cfg: Config | None) -> int:
     if args.command == "demo":
         from mixcpt.demo.run import run_demo
 
-        run_demo(run, quick=args.quick, seed=args.seed, seeds=args.seeds)
+        run_demo(run, quick=args.quick, seed=args.seed, seeds=args.seeds, arms=args.arms)
         return 0
     if args.command == "run":
         from mixcpt.evaluate.seeds import run_seeds

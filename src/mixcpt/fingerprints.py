@@ -4,6 +4,7 @@ current for a config, and what `mixcpt run` therefore rebuilds.
 The nodes, in build order (arms as the config trains them; dpo only with preference data):
 
     data -> cpt/ARM -> select/ARM -> sft/ARM -> dpo/ARM -> eval -> report
+            cpt/ARM -> cpt/MERGE -> eval               (a merge arm: mixcpt.merge)
 
 An arm that shares its stage-1 settings with an earlier arm has no cpt node of its own: its
 selection and SFT read the earlier arm's (mixcpt.pipeline.stage1_owner); likewise a selection
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from mixcpt.atomic import write_json_atomic
 from mixcpt.config import Config
+from mixcpt.config.arms import find_arm
 from mixcpt.errors import UserError
 from mixcpt.pipeline import owners, selection_owner, stage1_owner, stage_arms
 from mixcpt.rundir import TRAINED_STAGES, RunDir
@@ -68,7 +70,8 @@ def upstream(cfg: Config, node: str) -> list[str]:
     """The nodes whose outputs `node` reads."""
     stage, _, arm = node.partition("/")
     if stage == "cpt":
-        return ["data"]
+        source = find_arm(cfg, arm).merge_of  # a merge reads that arm's model and the base's files
+        return [f"cpt/{stage1_owner(cfg, source)}"] if source else ["data"]
     if stage == "select":
         return ["data", f"cpt/{stage1_owner(cfg, arm)}"]
     if stage in ("sft", "dpo"):

@@ -28,13 +28,19 @@ def owners(cfg: Config) -> tuple[dict[str, str], dict[str, str | None]]:
     None on the whole pool}). The owner is the first arm (in the configured order) with the same
     settings: for stage 1 those that change its model (stream, loss, teacher, training, as
     mixcpt.stage_inputs counts them), for a selection the stage-1 model and the `select` settings.
-    An arm that differs from every earlier one owns its own."""
+    An arm that differs from every earlier one owns its own. A merge arm owns its merged model
+    (merges of one stage-1 model at one λ share it) and aligns on nothing (None)."""
     stage1, selection, seen = {}, {}, {}
-    for arm in arms(cfg):
+    trained = [arm for arm in arms(cfg) if not arm.merge_of]
+    for arm in trained:
         key = json.dumps(["cpt", cpt_settings(arm)], sort_keys=True)
         stage1[arm.name] = seen.setdefault(key, arm.name)
     for arm in arms(cfg):
-        if arm.align_on == "pool":
+        if arm.merge_of:
+            key = json.dumps(["merge", stage1[arm.merge_of], cpt_settings(arm)], sort_keys=True)
+            stage1[arm.name] = seen.setdefault(key, arm.name)
+    for arm in arms(cfg):
+        if arm.merge_of or arm.align_on == "pool":
             selection[arm.name] = None
             continue
         key = json.dumps(["select", stage1[arm.name], select_settings(arm.config)], sort_keys=True)
@@ -62,12 +68,15 @@ def selection_owner(cfg: Config, arm: str) -> str | None:
 
 def stage_arms(cfg: Config, stage: str) -> list[str]:
     """The arms that build `stage` ("cpt", "select", "sft" or "dpo") themselves: stage 1 and
-    selection once per distinct setting (the others share them), SFT every arm, DPO the arms with
-    `run_dpo` when there is preference data."""
-    names = [a.name for a in arms(cfg)]
+    selection once per distinct setting (the others share them; merge arms' stage 1 after the
+    trained ones, whose models they read), SFT every arm but merges, DPO the arms with `run_dpo`
+    when there is preference data."""
+    merges = {a.name for a in arms(cfg) if a.merge_of}
+    names = [a.name for a in arms(cfg) if a.name not in merges]
     if stage in ("cpt", "select"):
         shared = owners(cfg)[0 if stage == "cpt" else 1]
-        return [a for a in names if shared[a] == a]
+        listed = names + [a for a in shared if a in merges] if stage == "cpt" else names
+        return [a for a in listed if shared[a] == a]
     if stage != "dpo":
         return names
     if not cfg.data.preferences:  # nothing to prefer: the run ends with SFT
@@ -164,8 +173,12 @@ def _run_stage(stage: str, cfg: Config, run: RunDir, arm: str | None, force: boo
     if not per_arm:
         timed(cfg, run, stage, partial(function, cfg, run, force))
         return
+    merges = {a.name for a in arms(cfg) if a.merge_of} if stage == "cpt" else set()
     for a in _chosen_arms(cfg, stage, arm):
-        timed(cfg, run, f"{stage}/{a}", partial(function, cfg, run, a, force))
+        build = function
+        if a in merges:  # a merge arm's stage 1 is built without training
+            from mixcpt.merge import run_merge as build
+        timed(cfg, run, f"{stage}/{a}", partial(build, cfg, run, a, force))
 
 
 def _chosen_arms(cfg: Config, stage: str, arm: str | None) -> list[str]:

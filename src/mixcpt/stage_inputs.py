@@ -177,8 +177,11 @@ def _data_inputs(cfg: Config, run: RunDir) -> tuple[dict, dict]:
 def cpt_settings(arm: Arm) -> dict:
     """The settings that change `arm`'s stage-1 model: its stream and its cpt section, leaving out
     those of a teacher it does not use (plain CE is untouched by every LSSD setting), the seed and
-    how models are loaded. Arms with equal settings share one stage-1 model (mixcpt.pipeline)."""
+    how models are loaded. Arms with equal settings share one stage-1 model (mixcpt.pipeline).
+    A merge arm's: λ and the dtype it is saved in (the model it merges is an upstream node)."""
     cfg, cpt = arm.config, arm.config.cpt
+    if arm.merge_of:
+        return {"model.dtype": cfg.model.dtype, "merge.base_weight": arm.base_weight}
     # alpha is in the two weights it sets: alpha 0.5 and weights 0.5, 0.5 are one build
     unused = {"loss_chunk_size", "compile_loss", "training", "alpha"}
     if cpt.lssd_weight == 0:  # no teacher; `teacher: lora` still means training adapters

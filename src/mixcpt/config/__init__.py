@@ -78,8 +78,9 @@ class Config(Strict):
         None,
         description="The recipes trained side by side, each a name (built in: "
         f"{', '.join(BUILTIN_ARMS)}) or a mapping {{name, like, stream, align_on, run_dpo, "
-        "cpt, select, sft, dpo} (mixcpt.config.arms). Default: [mixcpt, baseline], or [mixcpt] "
-        "with baseline.enabled: false.",
+        "cpt, select, sft, dpo}, or a merge arm {name, like: merge, of: ARM, base_weight: λ}: "
+        "ARM's stage-1 model interpolated toward the base, no training (mixcpt.config.arms). "
+        "Default: [mixcpt, baseline], or [mixcpt] with baseline.enabled: false.",
     )
     eval: EvalConfig = Field(
         default_factory=EvalConfig,

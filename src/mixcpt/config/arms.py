@@ -8,6 +8,14 @@ same names and validated by the same models. Five arms are built in (`BUILTIN_AR
 says which of them it is `like:` and overrides what differs. Without `arms:` a run trains
 [mixcpt, baseline], or [mixcpt] alone with the older `baseline: {enabled: false}`.
 
+A merge arm (`{name: mixcpt-merge-0.25, like: merge, of: mixcpt, base_weight: 0.25}`) trains
+nothing: its stage-1 model is the stage-1 model of the arm it is `of`, interpolated toward the base,
+θ = (1 − λ)·θ_arm + λ·θ_base with λ = `base_weight` (mixcpt.merge). Stage 1 is where forgetting
+happens, so the merged model is one more stage-1 point between domain knowledge and what the base
+knew; a merge arm has no stage 2. One arm per λ: each is one model, one folder DIR/<name>/cpt and
+one row of the eval table, like any other arm's stage 1. The names `mixcpt demo --arms` accepts
+(`all`, `mixcpt-merge-0.25`, ...) are in mixcpt.config.arm_names.
+
 `resolve_arms` turns the entries into `Arm`s, each holding the run's config with the arm's
 sections in place (`Arm.config`), which is what the stages of that arm read.
 """
@@ -62,8 +70,9 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
     "mixture-kl": BuiltinArm("mix", "selection", {"cpt": {"objective": "kl"}}),
     "mixture-mft": BuiltinArm("mix", "selection", {"cpt": {"objective": "mft"}}),
 }
-# what `like` accepts: the names above (a new built-in needs no second list)
+# what `like` accepts: the names above (a new built-in needs no second list), or a merge
 BuiltinName = Literal[tuple(BUILTIN_ARMS)]
+MERGE = "merge"
 
 
 class ArmConfig(Strict):
@@ -74,10 +83,12 @@ class ArmConfig(Strict):
         description="The arm's name: its folder DIR/<name>/ and its rows in the results. A "
         f"built-in ({', '.join(BUILTIN_ARMS)}) or a new name with `like`.",
     )
-    like: BuiltinName | None = Field(
+    like: BuiltinName | Literal["merge"] | None = Field(
         None,
-        description="For a new name: the built-in arm it starts from, before its own overrides. "
-        "Not given for a built-in name.",
+        description="For a new name: the built-in arm it starts from, before its own overrides, "
+        "or `merge`: no training, the stage-1 model of the arm named by `of` interpolated toward "
+        "the base by `base_weight` (a stage-1 model only: a merge arm has no SFT or DPO). Not "
+        "given for a built-in name.",
     )
     stream: Literal["mix", "domain"] | None = Field(
         None,
@@ -111,6 +122,20 @@ class ArmConfig(Strict):
         default_factory=dict,
         description="Keys of the top-level `dpo:` that differ for this arm.",
     )
+    of: str | None = Field(
+        None,
+        description="A merge arm only: the arm (another entry of `arms`, not a merge) whose "
+        "stage-1 model is merged toward the base. Its model is built first, and a rebuild of it "
+        "rebuilds the merge.",
+    )
+    base_weight: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="A merge arm only: λ, the base model's weight in θ = (1 − λ)·θ_arm + λ·θ_base, "
+        "tensor by tensor, in float32, saved in model.dtype: 0 is the arm's model, 1 the base. "
+        "`mixcpt demo --arms all` merges at 0.25, 0.5 and 0.75, one arm each.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -131,6 +156,9 @@ class Arm:
     align_on: str
     run_dpo: bool
     config: Config
+    # a merge arm (like "merge"): the arm whose stage-1 model it merges, and λ
+    merge_of: str | None = None
+    base_weight: float | None = None
 
 
 def merged(base: dict, override: dict) -> dict:
@@ -158,6 +186,17 @@ def _error(loc: tuple, message: str, value: Any) -> InitErrorDetails:
 def resolve_arm(cfg: Config, entry: ArmConfig) -> Arm:
     """`entry` with its built-in's settings and the top-level sections filled in. Raises a
     ValidationError whose keys start with arms.<name>. for an override its section refuses."""
+    if entry.like == MERGE:  # trains nothing: the top-level sections, unused, and no stage 2
+        return Arm(
+            name=entry.name,
+            like=MERGE,
+            stream="",
+            align_on="",
+            run_dpo=False,
+            config=cfg,
+            merge_of=entry.of,
+            base_weight=entry.base_weight,
+        )
     builtin_name = entry.like or entry.name
     builtin = BUILTIN_ARMS[builtin_name]
     sections, errors = {}, []
@@ -210,8 +249,37 @@ def check_entries(entries: list[ArmConfig]) -> None:
                 "says which one it is like: {name: ..., like: mixcpt, ...}"
             )
             errors.append(_error(("arms", entry.name, "like"), message, None))
+        errors += _merge_errors(entry, entries)
     if errors:
         raise ValidationError.from_exception_data("Config", errors)
+
+
+# what a merge arm cannot set: it trains nothing
+TRAINING_FIELDS = ("stream", "align_on", "run_dpo", *ARM_SECTIONS)
+
+
+def _merge_errors(entry: ArmConfig, entries: list[ArmConfig]) -> list[InitErrorDetails]:
+    """A merge arm names a trained arm of the list (`of`) and λ (`base_weight`), and nothing a
+    trained arm sets; any other arm sets neither."""
+    loc = ("arms", entry.name)
+    if entry.like != MERGE:
+        return [
+            _error((*loc, key), "only a merge arm (like: merge) sets it", getattr(entry, key))
+            for key in ("of", "base_weight")
+            if getattr(entry, key) is not None
+        ]
+    errors = [
+        _error((*loc, key), "a merge arm trains nothing; leave it out", getattr(entry, key))
+        for key in TRAINING_FIELDS
+        if key in entry.model_fields_set
+    ]
+    if entry.base_weight is None:
+        errors.append(_error((*loc, "base_weight"), "a merge arm needs λ (0 to 1)", None))
+    trained = [e.name for e in entries if e.like != MERGE]
+    if entry.of not in trained:
+        message = f"a merge arm names the trained arm it merges, one of: {', '.join(trained)}"
+        errors.append(_error((*loc, "of"), message, entry.of))
+    return errors
 
 
 def resolve_arms(cfg: Config) -> list[Arm]:

@@ -219,13 +219,16 @@ def _row_intervals(boot: Bootstrap, arm: str, stage: str) -> dict[str, Any]:
 
 def _mean_row(arm: str, stage: str, ok: list[dict]) -> dict[str, Any]:
     """One (arm, stage) over the seeds that evaluated it (`ok`, their rows): the mean of every
-    score, chat score, KL and retention delta that all of them have."""
+    score, chat score, KL and retention delta that all of them have, and the first's
+    shared_with and merge."""
     kls = [r["retention"].get("kl_to_base") for r in ok]
     deltas = [r["retention"].get("delta", {}) for r in ok]
     return {
         "arm": arm,
         "stage": stage,
         "status": "ok",
+        # what the row's model is, the same in every seed (a shared or merged stage-1 model)
+        **{key: ok[0][key] for key in ("shared_with", "merge") if key in ok[0]},
         "models": [r.get("model") for r in ok],
         "scores": _mean_scores(ok, "scores"),
         "chat_scores": _mean_scores(ok, "chat_scores"),

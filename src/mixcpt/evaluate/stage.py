@@ -11,7 +11,8 @@ Formats: every model, base included, is scored in the plain rendering the base a
 ("scores"); aligned models (sft, dpo) are also scored through the chat template ("chat_scores").
 Retention deltas and KL use the plain scores, so a change of format is never read as forgetting.
 An arm that shares another arm's stage-1 model gets that model's row as its cpt row, marked
-`shared_with`, without evaluating it twice.
+`shared_with`, without evaluating it twice. A merge arm (mixcpt.merge) has a cpt row only, marked
+`merge` ({of, base_weight}).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     base's, from "scores"}}, items {"scores"|"chat_scores": {bench: per-item main metric},
     "kl_to_base": {"sum", "count"} per probe window or None}, intervals (the 95% bootstrap
     interval of each main score, delta and KL; mixcpt.evaluate.intervals)}. The cpt row of an arm
-    that shares another's stage-1 model also has shared_with (that arm).
+    that shares another's stage-1 model also has shared_with (that arm); a merge arm's, merge
+    ({of: the merged arm, base_weight: λ}).
 
     Raises `InputError` for a malformed benchmark file before any model is loaded.
     """
@@ -203,12 +205,14 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     # launch the models are dealt out to the processes in turn and the results gathered, so N
     # GPUs evaluate N models at a time and none waits for the whole table.
     # (arm, stage, the arm whose model it is, its folder, its node): one per row of the table
+    # (a merge arm has stage 1 only)
     slots = [
         (arm.name, stage, owner, run.stage(owner, stage), f"{stage}/{owner}")
         for arm in arms(cfg)
-        for stage in TRAINED_STAGES
+        for stage in (("cpt",) if arm.merge_of else TRAINED_STAGES)
         for owner in [stage1_owner(cfg, arm.name) if stage == "cpt" else arm.name]
     ]
+    merges = {arm.name: arm for arm in arms(cfg) if arm.merge_of}
     models = {}  # node -> (stage, folder) of every model of the run that exists
     for _, stage, _, folder, node in slots:
         if folder.is_dir() and node in trained:
@@ -280,6 +284,8 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
             row = ok_row(arm, stage, str(folder), node)
         if owner != arm:
             row["shared_with"] = owner
+        if arm in merges:
+            row["merge"] = {"of": merges[arm].merge_of, "base_weight": merges[arm].base_weight}
         rows.append(row)
     table = summarise([{"rows": rows, "benchmarks": info}], [cfg.seed])
     run.update_results("eval", "rows", table["rows"])

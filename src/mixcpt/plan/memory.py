@@ -240,6 +240,8 @@ def workloads(cfg: Config) -> list[Workload]:
 
     stages = []
     for arm in stage_arms(cfg, "cpt"):
+        if find_arm(cfg, arm).merge_of:  # no training: one model in memory, less than any stage
+            continue
         cpt = find_arm(cfg, arm).config.cpt
         teacher = cpt.teacher if cpt.lssd_weight > 0 else None
         stages.append(

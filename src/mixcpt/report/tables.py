@@ -21,9 +21,17 @@ def _fmt(value: Any) -> str:
 
 
 def _stage_cell(row: dict) -> str:
-    """A row's stage, saying whose model it is when the arm shares another's stage 1."""
+    """A row's stage, saying whose model it is when the arm shares another's stage 1, or what
+    it is the merge of."""
     stage = row.get("stage", "?")
+    if row.get("merge"):
+        return f"{stage} (= {_merge(row['merge']['of'], row['merge']['base_weight'])})"
     return f"{stage} (= {row['shared_with']})" if row.get("shared_with") else stage
+
+
+def _merge(of: str, base_weight: float) -> str:
+    """A merge in words: "0.75·mixcpt + 0.25·base"."""
+    return f"{1 - base_weight:g}·{of} + {base_weight:g}·base"
 
 
 def arm_order(results: dict) -> list[str]:
@@ -52,6 +60,10 @@ def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["arm", "like", "stage 1", "stage-1 budget", "stage 2 on", "SFT budget", "DPO budget"]
     cells = []
     for a in results.get("arms", []):
+        if a["like"] == "merge":
+            what = f"no training: (1−λ)·{a['merge_of']} + λ·base, λ = {a['base_weight']:g}"
+            cells.append([a["arm"], "merge", what, "none", "no stage 2", "", ""])
+            continue
         stage1 = f"{a['stream']} stream, {_loss(a)}"
         if a["stage1_shared_with"]:
             stage1 += f" (the model of {a['stage1_shared_with']})"
@@ -85,10 +97,21 @@ def arm_summaries(cfg: Config, results: dict) -> list[dict]:
     stage-1 model it uses when not its own, and that model's steps and tokens; stage 2's selection
     ({k, strategy, score}, None on the whole pool) and whose it is when shared; SFT's samples and
     steps; whether it runs DPO, and DPO's pairs and steps. Counts are those results.json records
-    (None for a stage not run yet)."""
+    (None for a stage not run yet). A merge arm's: its name, like "merge", merge_of (the arm it
+    merges toward the base) and base_weight (λ)."""
     stages = results.get("stages", {})
     summaries = []
     for arm in arms(cfg):
+        if arm.merge_of:
+            summaries.append(
+                {
+                    "arm": arm.name,
+                    "like": arm.like,
+                    "merge_of": arm.merge_of,
+                    "base_weight": arm.base_weight,
+                }
+            )
+            continue
         cpt, select = arm.config.cpt, arm.config.select
         stage1, selection = stage1_owner(cfg, arm.name), selection_owner(cfg, arm.name)
         trained = {s: stages.get(f"{arm.name}/{s}", {}) for s in ("sft", "dpo")}
