@@ -36,6 +36,8 @@ def test_the_frontier_keeps_the_non_dominated_points_and_ties():
         (0.4, 0.25 + 1e-9),  # 5: dominated by 2, by a hair
     ]
     assert pareto_front(points) == [0, 3, 2]  # along the line, by gain
+    # as much loss as the other up to float noise (0.1 + 0.2 != 0.3), and less gain: dominated
+    assert pareto_front([(0.4, 0.1 + 0.2), (0.2, 0.3)]) == [0]
     assert pareto_front([]) == []
     assert pareto_front([(-0.1, 0.5)]) == [0]
 

@@ -47,7 +47,10 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the non-dominated points (x higher is better, y lower is better), by x then y.
 
     A point is dominated when another is at least as good on both axes and better on one; two
-    equal points do not dominate each other, so both are kept."""
+    equal points do not dominate each other, so both are kept. Coordinates are compared rounded
+    to 12 decimals: two means of the same scores can differ by float noise (1e-17), which must
+    neither make nor break a tie."""
+    points = [(round(x, 12), round(y, 12)) for x, y in points]
 
     def dominated(i: int) -> bool:
         x, y = points[i]
