@@ -128,8 +128,8 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "benchmarks minus the base's; general loss = the base's mean plain-format accuracy on the "
         "general benchmarks minus its (perplexity benchmarks are left out); KL to base on the "
         "probe as in the results table. Bars and cells: 95% intervals, paired with the base. "
-        "Arms sharing one model are one point. On the frontier (dashed, ✔): no other arm gains "
-        "as much domain for as little loss, better on one of the two."
+        "Arms sharing one model are one point. On the frontier (dashed; ✔ in the table, for "
+        "each panel): no other point is at least as good on both axes and better on one."
     )
     # (title, base64 PNG or None, why it may be absent, what follows the plot)
     plots = [
