@@ -120,7 +120,8 @@ def test_report_embeds_plots_and_escapes_text(report):
     html_path, md_path = report
     page = html_path.read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 3  # domain vs general, loss curves, mixture
+    # domain vs general, Pareto after stage 1 and after alignment, loss curves, mixture
+    assert len(images) == 5
     assert all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "http://" not in page and "https://" not in page  # self-contained
@@ -144,28 +145,46 @@ def test_report_of_partial_results_says_what_is_missing(tmp_path):
     assert not list(run.root.glob(".*tmp*"))  # atomic writes leave no temporary files
 
 
+CHROMIUM = [
+    "chromium",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Counts, once the page has loaded, the Pareto images the browser decoded (a test copy of the page
+# gets it: the report itself holds no script).
+COUNT_PARETO = (
+    '<script>addEventListener("load", () => { document.body.dataset.pareto = [...document.images]'
+    '.filter(i => i.alt.startsWith("Pareto plot") && i.naturalWidth > 0).length; });</script>'
+)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--screenshot={shot}",
-            "--window-size=1200,2000",
-            report[0].as_uri(),
-        ],
+        [*CHROMIUM, f"--screenshot={shot}", "--window-size=1200,2000", report[0].as_uri()],
         check=True,
         capture_output=True,
         timeout=60,
     )
     assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 10_000
+
+    probed = tmp_path / "probed.html"
+    probed.write_text(report[0].read_text().replace("</body>", COUNT_PARETO + "</body>"))
+    dom = subprocess.run(
+        [*CHROMIUM, "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert 'data-pareto="2"' in dom  # after stage 1 and after alignment, both decoded
+    assert dom.count("<th>frontier (loss)</th>") == 2
 
 
 def test_report_shows_the_time_of_each_stage_in_build_order_and_the_whole_run(tmp_path):
@@ -235,7 +254,11 @@ def test_report_lists_any_number_of_arms_with_their_stage_one_and_budgets(tmp_pa
     )
     assert "| the whole pool |  | no DPO |" in md
     assert "| late | cpt (= mixcpt) | 0.7 |" in md
-    assert html_path.read_text().count("data:image/png;base64,") == 1  # domain vs general
+    page = html_path.read_text()
+    # domain vs general, and Pareto after stage 1 and after alignment
+    assert page.count("data:image/png;base64,") == 3
+    # identical rows are one point of the Pareto plot, naming every arm
+    assert "<td>mixcpt, " + ", ".join(f"lssd-{i}" for i in range(12)) + ", late</td>" in page
 
 
 def test_report_shows_intervals_the_claims_table_and_error_bars(tmp_path, fake_eval_table):

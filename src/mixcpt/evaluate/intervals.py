@@ -57,6 +57,21 @@ def axis(benchmarks: dict[str, dict], tag: str) -> tuple[list[str], str]:
     )
 
 
+def accuracy_axis(benchmarks: dict[str, dict], tag: str) -> list[str]:
+    """The `tag` benchmarks of the report's Pareto plot: the accuracy-type ones (a main metric
+    where higher is better, not perplexity) scored in the plain format (or, for lm-eval tasks,
+    their own prompts), the format the base and stage 1 are scored in."""
+    return [
+        name
+        for name, b in benchmarks.items()
+        if b.get("tag") == tag
+        and b.get("main_metric")
+        and b.get("higher_is_better", True)
+        and b.get("kind") != "perplexity"
+        and b.get("format", "plain") in ("plain", "lm_eval")
+    ]
+
+
 def interval(replicates: np.ndarray | None) -> list[float] | None:
     """[low, high]: the central `LEVEL` percentile interval of the replicates (None: none)."""
     if replicates is None:
@@ -185,7 +200,7 @@ def _mean_scores(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
 
 def _row_intervals(boot: Bootstrap, arm: str, stage: str) -> dict[str, Any]:
     """Intervals of one row's main scores, chat scores, KL, retention deltas (paired with the
-    base row) and the domain and general axes of the report's plot."""
+    base row), the domain and general axes of the report's plot and those of its Pareto plot."""
     out: dict[str, Any] = {"scores": {}, "chat_scores": {}, "delta": {}, "axes": {}}
     for key in ("scores", "chat_scores"):
         for name in boot.benchmarks:
@@ -214,6 +229,29 @@ def _row_intervals(boot: Bootstrap, arm: str, stage: str) -> dict[str, Any]:
         if columns and seeds:
             point, replicates = boot.composite(arm, stage, columns, seeds)
             out["axes"][tag] = {"mean": point, "ci": interval(replicates)}
+    if (arm, stage) != ("base", "base"):
+        out["pareto"] = _pareto_intervals(boot, arm, stage)
+    return out
+
+
+def _pareto_intervals(boot: Bootstrap, arm: str, stage: str) -> dict[str, dict]:
+    """The Pareto plot's axes for one row, each {"mean", "ci"}: "domain_gain", the mean plain
+    accuracy of the domain benchmarks (`accuracy_axis`) minus the base's, and "general_loss", the
+    base's general one minus the row's; differences paired with the base row over the seeds that
+    evaluated both. A tag without such benchmarks is left out."""
+    out = {}
+    for tag, key, sign in (("domain", "domain_gain", 1), ("general", "general_loss", -1)):
+        columns = [("scores", n) for n in accuracy_axis(boot.benchmarks, tag)]
+        both = set(boot.seeds_with(arm, stage, columns)) & set(
+            boot.seeds_with("base", "base", columns)
+        )
+        if not columns or not both:
+            continue
+        seeds = tuple(sorted(both))
+        mine, mine_reps = boot.composite(arm, stage, columns, seeds)
+        base, base_reps = boot.composite("base", "base", columns, seeds)
+        paired = None if mine_reps is None or base_reps is None else sign * (mine_reps - base_reps)
+        out[key] = {"mean": sign * (mine - base), "ci": interval(paired)}
     return out
 
 
@@ -252,7 +290,8 @@ def summarise(tables: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
     each (arm, stage) is one row: "seeds" (those where it was evaluated), the mean over them of
     every score, KL and delta (`_mean_row`), and "intervals"; per-item scores stay in each seed's
     results. "intervals": {"scores"|"chat_scores"|"delta": {benchmark: [low, high] or None},
-    "kl_to_base": [low, high] or None, "axes": {"domain"|"general": {"mean", "ci"}}}.
+    "kl_to_base": [low, high] or None, "axes": {"domain"|"general": {"mean", "ci"}}, and but
+    for the base "pareto": {"domain_gain"|"general_loss": {"mean", "ci"}} (`_pareto_intervals`)}.
     """
     # imported here: the claims are built on this module's Bootstrap
     from mixcpt.evaluate.claims import evaluate_claims

@@ -5,13 +5,16 @@ each stage used: results["arms"], written by the report stage), the results tabl
 each benchmark's main metric in the plain format and, for aligned stages, through the chat
 template, and KL to base; each with its 95% interval), the claims table (results["claims"],
 mixcpt.evaluate.claims), retention against the base, a domain-versus-general plot with interval
-error bars (what was gained against what was kept), training loss curves, the data mixture's
-token shares, and the time each stage took (mixcpt.timing). Each section says so when its part of
-results.json is absent, so a partial run still gets a report. The same code renders the aggregate
+error bars (what was gained against what was kept), the Pareto plots of domain gained against
+general ability lost after stage 1 and after alignment with their tables (mixcpt.report.pareto),
+training loss curves with the forgetting monitor's kl_to_base, the data mixture's token shares,
+and the time each stage took (mixcpt.timing). Each section says so when its part of results.json
+is absent, so a partial run still gets a report. The same code renders the aggregate
 of several seeds (mixcpt.evaluate.seeds), whose results.json has the same "eval" and "claims" and
 a "seeds" entry.
 
-The cells come from mixcpt.report.tables, the PNGs from mixcpt.report.plots; this module
+The cells come from mixcpt.report.tables, the PNGs from mixcpt.report.plots (and both of the
+Pareto section from mixcpt.report.pareto); this module
 assembles the page and runs the report stage.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from mixcpt.atomic import write_text_atomic
 from mixcpt.config import Config
 from mixcpt.fingerprints import begin
+from mixcpt.report.pareto import ALIGNED, STAGE_ONE, pareto_table, plot_pareto
 from mixcpt.report.plots import plot_domain_vs_general, plot_losses, plot_mixture
 from mixcpt.report.tables import (
     arm_summaries,
@@ -118,6 +122,15 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "build took; the report itself not included). Wall time of each stage from start to "
         "saved output: loading, teacher cache, training, scoring and saving included."
     )
+    pareto = {when: pareto_table(results, when) for when in (STAGE_ONE, ALIGNED)}
+    pareto_note = (
+        "Every arm is a point: domain gain = its mean plain-format accuracy on the domain "
+        "benchmarks minus the base's; general loss = the base's mean plain-format accuracy on the "
+        "general benchmarks minus its (perplexity benchmarks are left out); KL to base on the "
+        "probe as in the results table. Bars and cells: 95% intervals, paired with the base. "
+        "Arms sharing one model are one point. On the frontier (dashed; ✔ in the table, for "
+        "each panel): no other point is at least as good on both axes and better on one."
+    )
     # (title, base64 PNG or None, why it may be absent, what follows the plot)
     plots = [
         (
@@ -126,6 +139,19 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
             "needs domain and general benchmarks evaluated",
             "<p class='note'>Each axis averages the main score of the benchmarks with that tag "
             "(the accuracy-type ones when there are any). Up and right is better.</p>",
+        ),
+        *(
+            (
+                f"Pareto plot {when}",
+                plot_pareto(results, when),
+                "needs the base and an arm "
+                + ("after stage 1" if when == STAGE_ONE else "with sft or dpo")
+                + " evaluated on domain and general accuracy benchmarks",
+                _html_table(*pareto[when]) + f"<p class='note'>{html.escape(pareto_note)}</p>"
+                if pareto[when][1]
+                else "",
+            )
+            for when in (STAGE_ONE, ALIGNED)
         ),
         (
             "Training loss",
@@ -217,6 +243,12 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "",
         _md_table(*ret) if ret[1] else "No trained stage evaluated yet.",
         "",
+        *(
+            line
+            for when in (STAGE_ONE, ALIGNED)
+            if pareto[when][1]
+            for line in (f"## Pareto {when}", "", _md_table(*pareto[when]), "", pareto_note, "")
+        ),
         "## Data mixture",
         "",
         _md_table(mix_header, mix_cells)
@@ -229,7 +261,7 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         if time_cells
         else seeds_note or no_timing,
         "",
-        "Plots (domain versus general, training loss, mixture shares) are in report.html.",
+        "Plots (domain versus general, Pareto, training loss, mixture shares) are in report.html.",
         "",
     ]
 

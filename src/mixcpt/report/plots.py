@@ -1,6 +1,7 @@
 """The report's plots (matplotlib, no display), as base64 PNGs for the HTML page: domain versus
-general with interval error bars, training loss per stage, the data mixture's token shares; and
-the colour and label each arm has in every plot."""
+general with interval error bars, training loss per stage (beside it the forgetting monitor's
+kl_to_base), the data mixture's token shares; and the colour and label each arm has in every plot
+(the Pareto plots are mixcpt.report.pareto's)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def arm_colors(results: dict) -> dict[str, str]:
     return {**ARM_COLORS, **dict(zip(others, itertools.cycle(OTHER_COLORS)))}
 
 
-def _png(fig) -> str:
+def figure_png(fig) -> str:
+    """The figure as a base64 PNG (then closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -53,7 +55,7 @@ def _png(fig) -> str:
 def plot_domain_vs_general(results: dict) -> str | None:
     """Base64 PNG of `domain_vs_general_figure`, or None when there is nothing to plot."""
     fig = domain_vs_general_figure(results)
-    return _png(fig) if fig is not None else None
+    return figure_png(fig) if fig is not None else None
 
 
 def domain_vs_general_figure(results: dict):
@@ -136,30 +138,42 @@ def domain_vs_general_figure(results: dict):
 
 
 def plot_losses(results: dict) -> str | None:
-    """Base64 PNG of the training loss against step for every stage with a log history."""
-    curves = {}
+    """Base64 PNG of the training loss against step for every stage with a log history and,
+    beside it when any stage logged one, `kl_to_base` against step: KL(base || model) on the
+    training tokens (arms with a teacher) or on the probe (arms without,
+    mixcpt.train.forgetting_monitor)."""
+    curves, kls = {}, {}
     for key, stage in sorted(results.get("stages", {}).items()):
         history = stage.get("log_history", []) if isinstance(stage, dict) else []
         points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
         if points:
             curves[key] = points
+        kl = [(h["step"], h["kl_to_base"]) for h in history if "kl_to_base" in h and "step" in h]
+        if kl:  # on the probe when the stage trained without a teacher
+            kls[key] = kl, "probe" if stage.get("teacher") is None else "training tokens"
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    panels = [("training loss", {key: (points, "") for key, points in curves.items()})]
+    if kls:
+        panels.append(("KL(base ‖ model) while training", kls))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     colors = arm_colors(results)
-    for key, points in curves.items():
-        arm, _, stage = key.partition("/")  # keys are "arm/stage": colour = arm, dash = stage
-        style = {"color": colors[arm]} if arm in colors else {}
-        ax.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            STAGE_DASH.get(stage, "-"),
-            label=key,
-            **style,
-        )
-    ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.grid(alpha=0.3), ax.legend()
-    ax.set_title("Training loss per stage")
-    return _png(fig)
+    for ax, (ylabel, lines) in zip(axes[0], panels):
+        for key, (points, measured_on) in lines.items():
+            arm, _, stage = key.partition("/")  # keys are "arm/stage": colour = arm, dash = stage
+            style = {"color": colors[arm]} if arm in colors else {}
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                STAGE_DASH.get(stage, "-"),
+                label=f"{key} ({measured_on})" if measured_on else key,
+                **style,
+            )
+        ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    axes[0][0].set_title("Training loss per stage")
+    if kls:
+        axes[0][1].set_title("Forgetting monitor: kl_to_base per stage-1 arm")
+    return figure_png(fig)
 
 
 def plot_mixture(results: dict) -> str | None:
@@ -189,4 +203,4 @@ def plot_mixture(results: dict) -> str | None:
         ax.legend(),
         ax.grid(axis="x", alpha=0.3),
     )
-    return _png(fig)
+    return figure_png(fig)

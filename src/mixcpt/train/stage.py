@@ -29,6 +29,7 @@ from mixcpt.models import DTYPES, load_tokenizer, model_from, vocab_size
 from mixcpt.processes import process_state
 from mixcpt.rundir import RunDir, base_model_path
 from mixcpt.train.arguments import training_arguments
+from mixcpt.train.forgetting_monitor import attach_forgetting_monitor, forgetting_monitor
 from mixcpt.train.resumable import train_and_save, trained_samples
 from mixcpt.train.teacher_cache import CachedTeacher, build_teacher_cache
 from mixcpt.train.teachers import LoraTeacher, OnlineTeacher, Teacher
@@ -78,6 +79,9 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
         }
         if isinstance(teacher, CachedTeacher):
             metrics["teacher_cache_bytes_per_token"] = teacher.bytes_per_token
+        monitor = forgetting_monitor(trainer)
+        if monitor is not None:  # its cost, beside runtime_s
+            metrics["kl_probe_s"] = round(monitor.seconds, 3)
         return metrics
 
     merge_lora = cpt.teacher == "lora"
@@ -244,7 +248,8 @@ def cpt_trainer(
 ) -> LSSDTrainer:
     """The stage-1 Trainer, checkpointing into `work`; refuses LoRA under sharded weights (as
     mixcpt.checks does before any stage runs, from the launcher's environment: this catches a
-    sharding set up some other way)."""
+    sharding set up some other way). Without a teacher it logs `kl_to_base` on the probe
+    (mixcpt.train.forgetting_monitor)."""
     args = training_arguments(
         cpt.training, work, cfg.seed, cfg.model.dtype, remove_unused_columns=False
     )
@@ -267,6 +272,11 @@ def cpt_trainer(
         raise ConfigError(
             "cpt.teacher: lora is not supported under FSDP or DeepSpeed ZeRO-3 (the adapters "
             "cannot be merged into sharded weights); use DDP or ZeRO-2, or teacher: cache"
+        )
+    if teacher is None:
+        ev = cfg.eval
+        attach_forgetting_monitor(
+            trainer, ev.probe, ev.max_length, ev.batch_size, cpt.loss_chunk_size, work
         )
     return trainer
 

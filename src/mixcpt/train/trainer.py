@@ -84,6 +84,8 @@ class LSSDTrainer(Trainer):
         # there. DDP and ZeRO-1/2 hold it whole on every process: the memory-flat path applies.
         self.student_forward = LossForward(self.model, hidden=not shards_parameters(self))
         self._sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log, on device
+        # values a callback measured at this step (the forgetting monitor's), added to its log
+        self.step_logs: dict[str, float] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # [B, T]: the target of position t is token t + 1
@@ -187,6 +189,8 @@ class LSSDTrainer(Trainer):
         return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.update(self.step_logs)
+        self.step_logs = {}
         if self._sums:
             names = sorted(self._sums)
             totals = self.accelerator.reduce(
