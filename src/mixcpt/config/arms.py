@@ -4,9 +4,11 @@ evaluated in one table.
 An arm is a name plus what makes it differ from the run's top-level sections: the stream stage 1
 trains on (`stream`), what stage 2 aligns on (`align_on`), whether DPO follows SFT (`run_dpo`),
 and partial `cpt:`, `select:`, `sft:`, `dpo:` mappings merged over the top-level sections of the
-same names and validated by the same models. Five arms are built in (`BUILTIN_ARMS`); a new name
-says which of them it is `like:` and overrides what differs. Without `arms:` a run trains
-[mixcpt, baseline], or [mixcpt] alone with the older `baseline: {enabled: false}`.
+same names and validated by the same models. The built-in arms are `BUILTIN_ARMS`; a new name
+says which of them it is `like:` and overrides what differs. `baseline`, the traditional arm's
+older name, is an alias (`ALIASES`): an arm listed as `baseline` is the `traditional` built-in
+under that name. Without `arms:` a run trains [mixcpt, baseline] as it always has, or [mixcpt]
+alone with the older `baseline: {enabled: false}`.
 
 `resolve_arms` turns the entries into `Arm`s, each holding the run's config with the arm's
 sections in place (`Arm.config`), which is what the stages of that arm read.
@@ -36,7 +38,7 @@ RESERVED_NAMES = ("base", "data", "logs", "teacher_cache", "world")
 class BuiltinArm:
     """A built-in arm's settings before any user override."""
 
-    stream: Literal["mix", "domain"]
+    stream: Literal["mix", "domain", "replay"]
     align_on: Literal["selection", "pool"]
     overrides: dict[str, dict] = field(default_factory=dict)  # section -> partial mapping
 
@@ -50,16 +52,33 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
     "mixcpt": BuiltinArm("mix", "selection"),
     # the traditional recipe: plain CE on D_K (no teacher), then SFT and DPO on the whole pool
     # (DPO as baseline.dpo says)
-    "baseline": BuiltinArm("domain", "pool", {"cpt": PLAIN_CE}),
+    "traditional": BuiltinArm("domain", "pool", {"cpt": PLAIN_CE}),
     # the LSSD-off ablation: D_MIX with plain CE (no teacher), then Mix-CPT's stage 2
     "mixture-ce": BuiltinArm("mix", "selection", {"cpt": PLAIN_CE}),
     # Mix-CPT with k samples drawn at random (seeded by `seed`) instead of the easiest
     "random-k": BuiltinArm("mix", "selection", {"select": {"strategy": "random"}}),
     # Mix-CPT's stage 1, then SFT and DPO on the whole pool: no selection
     "whole-pool": BuiltinArm("mix", "pool"),
+    # the standard anti-forgetting baseline: D_K's documents with general pre-training text
+    # replayed among them (data.replay), plain CE, then Mix-CPT's stage 2 like mixture-ce's, so
+    # that against mixture-ce it differs only in what fills the general share: replayed
+    # pre-training text instead of the rendered instructions
+    "replay": BuiltinArm("replay", "selection", {"cpt": PLAIN_CE}),
+    # Mix-CPT training LoRA adapters only: the base with its adapters disabled is the teacher, and
+    # the adapters are merged into the saved weights (cpt.lora sets them)
+    "lora": BuiltinArm("mix", "selection", {"cpt": {"teacher": "lora"}}),
 }
+# older names of built-in arms: an arm listed under one is the built-in it names, under that name
+ALIASES = {"baseline": "traditional"}
 # what `like` accepts: the names above (a new built-in needs no second list)
-BuiltinName = Literal[tuple(BUILTIN_ARMS)]
+BuiltinName = Literal[(*BUILTIN_ARMS, *ALIASES)]
+
+
+def builtin_of(name: str) -> str | None:
+    """The built-in arm `name` names (itself, or the one an alias stands for); None for another
+    name."""
+    name = ALIASES.get(name, name)
+    return name if name in BUILTIN_ARMS else None
 
 
 class ArmConfig(Strict):
@@ -68,17 +87,19 @@ class ArmConfig(Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="The arm's name: its folder DIR/<name>/ and its rows in the results. A "
-        f"built-in ({', '.join(BUILTIN_ARMS)}) or a new name with `like`.",
+        f"built-in ({', '.join(BUILTIN_ARMS)}; baseline is the traditional arm's older name) or a "
+        "new name with `like`.",
     )
     like: BuiltinName | None = Field(
         None,
         description="For a new name: the built-in arm it starts from, before its own overrides. "
         "Not given for a built-in name.",
     )
-    stream: Literal["mix", "domain"] | None = Field(
+    stream: Literal["mix", "domain", "replay"] | None = Field(
         None,
         description="What stage 1 trains on: mix (D_MIX, the domain corpus mixed with the general "
-        "samples) or domain (D_K, the domain corpus alone). Default: the built-in's.",
+        "samples), domain (D_K, the domain corpus alone) or replay (D_K's documents interleaved "
+        "with general pre-training text from data.replay). Default: the built-in's.",
     )
     align_on: Literal["selection", "pool"] | None = Field(
         None,
@@ -88,7 +109,7 @@ class ArmConfig(Strict):
     run_dpo: bool | None = Field(
         None,
         description="Run DPO after SFT (when data.preferences is set). Default: true, but "
-        "baseline.dpo for the baseline and arms like it.",
+        "baseline.dpo for the traditional arm (or baseline) and arms like it.",
     )
     cpt: dict[str, Any] = Field(
         default_factory=dict,
@@ -154,7 +175,7 @@ def _error(loc: tuple, message: str, value: Any) -> InitErrorDetails:
 def resolve_arm(cfg: Config, entry: ArmConfig) -> Arm:
     """`entry` with its built-in's settings and the top-level sections filled in. Raises a
     ValidationError whose keys start with arms.<name>. for an override its section refuses."""
-    builtin_name = entry.like or entry.name
+    builtin_name = builtin_of(entry.like or entry.name)
     builtin = BUILTIN_ARMS[builtin_name]
     sections, errors = {}, []
     for section in ARM_SECTIONS:
@@ -177,7 +198,7 @@ def resolve_arm(cfg: Config, entry: ArmConfig) -> Arm:
         raise ValidationError.from_exception_data("Config", errors)
     run_dpo = entry.run_dpo
     if run_dpo is None:
-        run_dpo = cfg.baseline.dpo if builtin_name == "baseline" else True
+        run_dpo = cfg.baseline.dpo if builtin_name == "traditional" else True
     return Arm(
         name=entry.name,
         like=builtin_name,
@@ -197,10 +218,10 @@ def check_entries(entries: list[ArmConfig]) -> None:
             message = f"{entry.name!r} is listed twice"
             errors.append(_error(("arms", i, "name"), message, entry.name))
         seen.add(entry.name)
-        if entry.name in BUILTIN_ARMS and entry.like is not None:
+        if builtin_of(entry.name) and entry.like is not None:
             message = f"{entry.name!r} is a built-in arm; `like` is for a new name"
             errors.append(_error(("arms", entry.name, "like"), message, entry.like))
-        if entry.name not in BUILTIN_ARMS and entry.like is None:
+        if not builtin_of(entry.name) and entry.like is None:
             message = (
                 f"{entry.name!r} is not a built-in arm ({', '.join(BUILTIN_ARMS)}); a new arm "
                 "says which one it is like: {name: ..., like: mixcpt, ...}"
