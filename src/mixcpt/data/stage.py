@@ -265,7 +265,7 @@ def _pack_domain(
     """Pass 2 for D_K, the traditional arm's stream, into `folder`: exactly the domain documents
     drawn into D_MIX, in D_MIX's order and with its repetitions (oversampling), so that a pass over
     D_K trains on the same domain tokens as a pass over D_MIX (`mixcpt.train.stage` gives the
-    baseline as many passes as Mix-CPT). Returns `pack_documents`'s statistics."""
+    traditional arm as many passes as Mix-CPT). Returns `pack_documents`'s statistics."""
     domain = np.isin(plan.order[:, 0], _domain_indices(sources))
     return pack_documents(
         plan.order[domain], sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K"
