@@ -104,8 +104,7 @@ class Config(Strict):
                 message = (
                     f"{str(self.baseline.enabled).lower()}, but `arms` "
                     f"{'lists' if listed else 'does not list'} the traditional arm (baseline); "
-                    "`arms` alone decides "
-                    "the arms trained (leave baseline.enabled out)"
+                    "`arms` alone decides the arms trained (leave baseline.enabled out)"
                 )
                 error = InitErrorDetails(
                     type=PydanticCustomError("arms", message), loc=("baseline", "enabled")

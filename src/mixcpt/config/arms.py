@@ -72,7 +72,7 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
 }
 # older names of built-in arms: an arm listed under one is the built-in it names, under that name
 ALIASES = {"baseline": "traditional"}
-# what `like` accepts: the names above (a new built-in needs no second list)
+# what `like` accepts: the names above and the older ones (a new built-in needs no second list)
 BuiltinName = Literal[(*BUILTIN_ARMS, *ALIASES)]
 
 

@@ -42,7 +42,8 @@ def plan_replay(
     """(D_R's rows, in stream order, as (source index, document index) with the replay sources
     numbered from `first_index`; the plan of the replayed documents, numbered from 0). Raises
     ConfigError (from `plan_mixture`) when a replay source is too small without oversample."""
-    wanted = round(share / (1 - share) * domain_tokens)
+    # no domain tokens (D_MIX drew none: its share was all general): nothing to replay among
+    wanted = round(share / (1 - share) * domain_tokens) if domain_tokens else 0
     plan = plan_mixture(replay_lengths, weights, seed, wanted, oversample, labels, "replay_share")
     replayed = plan.order + np.array([first_index, 0])
     n = len(domain_order) + len(replayed)
