@@ -225,21 +225,3 @@ def test_with_max_steps_the_baseline_makes_as_many_passes_over_d_k(cpt_run):
     matched = stage.domain_matched(find_arm(cfg, "baseline").config.cpt, run, processes=2)
     assert matched.training.num_epochs == 22 / 6
     assert matched.training.learning_rate == cfg.cpt.training.learning_rate
-
-
-def test_the_lora_arm_trains_adapters_at_its_multiple_of_the_rate(cpt_run):
-    """The lora built-in inherits cpt.training's rate, set for full training, and scales it by
-    cpt.lora.learning_rate_multiplier; a run-wide `teacher: lora` keeps the rate as set."""
-    from mixcpt.config import ArmConfig
-
-    make_config, run = cpt_run
-    cfg = make_config()
-    cfg = cfg.model_copy(update={"arms": [ArmConfig(name="mixcpt"), ArmConfig(name="lora")]})
-    lora = find_arm(cfg, "lora").config.cpt
-    multiplier = lora.lora.learning_rate_multiplier
-    assert multiplier > 1 and stage.lora_rate(cfg.cpt) is cfg.cpt
-    metrics = run_cpt(cfg, run, "lora")
-    rates = [h["learning_rate"] for h in metrics["log_history"] if "learning_rate" in h]
-    assert rates == [pytest.approx(3e-3 * multiplier)] * 2  # constant in these tests, 2 logs
-    run_wide = make_config(teacher="lora").cpt
-    assert stage.lora_rate(run_wide).training.learning_rate == 3e-3

@@ -45,7 +45,6 @@ class BuiltinArm:
 
 # alpha None: a user alpha would otherwise contradict these weights
 PLAIN_CE = {"ce_weight": 1.0, "lssd_weight": 0.0, "alpha": None}
-LORA = {"teacher": "lora", "lora": {"learning_rate_multiplier": 10.0}}
 
 BUILTIN_ARMS: dict[str, BuiltinArm] = {
     # Mix-CPT: D_MIX with the cpt section's loss (CE + LSSD), then SFT and DPO on the k samples
@@ -66,9 +65,10 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
     # pre-training text instead of the rendered instructions
     "replay": BuiltinArm("replay", "selection", {"cpt": PLAIN_CE}),
     # Mix-CPT training LoRA adapters only: the base with its adapters disabled is the teacher, and
-    # the adapters are merged into the saved weights (cpt.lora sets them). At ten times the rate
-    # cpt.training sets for full training, LoRA's usual best (LoraSettings.learning_rate_multiplier)
-    "lora": BuiltinArm("mix", "selection", {"cpt": LORA}),
+    # the adapters are merged into the saved weights (cpt.lora sets them). At cpt.training's rate:
+    # on the demo, 2.5 to 20 times it taught no more of the domain and forgot more (README, LoRA);
+    # an arm entry sets its own, e.g. {name: lora, cpt: {training: {learning_rate: 2.0e-4}}}
+    "lora": BuiltinArm("mix", "selection", {"cpt": {"teacher": "lora"}}),
 }
 # older names of built-in arms: an arm listed under one is the built-in it names, under that name
 ALIASES = {"baseline": "traditional"}

@@ -262,14 +262,6 @@ class LoraSettings(Strict):
         description="Modules given adapters (peft.LoraConfig.target_modules): all-linear for "
         "every linear layer but the output layer, or names or suffixes, e.g. [q_proj, v_proj].",
     )
-    learning_rate_multiplier: float = Field(
-        1.0,
-        gt=0,
-        description="Stage 1 trains adapters at cpt.training.learning_rate times this. LoRA's "
-        "best rate is about ten times full fine-tuning's (Schulman et al. 2025, LoRA Without "
-        "Regret; Biderman et al. 2024, LoRA Learns Less and Forgets Less), so the lora arm, "
-        "which inherits a rate set for full training, sets 10; 1 (the default) keeps the rate.",
-    )
 
 
 class CPTConfig(Strict):

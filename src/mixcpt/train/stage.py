@@ -51,7 +51,7 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     if record is None:
         return run.recorded_metrics(key)
     this = find_arm(cfg, arm)
-    cpt = lora_rate(this.config.cpt)
+    cpt = this.config.cpt
     blocks = training_blocks(run, this.stream)
     processes = process_state().num_processes
     if this.stream == "domain":
@@ -156,18 +156,6 @@ def training_blocks(run: RunDir, stream_name: str) -> IndexedBlocks:
             stream, None, "holds no tokens: the domain sources have weight 0, so D_MIX drew none"
         )
     return blocks
-
-
-def lora_rate(cpt: CPTConfig) -> CPTConfig:
-    """`cpt` with its learning rate times cpt.lora.learning_rate_multiplier when it trains LoRA
-    adapters; else `cpt` itself."""
-    multiplier = cpt.lora.learning_rate_multiplier
-    if cpt.teacher != "lora" or multiplier == 1:
-        return cpt
-    rate = cpt.training.learning_rate * multiplier
-    return cpt.model_copy(
-        update={"training": cpt.training.model_copy(update={"learning_rate": rate})}
-    )
 
 
 def passes_over(training: TrainingConfig, n_blocks: int, processes: int) -> float:
