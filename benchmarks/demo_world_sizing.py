@@ -2,7 +2,7 @@
 
 Builds the demo world and its base model at the given sizes (starting from the demo's own "default"
 or "quick" sizes and changing the keys given), then trains stage 1 of each arm ("mixcpt": the
-demo's D_MIX with LSSD + CE; "baseline": CE on the domain corpus) through the pipeline's own
+demo's D_MIX with LSSD + CE; "traditional": CE on the domain corpus) through the pipeline's own
 stages, and scores held-out domain multiple choice and general multiple choice (plain prompts, as
 the evaluation stage scores stage-1 models) on the base and every `--eval-every` steps of each
 arm. Prints one JSON line per arm with the sizes, the base's time, the arm's training wall and CPU
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="stage-1 learning rate (default: the demo's)")
     parser.add_argument("--batch", type=int, help="stage-1 batch size (default: the demo's)")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--arms", default="mixcpt,baseline")
+    parser.add_argument("--arms", default="mixcpt,traditional")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
 

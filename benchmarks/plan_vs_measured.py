@@ -55,7 +55,7 @@ CASES = [
     ("quickstart", "examples/quickstart.yaml", "sft", None, {}),
     ("quickstart", "examples/quickstart.yaml", "dpo", None, {}),
     ("demo", "src/mixcpt/demo/config.yaml", "cpt/mixcpt", None, {}),
-    ("demo", "src/mixcpt/demo/config.yaml", "cpt/baseline", None, {}),
+    ("demo", "src/mixcpt/demo/config.yaml", "cpt/traditional", None, {}),
     ("demo", "src/mixcpt/demo/config.yaml", "sft", None, {}),
     ("demo", "src/mixcpt/demo/config.yaml", "dpo", None, {}),
     ("smollm2", "examples/real/smollm2.yaml", "cpt/mixcpt", None, {}),

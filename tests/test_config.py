@@ -15,6 +15,10 @@ def corpus(tmp_path):
 
 
 MINIMAL = "model: {path: m}\ndata: {domain: [{path: d.txt}]}\n"
+WITH_REPLAY = (
+    "model: {path: m}\n"
+    "data: {domain: [{path: d.txt}], replay: [{path: d.txt}], replay_share: 0.5}\n"
+)
 
 
 def write(tmp_path, text):
@@ -228,6 +232,10 @@ def test_alpha_is_the_papers_form_of_the_two_weights(corpus):
         ),
         ("[mixcpt, {name: heavy, cpt: {lssd_weight: 4}}]", "arms.heavy.like: 'heavy' is not a"),
         ("[{name: baseline, like: mixcpt}]", "arms.baseline.like: 'baseline' is a built-in arm"),
+        (
+            "[{name: traditional, like: mixcpt}]",
+            "arms.traditional.like: 'traditional' is a built-in",
+        ),
         ("[mixcpt, mixcpt]", "arms.1.name: 'mixcpt' is listed twice"),
         ("[data]", "arms.0.name: 'data' is taken by the run folder"),
         ("[{name: web, like: mixcpt, stream: web}]", "arms.0.stream: Input should be 'mix'"),
@@ -244,8 +252,10 @@ def test_arms_are_built_in_or_like_one_with_overrides_merged_over_the_sections(c
 
     sections = "cpt: {training: {learning_rate: 1.0e-3, max_steps: 60}}\nselect: {k: 7}\n"
     new = "{name: short, like: random-k, cpt: {training: {max_steps: 20}}, run_dpo: false}"
-    listed = f"arms: [mixcpt, baseline, mixture-ce, random-k, whole-pool, {new}]\n"
-    cfg = load_config(write(corpus, MINIMAL + sections + listed))
+    old = "{name: old-name, like: baseline}"
+    builtins = "mixcpt, traditional, baseline, mixture-ce, random-k, whole-pool, replay, lora"
+    listed = f"arms: [{builtins}, {new}, {old}]\n"
+    cfg = load_config(write(corpus, WITH_REPLAY + sections + listed))
     arms = {arm.name: arm for arm in resolve_arms(cfg)}
     shape = {
         name: (a.like, a.stream, a.align_on, a.run_dpo, a.config.cpt.lssd_weight)
@@ -253,11 +263,20 @@ def test_arms_are_built_in_or_like_one_with_overrides_merged_over_the_sections(c
     }
     assert shape == {
         "mixcpt": ("mixcpt", "mix", "selection", True, 1.0),
-        "baseline": ("baseline", "domain", "pool", True, 0.0),
+        "traditional": ("traditional", "domain", "pool", True, 0.0),
+        # the older name: the traditional arm under that name, and so what `like` reads
+        "baseline": ("traditional", "domain", "pool", True, 0.0),
         "mixture-ce": ("mixture-ce", "mix", "selection", True, 0.0),
         "random-k": ("random-k", "mix", "selection", True, 1.0),
         "whole-pool": ("whole-pool", "mix", "pool", True, 1.0),
+        "replay": ("replay", "replay", "selection", True, 0.0),
+        "lora": ("lora", "mix", "selection", True, 1.0),
         "short": ("random-k", "mix", "selection", False, 1.0),
+        "old-name": ("traditional", "domain", "pool", True, 0.0),
+    }
+    assert {n: a.config.cpt.teacher for n, a in arms.items() if a.stream == "mix"} == {
+        n: "lora" if n == "lora" else "online"
+        for n in ("mixcpt", "mixture-ce", "random-k", "whole-pool", "lora", "short")
     }
     assert {n: a.config.select.strategy for n, a in arms.items() if "random" in a.like} == {
         "random-k": "random",
@@ -280,7 +299,22 @@ def test_configs_without_arms_train_mixcpt_and_the_baseline_as_before(corpus):
     assert arms(MINIMAL + "baseline: {dpo: false}\n") == [("mixcpt", True), ("baseline", False)]
     assert arms(MINIMAL + "baseline: {enabled: false}\n") == [("mixcpt", True)]
     assert arms(MINIMAL + "baseline: {enabled: true}\narms: [baseline]\n") == [("baseline", True)]
-    with pytest.raises(ConfigError, match="baseline.enabled: false, but `arms` lists the baseline"):
-        load_config(write(corpus, MINIMAL + "baseline: {enabled: false}\narms: [baseline]\n"))
+    no_dpo = "baseline: {dpo: false}\narms: [traditional]\n"
+    assert arms(MINIMAL + no_dpo) == [("traditional", False)]  # the section of either name
+    for name in ("baseline", "traditional"):
+        with pytest.raises(ConfigError, match="baseline.enabled: false, but `arms` lists the tra"):
+            load_config(write(corpus, MINIMAL + f"baseline: {{enabled: false}}\narms: [{name}]\n"))
     for example in ("quickstart.yaml", "arms.yaml"):
         load_config(Path(__file__).resolve().parents[1] / "examples" / example)
+
+
+def test_an_arm_on_the_replay_stream_needs_data_replay(corpus, tmp_path):
+    from mixcpt.cli import main
+
+    path = write(corpus, MINIMAL + "arms: [mixcpt, {name: more-replay, like: replay}]\n")
+    message = "data.replay: arm 'more-replay' trains on the replay stream, which needs general"
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    # `mixcpt check` says so before any stage runs, exit 2
+    assert main(["check", str(path)]) == 2
+    load_config(write(corpus, WITH_REPLAY + "arms: [mixcpt, replay]\n"))

@@ -40,7 +40,7 @@ def test_arms_with_the_same_stage_one_settings_share_one_model_and_selection(arm
     cfg = arms_cfg(
         [
             "mixcpt",
-            "baseline",
+            "traditional",
             "mixture-ce",
             "random-k",
             "whole-pool",
@@ -51,12 +51,12 @@ def test_arms_with_the_same_stage_one_settings_share_one_model_and_selection(arm
             {"name": "big-chunks", "like": "whole-pool", "cpt": {"loss_chunk_size": 4096}},
         ]
     )
-    assert stage_arms(cfg, "cpt") == ["mixcpt", "baseline", "mixture-ce", "lssd-half"]
+    assert stage_arms(cfg, "cpt") == ["mixcpt", "traditional", "mixture-ce", "lssd-half"]
     owners = {arm: stage1_owner(cfg, arm) for arm in ("random-k", "whole-pool", "big-chunks")}
     assert owners == dict.fromkeys(owners, "mixcpt")
     assert stage_arms(cfg, "select") == ["mixcpt", "mixture-ce", "random-k", "k-50", "lssd-half"]
     assert selection_owner(cfg, "random-again") == "random-k"
-    assert selection_owner(cfg, "baseline") is selection_owner(cfg, "whole-pool") is None
+    assert selection_owner(cfg, "traditional") is selection_owner(cfg, "whole-pool") is None
     assert len(stage_arms(cfg, "sft")) == len(stage_arms(cfg, "dpo")) == 9
 
 
@@ -91,6 +91,52 @@ def test_baseline_dpo_and_no_preferences_decide_which_arms_run_dpo(arms_cfg, tmp
     assert stage_arms(config_from_dict(raw, root=tmp_path), "dpo") == ["mixcpt"]
     del raw["data"]["preferences"]
     assert stage_arms(config_from_dict(raw, root=tmp_path), "dpo") == []
+
+
+def test_replay_and_lora_train_stage_one_models_of_their_own(arms_cfg, tmp_path):
+    """Stage 1 of mixcpt (cache teacher), replay (CE on D_R) and lora (adapters, the LoRA-disabled
+    base as teacher): three models, none shared, and the teacher cache left as mixcpt built it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixcpt.pipeline import run_stage
+    from mixcpt.rundir import RunDir
+
+    texts = [f"The river R{i} flows past the town T{i} to the sea." for i in range(40)]
+    (tmp_path / "general.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = arms_cfg(["mixcpt"])  # for the tiny model and the data files it writes
+    training = {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2}
+    data = {"block_size": 16, "replay": [{"path": "general.jsonl"}], "replay_share": 0.5}
+    raw = {
+        "model": {"path": cfg.model.path},
+        "data": {**cfg.data.model_dump(include={"domain", "preferences"}), **data},
+        "cpt": {"teacher": "cache", "training": training},
+        "arms": ["mixcpt", "replay", "lora"],
+    }
+    cfg = config_from_dict(raw, root=tmp_path)
+    assert stage_arms(cfg, "cpt") == ["mixcpt", "replay", "lora"]
+    run = RunDir(tmp_path / "run")
+    run_stage("data", cfg, run)
+    run_stage("cpt", cfg, run, arm="mixcpt")
+    cache = {f: f.stat().st_mtime_ns for f in (run.root / "teacher_cache").iterdir()}
+    run_stage("cpt", cfg, run)
+    assert {f: f.stat().st_mtime_ns for f in (run.root / "teacher_cache").iterdir()} == cache
+
+    def weights(arm):
+        return AutoModelForCausalLM.from_pretrained(run.stage(arm, "cpt")).state_dict()
+
+    mixcpt = weights("mixcpt")
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path).state_dict()
+    for arm in ("replay", "lora"):
+        trained = weights(arm)
+        assert trained.keys() == base.keys()  # lora: adapters merged, a plain model folder
+        assert any(not torch.equal(trained[k], mixcpt[k]) for k in trained), arm
+        assert any(not torch.equal(trained[k], base[k]) for k in trained), arm
+    stages = run.read_results()["stages"]
+    assert stages["lora/cpt"]["teacher"] == "lora" and stages["replay/cpt"]["teacher"] is None
+    # the replay arm's passes over D_R hold D_K's domain tokens once each
+    domain = run.read_results()["data"]["domain"]["n_tokens"]
+    assert stages["replay/cpt"]["domain_tokens"] == round(stages["replay/cpt"]["passes"] * domain)
 
 
 @pytest.fixture(scope="module")

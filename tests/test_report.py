@@ -224,6 +224,8 @@ def test_report_lists_any_number_of_arms_with_their_stage_one_and_budgets(tmp_pa
         "stage1_shared_with": None,
         "stage1_tokens": 40960,
         "stage1_steps": 40,
+        "stage1_passes": 2.0,
+        "stage1_domain_tokens": 10240,
         "select": {"k": 20, "strategy": "easiest", "score": "ppl"},
         "selection_shared_with": None,
         "sft_samples": 20,
@@ -247,7 +249,8 @@ def test_report_lists_any_number_of_arms_with_their_stage_one_and_budgets(tmp_pa
     md = md_path.read_text()
     assert (
         "| lssd-3 | mixcpt | mix stream, 1 CE + 4 LSSD (online teacher) | 40,960 tokens, 40 steps "
-        "| k=20 easiest by ppl | 20 samples, 30 steps | no DPO |" in md
+        "(2 passes, 10,240 domain tokens) | k=20 easiest by ppl | 20 samples, 30 steps "
+        "| no DPO |" in md
     )
     assert (
         "| late | mixcpt | mix stream, 1 CE + 1 LSSD (online teacher) (the model of mixcpt) " in md
@@ -295,7 +298,7 @@ def test_report_shows_intervals_the_claims_table_and_error_bars(tmp_path, fake_e
     claims_part = md.split("## Claims")[1].split("## Retention")[0]
     assert "| 4. Easiest-k selection" in claims_part and "✔ supported" in claims_part
     assert "random-k: 0.1 [" in claims_part  # B's number with its interval
-    assert "arm baseline not in this run" in claims_part
+    assert "arm traditional not in this run" in claims_part
     assert "<h2>Claims</h2>" in html_path.read_text()
 
     axes = domain_vs_general_figure(run.read_results()).axes[0]

@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from mixcpt.config import Config, SourceConfig, TrainingConfig
+from mixcpt.config.data import SOURCE_GROUPS
 from mixcpt.errors import ConfigError, InputError, UserError
 from mixcpt.pipeline import arms, stage_arms
 from mixcpt.rundir import base_model_path
@@ -258,7 +259,7 @@ def _check_first_record(group: str, src: SourceConfig) -> None:
     record = next(read_records(src), None)
     if record is None:
         raise InputError(src.path, None, "holds no records")
-    if group == "domain":
+    if group in ("domain", "replay"):
         domain_text(record, src.text_field)
     elif group == "instructions":
         instruction_messages(record)
@@ -274,7 +275,7 @@ def check_input_files(inputs: RunInputs) -> str:
     from mixcpt.evaluate.benchmarks import load_benchmark
 
     cfg, read, hub = inputs.cfg, 0, 0
-    for group in ("domain", "instructions", "preferences"):
+    for group in SOURCE_GROUPS:
         for src in getattr(cfg.data, group):
             if src.format == "hf" and not Path(src.path).exists():
                 hub += 1

@@ -1,9 +1,10 @@
 """The run folder: where every stage reads its inputs and writes its outputs.
 
     DIR/data/{mix,domain,pool}/   D_MIX, D_K (the domain stream), the general pool (data stage)
+    DIR/data/replay/              D_R, the replay stream, when data.replay is set
     DIR/base/                     the base model when mixcpt had to build or convert it (demo, GGUF)
     DIR/<arm>/<stage>/            HF model folders of each arm the config trains (mixcpt,
-                                  baseline, ...), stage in {cpt, sft, dpo}; an arm that shares
+                                  traditional, ...), stage in {cpt, sft, dpo}; an arm that shares
                                   stage 1 with an earlier arm has no cpt folder of its own
     DIR/<arm>/selection/          the k selected samples and every sample's score
     DIR/.work/<arm>-<stage>/      Trainer checkpoints of a stage in progress (resume reads them)

@@ -24,10 +24,10 @@ from pathlib import Path
 from mixcpt.atomic import write_json_atomic
 from mixcpt.config import Config
 from mixcpt.config.arms import Arm, find_arm
+from mixcpt.config.data import SOURCE_GROUPS
 from mixcpt.config.training import LOGGING_KEYS
 from mixcpt.rundir import RunDir, base_model_path
 
-SOURCE_GROUPS = ("domain", "instructions", "preferences")
 # TrainingConfig keys that change how a stage runs, not what it produces
 TRAINING_KNOBS = LOGGING_KEYS | {
     "save_steps",
@@ -162,8 +162,10 @@ def _model_files(cfg: Config, run: RunDir) -> dict:
 
 def _data_inputs(cfg: Config, run: RunDir) -> tuple[dict, dict]:
     """Sources by content and label (not by where they lie), the mixture, packing, rendering, the
-    seed and the tokenizer's files."""
-    data = cfg.data.model_dump(mode="json", exclude={"tokenize_batch_size"})
+    seed and the tokenizer's files; the replay stream's settings when there is one (without, a
+    data build is the one it was before `data.replay` existed)."""
+    unused = {"tokenize_batch_size"} | (set() if cfg.data.replay else {"replay", "replay_share"})
+    data = cfg.data.model_dump(mode="json", exclude=unused)
     tokenizer = cfg.model.tokenizer or base_model_path(cfg.model, run.base)
     files = {"tokenizer": tree_hash(tokenizer, keep=is_tokenizer_file)}
     for group in SOURCE_GROUPS:

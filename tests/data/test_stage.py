@@ -8,6 +8,7 @@ from mixcpt.data.packing import IGNORE_INDEX, PackedBlocks
 from mixcpt.data.stage import run_data
 from mixcpt.errors import ConfigError, InputError
 from mixcpt.rundir import RunDir
+from mixcpt.stage_inputs import config_and_files
 
 
 def stream_docs(folder):
@@ -18,10 +19,15 @@ def stream_docs(folder):
     return [tuple(d) for d in np.split(flat, cuts) if len(d)]
 
 
+def jsonl_documents(path, tokenizer) -> list[tuple]:
+    """Every document of a jsonl source of texts, as tokenizer(text) + EOS."""
+    lines = path.read_text().splitlines()
+    return [tuple(tokenizer(json.loads(t)["text"]).input_ids + [2]) for t in lines]
+
+
 def domain_documents(tmp_path, tokenizer) -> list[tuple]:
     """Every document of the domain source, as tokenizer(text) + EOS."""
-    lines = (tmp_path / "domain.jsonl").read_text().splitlines()
-    return [tuple(tokenizer(json.loads(t)["text"]).input_ids + [2]) for t in lines]
+    return jsonl_documents(tmp_path / "domain.jsonl", tokenizer)
 
 
 def test_packing_loses_and_duplicates_no_token(make_config, tmp_path, tiny_tokenizer):
@@ -173,3 +179,98 @@ def test_weights_all_zero_or_negative_are_config_errors(make_config):
         make_config(weights=(0, 0, 0))
     with pytest.raises(ConfigError, match=r"data\.domain\.0\.weight"):
         make_config(weights=(-1, 0.5, 0.5))
+
+
+# ---- the replay stream D_R (mixcpt.data.replay) ----------------------------------------------
+
+
+@pytest.fixture
+def general_text(tmp_path):
+    """A plain-text pre-training corpus, distinct from every domain document."""
+    path = tmp_path / "general.jsonl"
+    texts = [f"The river R{i} flows past the town T{i % 11} to the sea." for i in range(300)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_replay_stream_holds_d_k_in_its_order_and_the_configured_share_of_general_text(
+    make_config, tmp_path, general_text, tiny_tokenizer
+):
+    cfg = make_config(replay=[{"path": str(general_text)}], replay_share=0.4, oversample=True)
+    run = RunDir(tmp_path / "run")
+    stats = run_data(cfg, run)
+    replay = stream_docs(run.data / "replay")
+    general = set(jsonl_documents(general_text, tiny_tokenizer))
+    # the domain documents, in D_K's order with its repeats: the same domain tokens per pass
+    assert [d for d in replay if d not in general] == stream_docs(run.data / "domain")
+    replayed = [d for d in replay if d in general]
+    tokens = sum(len(d) for d in replayed)
+    assert tokens == stats["replay"]["replay_tokens"] > 0
+    assert stats["replay"]["domain_tokens"] == stats["domain"]["n_tokens"]
+    # the general share as asked, within the one document a draw may overshoot by
+    longest = max(len(d) for d in general)
+    assert abs(tokens - 0.4 / 0.6 * stats["domain"]["n_tokens"]) <= longest
+    assert stats["replay"]["share"] == pytest.approx(0.4, abs=0.01)
+    # interleaved, not appended: general text before the last domain document
+    first_general = next(i for i, d in enumerate(replay) if d in general)
+    assert first_general < max(i for i, d in enumerate(replay) if d not in general)
+    # never in D_MIX, and in the results beside the other streams
+    assert not general & set(stream_docs(run.data / "mix"))
+    assert run.read_results()["data"]["replay"]["n_tokens"] == stats["replay"]["n_tokens"]
+
+
+def test_replay_share_defaults_to_the_general_share_of_d_mix(make_config, tmp_path, general_text):
+    cfg = make_config(replay=[{"path": str(general_text)}], oversample=True)
+    stats = run_data(cfg, RunDir(tmp_path / "run"))
+    general = sum(s["share"] for s in stats["mix"]["sources"].values() if s["group"] != "domain")
+    assert stats["replay"]["target_share"] == pytest.approx(general)
+    assert stats["replay"]["share"] == pytest.approx(general, abs=0.01)
+    # so the replay stream is about D_MIX's size
+    assert stats["replay"]["n_tokens"] == pytest.approx(stats["mix"]["n_tokens"], rel=0.02)
+
+
+def test_replay_stream_is_bitwise_reproducible(make_config, tmp_path, general_text):
+    cfg = make_config(replay=[{"path": str(general_text)}], oversample=True)
+    streams = []
+    for name in ("a", "b"):
+        run = RunDir(tmp_path / name)
+        run_data(cfg, run)
+        streams.append((run.data / "replay" / "input_ids.npy").read_bytes())
+    assert streams[0] == streams[1]
+    other = RunDir(tmp_path / "other-seed")
+    run_data(cfg.model_copy(update={"seed": 1}), other)
+    assert np.load(other.data / "replay" / "input_ids.npy").tobytes() != streams[0]
+
+
+def test_no_replay_stream_without_data_replay_and_its_sources_count_by_content(
+    make_config, tmp_path, general_text
+):
+    run = RunDir(tmp_path / "run")
+    stats = run_data(make_config(), run)
+    assert "replay" not in stats and not (run.data / "replay").exists()
+    # without a replay stream its settings are not among the data stage's inputs
+    config, _ = config_and_files(make_config(), run, "data")
+    assert not any(key.startswith("data.replay") for key in config)
+    with_replay = make_config(replay=[{"path": str(general_text)}], replay_share=0.3)
+    config, files = config_and_files(with_replay, run, "data")
+    assert config["data.replay_share"] == 0.3
+    before = files["data.replay[0].path"]
+    general_text.write_text(general_text.read_text().replace("river", "brook"))
+    assert config_and_files(with_replay, run, "data")[1]["data.replay[0].path"] != before
+
+
+def test_a_replay_source_too_small_for_its_share_needs_oversample(
+    make_config, tmp_path, general_text
+):
+    general_text.write_text(json.dumps({"text": "A short one."}) + "\n")
+    cfg = make_config(replay=[{"path": str(general_text), "name": "tiny"}], replay_share=0.5)
+    with pytest.raises(
+        ConfigError,
+        match="source 'tiny' holds 13 tokens but its share of replay_share needs .*oversample",
+    ):
+        run_data(cfg, RunDir(tmp_path / "run"))
+
+
+def test_replay_without_general_mixture_needs_a_share(make_config, general_text):
+    with pytest.raises(ConfigError, match="data: replay_share: D_MIX draws no general tokens"):
+        make_config(weights=(1.0, 0.0, 0.0), replay=[{"path": str(general_text)}])

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from mixcpt.cli import main
 from mixcpt.rundir import TRAINED_STAGES
 
-ARMS = ("mixcpt", "baseline")  # what a config without `arms:` trains
+ARMS = ("mixcpt", "traditional")  # the arms of --quick
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,11 @@ def test_results_hold_both_arms_at_every_stage_and_the_report_exists(quick_run):
     assert all(r["status"] == "ok" for r in rows.values())
     assert {
         "mixcpt/cpt",
-        "baseline/cpt",
+        "traditional/cpt",
         "mixcpt/sft",
-        "baseline/sft",
+        "traditional/sft",
         "mixcpt/dpo",
-        "baseline/dpo",
+        "traditional/dpo",
     } <= set(results["stages"])
     assert (quick_run / "report.html").stat().st_size > 10_000 and (
         quick_run / "report.md"

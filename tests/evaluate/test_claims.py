@@ -61,6 +61,20 @@ def test_claims_are_decided_by_paired_intervals_and_absent_arms_are_listed(fake_
         assert claims[i]["reason"] == f"arm {arm} not in this run"
 
 
+def test_the_traditional_arm_is_found_under_its_name_or_its_older_name(fake_eval_table):
+    cells = {
+        ("base", "base"): {"domain": 0.25, "general": 0.8},
+        ("mixcpt", "cpt"): {"domain": 0.6, "general": 0.75, "kl": 0.1},
+        ("mixcpt", "sft"): {"domain": 0.6, "general": 0.7, "kl": 0.2, "chat_domain": 0.9},
+    }
+    traditional = {"domain": 0.6, "general": 0.7, "kl": 0.2, "chat_domain": 0.2}
+    for name in ("traditional", "baseline"):
+        claims = _claims(fake_eval_table, {**cells, (name, "sft"): traditional})
+        assert claims[1]["arms"] == ["mixcpt", name]
+        assert claims[1]["verdict"] == "supported"
+        assert claims[1]["measures"][0]["b"]["mean"] == pytest.approx(0.2)
+
+
 def test_a_claim_contradicted_by_the_other_arm(fake_eval_table):
     cells = {
         ("base", "base"): {"domain": 0.25, "general": 0.8},

@@ -124,7 +124,7 @@ def test_every_stage_is_scored_plain_and_aligned_stages_also_through_chat(
     assert set(sft["intervals"]["chat_scores"]) == {"zorbax", "qa"}
     claims = run.read_results()["claims"]
     assert [c["id"] for c in claims] == [1, 2, 3, 4, 5]
-    assert "arm baseline not in this run" in claims[0]["measures"][0]["reason"]
+    assert "arm traditional not in this run" in claims[0]["measures"][0]["reason"]
 
 
 def test_rerun_reuses_the_table_until_a_model_changes(

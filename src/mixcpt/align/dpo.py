@@ -149,7 +149,7 @@ class DPOTrainer(Trainer):
 
 def run_dpo(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     """DPO of `arm` from its SFT model, with the arm's dpo settings, on its selected preference
-    pairs ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
+    pairs ("mixcpt") or on the whole pool ("traditional", `align_on: pool`). Saves
     `run.stage(arm, "dpo")`; returns the metrics recorded in results.json
     (those of the existing folder when it was built from the same inputs and not `force`)."""
     stage = begin_alignment(cfg, run, arm, "dpo", force)

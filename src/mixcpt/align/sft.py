@@ -84,7 +84,7 @@ class SFTTrainer(Trainer):
 
 def run_sft(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     """SFT of `arm` from its stage-1 model, with the arm's sft settings, on its selected
-    instructions ("mixcpt") or on the whole pool ("baseline", `align_on: pool`). Saves
+    instructions ("mixcpt") or on the whole pool ("traditional", `align_on: pool`). Saves
     `run.stage(arm, "sft")`; returns the metrics recorded in results.json (those of the existing
     folder when it was built from the same inputs and not `force`)."""
     stage = begin_alignment(cfg, run, arm, "sft", force)

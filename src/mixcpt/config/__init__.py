@@ -18,9 +18,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mixcpt.config.alignment import BaselineConfig, DPOConfig, SelectConfig, SFTConfig
-from mixcpt.config.arms import BUILTIN_ARMS, ArmConfig, check_entries, resolve_arms
+from mixcpt.config.arms import BUILTIN_ARMS, ArmConfig, builtin_of, check_entries, resolve_arms
 from mixcpt.config.base import Strict
-from mixcpt.config.data import DataConfig, ModelConfig, SourceConfig, TemplateConfig
+from mixcpt.config.data import SOURCE_GROUPS, DataConfig, ModelConfig, SourceConfig, TemplateConfig
 from mixcpt.config.evaluation import BenchmarkConfig, EvalConfig
 from mixcpt.config.training import CPTConfig, LoraSettings, TrainingConfig
 from mixcpt.errors import ConfigError
@@ -77,10 +77,11 @@ class Config(Strict):
     arms: list[ArmConfig] | None = Field(
         None,
         description="The recipes trained side by side, each a name (built in: "
-        f"{', '.join(BUILTIN_ARMS)}) or a mapping {{name, like, stream, align_on, run_dpo, "
-        "cpt, select, sft, dpo}, or a merge arm {name, like: merge, of: ARM, base_weight: λ}: "
-        "ARM's stage-1 model interpolated toward the base, no training (mixcpt.config.arms). "
-        "Default: [mixcpt, baseline], or [mixcpt] with baseline.enabled: false.",
+        f"{', '.join(BUILTIN_ARMS)}; baseline is the older name of traditional) or a mapping "
+        "{name, like, stream, align_on, run_dpo, cpt, select, sft, dpo}, or a merge arm {name, "
+        "like: merge, of: ARM, base_weight: λ}: ARM's stage-1 model interpolated toward the "
+        "base, no training (mixcpt.config.arms). Default: [mixcpt, baseline], or [mixcpt] with "
+        "baseline.enabled: false.",
     )
     eval: EvalConfig = Field(
         default_factory=EvalConfig,
@@ -99,19 +100,28 @@ class Config(Strict):
     def _arms_resolve(self) -> Config:
         """Every arm's overrides are valid over the top-level sections (errors name the arm)."""
         if self.arms is not None:
-            listed = any(entry.name == "baseline" for entry in self.arms)
+            listed = any(builtin_of(entry.name) == "traditional" for entry in self.arms)
             if "enabled" in self.baseline.model_fields_set and listed != self.baseline.enabled:
                 message = (
                     f"{str(self.baseline.enabled).lower()}, but `arms` "
-                    f"{'lists' if listed else 'does not list'} the baseline; `arms` alone decides "
-                    "the arms trained (leave baseline.enabled out)"
+                    f"{'lists' if listed else 'does not list'} the traditional arm (baseline); "
+                    "`arms` alone decides the arms trained (leave baseline.enabled out)"
                 )
                 error = InitErrorDetails(
                     type=PydanticCustomError("arms", message), loc=("baseline", "enabled")
                 )
                 raise ValidationError.from_exception_data("Config", [error])
             check_entries(self.arms)
-        resolve_arms(self)
+        replaying = [arm.name for arm in resolve_arms(self) if arm.stream == "replay"]
+        if replaying and not self.data.replay:
+            message = (
+                f"arm {replaying[0]!r} trains on the replay stream, which needs general "
+                "pre-training text: set data.replay to one or more plain-text sources"
+            )
+            error = InitErrorDetails(
+                type=PydanticCustomError("arms", message), loc=("data", "replay")
+            )
+            raise ValidationError.from_exception_data("Config", [error])
         return self
 
 
@@ -130,7 +140,7 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
         cfg.model.path = local(cfg.model.path, "model.path")
     if cfg.model.tokenizer and looks_local(cfg.model.tokenizer):
         cfg.model.tokenizer = local(cfg.model.tokenizer, "model.tokenizer")
-    for group in ("domain", "instructions", "preferences"):
+    for group in SOURCE_GROUPS:
         for i, src in enumerate(getattr(cfg.data, group)):
             if src.format != "hf" or looks_local(src.path):
                 src.path = local(src.path, f"data.{group}[{i}].path")
@@ -190,7 +200,7 @@ def hub_references(cfg: Config) -> list[str]:
     datasets and lm-eval tasks that are not local paths or local task files after `load_config`
     resolved them. Empty when the whole run can work offline."""
     names = [cfg.model.path, *([cfg.model.tokenizer] if cfg.model.tokenizer else [])]
-    for group in ("domain", "instructions", "preferences"):
+    for group in SOURCE_GROUPS:
         names += [s.path for s in getattr(cfg.data, group) if s.format == "hf"]
     local = lambda name: name.startswith("pkg://") or Path(name).exists()  # noqa: E731
     needed = [name for name in names if not local(name)]

@@ -10,7 +10,7 @@ from mixcpt.config.arms import BUILTIN_ARMS, MERGE, ArmConfig, check_entries
 from mixcpt.errors import ConfigError
 
 # What `all` merges toward the base, and at which base weights λ.
-MERGED_IN_ALL = ("mixcpt", "baseline")
+MERGED_IN_ALL = ("mixcpt", "traditional")
 MERGE_WEIGHTS = (0.25, 0.5, 0.75)
 
 

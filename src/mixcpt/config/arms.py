@@ -4,9 +4,11 @@ evaluated in one table.
 An arm is a name plus what makes it differ from the run's top-level sections: the stream stage 1
 trains on (`stream`), what stage 2 aligns on (`align_on`), whether DPO follows SFT (`run_dpo`),
 and partial `cpt:`, `select:`, `sft:`, `dpo:` mappings merged over the top-level sections of the
-same names and validated by the same models. Five arms are built in (`BUILTIN_ARMS`); a new name
-says which of them it is `like:` and overrides what differs. Without `arms:` a run trains
-[mixcpt, baseline], or [mixcpt] alone with the older `baseline: {enabled: false}`.
+same names and validated by the same models. The built-in arms are `BUILTIN_ARMS`; a new name
+says which of them it is `like:` and overrides what differs. `baseline`, the traditional arm's
+older name, is an alias (`ALIASES`): an arm listed as `baseline` is the `traditional` built-in
+under that name. Without `arms:` a run trains [mixcpt, baseline] as it always has, or [mixcpt]
+alone with the older `baseline: {enabled: false}`.
 
 A merge arm (`{name: mixcpt-merge-0.25, like: merge, of: mixcpt, base_weight: 0.25}`) trains
 nothing: its stage-1 model is the stage-1 model of the arm it is `of`, interpolated toward the base,
@@ -44,7 +46,7 @@ RESERVED_NAMES = ("base", "data", "logs", "teacher_cache", "world")
 class BuiltinArm:
     """A built-in arm's settings before any user override."""
 
-    stream: Literal["mix", "domain"]
+    stream: Literal["mix", "domain", "replay"]
     align_on: Literal["selection", "pool"]
     overrides: dict[str, dict] = field(default_factory=dict)  # section -> partial mapping
 
@@ -58,7 +60,7 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
     "mixcpt": BuiltinArm("mix", "selection"),
     # the traditional recipe: plain CE on D_K (no teacher), then SFT and DPO on the whole pool
     # (DPO as baseline.dpo says)
-    "baseline": BuiltinArm("domain", "pool", {"cpt": PLAIN_CE}),
+    "traditional": BuiltinArm("domain", "pool", {"cpt": PLAIN_CE}),
     # the LSSD-off ablation: D_MIX with plain CE (no teacher), then Mix-CPT's stage 2
     "mixture-ce": BuiltinArm("mix", "selection", {"cpt": PLAIN_CE}),
     # Mix-CPT with k samples drawn at random (seeded by `seed`) instead of the easiest
@@ -69,10 +71,30 @@ BUILTIN_ARMS: dict[str, BuiltinArm] = {
     # distillation to the frozen base, and Minifinetuning
     "mixture-kl": BuiltinArm("mix", "selection", {"cpt": {"objective": "kl"}}),
     "mixture-mft": BuiltinArm("mix", "selection", {"cpt": {"objective": "mft"}}),
+    # the standard anti-forgetting baseline: D_K's documents with general pre-training text
+    # replayed among them (data.replay), plain CE, then Mix-CPT's stage 2 like mixture-ce's, so
+    # that against mixture-ce it differs only in what fills the general share: replayed
+    # pre-training text instead of the rendered instructions
+    "replay": BuiltinArm("replay", "selection", {"cpt": PLAIN_CE}),
+    # Mix-CPT training LoRA adapters only: the base with its adapters disabled is the teacher, and
+    # the adapters are merged into the saved weights (cpt.lora sets them). At cpt.training's rate:
+    # on the demo, 2.5 to 20 times it taught no more of the domain and forgot more (README, LoRA);
+    # an arm entry sets its own, e.g. {name: lora, cpt: {training: {learning_rate: 2.0e-4}}}
+    "lora": BuiltinArm("mix", "selection", {"cpt": {"teacher": "lora"}}),
 }
-# what `like` accepts: the names above (a new built-in needs no second list), or a merge
-BuiltinName = Literal[tuple(BUILTIN_ARMS)]
+# older names of built-in arms: an arm listed under one is the built-in it names, under that name
+ALIASES = {"baseline": "traditional"}
+# what `like` accepts: the names above and the older ones (a new built-in needs no second list),
+# or a merge
+BuiltinName = Literal[(*BUILTIN_ARMS, *ALIASES)]
 MERGE = "merge"
+
+
+def builtin_of(name: str) -> str | None:
+    """The built-in arm `name` names (itself, or the one an alias stands for); None for another
+    name."""
+    name = ALIASES.get(name, name)
+    return name if name in BUILTIN_ARMS else None
 
 
 class ArmConfig(Strict):
@@ -81,7 +103,8 @@ class ArmConfig(Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="The arm's name: its folder DIR/<name>/ and its rows in the results. A "
-        f"built-in ({', '.join(BUILTIN_ARMS)}) or a new name with `like`.",
+        f"built-in ({', '.join(BUILTIN_ARMS)}; baseline is the traditional arm's older name) or a "
+        "new name with `like`.",
     )
     like: BuiltinName | Literal["merge"] | None = Field(
         None,
@@ -90,10 +113,11 @@ class ArmConfig(Strict):
         "the base by `base_weight` (a stage-1 model only: a merge arm has no SFT or DPO). Not "
         "given for a built-in name.",
     )
-    stream: Literal["mix", "domain"] | None = Field(
+    stream: Literal["mix", "domain", "replay"] | None = Field(
         None,
         description="What stage 1 trains on: mix (D_MIX, the domain corpus mixed with the general "
-        "samples) or domain (D_K, the domain corpus alone). Default: the built-in's.",
+        "samples), domain (D_K, the domain corpus alone) or replay (D_K's documents interleaved "
+        "with general pre-training text from data.replay). Default: the built-in's.",
     )
     align_on: Literal["selection", "pool"] | None = Field(
         None,
@@ -103,7 +127,7 @@ class ArmConfig(Strict):
     run_dpo: bool | None = Field(
         None,
         description="Run DPO after SFT (when data.preferences is set). Default: true, but "
-        "baseline.dpo for the baseline and arms like it.",
+        "baseline.dpo for the traditional arm (or baseline) and arms like it.",
     )
     cpt: dict[str, Any] = Field(
         default_factory=dict,
@@ -197,7 +221,7 @@ def resolve_arm(cfg: Config, entry: ArmConfig) -> Arm:
             merge_of=entry.of,
             base_weight=entry.base_weight,
         )
-    builtin_name = entry.like or entry.name
+    builtin_name = builtin_of(entry.like or entry.name)
     builtin = BUILTIN_ARMS[builtin_name]
     sections, errors = {}, []
     for section in ARM_SECTIONS:
@@ -220,7 +244,7 @@ def resolve_arm(cfg: Config, entry: ArmConfig) -> Arm:
         raise ValidationError.from_exception_data("Config", errors)
     run_dpo = entry.run_dpo
     if run_dpo is None:
-        run_dpo = cfg.baseline.dpo if builtin_name == "baseline" else True
+        run_dpo = cfg.baseline.dpo if builtin_name == "traditional" else True
     return Arm(
         name=entry.name,
         like=builtin_name,
@@ -240,10 +264,10 @@ def check_entries(entries: list[ArmConfig]) -> None:
             message = f"{entry.name!r} is listed twice"
             errors.append(_error(("arms", i, "name"), message, entry.name))
         seen.add(entry.name)
-        if entry.name in BUILTIN_ARMS and entry.like is not None:
+        if builtin_of(entry.name) and entry.like is not None:
             message = f"{entry.name!r} is a built-in arm; `like` is for a new name"
             errors.append(_error(("arms", entry.name, "like"), message, entry.like))
-        if entry.name not in BUILTIN_ARMS and entry.like is None:
+        if not builtin_of(entry.name) and entry.like is None:
             message = (
                 f"{entry.name!r} is not a built-in arm ({', '.join(BUILTIN_ARMS)}); a new arm "
                 "says which one it is like: {name: ..., like: mixcpt, ...}"

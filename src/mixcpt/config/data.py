@@ -9,6 +9,11 @@ from pydantic import Field, model_validator
 
 from mixcpt.config.base import Strict
 
+# the source lists of `data:`: the three of D_MIX, then the general text only the replay stream
+# holds
+MIX_GROUPS = ("domain", "instructions", "preferences")
+SOURCE_GROUPS = (*MIX_GROUPS, "replay")
+
 
 class ModelConfig(Strict):
     path: str = Field(
@@ -111,8 +116,9 @@ class TemplateConfig(Strict):
 class DataConfig(Strict):
     domain: list[SourceConfig] = Field(
         description="Domain corpora (memorisation): drawn by weight into D_MIX; the domain "
-        "documents drawn (in D_MIX's order, repeats included) also make D_K, the baseline arm's "
-        "stage-1 stream, so both arms train on the same domain tokens. At least one is required."
+        "documents drawn (in D_MIX's order, repeats included) also make D_K, the traditional "
+        "arm's stage-1 stream, so both arms train on the same domain tokens. At least one is "
+        "required."
     )
     instructions: list[SourceConfig] = Field(
         default_factory=list,
@@ -124,6 +130,22 @@ class DataConfig(Strict):
         default_factory=list,
         description="General preference data (prompt, chosen, rejected); the chosen side goes "
         "into D_MIX, the pairs drawn form the pool for DPO. Empty: no DPO stage.",
+    )
+    replay: list[SourceConfig] = Field(
+        default_factory=list,
+        description="General pre-training text (plain documents, read like domain sources; not "
+        "instructions) for the replay arm's stream DIR/data/replay: D_K's documents in D_MIX's "
+        "order interleaved with documents drawn from these by weight (a share of each other). "
+        "Never in D_MIX. Empty: no replay stream, and an arm on it is a config error.",
+    )
+    replay_share: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Share of the replay stream's tokens that are replayed general text, in "
+        "(0, 1); the rest are D_K's domain tokens. Default: the general share D_MIX drew (its "
+        "instruction and preference tokens), so the replay stream is about D_MIX's size. Sources "
+        "too small for it repeat with data.oversample, else it is an error.",
     )
     block_size: int = Field(
         1024,
@@ -158,4 +180,10 @@ class DataConfig(Strict):
             raise ValueError("at least one domain source is required")
         if sum(s.weight for s in sources) <= 0:
             raise ValueError("all source weights are zero; at least one must be positive")
+        general = any(s.weight > 0 for s in [*self.instructions, *self.preferences])
+        if self.replay and self.replay_share is None and not general:
+            raise ValueError(
+                "replay_share: D_MIX draws no general tokens whose share the replay stream could "
+                "take by default; set data.replay_share"
+            )
         return self

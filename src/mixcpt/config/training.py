@@ -275,15 +275,15 @@ class CPTConfig(Strict):
     ce_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of next-token cross-entropy (the baseline and mixture-ce arms use 1). "
-        "Exclusive with alpha.",
+        description="Weight of next-token cross-entropy (the traditional, mixture-ce and replay "
+        "arms use 1). Exclusive with alpha.",
     )
     lssd_weight: float = Field(
         1.0,
         ge=0,
         description="Weight of the distillation term `objective` names (logit swap "
-        "self-distillation by default; 0: plain CPT, no teacher; the baseline and mixture-ce arms "
-        "use 0). Exclusive with alpha.",
+        "self-distillation by default; 0: plain CPT, no teacher; the traditional, mixture-ce and "
+        "replay arms use 0). Exclusive with alpha.",
     )
     objective: Literal["lssd", "kl", "mft"] = Field(
         "lssd",
@@ -309,7 +309,8 @@ class CPTConfig(Strict):
         "public): sets ce_weight = alpha and lssd_weight = 1 - alpha, so alpha 0.5 trains as "
         "ce_weight = lssd_weight = 0.5 and alpha 1 is plain CPT with no teacher. Exclusive with "
         "ce_weight and lssd_weight (a weight given beside it must be the one it sets); unset (the "
-        "default) uses those two. The baseline and mixture-ce arms ignore it (plain CE).",
+        "default) uses those two. The traditional, mixture-ce and replay arms ignore it (plain "
+        "CE).",
     )
     temperature: float = Field(
         1.0,

@@ -47,8 +47,10 @@ def plan_mixture(
     total_tokens: int | None = None,
     oversample: bool = False,
     labels: list[str] | None = None,
+    target_key: str = "total_tokens",
 ) -> MixturePlan:
-    """Decide the documents of the mixture; see the module docstring for the rule."""
+    """Decide the documents of the mixture; see the module docstring for the rule. `target_key`
+    is the config key that sets the total, named in the error when a source is too small."""
     labels = labels or [str(i) for i in range(len(lengths))]
     n = np.array([int(lens.sum()) for lens in lengths], dtype=np.float64)
     share = np.asarray(weights, dtype=np.float64) / float(sum(weights))
@@ -66,7 +68,7 @@ def plan_mixture(
             if t > have:
                 raise ConfigError(
                     f"data: source '{labels[i]}' holds {int(have)} tokens but its share of "
-                    f"total_tokens needs {t}; lower total_tokens or set data.oversample: true to "
+                    f"{target_key} needs {t}; lower {target_key} or set data.oversample: true to "
                     "repeat it"
                 )
 

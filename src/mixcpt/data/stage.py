@@ -1,4 +1,5 @@
-"""The data stage (`mixcpt data`): sources -> plain text -> tokens -> D_MIX, D_K and the pool.
+"""The data stage (`mixcpt data`): sources -> plain text -> tokens -> D_MIX, D_K, the pool and,
+with `data.replay`, the replay stream D_R.
 
 `run_data` runs these steps in order, each a function below:
     pass 1  stream every source, render instruction/preference samples to plain text
@@ -6,7 +7,8 @@
             the tokens of each source to a flat int32 file; keep only document lengths in memory
     plan    choose the documents of the mixture by token shares (mixture.py)
     pass 2  copy the chosen documents, EOS-terminated, into fixed-length blocks (packing.py):
-            D_MIX with the statistics of each source, then D_K (D_MIX's domain documents)
+            D_MIX with the statistics of each source, then D_K (D_MIX's domain documents),
+            then D_R (D_K's documents with general text replayed among them: data/replay.py)
     pool    keep the general samples that were drawn into D_MIX
     stats   write data_stats.json and the fingerprint record of the inputs
 
@@ -14,6 +16,8 @@ Outputs, all under `DIR/data/` (built in a temporary folder and renamed at the e
     mix/      D_MIX, the stage-1 stream of the Mix-CPT arm
     domain/   D_K, the traditional arm's stream: the domain documents of D_MIX, in its order and
               with its repetitions (the same domain tokens per pass)
+    replay/   D_R, the replay arm's stream, only when data.replay is set: D_K's documents
+              interleaved with general pre-training text (mixcpt.data.replay)
     pool/     instructions.jsonl, preferences.jsonl: the general samples mixed into D_MIX,
               for selection and alignment (stage 2)
     data_stats.json, fingerprint.json
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mixcpt.atomic import atomic_dir, write_json_atomic
 from mixcpt.config import Config, SourceConfig
+from mixcpt.config.data import SOURCE_GROUPS
 from mixcpt.data.mixture import MixturePlan, plan_mixture
 from mixcpt.data.packing import TokenizedSource, pack_documents
 from mixcpt.data.readers import (
@@ -44,18 +49,17 @@ from mixcpt.data.readers import (
     read_records,
 )
 from mixcpt.data.render import render_messages, render_plain_prompt, render_plain_response
+from mixcpt.data.replay import general_share, plan_replay
 from mixcpt.fingerprints import begin, write_record
 from mixcpt.models import load_tokenizer
 from mixcpt.rundir import RunDir, base_model_path
-
-GROUPS = ("domain", "instructions", "preferences")
 
 
 def _render(
     group: str, rec, src: SourceConfig, cfg: Config, doc_id: str
 ) -> tuple[str, dict | None]:
     """(plain text of the document, pool row or None) for one record of a source."""
-    if group == "domain":
+    if group in ("domain", "replay"):  # plain documents
         return domain_text(rec, src.text_field), None
     template = cfg.data.template
     if group == "instructions":
@@ -97,7 +101,7 @@ def _tokenize_source(
     """Pass 1 for one source: every document rendered, tokenised (BOS as the tokenizer adds it,
     EOS appended) and appended to `work/<label>.tokens`."""
     out = TokenizedSource(group, label, src.weight, work / f"{label}.tokens")
-    if group != "domain":
+    if group in ("instructions", "preferences"):
         out.pool_path = work / f"{label}.pool.jsonl"
     lengths: list[int] = []
     batch: list[str] = []
@@ -134,8 +138,9 @@ def _tokenize_source(
 
 
 def run_data(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    """Build D_MIX, D_K and the pool under `run.data`; returns the statistics (also in
-    results.json). Reuses an earlier build from the same inputs, unless `force`."""
+    """Build D_MIX, D_K, the pool and (with data.replay) D_R under `run.data`; returns the
+    statistics (also in results.json). Reuses an earlier build from the same inputs, unless
+    `force`."""
     record = begin(cfg, run, "data", force)
     if record is None:
         return _earlier_build(run)
@@ -147,16 +152,22 @@ def run_data(cfg: Config, run: RunDir, force: bool = False) -> dict:
     with atomic_dir(run.data) as tmp:
         sources = _tokenize_sources(cfg, tokenizer, tmp / "_tokens")
         tokenize_s = time.perf_counter() - t0
-        plan = _plan(cfg, sources)
-        mix = _pack_mix(plan, sources, cfg, tokenizer.pad_token_id, tmp / "mix", fingerprint)
-        domain = _pack_domain(
-            plan, sources, cfg, tokenizer.pad_token_id, tmp / "domain", fingerprint
-        )
-        pool = _write_pool(plan, sources, tmp / "pool")
+        # the replay sources come last, so D_MIX's plan numbers the others as `sources` does
+        mixed = [s for s in sources if s.group != "replay"]
+        plan = _plan(cfg, mixed)
+        pad = tokenizer.pad_token_id
+        mix = _pack_mix(plan, mixed, cfg, pad, tmp / "mix", fingerprint)
+        domain = _pack_domain(plan, mixed, cfg, pad, tmp / "domain", fingerprint)
+        pool = _write_pool(plan, mixed, tmp / "pool")
+        stats = {"mix": mix, "domain": domain}
+        if cfg.data.replay:
+            share = cfg.data.replay_share or general_share(mix["sources"])
+            stats["replay"] = _pack_replay(
+                plan, sources, share, domain["n_tokens"], cfg, pad, tmp / "replay", fingerprint
+            )
         shutil.rmtree(tmp / "_tokens")
         stats = {
-            "mix": mix,
-            "domain": domain,
+            **stats,
             "pool": pool,
             **_tokenize_stats(sources, tokenize_s),
             "fingerprint": fingerprint,
@@ -182,7 +193,7 @@ def _tokenize_sources(cfg: Config, tokenizer, work: Path) -> list[TokenizedSourc
     """
     work.mkdir()
     sources: list[TokenizedSource] = []
-    for group in GROUPS:
+    for group in SOURCE_GROUPS:
         for i, src in enumerate(getattr(cfg.data, group)):
             label = (
                 src.label
@@ -254,11 +265,66 @@ def _pack_domain(
     """Pass 2 for D_K, the traditional arm's stream, into `folder`: exactly the domain documents
     drawn into D_MIX, in D_MIX's order and with its repetitions (oversampling), so that a pass over
     D_K trains on the same domain tokens as a pass over D_MIX (`mixcpt.train.stage` gives the
-    baseline as many passes as Mix-CPT). Returns `pack_documents`'s statistics."""
-    domain = np.isin(plan.order[:, 0], [i for i, s in enumerate(sources) if s.group == "domain"])
+    traditional arm as many passes as Mix-CPT). Returns `pack_documents`'s statistics."""
+    domain = np.isin(plan.order[:, 0], _domain_indices(sources))
     return pack_documents(
         plan.order[domain], sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K"
     )
+
+
+def _pack_replay(
+    plan: MixturePlan,
+    sources: list[TokenizedSource],
+    share: float,
+    domain_tokens: int,
+    cfg: Config,
+    pad_id: int,
+    folder: Path,
+    fingerprint: str,
+) -> dict:
+    """Pass 2 for D_R into `folder` (mixcpt.data.replay): D_K's documents with `share` of the
+    tokens drawn from the replay sources (the last of `sources`). Returns `pack_documents`'s
+    statistics plus the domain and replayed tokens, the share achieved and asked, and under
+    "sources" what each replay source gave."""
+    replay = [s for s in sources if s.group == "replay"]
+    first = len(sources) - len(replay)
+    order, drawn = plan_replay(
+        plan.order[np.isin(plan.order[:, 0], _domain_indices(sources))],
+        domain_tokens,
+        [s.lengths for s in replay],
+        [s.weight for s in replay],
+        share,
+        cfg.seed,
+        cfg.data.oversample,
+        [s.label for s in replay],
+        first,
+    )
+    stats = pack_documents(
+        order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_R"
+    )
+    tokens = drawn.drawn_tokens([s.lengths for s in replay])
+    total = domain_tokens + sum(tokens)
+    stats.update(
+        domain_tokens=domain_tokens,
+        replay_tokens=sum(tokens),
+        share=sum(tokens) / total if total else 0.0,
+        target_share=share,
+        unit="tokens",
+        sources={
+            s.label: {
+                "documents": int((drawn.order[:, 0] == i).sum()),
+                "tokens": tokens[i],
+                "available_tokens": int(s.lengths.sum()),
+            }
+            for i, s in enumerate(replay)
+        },
+    )
+    return stats
+
+
+def _domain_indices(sources: list[TokenizedSource]) -> list[int]:
+    """Where the domain sources are in `sources`."""
+    return [i for i, s in enumerate(sources) if s.group == "domain"]
 
 
 def _write_pool(plan: MixturePlan, sources: list[TokenizedSource], folder: Path) -> dict:
@@ -300,6 +366,8 @@ def _write_stats(folder: Path, stats: dict, record: dict) -> None:
 
 
 def _record(run: RunDir, stats: dict) -> None:
-    """Copy the statistics of D_MIX, D_K and the pool into the "data" section of results.json."""
-    for key in ("mix", "domain", "pool"):
-        run.update_results("data", key, stats[key])
+    """Copy the statistics of D_MIX, D_K, the pool and D_R (when built) into the "data" section
+    of results.json."""
+    for key in ("mix", "domain", "pool", "replay"):
+        if key in stats:
+            run.update_results("data", key, stats[key])

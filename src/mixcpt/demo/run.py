@@ -20,7 +20,7 @@ from mixcpt.rundir import RunDir
 
 # What --quick changes (a smaller world, a smaller base, fewer steps): dotted key -> value.
 QUICK = {
-    "arms": ["mixcpt", "baseline"],  # the two recipes only: a smoke test of every stage
+    "arms": ["mixcpt", "traditional"],  # the two recipes only: a smoke test of every stage
     "cpt.training.max_steps": 150,
     "cpt.training.save_steps": 50,
     "select.k": 100,

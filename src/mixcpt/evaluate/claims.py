@@ -30,9 +30,10 @@ which does not decide.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from mixcpt.config.arms import ALIASES
 from mixcpt.evaluate.intervals import LEVEL, axis, interval
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ CLAIMS = (
         "After alignment, Mix-CPT is at least as good as traditional CPT (then SFT, DPO) on "
         "domain QA",
         "mixcpt",
-        "baseline",
+        "traditional",
         "better",
         (
             Measure("domain QA", "domain", "chat", ALIGNED),
@@ -87,7 +88,7 @@ CLAIMS = (
         2,
         "Mix-CPT retains general ability better than traditional CPT",
         "mixcpt",
-        "baseline",
+        "traditional",
         "better",
         (
             Measure("general QA", "general", "plain", STAGE_ONE),
@@ -252,6 +253,14 @@ def _combine(measures: list[dict]) -> tuple[str, str]:
     return "inconclusive", reasons
 
 
+def _in_run(name: str, arms: set[str]) -> str:
+    """The arm of `arms` that is the built-in `name`: itself, or in a run that lists it under an
+    older name (`baseline` for `traditional`) that name; `name` when the run has neither."""
+    if name in arms:
+        return name
+    return next((old for old, new in ALIASES.items() if new == name and old in arms), name)
+
+
 def evaluate_claims(boot: Bootstrap) -> list[dict[str, Any]]:
     """Every claim of CLAIMS with its verdict: {id, claim, arms [A, B], test, rule, verdict,
     reason, measures [{measure, benchmarks, format, when, decides, higher_is_better, stage {arm:
@@ -259,6 +268,7 @@ def evaluate_claims(boot: Bootstrap) -> list[dict[str, Any]]:
     arms = {arm for rows in boot.rows for arm, _ in rows}
     out = []
     for claim in CLAIMS:
+        claim = replace(claim, a=_in_run(claim.a, arms), b=_in_run(claim.b, arms))
         measures = [_measure(boot, claim, m, arms) for m in claim.measures]
         decided, reason = _combine(measures)
         out.append(

@@ -26,7 +26,7 @@ RNG_STATE_BYTES = 16 * 2**10  # each process's rng_state_N.pth in a checkpoint
 @dataclass(frozen=True)
 class Tokens:
     mix: int | None  # D_MIX, the Mix-CPT arm's stage-1 stream (None: cannot be told)
-    domain: int | None  # D_K, the baseline's
+    domain: int | None  # D_K, the traditional arm's
     source: str
 
 

@@ -169,11 +169,15 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
     no_eval = "No evaluation yet: run `mixcpt eval`."
     no_arms = "The arms are listed once the report stage has run (`mixcpt report`)."
     arms_note = (
-        "Stage 1 trains on the mix stream (D_MIX: domain corpus and general samples) or the "
-        "domain stream (D_K). Arms with the same stage-1 settings share one stage-1 model, and "
-        "arms with the same model and select settings one selection. Budgets: the tokens stage 1 "
-        "trained on (repeats and padding counted), the distinct samples SFT and pairs DPO trained "
-        "on, each with its optimizer steps."
+        "Stage 1 trains on the mix stream (D_MIX: domain corpus and general samples), the "
+        "domain stream (D_K: D_MIX's domain documents) or the replay stream (D_K's documents "
+        "with general pre-training text, about D_MIX's size). Arms with the same stage-1 "
+        "settings share one stage-1 model, and arms with the same model and select settings one "
+        "selection. Budgets: the tokens stage 1 trained on (repeats and padding counted), its "
+        "steps, passes over its stream and domain tokens: arms on D_MIX and D_R train with "
+        "cpt.training as set, arms on D_K make as many passes as over D_MIX, so every arm sees "
+        "the same domain tokens; then the distinct samples SFT and pairs DPO trained on, each "
+        "with its optimizer steps."
     )
 
     parts = [

@@ -22,7 +22,8 @@ STAGE_DASH = {"cpt": "-", "sft": "--", "dpo": ":"}
 # the built-in arms keep their colours whatever the config lists; other arms take the rest
 ARM_COLORS = {
     "mixcpt": "tab:blue",
-    "baseline": "tab:orange",
+    "traditional": "tab:orange",
+    "baseline": "tab:orange",  # the traditional arm's older name
     "mixture-ce": "tab:green",
     "random-k": "tab:red",
     "whole-pool": "tab:purple",
@@ -31,6 +32,7 @@ OTHER_COLORS = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 # How the built-in arms are named in plots; any other arm is named as it is.
 ARM_LABEL = {
     "mixcpt": "Mix-CPT",
+    "traditional": "traditional (CPT, SFT, DPO)",
     "baseline": "baseline (CPT, SFT, DPO)",
     "mixture-ce": "mixture, CE only",
     "random-k": "random k",

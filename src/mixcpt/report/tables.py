@@ -54,6 +54,16 @@ def _budget(count, unit: str, steps) -> str:
     return "" if count is None else f"{count:,} {unit}, {steps} steps"
 
 
+def _stage1_budget(summary: dict) -> str:
+    """Stage 1's tokens and steps, then the passes over its stream and the domain tokens in them
+    (what the budgets of the streams are matched on)."""
+    budget = _budget(summary["stage1_tokens"], "tokens", summary["stage1_steps"])
+    passes, domain = summary.get("stage1_passes"), summary.get("stage1_domain_tokens")
+    if budget and passes is not None and domain is not None:
+        budget += f" ({passes:.3g} passes, {domain:,} domain tokens)"
+    return budget
+
+
 def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """(header, cells) of results["arms"]: each arm's stage-1 stream and loss, what stage 2
     aligned on, and what each stage trained on (blank where the stage has not run)."""
@@ -82,7 +92,7 @@ def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
                 a["arm"],
                 a["like"],
                 stage1,
-                _budget(a["stage1_tokens"], "tokens", a["stage1_steps"]),
+                _stage1_budget(a),
                 stage2,
                 _budget(a["sft_samples"], "samples", a["sft_steps"]),
                 dpo,
@@ -94,8 +104,9 @@ def arms_table(results: dict) -> tuple[list[str], list[list[str]]]:
 def arm_summaries(cfg: Config, results: dict) -> list[dict]:
     """What results["arms"] holds, per arm of `cfg` in order: its name and the built-in it is or is
     like; stage 1's stream, loss weights and objective, teacher (None without one), the arm whose
-    stage-1 model it uses when not its own, and that model's steps and tokens; stage 2's selection
-    ({k, strategy, score}, None on the whole pool) and whose it is when shared; SFT's samples and
+    stage-1 model it uses when not its own, and that model's steps, tokens, passes over its stream
+    and domain tokens trained; stage 2's selection ({k, strategy, score}, None on the whole pool)
+    and whose it is when shared; SFT's samples and
     steps; whether it runs DPO, and DPO's pairs and steps. Counts are those results.json records
     (None for a stage not run yet). A merge arm's: its name, like "merge", merge_of (the arm it
     merges toward the base) and base_weight (λ)."""
@@ -128,6 +139,8 @@ def arm_summaries(cfg: Config, results: dict) -> list[dict]:
                 "stage1_shared_with": stage1 if stage1 != arm.name else None,
                 "stage1_tokens": trained["cpt"].get("tokens"),
                 "stage1_steps": trained["cpt"].get("steps"),
+                "stage1_passes": trained["cpt"].get("passes"),
+                "stage1_domain_tokens": trained["cpt"].get("domain_tokens"),
                 "select": None
                 if selection is None
                 else {"k": select.k, "strategy": select.strategy, "score": select.score},

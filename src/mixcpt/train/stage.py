@@ -1,12 +1,15 @@
 """The `cpt` stage: continual pre-training of one arm, resumable, written as a standard HF folder.
 
-Each arm trains on its stream (`mix`: D_MIX in data/mix; `domain`: D_K in data/domain) with its
-own cpt section (mixcpt.config.arms): "mixcpt" with cfg.cpt's losses and teacher, "baseline" with
-plain cross-entropy on D_K and the same training settings. An arm on D_K makes as many passes
-over it as the same settings make over D_MIX (`domain_matched`), so both streams train on the
-same domain tokens: D_K is D_MIX's domain documents in D_MIX's order (mixcpt.data.stage), so a
-pass over either holds them once each. The number is recorded as `domain_tokens` in each arm's
-metrics and under data/domain_tokens_trained in results.json.
+Each arm trains on its stream (`mix`: D_MIX in data/mix; `domain`: D_K in data/domain; `replay`:
+D_R in data/replay) with its own cpt section (mixcpt.config.arms): "mixcpt" with cfg.cpt's losses
+and teacher, "traditional" with plain cross-entropy on D_K and the same training settings, "lora"
+with cfg.cpt's losses training LoRA adapters. An arm on D_K makes as many passes over it as the
+same settings make over D_MIX (`domain_matched`), so both streams train on the same domain tokens:
+D_K is D_MIX's domain documents in D_MIX's order (mixcpt.data.stage), so a pass over either holds
+them once each. An arm on D_R trains with cpt.training as it is: D_R holds D_K's documents once
+per pass too and is about D_MIX's size (mixcpt.data.replay), so the same steps make about the
+same passes. The domain tokens trained are recorded as `domain_tokens` in each arm's metrics and
+under data/domain_tokens_trained in results.json.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     """Train stage 1 of `arm` (one of the config's arms) and save `run.stage(arm, "cpt")`.
 
     Resumes from the last checkpoint in `run.work(arm, "cpt")`; skips (returning the recorded
-    metrics) when the final folder was built from the same inputs, unless `force`. With
-    `cpt.teacher: lora` every arm trains LoRA adapters, merged into the weights before saving.
+    metrics) when the final folder was built from the same inputs, unless `force`. An arm whose
+    cpt.teacher is lora trains LoRA adapters, merged into the weights before saving.
     Returns the metrics also written to results.json under stages/<arm>/cpt.
     """
     key, work = f"{arm}/cpt", run.work(arm, "cpt")
@@ -146,7 +149,7 @@ def started_with(
 
 
 def training_blocks(run: RunDir, stream_name: str) -> IndexedBlocks:
-    """The packed stream an arm trains on: "mix" (D_MIX) or "domain" (D_K)."""
+    """The packed stream an arm trains on: "mix" (D_MIX), "domain" (D_K) or "replay" (D_R)."""
     stream = run.data / stream_name
     if not (stream / "meta.json").is_file():
         raise InputError(stream, None, "packed training data missing; run the `data` stage first")
