@@ -189,9 +189,10 @@ def test_arms_are_named_by_builtin_config_or_merge_names_or_all():
     assert [e.name for e in chosen] == ["short", "short-merge-0.5", "baseline"]
     assert (chosen[1].like, chosen[1].of, chosen[1].base_weight) == ("merge", "short", 0.5)
     everything = [e.name for e in arms_named(["all"], configured)]
-    assert everything[:2] == ["mixcpt", "baseline"] and "whole-pool" in everything
+    assert everything[:2] == ["mixcpt", "traditional"] and "whole-pool" in everything
+    assert "baseline" not in everything  # the older name of traditional: not trained twice
     assert everything[-6:] == [
-        f"{arm}-merge-{w}" for arm in ("mixcpt", "baseline") for w in ("0.25", "0.5", "0.75")
+        f"{arm}-merge-{w}" for arm in ("mixcpt", "traditional") for w in ("0.25", "0.5", "0.75")
     ]
     for bad in ("nope", "mixcpt-merge-2", "nope-merge-0.5"):
         with pytest.raises(ConfigError, match=f"no arm '{bad}'; the arms are mixcpt, short, "):
@@ -217,5 +218,5 @@ def test_demo_arms_are_written_to_the_run_config_before_anything_is_built(tmp_pa
     out = tmp_path / "bad"
     assert main(["demo", "--quick", "--output", str(out), "--arms", "mixcpt,lasso"]) == 2
     err = capsys.readouterr().err
-    assert "no arm 'lasso'; the arms are mixcpt, baseline, mixture-ce" in err
+    assert "no arm 'lasso'; the arms are mixcpt, traditional, mixture-ce" in err
     assert not (out / "world").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from mixcpt.config.arms import BUILTIN_ARMS, MERGE, ArmConfig, check_entries
+from mixcpt.config.arms import ALIASES, BUILTIN_ARMS, MERGE, ArmConfig, check_entries
 from mixcpt.errors import ConfigError
 
 # What `all` merges toward the base, and at which base weights λ.
@@ -26,7 +26,9 @@ def arms_named(names: list[str], configured: list[ArmConfig]) -> list[ArmConfig]
     each of `MERGE_WEIGHTS`. Raises a ConfigError naming what it accepts for an unknown name, or
     naming the entry and key `check_entries` refuses (a merge of an arm not in the list)."""
     known = {e.name: e for e in configured} | {
-        n: ArmConfig(name=n) for n in BUILTIN_ARMS if n not in {e.name for e in configured}
+        n: ArmConfig(name=n)
+        for n in (*BUILTIN_ARMS, *ALIASES)
+        if n not in {e.name for e in configured}
     }
     wanted = []
     for name in names:
