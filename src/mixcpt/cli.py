@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="A,B,...",
         help="the arms to run instead of the demo config's: built-in names, ARM-merge-λ (ARM's "
         "stage-1 model merged toward the base with weight λ, e.g. mixcpt-merge-0.5), or all "
-        "(every built-in arm, and mixcpt and baseline merged at 0.25, 0.5 and 0.75)",
+        "(every built-in arm, and mixcpt and traditional merged at 0.25, 0.5 and 0.75)",
     )
     commands = [("run", "run every stage in order")] + [(s, f"run the {s} stage") for s in STAGES]
     commands.insert(2, ("cache", "build stage 1's teacher cache alone (every process its share)"))

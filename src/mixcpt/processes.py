@@ -34,6 +34,13 @@ from mixcpt.errors import ConfigError
 # TrainingArguments.ddp_timeout's default (torch's own for a process group)
 DEFAULT_TIMEOUT_S = 1800
 
+# DeepSpeed picks its accelerator when first imported (accelerate imports it, when installed, as
+# any Trainer is created); finding no GPU it says so on stdout, which would corrupt output meant
+# for a pipe (a benchmark's JSON line). Naming the CPU accelerator it would pick anyway keeps it
+# quiet. Every stage and Trainer of mixcpt imports this module first.
+if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
 
 def on_cpu_only() -> bool:
     """True on a machine with no accelerator (CUDA, XPU, MPS...): processes there use gloo."""

@@ -39,7 +39,10 @@ def test_the_frontier_keeps_the_non_dominated_points_and_ties():
     # as much loss as the other up to float noise (0.1 + 0.2 != 0.3), and less gain: dominated
     assert pareto_front([(0.4, 0.1 + 0.2), (0.2, 0.3)]) == [0]
     assert pareto_front([]) == []
-    assert pareto_front([(-0.1, 0.5)]) == [0]
+    # worse than the base (no gain, no loss) on both axes: dominated by not training at all
+    assert pareto_front([(-0.1, 0.5)]) == []
+    assert pareto_front([(-0.1, 0.5)], base=None) == [0]
+    assert pareto_front([(0.0, 0.0), (-0.1, -0.1)]) == [1, 0]  # the base's equal is kept
 
 
 @pytest.fixture

@@ -177,20 +177,17 @@ def test_a_resumed_teacherless_arm_reads_the_base_reference_saved_before_its_fir
         run_cpt(cfg, run, "mixcpt")  # CE only: no teacher
     work = run.work("mixcpt", "cpt")
     assert (work / REFERENCE_FILE).is_file() and (work / "checkpoint-2").is_dir()
-    saved = (work / REFERENCE_FILE).read_bytes()
 
     monkeypatch.setattr(LSSDTrainer, "training_step", real_step)
     # the model has trained by now: a reference made from it would not be the base's
     monkeypatch.setattr(
         forgetting_monitor, "base_reference", lambda *a: pytest.fail("recomputed on resume")
     )
-    shutil.copy(work / REFERENCE_FILE, run.root / "kept.pt")
     metrics = run_cpt(cfg, run, "mixcpt")
     logged = [h for h in metrics["log_history"] if "kl_to_base" in h]
     # step 2 from the checkpoint's history, step 4 measured by the resumed run
     assert [h["step"] for h in logged] == [2, 4] and logged[-1]["kl_to_base"] > 0
     assert metrics["kl_probe_s"] > 0
-    assert (run.root / "kept.pt").read_bytes() == saved
 
     # a resume without the saved reference turns the monitor off, with one line
     monkeypatch.setattr(forgetting_monitor, "base_reference", base_reference)

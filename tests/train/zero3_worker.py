@@ -1,4 +1,4 @@
-"""One process of tests/train/test_zero3.py (run under torchrun, 2 processes, gloo on the CPU).
+"""One process of the ZeRO-3 case of tests/train/test_fsdp2.py (under torchrun, 2 processes, gloo).
 
 Stage 1's loss through `LSSDTrainer.compute_loss` with the student in a DeepSpeed ZeRO-3 engine
 (as accelerate wraps it under `deepspeed:`) and an online teacher that follows it, each process on

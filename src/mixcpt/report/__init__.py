@@ -174,9 +174,9 @@ def write_report(run: RunDir) -> tuple[Path, Path]:
         "with general pre-training text, about D_MIX's size). Arms with the same stage-1 "
         "settings share one stage-1 model, and arms with the same model and select settings one "
         "selection. Budgets: the tokens stage 1 trained on (repeats and padding counted), its "
-        "steps, passes over its stream and domain tokens: arms on D_MIX and D_R train with "
-        "cpt.training as set, arms on D_K make as many passes as over D_MIX, so every arm sees "
-        "the same domain tokens; then the distinct samples SFT and pairs DPO trained on, each "
+        "steps, passes over its stream and domain tokens: arms on D_MIX train with cpt.training as "
+        "set, arms on D_K and D_R make as many passes as over D_MIX, so every arm sees the same "
+        "domain tokens; then the distinct samples SFT and pairs DPO trained on, each "
         "with its optimizer steps."
     )
 

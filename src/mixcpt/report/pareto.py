@@ -43,21 +43,28 @@ class Point(NamedTuple):
     kl_ci: list[float] | None
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+# the base model's point on every panel: no domain gain, no general loss, no KL to itself
+BASE = (0.0, 0.0)
+
+
+def pareto_front(
+    points: Sequence[tuple[float, float]], base: tuple[float, float] | None = BASE
+) -> list[int]:
     """Indices of the non-dominated points (x higher is better, y lower is better), by x then y.
 
-    A point is dominated when another is at least as good on both axes and better on one; two
-    equal points do not dominate each other, so both are kept. Coordinates are compared rounded
-    to 12 decimals: two means of the same scores can differ by float noise (1e-17), which must
-    neither make nor break a tie."""
+    A point is dominated when another, or `base` (the base model: no gain, no loss; None for
+    none), is at least as good on both axes and better on one: an arm worse than not training at
+    all is not on the frontier. Two equal points do not dominate each other, so both are kept.
+    Coordinates are compared rounded to 12 decimals: two means of the same scores can differ by
+    float noise (1e-17), which must neither make nor break a tie."""
     points = [(round(x, 12), round(y, 12)) for x, y in points]
+    others = [] if base is None else [base]
 
     def dominated(i: int) -> bool:
         x, y = points[i]
         return any(
             (ox >= x and oy <= y) and (ox > x or oy < y)
-            for j, (ox, oy) in enumerate(points)
-            if j != i
+            for ox, oy in [*(p for j, p in enumerate(points) if j != i), *others]
         )
 
     return sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: points[i])

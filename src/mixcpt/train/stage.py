@@ -55,7 +55,7 @@ def run_cpt(cfg: Config, run: RunDir, arm: str, force: bool = False) -> dict:
     cpt = this.config.cpt
     blocks = training_blocks(run, this.stream)
     processes = process_state().num_processes
-    if this.stream == "domain":
+    if this.stream in ("domain", "replay"):  # D_K's documents once a pass: match the passes
         cpt = domain_matched(cpt, run, processes)
     passes = passes_over(cpt.training, len(blocks), processes)
     per_pass = domain_tokens_per_pass(run)
@@ -172,9 +172,10 @@ def passes_over(training: TrainingConfig, n_blocks: int, processes: int) -> floa
 
 
 def domain_matched(cpt: CPTConfig, run: RunDir, processes: int) -> CPTConfig:
-    """`cpt` with its budget set to as many passes over D_K as Mix-CPT's stage 1 (the same
-    cpt.training) makes over D_MIX: max_steps -1 and num_epochs those passes. A pass over D_K holds
-    exactly the domain tokens of a pass over D_MIX, so both arms train on the same domain tokens:
+    """`cpt` with its budget set to as many passes over D_K (or D_R) as Mix-CPT's stage 1 (the same
+    cpt.training) makes over D_MIX: max_steps -1 and num_epochs those passes. A pass over D_K, or
+    over D_R (D_K's documents with replayed text among them, whatever `data.replay_share`), holds
+    exactly the domain tokens of a pass over D_MIX, so the arms train on the same domain tokens:
     exactly when Mix-CPT trains whole passes (num_epochs, or max_steps a multiple of its steps
     per pass), else up to the blocks each arm's Trainer samples for its last, partial pass."""
     passes = passes_over(cpt.training, len(IndexedBlocks(run.data / "mix")), processes)

@@ -98,7 +98,7 @@ class LSSDTrainer(Trainer):
             student, weight, outputs = self.student_forward(model, inputs)
         target = None
         if self.teacher is not None:
-            self.teacher.follow(model)  # under FSDP2 a model of its own is sharded alike, once
+            self.teacher.follow(model)  # under FSDP2 or ZeRO-3 a model of its own is sharded alike
             target = self.teacher.target(inputs)
         with self.accelerator.autocast():  # the chunked output layer in the forward's precision
             result = cpt_loss(
