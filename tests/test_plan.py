@@ -146,10 +146,15 @@ def test_an_online_teacher_is_counted_sharded_where_the_student_is(mode):
     cfg.cpt.teacher = "online"
     replica = 2 * 8_030_261_248  # the bfloat16 teacher, whole on every GPU under DDP and ZeRO-2
 
-    def frozen(mode: str) -> int:
+    def cpt(mode: str):
         stages = plan(cfg, gpus=8, gpu_memory_gib=80, mode=mode).stages
-        return next(m for m in stages if m.stage == "cpt/mixcpt").frozen
+        return next(m for m in stages if m.stage == "cpt/mixcpt")
+
+    def frozen(mode: str) -> int:
+        return cpt(mode).frozen
 
     assert frozen("zero2") == replica
+    # before the first step the whole float32 student and the whole teacher sit on each GPU
+    assert cpt(mode).peak >= 8_030_261_248 * (4 + 2)
     # an eighth of it, plus the units its forward gathers
     assert replica / 8 < frozen(mode) < replica / 2

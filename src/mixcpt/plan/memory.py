@@ -214,6 +214,12 @@ def estimate_stage(shape: ModelShape, work: Workload, launch: Launch) -> StageMe
     other = gathered + context
     held = gradients if work.accumulation > 1 else 0  # mixcpt.plan's docstring
     peak = weights + frozen + optimizer + other + max(acts + loss + held, gradients)
+    if launch.mode in SHARDED and work.teacher == "online":
+        # before the first step every process holds the whole float32 student (moved to its GPU)
+        # and the whole teacher copied from it (train.stage.load_teacher); both are sharded only
+        # then, so that moment can be the stage's peak
+        whole = shape.params * (MASTER + work.storage) + context
+        peak = max(peak, whole)
     note = ""
     if work.lora and launch.mode in SHARDED:
         note = "cpt.teacher: lora is refused under FSDP and ZeRO-3 (use DDP, ZeRO-2 or cache)"
