@@ -29,7 +29,7 @@ from mixcpt.config import config_from_dict
 from mixcpt.data.render import render_plain_prompt
 from mixcpt.demo import base_model, world
 from mixcpt.demo.run import demo_config
-from mixcpt.evaluate.scoring import score_multiple_choice
+from mixcpt.evaluate.scoring import mean_scores, multiple_choice_correct
 from mixcpt.pipeline import run_stage
 from mixcpt.rundir import RunDir
 from mixcpt.train import stage as cpt_stage
@@ -68,7 +68,9 @@ class Scorer:
         scores = {}
         for name, items in self.benches.items():
             prompts = [render_plain_prompt(i["question"], "", self.template) for i in items]
-            mc = score_multiple_choice(model, tokenizer, prompts, items, batch_size=64)
+            mc = mean_scores(
+                multiple_choice_correct(model, tokenizer, prompts, items, batch_size=64)
+            )
             scores[name] = round(mc["acc_norm"], 3)
         model.train(was_training)
         return scores

@@ -11,8 +11,8 @@ Stages and their floors (ratio = ours / floor; below 1 means ours is faster):
               over the same blocks, same batch size
     select    `select_kind` (plain rendering, ppl score) / lm-evaluation-harness's HFLM
               `loglikelihood` on the same (prompt, response + EOS) requests
-    mc        `score_multiple_choice` / HFLM `loglikelihood` on the same (prompt, " " + choice)
-    ppl       `score_perplexity` / HFLM `loglikelihood_rolling` on the same texts
+    mc        `multiple_choice_correct` / HFLM `loglikelihood` on the same (prompt, " " + choice)
+    ppl       `perplexity_per_text` / HFLM `loglikelihood_rolling` on the same texts
     generate  `generate_answers` (batched) / an unbatched `model.generate` loop, same settings
     sft       one optimizer step of our SFT Trainer / of TRL's `SFTTrainer`, same batch
     dpo       one optimizer step of our DPOTrainer / of TRL's `DPOTrainer`, same pairs, both
@@ -349,7 +349,7 @@ def multiple_choice_items(inp: Inputs, n: int) -> tuple[list[str], list[dict]]:
 
 
 def stage_mc(inp: Inputs, a) -> dict:
-    from mixcpt.evaluate.scoring import loglikelihoods, score_multiple_choice
+    from mixcpt.evaluate.scoring import loglikelihoods, mean_scores, multiple_choice_correct
 
     tok = inp.tokenizer
     prompts, items = multiple_choice_items(inp, a.samples)
@@ -364,7 +364,9 @@ def stage_mc(inp: Inputs, a) -> dict:
     scores = {}
 
     def ours():
-        scores["ours"] = score_multiple_choice(model, tok, prompts, items, a.batch, a.max_length)
+        scores["ours"] = mean_scores(
+            multiple_choice_correct(model, tok, prompts, items, a.batch, a.max_length)
+        )
 
     def theirs():
         scores["lm_eval"] = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
@@ -384,7 +386,7 @@ def stage_mc(inp: Inputs, a) -> dict:
 
 
 def stage_ppl(inp: Inputs, a) -> dict:
-    from mixcpt.evaluate.scoring import score_perplexity
+    from mixcpt.evaluate.scoring import perplexity_per_text, perplexity_scores
 
     tok = inp.tokenizer
     texts = inp.texts(a.texts)
@@ -402,7 +404,9 @@ def stage_ppl(inp: Inputs, a) -> dict:
     out = {}
 
     def ours():
-        out["ours"] = score_perplexity(model, tok, texts, a.batch, a.ppl_max_length)
+        out["ours"] = perplexity_scores(
+            perplexity_per_text(model, tok, texts, a.batch, a.ppl_max_length)
+        )
 
     def theirs():
         out["lm_eval"] = lm.loglikelihood_rolling(requests, disable_tqdm=True)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mixcpt.evaluate.scoring import loglikelihoods, score_multiple_choice
+from mixcpt.evaluate.scoring import loglikelihoods, mean_scores, multiple_choice_correct
 
 ITEMS = [
     {"question": "Where was Alice born?", "choices": ["Paris", "London town", "Vega"], "answer": 0},
@@ -58,8 +58,8 @@ def test_lm_eval_local_task_agrees_with_our_scoring(tmp_path, tiny_model, tiny_t
     assert ours == pytest.approx(theirs, abs=1e-4)
 
     scores = lm_eval_scores(output)["tiny_mc"]
-    mine = score_multiple_choice(
-        tiny_model, tiny_tokenizer, [it["question"] for it in ITEMS], ITEMS
+    mine = mean_scores(
+        multiple_choice_correct(tiny_model, tiny_tokenizer, [it["question"] for it in ITEMS], ITEMS)
     )
     assert scores["acc"] == pytest.approx(mine["acc"], abs=1e-4)
     assert scores["acc_norm"] == pytest.approx(mine["acc_norm"], abs=1e-4)

@@ -9,11 +9,14 @@ from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.evaluate.scoring import (
     encode,
     generate_answers,
-    kl_to_base,
+    kl_per_window,
     loglikelihoods,
+    mean_kl,
+    mean_scores,
+    multiple_choice_correct,
+    perplexity_per_text,
+    perplexity_scores,
     score_generation,
-    score_multiple_choice,
-    score_perplexity,
 )
 from mixcpt.responses import features, response_logps, score_responses
 
@@ -70,7 +73,9 @@ def test_multiple_choice_picks_highest_direct_loglikelihood(tiny_model, tiny_tok
             max(range(len(lls)), key=lambda i: lls[i] / len(item["choices"][i])) == item["answer"]
         )
     assert got == pytest.approx(expected, abs=1e-4)
-    scores = score_multiple_choice(tiny_model, tiny_tokenizer, prompts, ITEMS, batch_size=2)
+    scores = mean_scores(
+        multiple_choice_correct(tiny_model, tiny_tokenizer, prompts, ITEMS, batch_size=2)
+    )
     assert scores == {"acc": acc / len(ITEMS), "acc_norm": acc_norm / len(ITEMS)}
 
 
@@ -96,7 +101,7 @@ def test_perplexity_is_exp_mean_nll_and_bits_per_byte_counts_utf8_bytes(tiny_mod
         ids = tiny_tokenizer(t).input_ids  # BOS first: every text token is predicted
         nll -= direct_logprob(tiny_model, ids, len(ids) - 1)
         tokens += len(ids) - 1
-    got = score_perplexity(tiny_model, tiny_tokenizer, texts, batch_size=2)
+    got = perplexity_scores(perplexity_per_text(tiny_model, tiny_tokenizer, texts, batch_size=2))
     assert got["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(
         nll / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5
@@ -106,7 +111,7 @@ def test_perplexity_is_exp_mean_nll_and_bits_per_byte_counts_utf8_bytes(tiny_mod
 def test_perplexity_of_long_text_in_short_windows_predicts_every_token(tiny_model, tiny_tokenizer):
     text = "The quick brown fox jumps over the lazy dog. " * 6
     n_tokens = len(tiny_tokenizer(text).input_ids) - 1
-    got = score_perplexity(tiny_model, tiny_tokenizer, [text], max_length=8)
+    got = perplexity_scores(perplexity_per_text(tiny_model, tiny_tokenizer, [text], max_length=8))
     # bits per byte and perplexity are two views of one total NLL over all n_tokens tokens
     nll_from_bpb = got["bits_per_byte"] * math.log(2) * len(text.encode())
     assert got["perplexity"] == pytest.approx(math.exp(nll_from_bpb / n_tokens), rel=1e-5)
@@ -140,7 +145,9 @@ def test_score_generation_exact_and_contains():
 
 def test_kl_to_base_zero_for_same_model_and_matches_direct_kl(tiny_model, tiny_tokenizer):
     texts = ["Alice was born in Paris in 1970.", "The planet Zorbax orbits the star Vega."]
-    assert kl_to_base(tiny_model, tiny_model, tiny_tokenizer, texts) == pytest.approx(0.0, abs=1e-6)
+    assert mean_kl(kl_per_window(tiny_model, tiny_model, tiny_tokenizer, texts)) == pytest.approx(
+        0.0, abs=1e-6
+    )
     other = perturbed(tiny_model)
     total = count = 0
     for t in texts:
@@ -152,9 +159,9 @@ def test_kl_to_base_zero_for_same_model_and_matches_direct_kl(tiny_model, tiny_t
             q = F.log_softmax(other(ids).logits[0], -1)
         total += (p.exp() * (p - q)).sum().item()
         count += ids.shape[1]
-    assert kl_to_base(tiny_model, other, tiny_tokenizer, texts, batch_size=2) == pytest.approx(
-        total / count, rel=1e-5
-    )
+    assert mean_kl(
+        kl_per_window(tiny_model, other, tiny_tokenizer, texts, batch_size=2)
+    ) == pytest.approx(total / count, rel=1e-5)
 
 
 def test_rows_feeding_the_same_ids_share_one_forward_with_the_same_scores(

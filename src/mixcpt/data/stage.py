@@ -32,6 +32,7 @@ import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -155,16 +156,14 @@ def run_data(cfg: Config, run: RunDir, force: bool = False) -> dict:
         # the replay sources come last, so D_MIX's plan numbers the others as `sources` does
         mixed = [s for s in sources if s.group != "replay"]
         plan = _plan(cfg, mixed)
-        pad = tokenizer.pad_token_id
-        mix = _pack_mix(plan, mixed, cfg, pad, tmp / "mix", fingerprint)
-        domain = _pack_domain(plan, mixed, cfg, pad, tmp / "domain", fingerprint)
+        packer = Packer(cfg.data.block_size, tokenizer.pad_token_id, fingerprint, tmp)
+        mix = _pack_mix(plan, mixed, packer)
+        domain = _pack_domain(plan, mixed, packer)
         pool = _write_pool(plan, mixed, tmp / "pool")
         stats = {"mix": mix, "domain": domain}
         if cfg.data.replay:
             share = cfg.data.replay_share or general_share(mix["sources"])
-            stats["replay"] = _pack_replay(
-                plan, sources, share, domain["n_tokens"], cfg, pad, tmp / "replay", fingerprint
-            )
+            stats["replay"] = _pack_replay(plan, sources, share, domain["n_tokens"], cfg, packer)
         shutil.rmtree(tmp / "_tokens")
         stats = {
             **stats,
@@ -216,19 +215,31 @@ def _plan(cfg: Config, sources: list[TokenizedSource]) -> MixturePlan:
     )
 
 
-def _pack_mix(
-    plan: MixturePlan,
-    sources: list[TokenizedSource],
-    cfg: Config,
-    pad_id: int,
-    folder: Path,
-    fingerprint: str,
-) -> dict:
-    """Pass 2 for D_MIX into `folder`; returns `pack_documents`'s statistics plus, under
-    "sources", the statistics of each source."""
-    mix = pack_documents(
-        plan.order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_MIX"
-    )
+class Packer(NamedTuple):
+    """Pass 2's settings, the same for every stream: blocks of `block_size` tokens padded with
+    `pad_id`, stamped with the data build's `fingerprint`, each stream in its folder under
+    `root`."""
+
+    block_size: int
+    pad_id: int
+    fingerprint: str
+    root: Path
+
+    def __call__(self, order: np.ndarray, sources: list[TokenizedSource], stream: str) -> dict:
+        """Pack the documents of `order` into `root/<stream>` (`pack_documents`)."""
+        folder, desc = self.root / stream, f"pack {STREAM_NAMES[stream]}"
+        return pack_documents(
+            order, sources, self.block_size, self.pad_id, folder, self.fingerprint, desc
+        )
+
+
+STREAM_NAMES = {"mix": "D_MIX", "domain": "D_K", "replay": "D_R"}
+
+
+def _pack_mix(plan: MixturePlan, sources: list[TokenizedSource], pack: Packer) -> dict:
+    """Pass 2 for D_MIX; returns `pack_documents`'s statistics plus, under "sources", the
+    statistics of each source."""
+    mix = pack(plan.order, sources, "mix")
     mix["sources"] = _source_stats(plan, sources)
     mix["unit"] = "tokens"
     return mix
@@ -254,22 +265,13 @@ def _source_stats(plan: MixturePlan, sources: list[TokenizedSource]) -> dict:
     }
 
 
-def _pack_domain(
-    plan: MixturePlan,
-    sources: list[TokenizedSource],
-    cfg: Config,
-    pad_id: int,
-    folder: Path,
-    fingerprint: str,
-) -> dict:
-    """Pass 2 for D_K, the traditional arm's stream, into `folder`: exactly the domain documents
+def _pack_domain(plan: MixturePlan, sources: list[TokenizedSource], pack: Packer) -> dict:
+    """Pass 2 for D_K, the traditional arm's stream: exactly the domain documents
     drawn into D_MIX, in D_MIX's order and with its repetitions (oversampling), so that a pass over
     D_K trains on the same domain tokens as a pass over D_MIX (`mixcpt.train.stage` gives the
     traditional arm as many passes as Mix-CPT). Returns `pack_documents`'s statistics."""
     domain = np.isin(plan.order[:, 0], _domain_indices(sources))
-    return pack_documents(
-        plan.order[domain], sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_K"
-    )
+    return pack(plan.order[domain], sources, "domain")
 
 
 def _pack_replay(
@@ -278,11 +280,9 @@ def _pack_replay(
     share: float,
     domain_tokens: int,
     cfg: Config,
-    pad_id: int,
-    folder: Path,
-    fingerprint: str,
+    pack: Packer,
 ) -> dict:
-    """Pass 2 for D_R into `folder` (mixcpt.data.replay): D_K's documents with `share` of the
+    """Pass 2 for D_R (mixcpt.data.replay): D_K's documents with `share` of the
     tokens drawn from the replay sources (the last of `sources`). Returns `pack_documents`'s
     statistics plus the domain and replayed tokens, the share achieved and asked, and under
     "sources" what each replay source gave."""
@@ -299,9 +299,7 @@ def _pack_replay(
         [s.label for s in replay],
         first,
     )
-    stats = pack_documents(
-        order, sources, cfg.data.block_size, pad_id, folder, fingerprint, "pack D_R"
-    )
+    stats = pack(order, sources, "replay")
     tokens = drawn.drawn_tokens([s.lengths for s in replay])
     total = domain_tokens + sum(tokens)
     stats.update(

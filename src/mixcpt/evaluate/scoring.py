@@ -111,20 +111,6 @@ def mean_scores(per_item: dict[str, list[float]]) -> dict[str, float]:
     return {metric: sum(values) / len(values) for metric, values in per_item.items()}
 
 
-def score_multiple_choice(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    items: list[dict],
-    batch_size: int = 8,
-    max_length: int = 1024,
-) -> dict[str, float]:
-    """`acc` and `acc_norm` of `multiple_choice_correct`, as fractions of the items."""
-    return mean_scores(
-        multiple_choice_correct(model, tokenizer, prompts, items, batch_size, max_length)
-    )
-
-
 @torch.inference_mode()
 def generate_answers(
     model: PreTrainedModel,
@@ -182,7 +168,7 @@ def score_generation(predictions: list[str], answers: list[list[str]]) -> dict[s
     return mean_scores(generation_correct(predictions, answers))
 
 
-def _windows(
+def text_windows(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 ) -> tuple[list[dict], list[int]]:
     """`features` rows of at most `max_length + 1` ids (the model sees `max_length` of them, as in
@@ -209,7 +195,7 @@ def perplexity_per_text(
 ) -> dict[str, list[float]]:
     """Per text: `nll` (summed over its predicted tokens, in nats), `tokens` (how many were
     predicted) and `bytes` (its UTF-8 length)."""
-    windows, owners = _windows(tokenizer, texts, max_length)
+    windows, owners = text_windows(tokenizer, texts, max_length)
     logps, counts = score_responses(
         model, windows, batch_size, tokenizer.pad_token_id, "perplexity"
     )
@@ -228,17 +214,6 @@ def perplexity_scores(per_text: dict[str, list[float]]) -> dict[str, float]:
     return {"perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / n_bytes}
 
 
-def score_perplexity(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    batch_size: int = 8,
-    max_length: int = 1024,
-) -> dict[str, float]:
-    """`perplexity_scores` of the texts."""
-    return perplexity_scores(perplexity_per_text(model, tokenizer, texts, batch_size, max_length))
-
-
 @torch.inference_mode()
 def kl_per_window(
     base_model: PreTrainedModel,
@@ -248,11 +223,11 @@ def kl_per_window(
     batch_size: int = 8,
     max_length: int = 1024,
 ) -> dict[str, list[float]]:
-    """Per window of the texts (`_windows`): `sum` over its predicted tokens of KL(p_base ||
+    """Per window of the texts (`text_windows`): `sum` over its predicted tokens of KL(p_base ||
     p_model) = sum_v p_base (log p_base - log p_model), and `count`, how many tokens that is."""
     base_model.eval()
     model.eval()
-    windows, _ = _windows(tokenizer, texts, max_length)
+    windows, _ = text_windows(tokenizer, texts, max_length)
     sums, counts = [0.0] * len(windows), [0] * len(windows)
     for idx in _batches(list(range(len(windows))), batch_size, "KL to base"):
         batch = pad_batch([windows[i] for i in idx], tokenizer.pad_token_id)
@@ -277,20 +252,7 @@ def kl_per_window(
     return {"sum": sums, "count": counts}
 
 
-def kl_to_base(
-    base_model: PreTrainedModel,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    batch_size: int = 8,
-    max_length: int = 1024,
-) -> float:
-    """Mean over predicted tokens of KL(p_base || p_model) (`kl_per_window` pooled): how far the
-    stage model's next-token distributions moved from the base on general text."""
-    return mean_kl(kl_per_window(base_model, model, tokenizer, texts, batch_size, max_length))
-
-
 def mean_kl(per_window: dict[str, list[float]]) -> float:
     """Mean KL per predicted token, pooled over the windows of `kl_per_window`: total `sum` over
-    total `count`."""
+    total `count`; how far the model's next-token distributions moved from the base's."""
     return sum(per_window["sum"]) / sum(per_window["count"])

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 
 from mixcpt.evaluate.intervals import accuracy_axis
 from mixcpt.report.plots import arm_colors, figure_png
-from mixcpt.report.tables import _with_ci
+from mixcpt.report.tables import with_ci
 
 STAGE_ONE = "after stage 1"
 ALIGNED = "after alignment"
@@ -228,9 +228,9 @@ def pareto_table(results: dict, when: str) -> tuple[list[str], list[list[str]]]:
         [
             ", ".join(p.arms),
             p.stage,
-            _with_ci(p.gain, p.gain_ci),
-            _with_ci(p.loss, p.loss_ci),
-            _with_ci(p.kl, p.kl_ci),
+            with_ci(p.gain, p.gain_ci),
+            with_ci(p.loss, p.loss_ci),
+            with_ci(p.kl, p.kl_ci),
             "✔" if i in front_loss else "",
             "✔" if i in front_kl else "",
         ]

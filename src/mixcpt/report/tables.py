@@ -155,7 +155,7 @@ def arm_summaries(cfg: Config, results: dict) -> list[dict]:
     return summaries
 
 
-def _with_ci(value: Any, ci: list[float] | None) -> str:
+def with_ci(value: Any, ci: list[float] | None) -> str:
     """ "0.75 [0.70, 0.80]": a value and its 95% interval, or the value alone when it has none."""
     if value is None or ci is None:
         return _fmt(value)
@@ -198,9 +198,9 @@ def results_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]
             intervals = row.get("intervals", {})
             for key, name, _ in columns:
                 value = row.get(key, {}).get(name, {}).get(benchmarks[name].get("main_metric"))
-                line.append(_with_ci(value, intervals.get(key, {}).get(name)))
+                line.append(with_ci(value, intervals.get(key, {}).get(name)))
             kl = row.get("retention", {}).get("kl_to_base")
-            line.append(_with_ci(kl, intervals.get("kl_to_base")))
+            line.append(with_ci(kl, intervals.get("kl_to_base")))
         cells.append(line)
         missing.append(row.get("status") != "ok")
     return header, cells, missing
@@ -221,10 +221,10 @@ def retention_table(results: dict) -> tuple[list[str], list[list[str]]]:
         cells.append(
             [r["arm"], _stage_cell(r)]
             + [
-                _with_ci(r["retention"]["delta"].get(n), intervals.get("delta", {}).get(n))
+                with_ci(r["retention"]["delta"].get(n), intervals.get("delta", {}).get(n))
                 for n in general
             ]
-            + [_with_ci(r["retention"].get("kl_to_base"), intervals.get("kl_to_base"))]
+            + [with_ci(r["retention"].get("kl_to_base"), intervals.get("kl_to_base"))]
         )
     return header, cells
 
@@ -253,7 +253,7 @@ def claims_table(results: dict) -> tuple[list[str], list[list[str]]]:
             stage = ", ".join(f"{a}: {s}" for a, s in m.get("stage", {}).items()) or m["when"]
 
             def side(x: dict | None, arm: str) -> str:
-                return f"{arm}: {_with_ci(x['mean'], x['ci'])}" if x else arm
+                return f"{arm}: {with_ci(x['mean'], x['ci'])}" if x else arm
 
             diff = m.get("difference")
             m_verdict = m["verdict"] + ("" if m["decides"] else " (shown, does not decide)")
@@ -268,7 +268,7 @@ def claims_table(results: dict) -> tuple[list[str], list[list[str]]]:
                     m["format"],
                     side(m.get("a"), claim["arms"][0]),
                     side(m.get("b"), claim["arms"][1]),
-                    _with_ci(diff["mean"], diff["ci"]) if diff else "",
+                    with_ci(diff["mean"], diff["ci"]) if diff else "",
                     m_verdict,
                 ]
             )

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from mixcpt.data.packing import IGNORE_INDEX
-from mixcpt.evaluate.scoring import _windows
+from mixcpt.evaluate.scoring import text_windows
 from mixcpt.responses import pad_batch, padded_forward_inputs
 from mixcpt.train.forward import LossForward
 from mixcpt.train.teacher_cache import top_k_logprobs
@@ -63,7 +63,7 @@ def probe_windows(
 ) -> list[dict[str, list[int]]]:
     """The probe `text` as the eval stage windows it for `kl_per_window` (`features` rows of at
     most `max_length + 1` ids, every token after the first predicted exactly once)."""
-    return _windows(tokenizer, [text], max_length)[0]
+    return text_windows(tokenizer, [text], max_length)[0]
 
 
 def probe_positions(
