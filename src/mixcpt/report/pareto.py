@@ -169,11 +169,14 @@ def _panel(ax, points: list[Point], colors: dict[str, str], y: str, ylabel: str)
         labels.append(label)
     front = pareto_front([(p.gain, getattr(p, y)) for p in shown])
     if front:
+        # a ring on each frontier point (a frontier of one point draws no line) and the line
         ax.plot(
             [shown[i].gain for i in front],
             [getattr(shown[i], y) for i in front],
-            "--",
+            "--o",
             color="0.35",
+            markersize=12,
+            markerfacecolor="none",
             linewidth=1.2,
             label="frontier (non-dominated)",
             zorder=2,

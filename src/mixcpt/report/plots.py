@@ -28,7 +28,12 @@ ARM_COLORS = {
     "random-k": "tab:red",
     "whole-pool": "tab:purple",
 }
-OTHER_COLORS = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+# the rest of matplotlib's tab20 palette, so that 15 or so arms (`demo --arms all`) stay apart
+OTHER_COLORS = (
+    "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+    "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+)  # fmt: skip
 # How the built-in arms are named in plots; any other arm is named as it is.
 ARM_LABEL = {
     "mixcpt": "Mix-CPT",
@@ -134,7 +139,8 @@ def domain_vs_general_figure(results: dict):
             zorder=3,
         )
     ax.set_xlabel(f"{xlabel}, plain format"), ax.set_ylabel(f"{ylabel}, plain format")
-    ax.grid(alpha=0.3), ax.legend()
+    # beside the axes, where it covers no point however many arms there are
+    ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     ax.set_title("Domain gained vs general kept (bars: 95% intervals)"), ax.margins(0.12)
     return fig
 
