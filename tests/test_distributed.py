@@ -9,7 +9,6 @@ block is mostly padding and the two processes see different numbers of supervise
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -92,12 +91,7 @@ ZERO3 = {
     "backend",
     [
         "ddp",
-        pytest.param(
-            "zero3",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed"
-            ),
-        ),
+        pytest.param("zero3", marks=pytest.mark.deepspeed),
     ],
 )
 def test_two_processes_match_one_process_with_the_same_global_batch(

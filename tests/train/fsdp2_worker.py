@@ -68,6 +68,32 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def write_result(
+    out: str,
+    rank: int,
+    loss: float,
+    expected_loss: float,
+    grad_diff: float,
+    held: int,
+    base,
+    trainer,
+) -> None:
+    """OUT/<rank>.json: this process's share of the loss (scaled as DDP averages) beside one
+    process's, the largest gradient difference, and the share of the teacher's parameters this
+    process holds (`held` of `base`'s)."""
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(
+            {
+                "loss": loss,
+                "expected_loss": expected_loss,
+                "max_grad_diff": grad_diff,
+                "teacher_share": held / sum(p.numel() for p in base.parameters()),
+                "teacher_sharded": trainer.teacher.sharded,
+            },
+            f,
+        )
+
+
 def main(out: str) -> None:
     state = process_state()  # joins the launch (gloo on the CPU, NCCL on GPUs)
     rank, world = state.process_index, state.num_processes
@@ -95,17 +121,7 @@ def main(out: str) -> None:
     )
     teacher = trainer.teacher.model
     held = sum(p.to_local().numel() for p in teacher.parameters())
-    with open(os.path.join(out, f"{rank}.json"), "w") as f:
-        json.dump(
-            {
-                "loss": total.item() / world,  # each process's share, scaled as DDP averages
-                "expected_loss": expected_loss,
-                "max_grad_diff": grad_diff,
-                "teacher_share": held / sum(p.numel() for p in base.parameters()),
-                "teacher_sharded": trainer.teacher.sharded,
-            },
-            f,
-        )
+    write_result(out, rank, total.item() / world, expected_loss, grad_diff, held, base, trainer)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ with `deepspeed.initialize`, as accelerate does; both call the trainer's `comput
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,12 +16,7 @@ import pytest
     "worker",
     [
         "fsdp2_worker.py",
-        pytest.param(
-            "zero3_worker.py",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed"
-            ),
-        ),
+        pytest.param("zero3_worker.py", marks=pytest.mark.deepspeed),
     ],
 )
 def test_sharded_student_matches_one_process_and_shards_the_online_teacher(

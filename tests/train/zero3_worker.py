@@ -9,7 +9,6 @@ half of the global batch, against one process's loss on the whole batch with pla
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
-from fsdp2_worker import B, V, batch, reference, tiny_llama
+from fsdp2_worker import B, V, batch, reference, tiny_llama, write_result
 
 from mixcpt.config import TrainingConfig
 from mixcpt.losses import IGNORE_INDEX, next_token_labels
@@ -68,17 +67,7 @@ def main(out: str) -> None:
     )
     teacher = trainer.teacher.model.module
     held = sum(p.ds_tensor.numel() for p in teacher.parameters())
-    with open(os.path.join(out, f"{rank}.json"), "w") as f:
-        json.dump(
-            {
-                "loss": total.item() / world,  # each process's share, scaled as DDP averages
-                "expected_loss": expected_loss,
-                "max_grad_diff": grad_diff,
-                "teacher_share": held / sum(p.numel() for p in base.parameters()),
-                "teacher_sharded": trainer.teacher.sharded,
-            },
-            f,
-        )
+    write_result(out, rank, total.item() / world, expected_loss, grad_diff, held, base, trainer)
 
 
 if __name__ == "__main__":
