@@ -15,8 +15,9 @@ rather than taking an already-trained model for the base. It is stored as the te
 stores a teacher (mixcpt.train.teacher_cache): per predicted probe position the base's top-k
 log-probabilities and ids and the log of the remaining mass, a few MB at a 128k vocabulary. The
 KL is then taken between the two distributions coarsened to k + 1 buckets (the base's top-k
-tokens and one tail bucket; `bucketed_kl`), which is a lower bound of the full KL (coarsening
-never increases a KL divergence) and equals it when k is the vocabulary.
+tokens and one tail bucket; `targets.bucketed_kl`, as the cache teacher's loss), which is a lower
+bound of the full KL (coarsening never increases a KL divergence) and equals it when k is the
+vocabulary.
 
 Under DDP or FSDP every process runs the probe (an FSDP forward gathers weights with collectives,
 so all must); each then holds the same value, and the Trainer's main process writes it.
@@ -40,6 +41,7 @@ from mixcpt.data.packing import IGNORE_INDEX
 from mixcpt.evaluate.scoring import text_windows
 from mixcpt.responses import pad_batch, padded_forward_inputs
 from mixcpt.train.forward import LossForward
+from mixcpt.train.targets import bucketed_kl, student_buckets
 from mixcpt.train.teacher_cache import top_k_logprobs
 from mixcpt.train.trainer import shards_parameters
 
@@ -104,41 +106,24 @@ def base_reference(
     return ProbeReference(*(torch.cat(p) for p in zip(*parts)))
 
 
-def bucketed_kl(log_p: torch.Tensor, reference: ProbeReference) -> torch.Tensor:
-    """KL(q || p) per position between the base's q (`reference`, c positions) and the model's
-    log-probabilities `log_p` [c, V], both coarsened to k + 1 buckets: the base's top-k tokens
-    and one tail bucket holding every other token. Returns [c] float32; a lower bound of the full
-    KL, equal to it when k = V.
-
-        KL = sum_i q_i (log q_i - log p_i) + q_tail (log q_tail - log p_tail)
-    """
-    log_q = reference.logprobs.float()  # [c, k]
-    ids = reference.ids.long()  # [c, k]
-    kl = (log_q.exp() * (log_q - log_p.gather(-1, ids))).sum(-1)  # [c]
-    if ids.shape[-1] == log_p.shape[-1]:  # k = V: no tail
-        return kl
-    # the model's mass outside the base's top k, summed in log space (exact, even when tiny)
-    log_p_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)  # [c]
-    log_q_tail = reference.tail.float()  # [c]
-    tail = log_q_tail.exp() * (log_q_tail - log_p_tail)
-    return kl + torch.where(log_q_tail > float("-inf"), tail, 0.0)
-
-
 def kl_to_reference(
     positions: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
     reference: ProbeReference,
     chunk_size: int,
 ) -> float:
-    """Mean over the probe's predicted positions of `bucketed_kl` between the base
-    (`reference`) and the model whose rows `positions` yields, `chunk_size` positions at a time
-    (one [chunk, V] float32 tensor at a time)."""
+    """Mean over the probe's predicted positions of KL(base || model) between the base
+    (`reference`) and the model whose rows `positions` yields, both coarsened to the base's top-k
+    tokens and one tail bucket (`targets.bucketed_kl`, as the cache teacher's loss is: a lower
+    bound of the full KL, equal to it when k = V), `chunk_size` positions at a time (one
+    [chunk, V] float32 tensor at a time)."""
     total, done = 0.0, 0
     for rows, weight in positions:
         for start in range(0, len(rows), chunk_size):
             x = rows[start : start + chunk_size]
             log_p = F.log_softmax(_logits(x, weight), dim=-1)  # [c, V]
-            part = ProbeReference(*(t[done : done + len(x)].to(x.device) for t in reference))
-            total += bucketed_kl(log_p, part).sum().item()
+            logprobs, ids, tail = (t[done : done + len(x)].to(x.device) for t in reference)
+            q, q_tail = logprobs.float().exp(), tail.float().exp()  # [c, k], [c]
+            total += bucketed_kl(q, q_tail, *student_buckets(log_p, ids.long())).item()
             done += len(x)
     if done != len(reference.tail):
         raise ValueError(f"the probe has {done} positions, its reference {len(reference.tail)}")
