@@ -3,13 +3,12 @@
 Each arm trains on its stream (`mix`: D_MIX in data/mix; `domain`: D_K in data/domain; `replay`:
 D_R in data/replay) with its own cpt section (mixcpt.config.arms): "mixcpt" with cfg.cpt's losses
 and teacher, "traditional" with plain cross-entropy on D_K and the same training settings, "lora"
-with cfg.cpt's losses training LoRA adapters. An arm on D_K makes as many passes over it as the
-same settings make over D_MIX (`domain_matched`), so both streams train on the same domain tokens:
-D_K is D_MIX's domain documents in D_MIX's order (mixcpt.data.stage), so a pass over either holds
-them once each. An arm on D_R trains with cpt.training as it is: D_R holds D_K's documents once
-per pass too and is about D_MIX's size (mixcpt.data.replay), so the same steps make about the
-same passes. The domain tokens trained are recorded as `domain_tokens` in each arm's metrics and
-under data/domain_tokens_trained in results.json.
+with cfg.cpt's losses training LoRA adapters. An arm on D_K or D_R makes as many passes over it
+as the same settings make over D_MIX (`domain_matched`), so every stream trains on the same domain
+tokens: D_K is D_MIX's domain documents in D_MIX's order (mixcpt.data.stage), and D_R is D_K's
+documents with replayed text among them (mixcpt.data.replay), so a pass over any of them holds
+those documents once each. The domain tokens trained are recorded as `domain_tokens` in each arm's
+metrics and under data/domain_tokens_trained in results.json.
 """
 
 from __future__ import annotations
