@@ -8,7 +8,7 @@ Each page of library/ is one document. Pages are split *by file* into training d
 held-out documents (a page is never in both). Writes to --out:
 
     domain_train.jsonl         {"text", "source"}  the domain corpus D_K
-    bench_domain_ppl.jsonl     {"text"}            held-out pages, in chunks (perplexity)
+    bench_domain_ppl.jsonl     {"text"}            held-out pages, in chunks, shuffled (perplexity)
     bench_domain_mc.jsonl      multiple choice about held-out pages: which module provides X,
                                which module is described as "..." (the model never trained on them)
     bench_domain_mc_seen.jsonl the same questions about training pages (knowledge CPT could inject)
@@ -245,10 +245,16 @@ def main() -> None:
     write_samples(
         out / "domain_train.jsonl", [{"text": pg["text"], "source": pg["source"]} for pg in train]
     )
-    write_samples(
-        out / "bench_domain_ppl.jsonl",
-        [{"text": c} for pg in heldout for c in chunks(pg["text"], args.ppl_chunk_chars)],
-    )
+    # shuffled, so that a benchmark `limit` takes chunks of every held-out page, and without the
+    # short remnants (a title line alone) whose bits per byte say little
+    ppl = [
+        {"text": c}
+        for pg in heldout
+        for c in chunks(pg["text"], args.ppl_chunk_chars)
+        if len(c) >= args.ppl_chunk_chars // 2
+    ]
+    rng.shuffle(ppl)
+    write_samples(out / "bench_domain_ppl.jsonl", ppl)
     write_samples(
         out / "bench_domain_mc.jsonl", questions(heldout, modules, rng, args.questions_per_page)
     )
