@@ -37,6 +37,10 @@ DATA = "gensim/test/test_data/"
 WIKI = DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS = DATA + "lee_background.cor"
 ANALOGIES = DATA + "questions-words.txt"
+# [[File:...]], [[Image:...]], [[Category:...]], with the links inside a caption
+EMBEDS = re.compile(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]")
+# what removed markup leaves behind ("a perilune of  and", "( )", " ,") or an entity
+DAMAGED = re.compile(r"\s{2,}|&\w+;|\(\s*[,;]?\s*\)|\s[,.;:]|[{}|\[\]<>=]")
 
 
 def wiki_articles(xml: str) -> list[str]:
@@ -52,7 +56,7 @@ def wiki_articles(xml: str) -> list[str]:
         for _ in range(3):  # nested templates and tables, innermost first
             text = re.sub(r"\{\{[^{}]*\}\}", "", text)
             text = re.sub(r"\{\|[^{}]*?\|\}", "", text, flags=re.S)
-        text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+        text = re.sub(EMBEDS, "", text)
         text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
         text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
         text = re.sub(r"'{2,}", "", text)
@@ -65,10 +69,6 @@ def wiki_articles(xml: str) -> list[str]:
         if prose:
             articles.append("\n".join(prose))
     return articles
-
-
-# what removed markup leaves behind ("a perilune of  and", "( )", " ,") or an entity
-DAMAGED = re.compile(r"\s{2,}|&\w+;|\(\s*[,;]?\s*\)|\s[,.;:]|[{}|\[\]<>=]")
 
 
 def passages(text: str, size: int) -> list[str]:

@@ -113,3 +113,66 @@ def test_computed_tasks_answer_correctly_and_reject_a_wrong_answer():
             )
         elif task["task"] == "sort":
             assert task["output"] == ", ".join(sorted(task["input"].split(", ")))
+
+
+WIKI_XML = """<mediawiki><page><title>AccessibleComputing</title>
+<text xml:space="preserve">#REDIRECT [[Computer accessibility]]</text></page>
+<page><title>Anarchism</title><text xml:space="preserve">{{Redirect2|Anarchist|other uses}}
+{{Infobox|name={{nested|x}}}}
+'''Anarchism''' is a [[political philosophy]] that advocates [[self-governance|self-governed]] \
+societies.&lt;ref&gt;Woodcock, &quot;Anarchism&quot;&lt;/ref&gt; It is often described as \
+stateless, and its history is long and varied across many countries.
+== History ==
+* a list line that is long enough to be taken for prose if list lines were not dropped at all
+[[File:Paris Commune.jpg|thumb|The [[Paris Commune]] of 1871]]
+[[Category:Political philosophy]]
+</text></page></mediawiki>"""
+
+
+def test_wikipedia_markup_is_stripped_to_prose():
+    general_text = _script("general_text")
+    [article] = general_text.wiki_articles(WIKI_XML)  # the redirect is dropped
+    assert article == (
+        "Anarchism is a political philosophy that advocates self-governed societies. It is "
+        "often described as stateless, and its history is long and varied across many countries."
+    )
+
+
+def test_passages_end_at_sentences_and_skip_damaged_text():
+    general_text = _script("general_text")
+    text = (
+        "The first sentence is here. The second one follows it. "
+        "A perilune of  and an apolune of  were planned. The last one is short."
+    )
+    assert general_text.passages(text, 40) == [
+        "The first sentence is here. The second one follows it."
+    ]
+
+
+def test_analogies_offer_the_answer_among_words_of_the_same_section():
+    general_text = _script("general_text")
+    lines = [
+        ": capital-common-countries",
+        "Athens Greece Baghdad Iraq",
+        "Athens Greece Bern Switzerland",
+        "Berlin Germany Cairo Egypt",
+        "Berlin Germany Hanoi Vietnam",
+        "Oslo Norway Rome Italy",
+        ": family",
+        "boy girl brother sister",
+        "boy girl father mother",
+        "he she king queen",
+        "he she son daughter",
+        "man woman uncle aunt",
+    ]
+    items = general_text.analogy_items(lines, random.Random(0), 4)
+    assert [i["section"] for i in items] == ["capital-common-countries", "family"] * 2
+    countries = {"Iraq", "Switzerland", "Egypt", "Vietnam", "Italy"}
+    for item in items:
+        words = item["question"].split()  # "A is to B as C is to what?"
+        a, b, c = words[0], words[3], words[5]
+        choices = set(item["choices"])
+        assert len(choices) == 4 and not choices & {a, b, c}
+        assert choices <= countries if item["section"] != "family" else not choices & countries
+        answer = item["choices"][item["answer"]]
+        assert f"{a} {b} {c} {answer}" in lines
