@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixcpt.config import config_from_dict
-from mixcpt.errors import InputError
+from mixcpt.errors import ConfigError, InputError
 from mixcpt.evaluate.stage import run_eval
 from mixcpt.rundir import RunDir
 
@@ -153,3 +153,41 @@ def test_run_eval_stops_on_bad_benchmark_before_loading_models(tmp_path, eval_co
     with pytest.raises(InputError, match=f"{bad}:2:"):
         run_eval(eval_config, RunDir(tmp_path / "run"))
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_stages_left_out_of_eval_stages_are_neither_scored_nor_rows(
+    tmp_path, eval_config, tiny_model, tiny_tokenizer, monkeypatch
+):
+    import mixcpt.evaluate.stage as eval_stage
+
+    run = RunDir(tmp_path / "run")
+    for stage in ("cpt", "sft"):
+        tiny_model.save_pretrained(run.stage("mixcpt", stage))
+        tiny_tokenizer.save_pretrained(run.stage("mixcpt", stage))
+    loaded = []
+    load = eval_stage._load
+    monkeypatch.setattr(
+        eval_stage, "_load", lambda cfg, path, tok: loaded.append(path) or load(cfg, path, tok)
+    )
+    cfg = eval_config.model_copy(
+        update={"eval": eval_config.eval.model_copy(update={"stages": ["cpt", "dpo"]})}
+    )
+    rows = {(r["arm"], r["stage"]): r for r in run_eval(cfg, run)["rows"]}
+    arms = ("mixcpt", "baseline")
+    assert set(rows) == {("base", "base"), *((a, s) for a in arms for s in ("cpt", "dpo"))}
+    assert rows[("mixcpt", "cpt")]["status"] == "ok"
+    assert loaded == [eval_config.model.path, str(run.stage("mixcpt", "cpt"))]  # no sft model
+    # with every stage (the default) the sft model is scored: the setting, not the data, decides
+    rows = {(r["arm"], r["stage"]): r for r in run_eval(eval_config, run)["rows"]}
+    assert rows[("mixcpt", "sft")]["status"] == "ok"
+
+
+def test_eval_stages_refuse_a_repeated_stage(tiny_model_dir, tmp_path):
+    raw = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"domain": [{"path": "d.txt"}]},
+        "eval": {"stages": ["cpt", "cpt"]},
+    }
+    (tmp_path / "d.txt").write_text("x\n")
+    with pytest.raises(ConfigError, match="eval: stages: .* names a stage twice"):
+        config_from_dict(raw, tmp_path)

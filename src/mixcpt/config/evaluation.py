@@ -73,6 +73,12 @@ class EvalConfig(Strict):
         description="Text file of general text; each stage's retention then includes the mean "
         "per-token KL(base || stage) over it.",
     )
+    stages: list[Literal["cpt", "sft", "dpo"]] = Field(
+        default_factory=lambda: ["cpt", "sft", "dpo"],
+        description="Which trained stages of each arm are evaluated (the base always is). "
+        "Leaving out sft saves one model's evaluation per arm when DPO follows it: the claims "
+        "and the plots after alignment read an arm's last aligned stage.",
+    )
     batch_size: int = Field(
         8,
         ge=1,
@@ -93,6 +99,8 @@ class EvalConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"benchmark/task names must be unique; repeated: {duplicates}")
+        if len(set(self.stages)) < len(self.stages):
+            raise ValueError(f"stages: {self.stages} names a stage twice")
         stray = [t for t in self.lm_eval_domain_tasks if t not in self.lm_eval_tasks]
         if stray:
             raise ValueError(f"lm_eval_domain_tasks: {stray} not in lm_eval_tasks")

@@ -165,7 +165,8 @@ def _describe_benchmarks(cfg: Config, base_scores: dict) -> dict[str, dict[str, 
 
 
 def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
-    """Evaluate the base model and every stage folder of every arm; write and return
+    """Evaluate the base model and every stage folder (of the stages in eval.stages) of every
+    arm; write and return
     {"rows": [...], "benchmarks": {...}, "bootstrap": {...}} (also stored as results["eval"]) and
     the claims (results["claims"], mixcpt.evaluate.claims). The table recorded is returned as it
     is when it was computed from the same inputs (models, benchmarks, settings;
@@ -205,11 +206,12 @@ def run_eval(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     # launch the models are dealt out to the processes in turn and the results gathered, so N
     # GPUs evaluate N models at a time and none waits for the whole table.
     # (arm, stage, the arm whose model it is, its folder, its node): one per row of the table
-    # (a merge arm has stage 1 only)
+    # (a merge arm has stage 1 only; stages left out of eval.stages have no row)
     slots = [
         (arm.name, stage, owner, run.stage(owner, stage), f"{stage}/{owner}")
         for arm in arms(cfg)
         for stage in (("cpt",) if arm.merge_of else TRAINED_STAGES)
+        if stage in cfg.eval.stages
         for owner in [stage1_owner(cfg, arm.name) if stage == "cpt" else arm.name]
     ]
     merges = {arm.name: arm for arm in arms(cfg) if arm.merge_of}
