@@ -100,3 +100,16 @@ def test_demo_seeds_with_quick(tmp_path, fake_eval_table, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["demo", "--seeds", "0", "--output", str(out)])
     assert stop.value.code == 2 and "--seeds: must be at least 1" in capsys.readouterr().err
+
+
+def test_python_dash_m_mixcpt_is_the_mixcpt_command(tmp_path):
+    import subprocess
+    import sys
+
+    # `python -m mixcpt` lets a script choose the interpreter (examples/real/run_study.sh)
+    done = subprocess.run(
+        [sys.executable, "-m", "mixcpt", "status", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "mixcpt" in done.stderr + done.stdout

@@ -79,8 +79,8 @@ def upstream(cfg: Config, node: str) -> list[str]:
         pool = f"select/{selection}" if selection else "data"  # the samples the arm aligns on
         start = f"cpt/{stage1_owner(cfg, arm)}" if stage == "sft" else f"sft/{arm}"
         return [start, pool]
-    if stage == "eval":
-        return [n for n in nodes(cfg) if n.partition("/")[0] in TRAINED_STAGES]
+    if stage == "eval":  # the stages it scores (eval.stages), so a stage left out never stales it
+        return [n for n in nodes(cfg) if n.partition("/")[0] in cfg.eval.stages]
     if stage == "report":
         return nodes(cfg)[:-1]
     return []

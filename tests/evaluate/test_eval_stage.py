@@ -182,12 +182,26 @@ def test_stages_left_out_of_eval_stages_are_neither_scored_nor_rows(
     assert rows[("mixcpt", "sft")]["status"] == "ok"
 
 
-def test_eval_stages_refuse_a_repeated_stage(tiny_model_dir, tmp_path):
-    raw = {
-        "model": {"path": str(tiny_model_dir)},
-        "data": {"domain": [{"path": "d.txt"}]},
-        "eval": {"stages": ["cpt", "cpt"]},
-    }
+def test_eval_stages_refuse_a_repeated_stage_and_read_only_the_stages_they_score(
+    tiny_model_dir, tmp_path
+):
+    from mixcpt.fingerprints import upstream
+
     (tmp_path / "d.txt").write_text("x\n")
-    with pytest.raises(ConfigError, match="eval: stages: .* names a stage twice"):
-        config_from_dict(raw, tmp_path)
+
+    def config(stages):
+        raw = {
+            "model": {"path": str(tiny_model_dir)},
+            "data": {"domain": [{"path": "d.txt"}]},
+            "eval": {"stages": stages},
+        }
+        return config_from_dict(raw, tmp_path)
+
+    for bad, message in ((["cpt", "cpt"], "names a stage twice"), ([], "at least 1")):
+        with pytest.raises(ConfigError, match=f"eval.stages.*{message}"):
+            config(bad)
+    # one spelling per set: the order written does not change the fingerprinted config
+    assert config(["dpo", "cpt"]).eval.stages == ["cpt", "dpo"]
+    # eval is stale only when a stage it scores changes
+    assert {n.partition("/")[0] for n in upstream(config(["dpo", "cpt"]), "eval")} <= {"cpt", "dpo"}
+    assert "sft/mixcpt" in upstream(config(["cpt", "sft", "dpo"]), "eval")

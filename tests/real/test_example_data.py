@@ -124,8 +124,8 @@ societies.&lt;ref&gt;Woodcock, &quot;Anarchism&quot;&lt;/ref&gt; It is often des
 stateless, and its history is long and varied across many countries.
 == History ==
 * a list line that is long enough to be taken for prose if list lines were not dropped at all
-[[File:Paris Commune.jpg|thumb|The [[Paris Commune]] of 1871]]
-[[Category:Political philosophy]]
+Its ideas spread in the nineteenth century.[[File:Paris Commune.jpg|thumb|The [[Paris Commune]] \
+of 1871]] The Paris Commune of 1871 was one moment.[[Category:Political philosophy]]
 </text></page></mediawiki>"""
 
 
@@ -134,7 +134,8 @@ def test_wikipedia_markup_is_stripped_to_prose():
     [article] = general_text.wiki_articles(WIKI_XML)  # the redirect is dropped
     assert article == (
         "Anarchism is a political philosophy that advocates self-governed societies. It is "
-        "often described as stateless, and its history is long and varied across many countries."
+        "often described as stateless, and its history is long and varied across many countries.\n"
+        "Its ideas spread in the nineteenth century. The Paris Commune of 1871 was one moment."
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mixcpt.config.base import Strict
 
@@ -75,9 +75,11 @@ class EvalConfig(Strict):
     )
     stages: list[Literal["cpt", "sft", "dpo"]] = Field(
         default_factory=lambda: ["cpt", "sft", "dpo"],
+        min_length=1,
         description="Which trained stages of each arm are evaluated (the base always is). "
         "Leaving out sft saves one model's evaluation per arm when DPO follows it: the claims "
-        "and the plots after alignment read an arm's last aligned stage.",
+        "and the plots after alignment read an arm's last aligned stage evaluated. Without cpt "
+        "the stage-1 claims, the stage-1 Pareto plot and merge arms have no rows.",
     )
     batch_size: int = Field(
         8,
@@ -92,6 +94,14 @@ class EvalConfig(Strict):
         "texts scored in windows of it; lm-eval's max_length. Generation prompts are not cut.",
     )
 
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, stages: list[str]) -> list[str]:
+        # one spelling per set of stages: the list is part of the eval's fingerprint
+        if len(set(stages)) < len(stages):
+            raise ValueError(f"{stages} names a stage twice")
+        return sorted(stages, key=("cpt", "sft", "dpo").index)
+
     @model_validator(mode="after")
     def _names_unique(self) -> EvalConfig:
         # benchmark names and lm-eval task names are the columns of one results table
@@ -99,8 +109,6 @@ class EvalConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"benchmark/task names must be unique; repeated: {duplicates}")
-        if len(set(self.stages)) < len(self.stages):
-            raise ValueError(f"stages: {self.stages} names a stage twice")
         stray = [t for t in self.lm_eval_domain_tasks if t not in self.lm_eval_tasks]
         if stray:
             raise ValueError(f"lm_eval_domain_tasks: {stray} not in lm_eval_tasks")

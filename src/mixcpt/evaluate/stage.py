@@ -1,5 +1,5 @@
-"""The eval stage: every model of the run (base, then each arm's cpt, sft, dpo) on every
-configured benchmark and lm-eval task, plus retention against the base model.
+"""The eval stage: every model of the run (base, then each arm's cpt, sft, dpo, those of
+eval.stages) on every configured benchmark and lm-eval task, plus retention against the base model.
 
 Writes results["eval"]["rows"] (one row per arm and stage), results["eval"]["benchmarks"]
 (kind, tag, main metric and prompt format of each column), results["eval"]["bootstrap"] (how the
