@@ -56,7 +56,7 @@ def wiki_articles(xml: str) -> list[str]:
         for _ in range(3):  # nested templates and tables, innermost first
             text = re.sub(r"\{\{[^{}]*\}\}", "", text)
             text = re.sub(r"\{\|[^{}]*?\|\}", "", text, flags=re.S)
-        text = re.sub(EMBEDS, "", text)
+        text = EMBEDS.sub("", text)
         text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
         text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
         text = re.sub(r"'{2,}", "", text)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from mixcpt.config.base import Strict
+from mixcpt.rundir import TRAINED_STAGES
 
 
 class BenchmarkConfig(Strict):
@@ -74,7 +75,7 @@ class EvalConfig(Strict):
         "per-token KL(base || stage) over it.",
     )
     stages: list[Literal["cpt", "sft", "dpo"]] = Field(
-        default_factory=lambda: ["cpt", "sft", "dpo"],
+        default_factory=lambda: list(TRAINED_STAGES),
         min_length=1,
         description="Which trained stages of each arm are evaluated (the base always is). "
         "Leaving out sft saves one model's evaluation per arm when DPO follows it: the claims "
@@ -100,7 +101,7 @@ class EvalConfig(Strict):
         # one spelling per set of stages: the list is part of the eval's fingerprint
         if len(set(stages)) < len(stages):
             raise ValueError(f"{stages} names a stage twice")
-        return sorted(stages, key=("cpt", "sft", "dpo").index)
+        return sorted(stages, key=TRAINED_STAGES.index)
 
     @model_validator(mode="after")
     def _names_unique(self) -> EvalConfig:
